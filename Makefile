@@ -1,0 +1,30 @@
+# Two entry points (see README): `make demo` and `make test`. Both set everything up first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed
+
+# torch==2.13.0 first: it is the CPU build available locally; letting the project's range pull
+# torch from the index would download a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(OFFLINE) $(BIN)/freeshap-dq demo
+
+test: setup
+	$(OFFLINE) $(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/bench_engine.py
+
+clean:
+	rm -rf $(VENV) freeshap-demo-output .pytest_cache

@@ -1,0 +1,1 @@
+"""The freeshap-dq command line (click)."""

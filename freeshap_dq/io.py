@@ -1,0 +1,81 @@
+"""Atomic file output and tables in open formats.
+
+Every file freeshap-dq writes goes to a temporary file in the destination folder first and is
+renamed over the destination only when complete, so a crash or ``kill -9`` never leaves a
+half-written output behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import pandas as pd
+
+from .errors import InputError
+
+TABLE_FORMATS = ("csv", "parquet", "json", "jsonl")
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary path next to ``path``; rename it over ``path`` on success."""
+    path = Path(path)
+    if path.parent and not path.parent.exists():
+        raise InputError(f"{path}: the folder {path.parent} does not exist; create it first.")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def table_format(path: str, fmt: str | None = None) -> str:
+    if fmt:
+        fmt = fmt.lower()
+        if fmt not in TABLE_FORMATS:
+            raise InputError(f"unknown table format {fmt!r}; choose one of {', '.join(TABLE_FORMATS)}.")
+        return fmt
+    if path == "-":
+        return "csv"
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in TABLE_FORMATS:
+        raise InputError(
+            f"{path}: cannot tell the output format from the extension {suffix or '(none)'!r}; "
+            f"use .csv, .parquet, .json or .jsonl, or pass --format."
+        )
+    return suffix
+
+
+def write_table(df: pd.DataFrame, path: str, fmt: str | None = None) -> None:
+    """Write ``df`` to ``path`` (``-`` = stdout) in the format given or implied by the extension."""
+    fmt = table_format(path, fmt)
+    if path == "-":
+        if fmt == "parquet":
+            raise InputError("parquet cannot be written to stdout; give a file name.")
+        sys.stdout.write(_to_text(df, fmt))
+        sys.stdout.flush()
+        return
+    with atomic_write(path) as tmp:
+        if fmt == "parquet":
+            df.to_parquet(tmp, index=False)
+        else:
+            Path(tmp).write_text(_to_text(df, fmt), encoding="utf-8")
+
+
+def _to_text(df: pd.DataFrame, fmt: str) -> str:
+    if fmt == "csv":
+        return df.to_csv(index=False)
+    if fmt == "json":
+        return df.to_json(orient="records", indent=1) + "\n"
+    return df.to_json(orient="records", lines=True)

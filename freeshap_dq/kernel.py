@@ -1,0 +1,217 @@
+"""A valuation problem on a precomputed kernel.
+
+``KernelProblem`` holds the two kernel blocks FreeShap needs, train x train ``k_train`` (n x n)
+and test x train ``k_test`` (m x n), with integer labels ``y_train`` (n,) and ``y_test`` (m,).
+It validates them once (shapes, finite values, symmetry, labels in range, at least two
+training classes) so every later stage can trust them.
+
+File format (``.npz``, no pickle): ``k_train``, ``k_test``, ``y_train``, ``y_test`` and
+optionally ``label_names`` (strings), ``train_ids`` and ``test_ids`` (strings or integers).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import KernelError
+from .io import atomic_write
+
+REQUIRED_KEYS = ("k_train", "k_test", "y_train", "y_test")
+SYMMETRY_RTOL = 1e-6
+
+
+@dataclass(frozen=True)
+class KernelProblem:
+    k_train: np.ndarray
+    k_test: np.ndarray
+    y_train: np.ndarray
+    y_test: np.ndarray
+    label_names: tuple[str, ...] = ()
+    train_ids: np.ndarray | None = None
+    test_ids: np.ndarray | None = None
+    source: str = field(default="<arrays>", compare=False)
+
+    def __post_init__(self) -> None:
+        k_train = _as_float_matrix(self.k_train, "k_train", self.source)
+        k_test = _as_float_matrix(self.k_test, "k_test", self.source)
+        y_train = _as_labels(self.y_train, "y_train", self.source)
+        y_test = _as_labels(self.y_test, "y_test", self.source)
+        n = y_train.shape[0]
+        if n == 0:
+            raise KernelError(f"{self.source}: the training set is empty (y_train has no entries).")
+        if y_test.shape[0] == 0:
+            raise KernelError(f"{self.source}: the test set is empty (y_test has no entries).")
+        if k_train.shape != (n, n):
+            raise KernelError(
+                f"{self.source}: k_train has shape {k_train.shape} but y_train has {n} labels; "
+                f"k_train must be n x n = {n} x {n}."
+            )
+        if k_test.shape != (y_test.shape[0], n):
+            raise KernelError(
+                f"{self.source}: k_test has shape {k_test.shape}; it must be "
+                f"(number of test labels, number of train labels) = ({y_test.shape[0]}, {n})."
+            )
+        scale = max(float(np.max(np.abs(k_train))), np.finfo(np.float64).tiny)
+        asym = float(np.max(np.abs(k_train - k_train.T)))
+        if asym > SYMMETRY_RTOL * scale:
+            i, j = np.unravel_index(np.argmax(np.abs(k_train - k_train.T)), k_train.shape)
+            raise KernelError(
+                f"{self.source}: k_train is not symmetric: |K[{i},{j}] - K[{j},{i}]| = {asym:.3g} "
+                f"(largest entry {scale:.3g}). Pass the train x train block of a kernel, or "
+                f"symmetrise it with (K + K.T) / 2 if the difference is rounding."
+            )
+        k_train = (k_train + k_train.T) / 2.0
+        diag = np.diag(k_train)
+        if np.any(diag < 0):
+            i = int(np.argmin(diag))
+            raise KernelError(
+                f"{self.source}: k_train has a negative diagonal entry K[{i},{i}] = {diag[i]:.3g}; "
+                f"a kernel's diagonal is a squared norm and cannot be negative."
+            )
+        names = tuple(str(x) for x in self.label_names)
+        n_classes = len(names) if names else int(max(y_train.max(), y_test.max())) + 1
+        for arr, key in ((y_train, "y_train"), (y_test, "y_test")):
+            bad = np.flatnonzero((arr < 0) | (arr >= n_classes))
+            if bad.size:
+                raise KernelError(
+                    f"{self.source}: {key}[{bad[0]}] = {arr[bad[0]]} is not a valid class id; "
+                    f"labels must be integers in 0..{n_classes - 1}"
+                    + (f" (label_names has {n_classes} entries)." if names else ".")
+                )
+        if np.unique(y_train).size < 2:
+            raise KernelError(
+                f"{self.source}: the training set has a single class ({int(y_train[0])}); "
+                f"Shapley values of a one-class problem are meaningless. Add examples of another class."
+            )
+        train_ids = _as_ids(self.train_ids, n, "train_ids", self.source)
+        test_ids = _as_ids(self.test_ids, y_test.shape[0], "test_ids", self.source)
+        for name, value in (
+            ("k_train", k_train), ("k_test", k_test), ("y_train", y_train), ("y_test", y_test),
+            ("label_names", names), ("train_ids", train_ids), ("test_ids", test_ids),
+        ):
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "_n_classes", n_classes)
+
+    @property
+    def n_train(self) -> int:
+        return int(self.y_train.shape[0])
+
+    @property
+    def n_test(self) -> int:
+        return int(self.y_test.shape[0])
+
+    @property
+    def n_classes(self) -> int:
+        return self._n_classes  # type: ignore[attr-defined]
+
+    def fingerprint(self) -> str:
+        """SHA-256 over the arrays; a checkpoint or result refuses a kernel whose fingerprint differs."""
+        h = hashlib.sha256()
+        for arr in (self.k_train, self.k_test, self.y_train, self.y_test):
+            h.update(str(arr.shape).encode())
+            h.update(np.ascontiguousarray(arr).tobytes())
+        h.update("\x00".join(self.label_names).encode())
+        return h.hexdigest()[:32]
+
+    def mean_diag(self) -> float:
+        return float(np.mean(np.diag(self.k_train)))
+
+    def subset(self, train_index: np.ndarray) -> "KernelProblem":
+        idx = np.asarray(train_index)
+        return KernelProblem(
+            self.k_train[np.ix_(idx, idx)], self.k_test[:, idx], self.y_train[idx], self.y_test,
+            self.label_names, None if self.train_ids is None else self.train_ids[idx], self.test_ids,
+            source=self.source,
+        )
+
+    def save(self, path: str | os.PathLike) -> None:
+        arrays = {
+            "k_train": self.k_train, "k_test": self.k_test,
+            "y_train": self.y_train, "y_test": self.y_test,
+        }
+        if self.label_names:
+            arrays["label_names"] = np.asarray(self.label_names, dtype=str)
+        if self.train_ids is not None:
+            arrays["train_ids"] = self.train_ids
+        if self.test_ids is not None:
+            arrays["test_ids"] = self.test_ids
+        with atomic_write(path) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, **arrays)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "KernelProblem":
+        path = Path(path)
+        if not path.exists():
+            raise KernelError(f"{path}: no such kernel file.")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                missing = [k for k in REQUIRED_KEYS if k not in data.files]
+                if missing:
+                    raise KernelError(
+                        f"{path}: missing array(s) {', '.join(missing)}; a kernel file holds "
+                        f"k_train (n x n), k_test (m x n), y_train (n,), y_test (m,) and optionally "
+                        f"label_names, train_ids, test_ids. Found: {', '.join(data.files) or 'nothing'}."
+                    )
+                arrays = {k: data[k] for k in data.files}
+        except KernelError:
+            raise
+        except ValueError as exc:
+            raise KernelError(
+                f"{path}: cannot read without pickle ({exc}). Store label_names and ids as "
+                f"string or integer arrays, not Python objects."
+            ) from None
+        except Exception as exc:  # zipfile.BadZipFile, OSError, ...
+            raise KernelError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc}).") from None
+        return cls(
+            arrays["k_train"], arrays["k_test"], arrays["y_train"], arrays["y_test"],
+            tuple(arrays.get("label_names", ())), arrays.get("train_ids"), arrays.get("test_ids"),
+            source=str(path),
+        )
+
+
+def _as_float_matrix(value, key: str, source: str) -> np.ndarray:
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise KernelError(f"{source}: {key} must be a numeric matrix.") from None
+    if arr.ndim != 2:
+        raise KernelError(f"{source}: {key} must be 2-dimensional, got shape {arr.shape}.")
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        i, j = np.argwhere(bad)[0]
+        raise KernelError(
+            f"{source}: {key} has {int(bad.sum())} non-finite entries (first at [{i},{j}] = {arr[i, j]}); "
+            f"recompute the kernel (fp32 overflow?) or drop the examples involved."
+        )
+    return arr
+
+
+def _as_labels(value, key: str, source: str) -> np.ndarray:
+    arr = np.asarray(value)
+    if arr.ndim != 1:
+        raise KernelError(f"{source}: {key} must be 1-dimensional, got shape {arr.shape}.")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        if not np.issubdtype(arr.dtype, np.floating) or not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)):
+            raise KernelError(
+                f"{source}: {key} must hold integer class ids (dtype {arr.dtype} given); map label "
+                f"names to 0..C-1 and store the names in label_names."
+            )
+    return arr.astype(np.int64)
+
+
+def _as_ids(value, length: int, key: str, source: str) -> np.ndarray | None:
+    if value is None:
+        return None
+    arr = np.asarray(value)
+    if arr.shape != (length,):
+        raise KernelError(f"{source}: {key} has shape {arr.shape}, expected ({length},).")
+    uniq, counts = np.unique(arr, return_counts=True)
+    if (counts > 1).any():
+        raise KernelError(f"{source}: {key} has duplicate id {uniq[counts > 1][0]!r}; ids must be unique.")
+    return arr

@@ -1,0 +1,192 @@
+r"""Kernel regression utility, exactly as FreeShap defines it.
+
+For a subset S of the training set, with one-vs-rest 0/1 targets :math:`Y_S` and ridge
+:math:`\lambda` (float64, no bias, no softmax):
+
+.. math::  F = K_{TS} (K_{SS} + \lambda I)^{-1} Y_S \in \mathbb{R}^{m \times C}
+
+Per test point t: ``acc_t = [argmax F_t = y_t]`` and ``ce_t = logsumexp(F_t) - F_{t,y_t}``
+(raw scores used as logits). The utility is ``U(S) = (mean acc, -mean ce)``. The empty set
+scores as random guessing, ``(1/C, -ln C)``, or as the all-zero predictor on request.
+
+Closed-form leave-one-out from one factorisation, with :math:`G = (K + \lambda I)^{-1}` and
+:math:`\alpha = G Y`:
+
+- on training points, the LOO score of i is :math:`Y_i - \alpha_i / G_{ii}` (picks the ridge);
+- on a test point x, :math:`f_{-i}(x) = f(x) - (k(x)^\top G e_i)\, \alpha_i / G_{ii}`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .config import ValuationConfig, parse_ridge
+from .errors import KernelError
+from .kernel import KernelProblem
+
+DTYPE = torch.float64
+AUTO_RIDGE_GRID = tuple(10.0**k for k in range(-4, 3))
+PSD_RTOL = 1e-6
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise KernelError(f"device {spec!r} was asked for but CUDA is not available here; use --device cpu or auto.")
+    return device
+
+
+def one_hot(y: torch.Tensor, n_classes: int) -> torch.Tensor:
+    return torch.nn.functional.one_hot(y, n_classes).to(DTYPE)
+
+
+def point_utilities(scores: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-point (accuracy, -cross-entropy) for scores (..., m, C) and labels (m,)."""
+    acc = (scores.argmax(dim=-1) == y).to(DTYPE)
+    picked = scores.gather(-1, y.expand(scores.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+    neg_ce = picked - torch.logsumexp(scores, dim=-1)
+    return acc, neg_ce
+
+
+def loo_train_scores(k_train: torch.Tensor, targets: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Leave-one-out regression scores on the training points themselves (n x C)."""
+    chol = _cholesky(k_train, ridge)
+    inverse = torch.cholesky_inverse(chol)
+    alpha = inverse @ targets
+    return targets - alpha / torch.diagonal(inverse).unsqueeze(-1)
+
+
+def _cholesky(k: torch.Tensor, ridge: float) -> torch.Tensor:
+    eye = torch.eye(k.shape[-1], dtype=k.dtype, device=k.device)
+    chol, info = torch.linalg.cholesky_ex(k + ridge * eye)
+    if int(info.max()) > 0:
+        raise KernelError(
+            f"the kernel plus ridge {ridge:.3g} is not positive definite; raise the ridge or pass a jitter."
+        )
+    return chol
+
+
+@dataclass
+class RidgeChoice:
+    value: float
+    mode: str
+    grid: tuple[tuple[float, float], ...] = ()  # (lambda, LOO mean cross-entropy) for auto
+
+
+def choose_ridge(k_train: torch.Tensor, targets: torch.Tensor, y: torch.Tensor, spec: str) -> RidgeChoice:
+    """Resolve the ridge spec (see :mod:`freeshap_dq.config`) for an already-scaled kernel."""
+    mode, value = parse_ridge(spec)
+    mean_diag = float(torch.diagonal(k_train).mean())
+    if mode == "absolute":
+        return RidgeChoice(value, mode)
+    if mode == "relative":
+        return RidgeChoice(value * mean_diag, mode)
+    grid = []
+    for factor in AUTO_RIDGE_GRID:
+        lam = factor * mean_diag
+        _, neg_ce = point_utilities(loo_train_scores(k_train, targets, lam), y)
+        grid.append((lam, float(-neg_ce.mean())))
+    best = min(grid, key=lambda item: item[1])
+    return RidgeChoice(best[0], "auto", tuple(grid))
+
+
+def check_positive_semidefinite(k_train: torch.Tensor, source: str) -> None:
+    """Raise a clear error if K has an eigenvalue below -PSD_RTOL * mean(diag K)."""
+    mean_diag = float(torch.diagonal(k_train).mean())
+    tol = PSD_RTOL * max(mean_diag, 1e-300)
+    eye = torch.eye(k_train.shape[0], dtype=k_train.dtype, device=k_train.device)
+    _, info = torch.linalg.cholesky_ex(k_train + tol * eye)
+    if int(info) == 0:
+        return
+    smallest = float(torch.linalg.eigvalsh(k_train)[0])
+    if smallest >= -tol:
+        return
+    raise KernelError(
+        f"{source}: k_train is not positive semidefinite: its smallest eigenvalue is {smallest:.3g} "
+        f"(mean diagonal {mean_diag:.3g}). A kernel computed in fp32 can be slightly indefinite; "
+        f"pass jitter >= {-smallest / mean_diag:.2g} (--jitter) to add that multiple of the mean "
+        f"diagonal to the diagonal, or recompute the kernel in float64."
+    )
+
+
+class KernelRegressionUtility:
+    """U(S) for one valuation problem, with tensors on one device; ``ridge`` in scaled-kernel units."""
+
+    def __init__(self, problem: KernelProblem, config: ValuationConfig, device: torch.device | None = None):
+        self.problem = problem
+        self.device = device or resolve_device(config.device)
+        scale = config.kernel_scale
+        self.k_train = torch.as_tensor(problem.k_train, dtype=DTYPE, device=self.device) * scale
+        if config.jitter:
+            self.k_train = self.k_train + config.jitter * float(torch.diagonal(self.k_train).mean()) * torch.eye(
+                problem.n_train, dtype=DTYPE, device=self.device)
+        check_positive_semidefinite(self.k_train, problem.source)
+        self.k_test = torch.as_tensor(problem.k_test, dtype=DTYPE, device=self.device) * scale
+        self.y_train = torch.as_tensor(problem.y_train, device=self.device)
+        self.y_test = torch.as_tensor(problem.y_test, device=self.device)
+        self.n_classes = problem.n_classes
+        self.targets = one_hot(self.y_train, self.n_classes)
+        self.ridge_choice = choose_ridge(self.k_train, self.targets, self.y_train, config.ridge)
+        self.ridge = self.ridge_choice.value
+        self.empty_mode = config.empty_utility
+        self.empty_point = self._empty_point_utilities()
+        self.full_point = self.point_utilities_of(torch.arange(problem.n_train, device=self.device))
+
+    def _empty_point_utilities(self) -> tuple[torch.Tensor, torch.Tensor]:
+        m, c = self.problem.n_test, self.n_classes
+        if self.empty_mode == "zero":
+            return point_utilities(torch.zeros(m, c, dtype=DTYPE, device=self.device), self.y_test)
+        return (torch.full((m,), 1.0 / c, dtype=DTYPE, device=self.device),
+                torch.full((m,), -math.log(c), dtype=DTYPE, device=self.device))
+
+    def predict(self, subset: torch.Tensor) -> torch.Tensor:
+        """Scores F (m x C) of the regression fitted on ``subset`` (direct solve)."""
+        if subset.numel() == 0:
+            return torch.zeros(self.problem.n_test, self.n_classes, dtype=DTYPE, device=self.device)
+        chol = _cholesky(self.k_train[subset][:, subset], self.ridge)
+        coef = torch.cholesky_solve(self.targets[subset], chol)
+        return self.k_test[:, subset] @ coef
+
+    def point_utilities_of(self, subset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if subset.numel() == 0:
+            return self.empty_point
+        return point_utilities(self.predict(subset), self.y_test)
+
+    def __call__(self, subset) -> tuple[float, float]:
+        """Aggregate (accuracy, -cross-entropy) of the subset of training indices."""
+        acc, neg_ce = self.point_utilities_of(torch.as_tensor(np.asarray(subset, dtype=np.int64), device=self.device))
+        return float(acc.mean()), float(neg_ce.mean())
+
+    @property
+    def full(self) -> tuple[float, float]:
+        return float(self.full_point[0].mean()), float(self.full_point[1].mean())
+
+    @property
+    def empty(self) -> tuple[float, float]:
+        return float(self.empty_point[0].mean()), float(self.empty_point[1].mean())
+
+    def leave_one_out_point_values(self, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+        """U(N) - U(N \\ {i}) per training point i and test point t: two n x m tensors."""
+        chol = _cholesky(self.k_train, self.ridge)
+        inverse = torch.cholesky_inverse(chol)
+        alpha = inverse @ self.targets
+        scores = self.k_test @ alpha
+        influence = self.k_test @ inverse
+        diag = torch.diagonal(inverse)
+        full_acc, full_ce = self.full_point
+        n = self.problem.n_train
+        acc_values = torch.empty(n, self.problem.n_test, dtype=DTYPE, device=self.device)
+        ce_values = torch.empty_like(acc_values)
+        for lo in range(0, n, chunk):
+            hi = min(lo + chunk, n)
+            shift = influence[:, lo:hi].T.unsqueeze(-1) * (alpha[lo:hi] / diag[lo:hi, None]).unsqueeze(1)
+            acc, neg_ce = point_utilities(scores.unsqueeze(0) - shift, self.y_test)
+            acc_values[lo:hi] = full_acc - acc
+            ce_values[lo:hi] = full_ce - neg_ce
+        return acc_values, ce_values

@@ -1,0 +1,201 @@
+r"""Valuation results: values, standard errors, counts; mergeable; saved without pickle.
+
+A Monte-Carlo result keeps sufficient statistics per training example i and metric:
+:math:`s_i = \sum_t x_{ti}` and :math:`q_i = \sum_t x_{ti}^2` over T permutations, so
+
+.. math::  v_i = s_i / T, \qquad \mathrm{se}_i = \sqrt{(q_i - T v_i^2) / (T (T-1))}
+
+and two results merge exactly by adding sums and counts (``a + b``). Per-point results add
+an n x m sum per metric (mean only). Exact methods (enumeration, closed-form LOO) have
+standard error 0.
+
+Metrics: ``accuracy`` (the paper's primary utility) and ``ce`` (the -cross-entropy utility).
+Positive values help, negative values harm.
+
+On disk: one ``.npz`` (``allow_pickle=False``) whose ``manifest`` entry is UTF-8 JSON with
+the configuration, kernel fingerprint, ridge, permutation sources and utilities.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .config import METRICS
+from .errors import CheckpointError, InputError
+from .io import atomic_write
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ValuationResult:
+    method: str
+    sums: dict[str, np.ndarray]
+    sq_sums: dict[str, np.ndarray]
+    count: int
+    point_sums: dict[str, np.ndarray] | None = None
+    evaluated: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    sources: list[dict[str, int]] = field(default_factory=list)
+    exact: bool = False
+    manifest: dict[str, Any] = field(default_factory=dict)
+    train_ids: np.ndarray | None = None
+
+    @classmethod
+    def empty(cls, method: str, n_train: int, n_test: int, per_point: bool, **kw: Any) -> "ValuationResult":
+        zeros = lambda *shape: {m: np.zeros(shape) for m in METRICS}  # noqa: E731
+        return cls(method, zeros(n_train), zeros(n_train), 0,
+                   zeros(n_train, n_test) if per_point else None, **kw)
+
+    @classmethod
+    def from_exact(cls, method: str, values: dict[str, np.ndarray],
+                   point_values: dict[str, np.ndarray] | None = None, **kw: Any) -> "ValuationResult":
+        return cls(method, {k: np.asarray(v, float) for k, v in values.items()},
+                   {k: np.asarray(v, float) ** 2 for k, v in values.items()}, 1,
+                   None if point_values is None else {k: np.asarray(v, float) for k, v in point_values.items()},
+                   exact=True, **kw)
+
+    @property
+    def n_train(self) -> int:
+        return int(self.sums["accuracy"].shape[0])
+
+    @property
+    def per_point(self) -> bool:
+        return self.point_sums is not None
+
+    def values(self, metric: str = "accuracy") -> np.ndarray:
+        _check_metric(metric)
+        if self.count == 0:
+            return np.full(self.n_train, np.nan)
+        return self.sums[metric] / self.count
+
+    def stderr(self, metric: str = "accuracy") -> np.ndarray:
+        _check_metric(metric)
+        if self.exact:
+            return np.zeros(self.n_train)
+        if self.count < 2:
+            return np.full(self.n_train, np.nan)
+        mean = self.values(metric)
+        var = np.maximum(self.sq_sums[metric] - self.count * mean**2, 0.0) / (self.count - 1)
+        return np.sqrt(var / self.count)
+
+    def point_values(self, metric: str = "accuracy") -> np.ndarray:
+        """n x m: value of training example i for test example t."""
+        _check_metric(metric)
+        if self.point_sums is None:
+            raise InputError("this result has no per-point values; run with per_point=True (--per-point).")
+        return self.point_sums[metric] / max(self.count, 1)
+
+    def harm_rank(self, metric: str = "ce") -> np.ndarray:
+        """1 = most harmful (lowest value); ties broken by training index."""
+        order = np.lexsort((np.arange(self.n_train), self.values(metric)))
+        rank = np.empty(self.n_train, dtype=np.int64)
+        rank[order] = np.arange(1, self.n_train + 1)
+        return rank
+
+    def to_dataframe(self, rank_metric: str | None = None) -> pd.DataFrame:
+        rank_metric = rank_metric or self.manifest.get("config", {}).get("rank_metric", "ce")
+        df = pd.DataFrame({"train_index": np.arange(self.n_train)})
+        if self.train_ids is not None:
+            df["example_id"] = self.train_ids
+        df["value"] = self.values("accuracy")
+        df["value_ce"] = self.values("ce")
+        df["stderr"] = self.stderr("accuracy")
+        df["stderr_ce"] = self.stderr("ce")
+        df["rank"] = self.harm_rank(rank_metric)
+        df["permutations"] = self.count
+        return df
+
+    def truncation_summary(self) -> dict[str, float]:
+        if self.evaluated.size == 0:
+            return {}
+        frac = self.evaluated / self.n_train
+        return {"mean_fraction_evaluated": float(frac.mean()), "min_fraction_evaluated": float(frac.min()),
+                "truncated_permutations": int((self.evaluated < self.n_train).sum())}
+
+    def __add__(self, other: "ValuationResult") -> "ValuationResult":
+        if not isinstance(other, ValuationResult):
+            return NotImplemented
+        if self.method != other.method or self.n_train != other.n_train or self.exact or other.exact:
+            raise InputError(f"cannot merge results of {self.method!r} (n={self.n_train}) and "
+                             f"{other.method!r} (n={other.n_train}); only Monte-Carlo results of one method merge.")
+        for key in ("kernel_fingerprint", "ridge"):
+            a, b = self.manifest.get(key), other.manifest.get(key)
+            if a is not None and b is not None and a != b:
+                raise InputError(f"cannot merge results computed with different {key} ({a} vs {b}).")
+        _check_disjoint(self.sources, other.sources)
+        if self.per_point != other.per_point:
+            raise InputError("cannot merge a per-point result with an aggregate one.")
+        add = lambda a, b: {k: a[k] + b[k] for k in a}  # noqa: E731
+        return ValuationResult(
+            self.method, add(self.sums, other.sums), add(self.sq_sums, other.sq_sums),
+            self.count + other.count,
+            add(self.point_sums, other.point_sums) if self.per_point else None,
+            np.concatenate([self.evaluated, other.evaluated]), self.sources + other.sources,
+            False, {**self.manifest, "merged": True}, self.train_ids,
+        )
+
+    def save(self, path: str | os.PathLike) -> None:
+        arrays: dict[str, np.ndarray] = {"evaluated": self.evaluated}
+        for metric in METRICS:
+            arrays[f"sum_{metric}"] = self.sums[metric]
+            arrays[f"sqsum_{metric}"] = self.sq_sums[metric]
+            if self.point_sums is not None:
+                arrays[f"point_sum_{metric}"] = self.point_sums[metric]
+        if self.train_ids is not None:
+            arrays["train_ids"] = self.train_ids
+        header = {"format_version": FORMAT_VERSION, "method": self.method, "count": self.count,
+                  "exact": self.exact, "sources": self.sources, **self.manifest}
+        arrays["manifest"] = np.frombuffer(json.dumps(header, default=_json_default).encode(), dtype=np.uint8)
+        with atomic_write(path) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, **arrays)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ValuationResult":
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {k: data[k] for k in data.files}
+            header = json.loads(arrays.pop("manifest").tobytes().decode())
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: no such result file.") from None
+        except Exception as exc:
+            raise CheckpointError(f"{path}: not a freeshap-dq result file ({type(exc).__name__}: {exc}).") from None
+        if header.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(f"{path}: result format {header.get('format_version')} is not supported.")
+        per_point = "point_sum_accuracy" in arrays
+        method, count, exact, sources = (header.pop(k) for k in ("method", "count", "exact", "sources"))
+        header.pop("format_version")
+        return cls(
+            method, {m: arrays[f"sum_{m}"] for m in METRICS}, {m: arrays[f"sqsum_{m}"] for m in METRICS},
+            int(count), {m: arrays[f"point_sum_{m}"] for m in METRICS} if per_point else None,
+            arrays["evaluated"], [dict(s) for s in sources], bool(exact), header, arrays.get("train_ids"),
+        )
+
+
+def _check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise InputError(f"metric {metric!r} is unknown; choose one of {', '.join(METRICS)}.")
+
+
+def _check_disjoint(a: list[dict[str, int]], b: list[dict[str, int]]) -> None:
+    for x in a:
+        for y in b:
+            if x["seed"] == y["seed"] and x["start"] < y["start"] + y["count"] and y["start"] < x["start"] + x["count"]:
+                raise InputError(
+                    f"cannot merge: both results contain permutations {max(x['start'], y['start'])}.. of seed "
+                    f"{x['seed']}; merging would count them twice. Use another seed or --start."
+                )
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

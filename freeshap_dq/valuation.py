@@ -1,0 +1,206 @@
+"""Run a valuation: the one entry point that ties kernel, utility, engine, stopping and results.
+
+``compute_values(problem, config)`` dispatches on ``config.method``:
+
+- ``tmc`` / ``beta``: permutation sampling with the prefix engine. Permutation i is drawn from
+  ``(seed, i)``, so a run is reproducible, splits into mergeable parts (``start``) and resumes
+  from a checkpoint with bit-identical values (sums are accumulated in permutation order).
+- ``exact``: enumeration of all subsets (n <= 16).
+- ``loo``: closed-form leave-one-out, one factorisation.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .config import METRICS, ValuationConfig
+from .engine import PermutationMarginals, PrefixEngine
+from .errors import CheckpointError
+from .kernel import KernelProblem
+from .regression import DTYPE, KernelRegressionUtility
+from .result import ValuationResult
+from .semivalues import beta_probabilities, exact_semivalues, position_weights, shapley_probabilities
+from .stopping import MaxPermutations, MaxTime, StandardErrorBelow, StoppingCriterion
+
+CHECKPOINT_NAME = "checkpoint.npz"
+# Fields that change the values: a checkpoint is only resumed when they all match.
+RESUME_KEYS = ("method", "tolerance", "ridge", "kernel_scale", "jitter", "empty_utility", "per_point",
+               "seed", "start", "beta_alpha", "beta_beta", "block_size")
+
+
+def permutation(seed: int, index: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, index]).permutation(n)
+
+
+def method_name(config: ValuationConfig) -> str:
+    if config.method == "beta":
+        return f"beta({config.beta_alpha:g},{config.beta_beta:g})-shapley"
+    return {"tmc": "tmc-shapley", "exact": "exact-shapley", "loo": "leave-one-out"}[config.method]
+
+
+def compute_values(problem: KernelProblem, config: ValuationConfig | None = None, *,
+                   stopping: StoppingCriterion | None = None, checkpoint_dir: str | Path | None = None,
+                   resume: bool = True, progress: bool | None = None) -> ValuationResult:
+    config = config or ValuationConfig()
+    config.validate()
+    started = time.monotonic()
+    utility = KernelRegressionUtility(problem, config)
+    manifest = _manifest(problem, config, utility)
+    if config.method == "exact":
+        probs = shapley_probabilities(problem.n_train)
+        values, points = exact_semivalues(utility, probs, config.per_point)
+        result = ValuationResult.from_exact(method_name(config), values, points, manifest=manifest,
+                                            train_ids=problem.train_ids)
+    elif config.method == "loo":
+        acc, ce = (v.cpu().numpy() for v in utility.leave_one_out_point_values())
+        result = ValuationResult.from_exact(
+            method_name(config), {"accuracy": acc.mean(1), "ce": ce.mean(1)},
+            {"accuracy": acc, "ce": ce} if config.per_point else None, manifest=manifest, train_ids=problem.train_ids)
+    else:
+        result = _sample_permutations(problem, config, utility, manifest, stopping, checkpoint_dir, resume, progress)
+    result.manifest["elapsed_seconds"] = round(time.monotonic() - started, 3)
+    return result
+
+
+def default_stopping(config: ValuationConfig) -> StoppingCriterion:
+    criterion: StoppingCriterion = MaxPermutations(config.permutations)
+    if config.max_seconds > 0:
+        criterion = criterion | MaxTime(config.max_seconds)
+    if config.stderr_target > 0:
+        criterion = criterion | StandardErrorBelow(config.stderr_target, config.rank_metric)
+    return criterion
+
+
+def _sample_permutations(problem, config, utility, manifest, stopping, checkpoint_dir, resume, progress):
+    n = problem.n_train
+    checkpoint = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None
+    if checkpoint is not None:
+        Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
+    result = _load_checkpoint(checkpoint, manifest) if (checkpoint is not None and resume) else None
+    if result is None:
+        result = ValuationResult.empty(method_name(config), n, problem.n_test, config.per_point,
+                                       sources=[{"seed": config.seed, "start": config.start, "count": 0}],
+                                       manifest=manifest, train_ids=problem.train_ids)
+    result.manifest.update(manifest)
+    acc = _Accumulator(result, utility.device)
+    probs = beta_probabilities(n, config.beta_alpha, config.beta_beta) if config.method == "beta" else None
+    weights = None if probs is None else torch.as_tensor(position_weights(probs), dtype=DTYPE, device=utility.device)
+    engine = PrefixEngine(utility, tolerance=config.tolerance, per_point=config.per_point,
+                          block_size=config.block_size)
+    criterion = stopping or default_stopping(config)
+    criterion.reset()
+    cap = config.permutations if stopping is None else None
+    batch = config.batch_size or _auto_batch_size(n, problem.n_test, utility.device)
+    bar = tqdm(total=cap, initial=result.count, unit="perm", file=sys.stderr, dynamic_ncols=True,
+               disable=(not sys.stderr.isatty()) if progress is None else not progress,
+               desc=f"{method_name(config)} n={n} m={problem.n_test}")
+    last_saved = result.count
+    try:
+        while not criterion(acc.snapshot(with_points=False)):
+            size = batch if cap is None else min(batch, cap - acc.count)
+            if size <= 0:
+                break
+            first = config.start + acc.count
+            perms = torch.as_tensor(np.stack([permutation(config.seed, first + b, n) for b in range(size)]))
+            acc.add(perms.to(utility.device), engine.run(perms), weights)
+            bar.update(size)
+            if checkpoint is not None and acc.count - last_saved >= config.checkpoint_every:
+                acc.snapshot().save(checkpoint)
+                last_saved = acc.count
+    except KeyboardInterrupt:
+        if checkpoint is not None and acc.count > last_saved:
+            acc.snapshot().save(checkpoint)
+        raise
+    finally:
+        bar.close()
+    final = acc.snapshot()
+    if checkpoint is not None and acc.count != last_saved:
+        final.save(checkpoint)
+    return final
+
+
+class _Accumulator:
+    """Running sums on the compute device, added one permutation at a time (order = determinism)."""
+
+    def __init__(self, result: ValuationResult, device: torch.device):
+        self.template = result
+        self.count = result.count
+        self.evaluated = list(result.evaluated.tolist())
+        t = lambda d: None if d is None else {k: torch.as_tensor(v, dtype=DTYPE).to(device).clone() for k, v in d.items()}  # noqa: E731
+        self.sums, self.sq_sums, self.point_sums = t(result.sums), t(result.sq_sums), t(result.point_sums)
+
+    def add(self, perms: torch.Tensor, marginals: PermutationMarginals, weights: torch.Tensor | None) -> None:
+        per_metric = {"accuracy": (marginals.accuracy, marginals.point_accuracy),
+                      "ce": (marginals.ce, marginals.point_ce)}
+        for b in range(perms.shape[0]):
+            for metric in METRICS:
+                values, points = per_metric[metric]
+                x = values[b] if weights is None else values[b] * weights
+                self.sums[metric].index_add_(0, perms[b], x)
+                self.sq_sums[metric].index_add_(0, perms[b], x * x)
+                if self.point_sums is not None:
+                    p = points[b] if weights is None else points[b] * weights.unsqueeze(-1)
+                    self.point_sums[metric].index_add_(0, perms[b], p)
+            self.evaluated.append(int(marginals.evaluated[b]))
+            self.count += 1
+
+    def snapshot(self, with_points: bool = True) -> ValuationResult:
+        r = self.template
+        np_ = lambda d: {k: v.cpu().numpy().copy() for k, v in d.items()}  # noqa: E731
+        sources = [dict(s) for s in r.sources]
+        sources[-1]["count"] = self.count
+        return ValuationResult(
+            r.method, np_(self.sums), np_(self.sq_sums), self.count,
+            np_(self.point_sums) if (with_points and self.point_sums is not None) else None,
+            np.asarray(self.evaluated, dtype=np.int64), sources, False, dict(r.manifest), r.train_ids)
+
+
+def _auto_batch_size(n: int, m: int, device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    free, _ = torch.cuda.mem_get_info(device)
+    per_perm = 8 * (3 * n * n + 4 * n * m)
+    return int(max(1, min(64, (free // 4) // per_perm)))
+
+
+def _manifest(problem: KernelProblem, config: ValuationConfig, utility: KernelRegressionUtility) -> dict[str, Any]:
+    choice = utility.ridge_choice
+    return {
+        "config": config.to_dict(),
+        "kernel_fingerprint": problem.fingerprint(),
+        "kernel_source": problem.source,
+        "n_train": problem.n_train, "n_test": problem.n_test, "n_classes": problem.n_classes,
+        "label_names": list(problem.label_names),
+        "ridge": choice.value, "ridge_mode": choice.mode,
+        "ridge_grid": [{"ridge": lam, "loo_cross_entropy": ce} for lam, ce in choice.grid],
+        "utility_full": dict(zip(METRICS, utility.full)), "utility_empty": dict(zip(METRICS, utility.empty)),
+        "device": str(utility.device),
+        "versions": {"freeshap_dq": __version__, "torch": torch.__version__, "numpy": np.__version__,
+                     "python": platform.python_version()},
+    }
+
+
+def _load_checkpoint(path: Path, manifest: dict[str, Any]) -> ValuationResult | None:
+    if not path.exists():
+        return None
+    saved = ValuationResult.load(path)
+    if saved.manifest.get("kernel_fingerprint") != manifest["kernel_fingerprint"]:
+        raise CheckpointError(f"{path}: the checkpoint was computed on a different kernel "
+                              f"(fingerprint {saved.manifest.get('kernel_fingerprint')} vs "
+                              f"{manifest['kernel_fingerprint']}). Use another --checkpoint-dir or --no-resume.")
+    old, new = saved.manifest.get("config", {}), manifest["config"]
+    diff = [k for k in RESUME_KEYS if old.get(k) != new.get(k)]
+    if diff:
+        details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
+        raise CheckpointError(f"{path}: the checkpoint was made with different settings ({details}). Use the "
+                              f"same settings to resume, another --checkpoint-dir, or --no-resume to start over.")
+    return saved
