@@ -88,6 +88,13 @@ class KernelProblem:
                 f"{self.source}: the training set has a single class ({int(y_train[0])}); "
                 f"Shapley values of a one-class problem are meaningless. Add examples of another class."
             )
+        unseen = np.setdiff1d(y_test, y_train)
+        if unseen.size:
+            row = int(np.flatnonzero(y_test == unseen[0])[0])
+            raise KernelError(
+                f"{self.source}: y_test[{row}] = {unseen[0]} is a class that never occurs in y_train; "
+                f"the regression cannot predict it. Drop those test examples or add training examples."
+            )
         train_ids = _as_ids(self.train_ids, n, "train_ids", self.source)
         test_ids = _as_ids(self.test_ids, y_test.shape[0], "test_ids", self.source)
         for name, value in (
@@ -149,6 +156,9 @@ class KernelProblem:
         path = Path(path)
         if not path.exists():
             raise KernelError(f"{path}: no such kernel file.")
+        with open(path, "rb") as fh:
+            if fh.read(2) != b"PK":
+                raise KernelError(f"{path}: not a readable .npz file (it is not a zip archive).")
         try:
             with np.load(path, allow_pickle=False) as data:
                 missing = [k for k in REQUIRED_KEYS if k not in data.files]
@@ -213,5 +223,5 @@ def _as_ids(value, length: int, key: str, source: str) -> np.ndarray | None:
         raise KernelError(f"{source}: {key} has shape {arr.shape}, expected ({length},).")
     uniq, counts = np.unique(arr, return_counts=True)
     if (counts > 1).any():
-        raise KernelError(f"{source}: {key} has duplicate id {uniq[counts > 1][0]!r}; ids must be unique.")
+        raise KernelError(f"{source}: {key} has duplicate id {uniq[counts > 1][0].item()!r}; ids must be unique.")
     return arr

@@ -85,6 +85,8 @@ def _sample_permutations(problem, config, utility, manifest, stopping, checkpoin
     checkpoint = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None
     if checkpoint is not None:
         Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
+        for stale in Path(checkpoint_dir).glob(f".{CHECKPOINT_NAME}.*.tmp"):  # left by a killed write
+            stale.unlink(missing_ok=True)
     result = _load_checkpoint(checkpoint, manifest) if (checkpoint is not None and resume) else None
     if result is None:
         result = ValuationResult.empty(method_name(config), n, problem.n_test, config.per_point,

@@ -1,0 +1,149 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from freeshap_dq import ValuationResult
+from freeshap_dq.cli.main import cli
+
+from conftest import random_problem
+
+
+@pytest.fixture
+def kernel_file(tmp_path):
+    path = tmp_path / "K.npz"
+    random_problem(n=14, m=6, label_names=("a", "b", "c"), train_ids=np.arange(500, 514)).save(path)
+    return path
+
+
+def run(args):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    return result
+
+
+@pytest.mark.parametrize("name", ["v.csv", "v.parquet", "v.json", "v.jsonl"])
+def test_value_writes_table_by_extension(tmp_path, kernel_file, name):
+    out = tmp_path / name
+    res = run(["value", "--kernel", kernel_file, "-o", out, "--permutations", 5, "--ridge", "0.05"])
+    assert res.exit_code == 0, res.output
+    reader = {"csv": pd.read_csv, "parquet": pd.read_parquet, "json": pd.read_json,
+              "jsonl": lambda p: pd.read_json(p, lines=True)}[name.split(".")[1]]
+    df = reader(out)
+    assert list(df.columns) == ["train_index", "example_id", "value", "value_ce", "stderr", "stderr_ce", "rank",
+                                "permutations"]
+    assert len(df) == 14 and df["example_id"].iloc[0] == 500 and (df["permutations"] == 5).all()
+
+
+def test_value_to_stdout_and_summary_to_stderr(kernel_file):
+    res = CliRunner().invoke(cli, ["value", "--kernel", str(kernel_file), "--permutations", "3"])
+    assert res.exit_code == 0
+    assert res.stdout.startswith("train_index,example_id,value,value_ce")
+    assert "ridge" in res.stderr and "ridge" not in res.stdout
+
+
+def test_value_methods_and_per_point_result(tmp_path, kernel_file):
+    for method in ("exact", "loo", "beta", "tmc"):
+        res = run(["value", "--kernel", kernel_file, "-o", tmp_path / f"{method}.csv", "--method", method,
+                   "--permutations", 4, "--per-point", "--save-result", tmp_path / f"{method}.npz"])
+        assert res.exit_code == 0, res.output
+        saved = ValuationResult.load(tmp_path / f"{method}.npz")
+        assert saved.point_values("ce").shape == (14, 6)
+
+
+def test_paper_preset_and_overrides(tmp_path, kernel_file):
+    res = run(["value", "--kernel", kernel_file, "-o", tmp_path / "v.csv", "--preset", "paper",
+               "--permutations", 3, "--save-result", tmp_path / "r.npz"])
+    assert res.exit_code == 0, res.output
+    cfg = ValuationResult.load(tmp_path / "r.npz").manifest["config"]
+    assert (cfg["tolerance"], cfg["kernel_scale"], cfg["ridge"], cfg["permutations"]) == (0.05, 1e-4, "1e-6", 3)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--kernel", "nope.npz"], "no such kernel file"),
+    (["--ridge", "-1"], "ridge must be a positive"),
+    (["-o", "values.txt"], "cannot tell the output format"),
+    (["--per-point"], "--save-result"),
+    (["--method", "exact", "--permutations", "2"], None),
+])
+def test_value_bad_input_exits_nonzero_with_message(tmp_path, kernel_file, args, message):
+    base = ["value", "--kernel", kernel_file, "-o", tmp_path / "v.csv"]
+    res = run(base + args)
+    if message is None:
+        assert res.exit_code == 0
+        return
+    assert res.exit_code == 2 and message in res.output, res.output
+    assert "Traceback" not in res.output and not (tmp_path / "v.csv").exists()
+
+
+def test_missing_output_folder_is_reported(tmp_path, kernel_file):
+    res = run(["value", "--kernel", kernel_file, "-o", tmp_path / "no" / "such" / "v.csv", "--permutations", 2])
+    assert res.exit_code == 2 and "does not exist" in res.output
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    res = run(["demo", "--output-dir", tmp_path, "--n-train", 120, "--n-test", 60, "--permutations", 10])
+    assert res.exit_code == 0, res.output
+    assert "flipped labels" in res.output and "AUROC" in res.output
+    df = pd.read_csv(tmp_path / "values.csv")
+    assert len(df) == 120 and df["flipped"].sum() == 12
+    assert ValuationResult.load(tmp_path / "result.npz").count == 10
+
+
+def test_sigkill_then_resume_gives_identical_values(tmp_path):
+    """A run killed with SIGKILL mid-way resumes from its checkpoint and ends bit-identical."""
+    kernel = tmp_path / "K.npz"
+    random_problem(n=300, m=150, n_classes=2, seed=1).save(kernel)
+    common = ["value", "--kernel", str(kernel), "--permutations", "120", "--per-point", "--ridge", "0.1",
+              "--checkpoint-every", "2", "--no-progress"]
+    cmd = [sys.executable, "-m", "freeshap_dq.cli.main"]
+    ckpt = tmp_path / "ckpt"
+    proc = subprocess.Popen(cmd + common + ["--checkpoint-dir", str(ckpt), "-o", str(tmp_path / "a.csv"),
+                                            "--save-result", str(tmp_path / "a.npz")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not (ckpt / "checkpoint.npz").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = ValuationResult.load(ckpt / "checkpoint.npz").count
+    assert 0 < killed_at < 120, "the run finished before it could be killed; make the problem bigger"
+    assert not (tmp_path / "a.csv").exists()
+    # at most a hidden temp file of an interrupted write is left; it is never read as a checkpoint
+    assert all(f == "checkpoint.npz" or f.startswith(".checkpoint.npz.") for f in os.listdir(ckpt))
+    resumed = subprocess.run(cmd + common + ["--checkpoint-dir", str(ckpt), "-o", str(tmp_path / "a.csv"),
+                                             "--save-result", str(tmp_path / "a.npz")], capture_output=True)
+    assert resumed.returncode == 0, resumed.stderr.decode()
+    straight = subprocess.run(cmd + common + ["-o", str(tmp_path / "b.csv"), "--save-result",
+                                              str(tmp_path / "b.npz")], capture_output=True)
+    assert straight.returncode == 0
+    a, b = ValuationResult.load(tmp_path / "a.npz"), ValuationResult.load(tmp_path / "b.npz")
+    assert a.count == b.count == 120
+    for metric in ("accuracy", "ce"):
+        np.testing.assert_array_equal(a.sums[metric], b.sums[metric])
+        np.testing.assert_array_equal(a.point_sums[metric], b.point_sums[metric])
+    assert (tmp_path / "a.csv").read_text() == (tmp_path / "b.csv").read_text()
+
+
+def test_ctrl_c_writes_a_checkpoint_and_exits_130(tmp_path):
+    kernel = tmp_path / "K.npz"
+    random_problem(n=300, m=150, n_classes=2, seed=1).save(kernel)
+    ckpt = tmp_path / "ckpt"
+    proc = subprocess.Popen([sys.executable, "-m", "freeshap_dq.cli.main", "value", "--kernel", str(kernel),
+                             "--permutations", "100000", "--per-point", "--save-result", str(tmp_path / "r.npz"),
+                             "--checkpoint-every", "100000", "--checkpoint-dir", str(ckpt), "--no-progress",
+                             "-o", str(tmp_path / "v.csv")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(4)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err.decode()
+    assert "rerun the same command to resume" in err.decode()
+    assert ValuationResult.load(ckpt / "checkpoint.npz").count > 0
+    assert not (tmp_path / "v.csv").exists()
