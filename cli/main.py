@@ -15,7 +15,7 @@ import click
 import numpy as np
 
 from .. import __version__
-from ..config import PRESETS, ValuationConfig
+from ..config import METHODS, PRESETS, ValuationConfig
 from ..errors import FreeShapError
 from ..io import table_format, write_table
 from ..kernel import KernelProblem
@@ -23,7 +23,7 @@ from ..result import ValuationResult
 from ..valuation import compute_values
 
 CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(ValuationConfig)}
-CHOICES = {"method": ("tmc", "exact", "loo", "beta"), "empty_utility": ("random", "zero"),
+CHOICES = {"method": METHODS, "empty_utility": ("random", "zero"),
            "rank_metric": ("ce", "accuracy")}
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from .errors import InputError
 
-METHODS = ("tmc", "exact", "loo", "beta")
+METHODS = ("tmc", "exact", "loo", "beta", "banzhaf")
 EMPTY_UTILITIES = ("random", "zero")
 METRICS = ("accuracy", "ce")
 
@@ -32,7 +32,8 @@ def _opt(default: Any, help: str, **kw: Any) -> Any:
 @dataclass
 class ValuationConfig:
     method: str = _opt("tmc", "tmc: truncated Monte-Carlo Shapley; exact: subset enumeration (n <= 16); "
-                       "loo: closed-form leave-one-out; beta: Beta(alpha, beta) Shapley from the same permutations.")
+                       "loo: closed-form leave-one-out; beta: Beta(alpha, beta) Shapley and banzhaf: Banzhaf value, "
+                       "both from the same permutations by importance weights.")
     permutations: int = _opt(200, "Number of permutations T (tmc, beta).")
     tolerance: float = _opt(0.0, "Truncation tolerance: stop a permutation when |U(S)-U(N)| <= tol*|U(N)-U(empty)| "
                             "on both metrics for two consecutive prefixes. 0 = no truncation (plain Monte-Carlo).")

@@ -6,7 +6,8 @@ joins: :math:`\phi_i = \sum_s p(s)\, \mathbb{E}_{|S|=s}[U(S \cup i) - U(S)]`. Sh
 
 .. math::  p(s) = \binom{n-1}{s} \frac{B(s + \beta,\; n - 1 - s + \alpha)}{B(\alpha, \beta)}
 
-so Beta(16, 1) stresses small coalitions. In a uniform permutation an element's position s is
+so Beta(16, 1) stresses small coalitions. Banzhaf weighs every subset equally,
+:math:`p(s) = \binom{n-1}{s} / 2^{n-1}`. In a uniform permutation an element's position s is
 uniform and its predecessors are a uniform s-subset, so weighting the marginal at position s by
 :math:`n\,p(s)` gives an unbiased estimate of any semivalue from the same permutations.
 """
@@ -35,6 +36,12 @@ def beta_probabilities(n: int, alpha: float, beta: float) -> np.ndarray:
     log_beta = lambda a, b: math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)  # noqa: E731
     log_p = log_choose + np.array([log_beta(k + beta, n - 1 - k + alpha) for k in s]) - log_beta(alpha, beta)
     return np.exp(log_p)
+
+
+def banzhaf_probabilities(n: int) -> np.ndarray:
+    s = np.arange(n)
+    log_choose = np.array([math.lgamma(n) - math.lgamma(k + 1) - math.lgamma(n - k) for k in s])
+    return np.exp(log_choose - (n - 1) * math.log(2.0))
 
 
 def position_weights(probabilities: np.ndarray) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 ``compute_values(problem, config)`` dispatches on ``config.method``:
 
-- ``tmc`` / ``beta``: permutation sampling with the prefix engine. Permutation i is drawn from
+- ``tmc`` / ``beta`` / ``banzhaf``: permutation sampling with the prefix engine. Permutation i is drawn from
   ``(seed, i)``, so a run is reproducible, splits into mergeable parts (``start``) and resumes
   from a checkpoint with bit-identical values (sums are accumulated in permutation order).
 - ``exact``: enumeration of all subsets (n <= 16).
@@ -28,7 +28,9 @@ from .errors import CheckpointError
 from .kernel import KernelProblem
 from .regression import DTYPE, KernelRegressionUtility
 from .result import ValuationResult
-from .semivalues import beta_probabilities, exact_semivalues, position_weights, shapley_probabilities
+from .semivalues import (
+    banzhaf_probabilities, beta_probabilities, exact_semivalues, position_weights, shapley_probabilities,
+)
 from .stopping import MaxPermutations, MaxTime, StandardErrorBelow, StoppingCriterion
 
 CHECKPOINT_NAME = "checkpoint.npz"
@@ -44,7 +46,17 @@ def permutation(seed: int, index: int, n: int) -> np.ndarray:
 def method_name(config: ValuationConfig) -> str:
     if config.method == "beta":
         return f"beta({config.beta_alpha:g},{config.beta_beta:g})-shapley"
-    return {"tmc": "tmc-shapley", "exact": "exact-shapley", "loo": "leave-one-out"}[config.method]
+    return {"tmc": "tmc-shapley", "exact": "exact-shapley", "loo": "leave-one-out",
+            "banzhaf": "banzhaf"}[config.method]
+
+
+def coalition_size_probabilities(config: ValuationConfig, n: int) -> np.ndarray | None:
+    """The semivalue's p(s) for importance-weighting permutation marginals; None for plain Shapley."""
+    if config.method == "beta":
+        return beta_probabilities(n, config.beta_alpha, config.beta_beta)
+    if config.method == "banzhaf":
+        return banzhaf_probabilities(n)
+    return None
 
 
 def compute_values(problem: KernelProblem, config: ValuationConfig | None = None, *,
@@ -94,7 +106,7 @@ def _sample_permutations(problem, config, utility, manifest, stopping, checkpoin
                                        manifest=manifest, train_ids=problem.train_ids)
     result.manifest.update(manifest)
     acc = _Accumulator(result, utility.device)
-    probs = beta_probabilities(n, config.beta_alpha, config.beta_beta) if config.method == "beta" else None
+    probs = coalition_size_probabilities(config, n)
     weights = None if probs is None else torch.as_tensor(position_weights(probs), dtype=DTYPE, device=utility.device)
     engine = PrefixEngine(utility, tolerance=config.tolerance, per_point=config.per_point,
                           block_size=config.block_size)
@@ -119,7 +131,7 @@ def _sample_permutations(problem, config, utility, manifest, stopping, checkpoin
                 acc.snapshot().save(checkpoint)
                 last_saved = acc.count
     except KeyboardInterrupt:
-        if checkpoint is not None and acc.count > last_saved:
+        if checkpoint is not None and acc.count > last_saved and not acc.torn:
             acc.snapshot().save(checkpoint)
         raise
     finally:
@@ -135,6 +147,7 @@ class _Accumulator:
 
     def __init__(self, result: ValuationResult, device: torch.device):
         self.template = result
+        self.torn = False  # True while a permutation is half added: such a state is never saved
         self.count = result.count
         self.evaluated = list(result.evaluated.tolist())
         t = lambda d: None if d is None else {k: torch.as_tensor(v, dtype=DTYPE).to(device).clone() for k, v in d.items()}  # noqa: E731
@@ -144,6 +157,7 @@ class _Accumulator:
         per_metric = {"accuracy": (marginals.accuracy, marginals.point_accuracy),
                       "ce": (marginals.ce, marginals.point_ce)}
         for b in range(perms.shape[0]):
+            self.torn = True
             for metric in METRICS:
                 values, points = per_metric[metric]
                 x = values[b] if weights is None else values[b] * weights
@@ -154,6 +168,7 @@ class _Accumulator:
                     self.point_sums[metric].index_add_(0, perms[b], p)
             self.evaluated.append(int(marginals.evaluated[b]))
             self.count += 1
+            self.torn = False
 
     def snapshot(self, with_points: bool = True) -> ValuationResult:
         r = self.template

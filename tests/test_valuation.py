@@ -10,7 +10,9 @@ from freeshap_dq import (
 )
 from freeshap_dq.engine import PrefixEngine
 from freeshap_dq.regression import KernelRegressionUtility
-from freeshap_dq.semivalues import beta_probabilities, exact_semivalues, position_weights, shapley_probabilities
+from freeshap_dq.semivalues import (
+    banzhaf_probabilities, beta_probabilities, exact_semivalues, position_weights, shapley_probabilities,
+)
 
 from conftest import random_problem
 
@@ -33,7 +35,8 @@ def permutation_average(utility, probabilities, per_point=False):
 
 
 @pytest.mark.parametrize("probabilities", [shapley_probabilities(6), beta_probabilities(6, 16, 1),
-                                           beta_probabilities(6, 4, 1)], ids=["shapley", "beta16", "beta4"])
+                                           beta_probabilities(6, 4, 1), banzhaf_probabilities(6)],
+                         ids=["shapley", "beta16", "beta4", "banzhaf"])
 def test_exact_enumeration_equals_average_over_all_permutations(probabilities):
     utility = KernelRegressionUtility(random_problem(n=6, m=5), ValuationConfig(**CFG))
     exact, _ = exact_semivalues(utility, probabilities)
@@ -80,6 +83,21 @@ def test_beta_method_matches_exact_beta_semivalue():
     mc = compute_values(p, ValuationConfig(method="beta", beta_alpha=4, beta_beta=1, permutations=2000, **CFG))
     z = np.abs(mc.values("ce") - exact["ce"]) / mc.stderr("ce")
     assert z.max() < 4.5 and mc.method == "beta(4,1)-shapley"
+
+
+def test_banzhaf_method_matches_exact_banzhaf():
+    p = random_problem(n=7, m=6, seed=2)
+    utility = KernelRegressionUtility(p, ValuationConfig(**CFG))
+    exact, _ = exact_semivalues(utility, banzhaf_probabilities(7))
+    direct = np.zeros(7)  # textbook definition: average marginal over all 2^(n-1) subsets without i
+    for i in range(7):
+        others = [j for j in range(7) if j != i]
+        for r in range(7):
+            for s in itertools.combinations(others, r):
+                direct[i] += utility(list(s) + [i])[1] - utility(list(s))[1]
+    np.testing.assert_allclose(exact["ce"], direct / 2**6, atol=1e-12)
+    mc = compute_values(p, ValuationConfig(method="banzhaf", permutations=3000, **CFG))
+    assert (np.abs(mc.values("ce") - exact["ce"]) / mc.stderr("ce")).max() < 4.5
 
 
 def test_tmc_values_per_point_mean_equals_aggregate_and_efficiency():
