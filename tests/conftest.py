@@ -23,3 +23,10 @@ def random_problem(n: int = 12, m: int = 6, n_classes: int = 3, dim: int = 4, se
 @pytest.fixture
 def problem() -> KernelProblem:
     return random_problem()
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_path(tmp_path_factory):
+    from tiny_models import tiny_bert
+
+    return tiny_bert(tmp_path_factory.mktemp("tiny-bert"))

@@ -1,0 +1,126 @@
+"""Labelled text tables: loading, validation, and one label mapping shared by train and test.
+
+Formats by extension: ``.csv``, ``.tsv``, ``.jsonl``/``.json``, ``.parquet``. Columns by name:
+text (required), an optional second text for sentence pairs, label (required), an optional id
+(row numbers when absent). Errors name the file, the column, the row and what to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import InputError
+
+READERS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
+
+
+@dataclass
+class TextDataset:
+    texts: list[str]
+    labels: list[str]
+    ids: list[str]
+    pairs: list[str] | None = None
+    source: str = "<memory>"
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for row in zip(self.ids, self.texts, self.pairs or [""] * len(self), self.labels):
+            h.update("\x1f".join(map(str, row)).encode())
+            h.update(b"\x1e")
+        return h.hexdigest()[:32]
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file.")
+    kind = READERS.get(path.suffix.lower())
+    if kind is None:
+        raise InputError(f"{path}: unknown format {path.suffix!r}; use .csv, .tsv, .jsonl, .json or .parquet.")
+    try:
+        if kind in ("csv", "tsv"):
+            return pd.read_csv(path, sep="\t" if kind == "tsv" else ",", dtype=str, keep_default_na=False,
+                               na_values=[""], encoding="utf-8")
+        if kind == "jsonl":
+            return pd.read_json(path, lines=True, dtype=False)
+        if kind == "json":
+            return pd.read_json(path, dtype=False)
+        return pd.read_parquet(path)
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not valid UTF-8 (byte {exc.start}); re-save the file as UTF-8.") from None
+    except Exception as exc:
+        raise InputError(f"{path}: cannot be read as {kind} ({type(exc).__name__}: {exc}).") from None
+
+
+def load_dataset(path: str | Path, text_column: str = "text", label_column: str = "label",
+                 id_column: str | None = "id", pair_column: str | None = None) -> TextDataset:
+    df = read_table(path)
+    where = str(path)
+    for column, option in ((text_column, "--text-column"), (label_column, "--label-column"),
+                           (pair_column, "--pair-column")):
+        if column is not None and column not in df.columns:
+            raise InputError(f"{where}: no column {column!r} (columns: {', '.join(map(str, df.columns))}); "
+                             f"choose one with {option}.")
+    if len(df) == 0:
+        raise InputError(f"{where}: the table has no rows.")
+    texts = _text_column(df, text_column, where)
+    pairs = _text_column(df, pair_column, where) if pair_column else None
+    labels = df[label_column]
+    missing = labels.isna()
+    if missing.any():
+        row = int(np.flatnonzero(missing.to_numpy())[0])
+        raise InputError(f"{where}: row {row + 1} has no label in column {label_column!r}.")
+    labels = [str(v) for v in labels]
+    if id_column and id_column in df.columns:
+        ids = [str(v) for v in df[id_column]]
+        seen: dict[str, int] = {}
+        for row, value in enumerate(ids):
+            if value in seen:
+                raise InputError(f"{where}: id {value!r} appears in rows {seen[value] + 1} and {row + 1} of column "
+                                 f"{id_column!r}; ids must be unique.")
+            seen[value] = row
+    else:
+        ids = [str(i) for i in range(len(df))]
+    return TextDataset(texts, labels, ids, pairs, source=where)
+
+
+def _text_column(df: pd.DataFrame, column: str, where: str) -> list[str]:
+    values = df[column]
+    for row, value in enumerate(values):
+        if value is None or (isinstance(value, float) and np.isnan(value)) or not str(value).strip():
+            raise InputError(f"{where}: row {row + 1} has an empty {column!r}; fill it in or drop the row.")
+    return [str(v) for v in values]
+
+
+def label_mapping(train: TextDataset, test: TextDataset) -> tuple[str, ...]:
+    """Sorted label names from the training set; test labels must all occur in training."""
+    names = tuple(sorted(set(train.labels), key=_natural_key))
+    if len(names) < 2:
+        raise InputError(f"{train.source}: every training example has label {names[0]!r}; valuing data needs "
+                         f"at least two classes.")
+    known = set(names)
+    for row, label in enumerate(test.labels):
+        if label not in known:
+            raise InputError(f"{test.source}: row {row + 1} has label {label!r}, which no training example has "
+                             f"(training labels: {', '.join(names)}).")
+    return names
+
+
+def encode_labels(data: TextDataset, names: tuple[str, ...]) -> np.ndarray:
+    index = {name: i for i, name in enumerate(names)}
+    return np.array([index[label] for label in data.labels], dtype=np.int64)
+
+
+def _natural_key(label: str):
+    try:
+        return (0, float(label), label)
+    except ValueError:
+        return (1, 0.0, label)

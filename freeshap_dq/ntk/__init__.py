@@ -1,0 +1,1 @@
+"""Empirical neural tangent kernels of Hugging Face language models (needs transformers)."""

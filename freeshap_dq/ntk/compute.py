@@ -1,0 +1,213 @@
+r"""The empirical NTK of an adapter, streamed under a memory budget.
+
+:math:`K[a,b] = \langle \partial f(x_a)/\partial\theta, \partial f(x_b)/\partial\theta \rangle` over the
+trainable parameters :math:`\theta`, with f the class-0 logit ("single kernel", the paper's
+default) or summed over classes (:math:`\sum_c \langle \nabla f_c(x_a), \nabla f_c(x_b)\rangle`).
+
+Per-example gradients come from ``torch.func.vmap(grad(...))`` over batches of similar-length
+examples (little padding). The trainable parameters are split into chunks (slices of flattened
+tensors) so that the per-chunk Jacobian ``J_c`` (N x P_c, fp32) fits the budget; then
+``K += J_c J_c^T``: fp32 products over column blocks, summed in float64. Rows are train + test, columns train: only the
+n x n and m x n blocks are formed (plus the test diagonal on request).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.func import functional_call, grad, vmap
+from tqdm.auto import tqdm
+
+from ..errors import InputError
+
+KERNEL_MODES = ("class0", "sum")
+GRAM_COLUMNS = 16384  # Jacobian columns per fp32 Gram product; products are summed in fp64
+MEMORY_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
+                "g": 2**30, "gb": 2**30, "gib": 2**30}
+
+
+def parse_memory(spec: str | int) -> int:
+    if isinstance(spec, int):
+        return spec
+    m = re.fullmatch(r"\s*([\d.]+)\s*([a-zA-Z]*)\s*", str(spec))
+    if not m or m.group(2).lower() not in MEMORY_UNITS:
+        raise InputError(f"memory size {spec!r} is not understood; write e.g. 512MiB or 4GiB.")
+    return int(float(m.group(1)) * MEMORY_UNITS[m.group(2).lower()])
+
+
+def select_trainable(adapter, spec: str) -> list[str]:
+    """Trainable parameter names for a spec:
+
+    ``head-only`` | ``all`` | ``top:K`` (last K layers + head) |
+    ``freeze:K`` (first K layers frozen; embeddings, the other layers and the head trainable:
+    the paper's BERT setting is freeze:8 of 12) | ``regex:PATTERN`` (matching names + head).
+    """
+    groups = adapter.parameter_groups()
+    n_layers = adapter.n_layers
+    head = groups.get("head", [])
+    layer = lambda i: groups.get(f"layer.{i}", [])  # noqa: E731
+    kind, _, arg = spec.partition(":")
+    if kind == "head-only":
+        names = head
+    elif kind == "all":
+        names = [n for key, ns in groups.items() if key != "other" for n in ns]
+    elif kind in ("top", "freeze"):
+        try:
+            k = int(arg)
+        except ValueError:
+            raise InputError(f"trainable {spec!r}: {kind}:K needs a whole number of layers.") from None
+        if not 0 <= k <= n_layers:
+            raise InputError(f"trainable {spec!r}: the model has {n_layers} layers.")
+        if kind == "top":
+            names = [n for i in range(n_layers - k, n_layers) for n in layer(i)] + head
+        else:
+            names = groups.get("embeddings", []) + [n for i in range(k, n_layers) for n in layer(i)] + head
+    elif kind == "regex":
+        try:
+            pattern = re.compile(arg)
+        except re.error as exc:
+            raise InputError(f"trainable {spec!r}: bad regular expression ({exc}).") from None
+        names = [n for n, _ in adapter.named_parameters() if pattern.search(n) and n not in head] + head
+        if len(names) == len(head):
+            raise InputError(f"trainable {spec!r} matches no parameter; names look like "
+                             f"{next(iter(adapter.named_parameters()))[0]!r}.")
+    else:
+        raise InputError(f"trainable {spec!r} is unknown; use head-only, all, top:K, freeze:K or regex:PATTERN.")
+    return names
+
+
+@dataclass
+class KernelOutput:
+    k_train: np.ndarray
+    k_test: np.ndarray
+    test_diag: np.ndarray | None
+    trainable_names: list[str]
+    n_trainable: int
+    info: dict = field(default_factory=dict)
+
+
+def compute_ntk(adapter, train_examples: list[dict], test_examples: list[dict], *, trainable: str = "head-only",
+                kernel: str = "class0", max_memory: str | int = "2GiB", batch_size: int = 0,
+                test_diagonal: bool = False, device: str | torch.device = "cpu",
+                progress: bool | None = None) -> KernelOutput:
+    if kernel not in KERNEL_MODES:
+        raise InputError(f"kernel {kernel!r} is unknown; choose one of {', '.join(KERNEL_MODES)}.")
+    device = torch.device(device)
+    budget = parse_memory(max_memory)
+    names = select_trainable(adapter, trainable)
+    params = dict(adapter.named_parameters())
+    adapter.set_trainable(set(names))
+    adapter.to(device)
+    n, total = len(train_examples), len(train_examples) + len(test_examples)
+    if n == 0:
+        raise InputError("the training set is empty.")
+    n_trainable = sum(params[k].numel() for k in names)
+    chunk_capacity, batch = _plan(budget, total, n, names, params, batch_size)
+    chunks = _chunks(names, params, chunk_capacity)
+    # rows of J: training examples by length, then test examples by length (batches never mix them,
+    # so the training rows are J[:n]); ``order`` maps those rows back to the caller's order
+    order = _length_order(train_examples) + [n + i for i in _length_order(test_examples)]
+    examples = [(list(train_examples) + list(test_examples))[i] for i in order]
+    spans = [(lo, min(lo + batch, end)) for start, end in ((0, n), (n, total)) for lo in range(start, end, batch)]
+    prefixes = [(lo, hi, adapter.prefix(_pad(examples[lo:hi], adapter, device)), _mask(examples[lo:hi], device))
+                for lo, hi in spans]
+    classes = [0] if kernel == "class0" else list(range(adapter.head.out_features))
+
+    k_rows = torch.zeros(total, n, dtype=torch.float64, device=device)
+    diag = torch.zeros(total - n, dtype=torch.float64, device=device) if test_diagonal else None
+    bar = tqdm(total=len(chunks) * len(classes) * total, unit="ex", file=sys.stderr, dynamic_ncols=True,
+               disable=(not sys.stderr.isatty()) if progress is None else not progress,
+               desc=f"eNTK {adapter.adapter_name} ({n_trainable:,} trainable params, {len(chunks)} chunk(s))")
+    for chunk in chunks:
+        chunk_names = sorted({name for name, _, _ in chunk})
+        width = sum(hi - lo for _, lo, hi in chunk)
+        theta = {k: params[k] for k in chunk_names}
+        jac = torch.empty(total, width, dtype=torch.float32, device=device)
+        for c in classes:
+            def logit(theta, prefix, mask, c=c):
+                return functional_call(adapter, theta, (prefix.unsqueeze(0), mask.unsqueeze(0)))[0, c]
+
+            per_example = vmap(grad(logit), in_dims=(None, 0, 0))
+            for lo, hi, prefix, mask in prefixes:
+                grads = per_example(theta, prefix, mask)
+                col = 0
+                for name, a, b in chunk:
+                    jac[lo:hi, col:col + b - a] = grads[name].reshape(hi - lo, -1)[:, a:b]
+                    col += b - a
+                del grads
+                bar.update(hi - lo)
+            for lo in range(0, width, GRAM_COLUMNS):
+                block = jac[:, lo:lo + GRAM_COLUMNS]
+                k_rows += (block @ block[:n].T).double()
+                if diag is not None:
+                    diag += (block[n:].double() ** 2).sum(1)
+        del jac
+    bar.close()
+    inverse = torch.empty(total, dtype=torch.long)
+    inverse[torch.as_tensor(order)] = torch.arange(total)
+    k_rows = k_rows.cpu()[inverse][:, inverse[:n]]
+    if diag is not None:
+        diag = diag.cpu()[inverse[n:] - n]
+    k_rows = k_rows.cpu().numpy()
+    k_train = (k_rows[:n] + k_rows[:n].T) / 2
+    return KernelOutput(k_train, k_rows[n:], None if diag is None else diag.cpu().numpy(), names, n_trainable,
+                        {"chunks": len(chunks), "batch_size": batch, "chunk_capacity": chunk_capacity,
+                         "kernel": kernel, "trainable": trainable, "max_memory_bytes": budget})
+
+
+def _plan(budget: int, total: int, n: int, names: list[str], params: dict, batch_size: int) -> tuple[int, int]:
+    """Params per chunk and examples per batch so that the Gram rows (fp64), J (fp32), the fp64
+    column block and one batch of per-example gradients fit in ``budget`` bytes."""
+    biggest = max(params[k].numel() for k in names)
+    fixed = 8 * total * n + 4 * total * GRAM_COLUMNS
+    capacity = (int(budget * 0.7) - fixed) // (4 * total)
+    grads_room = int(budget * 0.3)
+    if capacity < 1 or 4 * 3 * biggest > grads_room:
+        need = max(fixed + 4 * total * 1024, 40 * biggest) / 0.7
+        raise InputError(f"memory budget {budget / 2**20:.0f} MiB is too small for {total} examples and the "
+                         f"largest trainable tensor ({biggest:,} values); raise --max-memory to at least "
+                         f"{math.ceil(need / 2**20)} MiB or train fewer parameters.")
+    capacity = min(capacity, sum(params[k].numel() for k in names))
+    batch = batch_size or max(1, min(32, grads_room // (4 * 3 * max(biggest, capacity))))
+    return capacity, batch
+
+
+def _chunks(names: list[str], params: dict, capacity: int) -> list[list[tuple[str, int, int]]]:
+    chunks, current, used = [], [], 0
+    for name in names:
+        size, lo = params[name].numel(), 0
+        while lo < size:
+            take = min(size - lo, capacity - used)
+            current.append((name, lo, lo + take))
+            used += take
+            lo += take
+            if used == capacity:
+                chunks.append(current)
+                current, used = [], 0
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def _length_order(examples: list[dict]) -> list[int]:
+    return sorted(range(len(examples)), key=lambda i: (len(examples[i]["input_ids"]), i))
+
+
+def _pad(examples: list[dict], adapter, device) -> dict[str, torch.Tensor]:
+    length = max(len(e["input_ids"]) for e in examples)
+    pad_id = adapter.tokenizer.pad_token_id or 0
+    out = {key: torch.tensor([e[key] + [pad_id if key == "input_ids" else 0] * (length - len(e[key]))
+                              for e in examples], device=device) for key in examples[0]}
+    out["attention_mask"] = _mask(examples, device)
+    return out
+
+
+def _mask(examples: list[dict], device) -> torch.Tensor:
+    length = max(len(e["input_ids"]) for e in examples)
+    return torch.tensor([[1] * len(e["input_ids"]) + [0] * (length - len(e["input_ids"])) for e in examples],
+                        device=device)

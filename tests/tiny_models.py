@@ -1,0 +1,44 @@
+"""Tiny random transformers models with a WordPiece tokenizer trained on the fly (seconds, offline)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CORPUS = [
+    "a great movie with a wonderful cast", "a boring film and a dull plot", "it was great", "it was bad",
+    "the actors are funny and the script is clever", "the script is a mess and the actors hate it",
+    "i loved every minute", "i hated every minute", "not very good", "very good indeed", "terrible",
+    "brilliant", "moving and sincere", "long and tedious",
+]
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def train_wordpiece(folder: Path):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator(CORPUS * 3, trainers.WordPieceTrainer(vocab_size=150, special_tokens=SPECIALS))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    fast = BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                             sep_token="[SEP]", mask_token="[MASK]")
+    fast.save_pretrained(folder)
+    return fast
+
+
+def tiny_bert(folder: Path, seed: int = 0) -> Path:
+    """A 3-layer BertForMaskedLM (hidden 32) saved with its tokenizer."""
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_wordpiece(folder)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id)
+    BertForMaskedLM(config).save_pretrained(folder)
+    return folder
