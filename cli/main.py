@@ -16,6 +16,8 @@ import numpy as np
 
 from .. import __version__
 from ..config import METHODS, PRESETS, ValuationConfig
+from ..ntk.builder import ADAPTERS, NTKConfig
+from ..ntk.compute import KERNEL_MODES
 from ..errors import FreeShapError
 from ..io import table_format, write_table
 from ..kernel import KernelProblem
@@ -23,8 +25,10 @@ from ..result import ValuationResult
 from ..valuation import compute_values
 
 CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(ValuationConfig)}
-CHOICES = {"method": METHODS, "empty_utility": ("random", "zero"),
-           "rank_metric": ("ce", "accuracy")}
+NTK_FIELDS = {f.name: f for f in dataclasses.fields(NTKConfig)}
+CHOICES = {"method": METHODS, "empty_utility": ("random", "zero"), "rank_metric": ("ce", "accuracy"),
+           "adapter": ADAPTERS, "kernel": KERNEL_MODES, "pooling": ("mean", "cls")}
+OPTION_NAMES = {"kernel": "--kernel-mode"}  # --kernel is the precomputed kernel file
 
 
 def log(message: str) -> None:
@@ -48,21 +52,82 @@ def friendly_errors(func):
     return wrapper
 
 
+def dataclass_options(fields: dict, skip: tuple[str, ...] = ()):
+    """One option per dataclass field, help text from the field's metadata, default None = not given."""
+
+    def decorate(func):
+        for name in reversed([n for n in fields if n not in skip]):
+            f = fields[name]
+            flag = OPTION_NAMES.get(name, "--" + name.replace("_", "-"))
+            help_text = f"{f.metadata['help']} [default: {f.default}]"
+            if isinstance(f.default, bool):
+                func = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)(func)
+            elif name in CHOICES:
+                func = click.option(flag, name, type=click.Choice(CHOICES[name]), default=None, help=help_text)(func)
+            else:
+                func = click.option(flag, name, type=type(f.default), default=None, help=help_text)(func)
+        return func
+
+    return decorate
+
+
 def config_options(func):
-    """One option per ValuationConfig field (help from the dataclass) plus --preset."""
-    for name in reversed(list(CONFIG_FIELDS)):
-        f = CONFIG_FIELDS[name]
-        flag = "--" + name.replace("_", "-")
-        help_text = f"{f.metadata['help']} [default: {f.default}]"
-        if isinstance(f.default, bool):
-            func = click.option(f"{flag}/--no-{name.replace('_', '-')}", name, default=None, help=help_text)(func)
-        elif name in CHOICES:
-            func = click.option(flag, name, type=click.Choice(CHOICES[name]), default=None, help=help_text)(func)
-        else:
-            func = click.option(flag, name, type=type(f.default), default=None, help=help_text)(func)
+    """ValuationConfig options plus --preset."""
+    func = dataclass_options(CONFIG_FIELDS)(func)
     return click.option("--preset", type=click.Choice(sorted(PRESETS)), default="default", show_default=True,
                         help="Starting values for the options: 'paper' reproduces the reference "
                              "(tolerance 0.05, kernel/1e4, ridge 1e-6, accuracy ranking).")(func)
+
+
+def data_options(required: bool):
+    def decorate(func):
+        for flag, default, help_text in reversed([
+            ("--text-column", "text", "Column with the text."),
+            ("--pair-column", None, "Column with the second text of sentence pairs."),
+            ("--label-column", "label", "Column with the label."),
+            ("--id-column", "id", "Column with unique example ids (row numbers when absent)."),
+        ]):
+            func = click.option(flag, default=default, show_default=default is not None, help=help_text)(func)
+        path = click.Path(dir_okay=False, path_type=Path)
+        func = click.option("--test", "test_path", type=path, required=required,
+                            help="Test/validation data (.csv/.tsv/.jsonl/.json/.parquet).")(func)
+        return click.option("--train", "train_path", type=path, required=required,
+                            help="Training data (.csv/.tsv/.jsonl/.json/.parquet).")(func)
+
+    return decorate
+
+
+def ntk_options(func):
+    func = dataclass_options(NTK_FIELDS, skip=("device",))(func)
+    return click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                        help="Reuse kernels computed before with the same model, settings and data.")(func)
+
+
+def build_ntk_config(options: dict, device: str | None) -> NTKConfig:
+    given = {k: options.pop(k) for k in list(options) if k in NTK_FIELDS}
+    if device is not None:
+        given["device"] = device
+    return NTKConfig(**{k: v for k, v in given.items() if v is not None})
+
+
+def load_problem(kernel_path, train_path, test_path, data: dict, ntk: NTKConfig, cache_dir, progress):
+    """(KernelProblem, kernel manifest) from a kernel file, or from data + model (eNTK computed or cached)."""
+    if kernel_path is not None:
+        if train_path is not None or test_path is not None:
+            raise click.UsageError("give either --kernel or --train/--test, not both.")
+        return KernelProblem.load(kernel_path), {"kernel_file": str(kernel_path)}
+    if train_path is None or test_path is None:
+        raise click.UsageError("give --kernel K.npz, or both --train and --test data files.")
+    from ..data import load_dataset
+    from ..ntk.builder import build_kernel
+
+    train = load_dataset(train_path, **data)
+    test = load_dataset(test_path, **data)
+    return build_kernel(train, test, ntk, cache_dir=cache_dir, progress=progress, log=log, return_manifest=True)
+
+
+def pop_data_options(options: dict) -> dict:
+    return {k: options.pop(k) for k in ("text_column", "label_column", "id_column", "pair_column")}
 
 
 def build_config(preset: str, options: dict) -> ValuationConfig:
@@ -77,9 +142,10 @@ def cli() -> None:
 
 
 @cli.command("value")
-@click.option("--kernel", "kernel_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
+@click.option("--kernel", "kernel_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Precomputed kernel .npz with k_train (n x n), k_test (m x n), y_train, y_test "
-                   "[, label_names, train_ids, test_ids].")
+                   "[, label_names, train_ids, test_ids]. Or give --train/--test and a --model.")
+@data_options(required=False)
 @click.option("-o", "--output", default="-", show_default=True,
               help="Values table, one row per training example (.csv/.parquet/.json/.jsonl; - = stdout).")
 @click.option("--format", "fmt", type=click.Choice(["csv", "parquet", "json", "jsonl"]), default=None,
@@ -91,23 +157,28 @@ def cli() -> None:
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Resume from a checkpoint in --checkpoint-dir if present.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr [default: when a terminal].")
+@ntk_options
 @config_options
 @friendly_errors
-def value_command(kernel_path, output, fmt, save_result, checkpoint_dir, resume, progress, preset, **options):
-    """Value every training example on a precomputed kernel.
+def value_command(kernel_path, train_path, test_path, output, fmt, save_result, checkpoint_dir, resume, progress,
+                  cache_dir, preset, **options):
+    """Value every training example: on a precomputed kernel, or on data with a model's eNTK.
 
     \b
     Columns: train_index, [example_id,] value (accuracy utility, the paper's score),
     value_ce (-cross-entropy utility), stderr, stderr_ce, rank (1 = most harmful by
     --rank-metric), permutations.
     """
+    data = pop_data_options(options)
+    ntk = build_ntk_config(options, options.get("device"))
     config = build_config(preset, options)
     table_format(output, fmt)
     if config.per_point and save_result is None:
         raise click.UsageError("--per-point values are an n x m matrix: give --save-result PATH.npz to keep them.")
-    problem = KernelProblem.load(kernel_path)
-    log(f"kernel {kernel_path}: n_train={problem.n_train} n_test={problem.n_test} classes={problem.n_classes}")
+    problem, kernel_manifest = load_problem(kernel_path, train_path, test_path, data, ntk, cache_dir, progress)
+    log(f"{problem.source}: n_train={problem.n_train} n_test={problem.n_test} classes={problem.n_classes}")
     result = compute_values(problem, config, checkpoint_dir=checkpoint_dir, resume=resume, progress=progress)
+    result.manifest["kernel"] = kernel_manifest
     df = result.to_dataframe(config.rank_metric)
     if save_result is not None:
         result.save(save_result)
@@ -115,6 +186,31 @@ def value_command(kernel_path, output, fmt, save_result, checkpoint_dir, resume,
     _log_summary(result, config)
     if output != "-":
         log(f"wrote {output}" + (f" and {save_result}" if save_result else ""))
+
+
+@cli.command("kernel")
+@data_options(required=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Kernel file: .npz (for freeshap-dq value --kernel) or .safetensors (+ .json manifest).")
+@click.option("--device", default=None, help="auto (CUDA when present), cpu, cuda or cuda:N. [default: auto]")
+@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr [default: when a terminal].")
+@ntk_options
+@friendly_errors
+def kernel_command(train_path, test_path, output, device, progress, cache_dir, **options):
+    """Compute (or take from the cache) a model's eNTK for a train and a test file."""
+    data = pop_data_options(options)
+    ntk = build_ntk_config(options, device)
+    if output.suffix not in (".npz", ".safetensors"):
+        raise click.UsageError(f"{output}: the kernel file must end in .npz or .safetensors.")
+    problem, manifest = load_problem(None, train_path, test_path, data, ntk, cache_dir, progress)
+    if output.suffix == ".npz":
+        problem.save(output)
+    else:
+        from ..ntk.builder import save_kernel
+
+        save_kernel(problem, manifest, output)
+    log(f"wrote {output}: k_train {problem.k_train.shape}, k_test {problem.k_test.shape}, "
+        f"labels {', '.join(problem.label_names)}")
 
 
 def _log_summary(result: ValuationResult, config: ValuationConfig) -> None:

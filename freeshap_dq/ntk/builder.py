@@ -50,7 +50,7 @@ class NTKConfig:
                                  "over the classes' logits.")
     max_length: int = _opt(128, "Maximum tokens per example (longer texts are truncated).")
     max_memory: str = _opt("4GiB", "Memory budget for gradients and the Gram accumulation.")
-    batch_size: int = _opt(0, "Examples per vmap batch (0 = from the memory budget).")
+    grad_batch_size: int = _opt(0, "Examples per vmap batch of per-example gradients (0 = from the memory budget).")
     device: str = _opt("auto", "auto (CUDA when present), cpu, cuda or cuda:N.")
 
     def __post_init__(self) -> None:
@@ -78,7 +78,7 @@ def build_adapter(config: NTKConfig, n_classes: int):
 def kernel_manifest(config: NTKConfig, model_fingerprint: str, train: TextDataset, test: TextDataset,
                     label_names: tuple[str, ...]) -> dict[str, Any]:
     """Everything that determines the kernel's values (and nothing that does not)."""
-    fields = {k: v for k, v in config.to_dict().items() if k not in ("max_memory", "batch_size", "device")}
+    fields = {k: v for k, v in config.to_dict().items() if k not in ("max_memory", "grad_batch_size", "device")}
     return {**fields, "model_fingerprint": model_fingerprint, "train_fingerprint": train.fingerprint(),
             "test_fingerprint": test.fingerprint(), "label_names": list(label_names), "gradient_dtype": "float32",
             "gram_dtype": "float64", "n_train": len(train), "n_test": len(test)}
@@ -89,8 +89,10 @@ def cache_key(manifest: dict[str, Any]) -> str:
 
 
 def build_kernel(train: TextDataset, test: TextDataset, config: NTKConfig | None = None, *,
-                 cache_dir: str | Path | None = None, progress: bool | None = None, log=None) -> KernelProblem:
-    """The eNTK valuation problem for ``train`` and ``test`` (from the cache when it matches)."""
+                 cache_dir: str | Path | None = None, progress: bool | None = None, log=None,
+                 return_manifest: bool = False):
+    """The eNTK valuation problem for ``train`` and ``test`` (from the cache when it matches);
+    with ``return_manifest``, also the kernel's manifest."""
     from ..regression import resolve_device
     from .models import folder_fingerprint, resolve_model_path
 
@@ -103,13 +105,14 @@ def build_kernel(train: TextDataset, test: TextDataset, config: NTKConfig | None
     cached = Path(cache_dir) / f"{key}.safetensors" if cache_dir else None
     if cached is not None and cached.exists():
         log(f"eNTK: using the cached kernel {cached}")
-        return load_kernel(cached, expected=manifest, train=train, test=test)
+        problem = load_kernel(cached, expected=manifest, train=train, test=test)
+        return (problem, read_manifest(cached)) if return_manifest else problem
 
     adapter, _ = build_adapter(config, len(names))
     started = time.monotonic()
     out = compute_ntk(adapter, adapter.tokenize(train.texts, train.pairs), adapter.tokenize(test.texts, test.pairs),
                       trainable=config.trainable, kernel=config.kernel, max_memory=config.max_memory,
-                      batch_size=config.batch_size, device=resolve_device(config.device), progress=progress)
+                      batch_size=config.grad_batch_size, device=resolve_device(config.device), progress=progress)
     elapsed = time.monotonic() - started
     log(f"eNTK: {len(train)} x {len(train)} + {len(test)} x {len(train)} kernel over {out.n_trainable:,} trainable "
         f"parameters in {elapsed:.1f} s ({out.info['chunks']} chunk(s))")
@@ -120,7 +123,7 @@ def build_kernel(train: TextDataset, test: TextDataset, config: NTKConfig | None
     if cached is not None:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         save_kernel(problem, manifest, cached)
-    return problem
+    return (problem, manifest) if return_manifest else problem
 
 
 def save_kernel(problem: KernelProblem, manifest: dict[str, Any], path: str | Path) -> None:
@@ -133,6 +136,13 @@ def save_kernel(problem: KernelProblem, manifest: dict[str, Any], path: str | Pa
         save_file(tensors, tmp, metadata={"freeshap_dq_manifest": json.dumps(manifest, sort_keys=True)})
     with atomic_write(path.with_suffix(".json")) as tmp:
         Path(tmp).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as fh:
+        return json.loads(fh.metadata()["freeshap_dq_manifest"])
 
 
 def load_kernel(path: str | Path, expected: dict[str, Any] | None = None, train: TextDataset | None = None,

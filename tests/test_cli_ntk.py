@@ -1,0 +1,81 @@
+import json
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from freeshap_dq import KernelProblem, ValuationResult
+from freeshap_dq.cli.main import cli
+
+
+@pytest.fixture
+def data_files(tmp_path):
+    train = pd.DataFrame({"id": [f"r{i}" for i in range(8)],
+                          "text": ["a great movie", "a dull plot", "it was great", "it was bad", "very good",
+                                   "terrible", "i loved every minute", "long and tedious"],
+                          "label": ["pos", "neg"] * 4})
+    test = pd.DataFrame({"id": ["t0", "t1", "t2"], "text": ["brilliant", "boring film", "funny"],
+                         "label": ["pos", "neg", "pos"]})
+    train.to_csv(tmp_path / "train.csv", index=False)
+    test.to_json(tmp_path / "test.jsonl", orient="records", lines=True)
+    return tmp_path / "train.csv", tmp_path / "test.jsonl"
+
+
+def run(args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_kernel_then_value(tmp_path, data_files, tiny_bert_path):
+    train, test = data_files
+    res = run(["kernel", "--train", train, "--test", test, "--model", tiny_bert_path, "--trainable", "top:1",
+               "-o", tmp_path / "K.npz", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    problem = KernelProblem.load(tmp_path / "K.npz")
+    assert problem.k_train.shape == (8, 8) and list(problem.train_ids[:2]) == ["r0", "r1"]
+    res = run(["value", "--kernel", tmp_path / "K.npz", "-o", tmp_path / "v.csv", "--permutations", 4])
+    assert res.exit_code == 0, res.output
+    assert list(pd.read_csv(tmp_path / "v.csv")["example_id"][:2]) == ["r0", "r1"]
+
+
+def test_value_from_data_uses_the_cache(tmp_path, data_files, tiny_bert_path):
+    train, test = data_files
+    args = ["value", "--train", train, "--test", test, "--model", tiny_bert_path, "--trainable", "head-only",
+            "--cache-dir", tmp_path / "cache", "--permutations", 3, "-o", tmp_path / "v.parquet",
+            "--save-result", tmp_path / "r.npz", "--no-progress"]
+    first = run(args)
+    assert first.exit_code == 0, first.output
+    second = run(args)
+    assert second.exit_code == 0 and "using the cached kernel" in second.output
+    manifest = ValuationResult.load(tmp_path / "r.npz").manifest
+    assert manifest["kernel"]["trainable"] == "head-only" and manifest["kernel"]["train_fingerprint"]
+    assert len(pd.read_parquet(tmp_path / "v.parquet")) == 8
+
+
+def test_kernel_safetensors_output_has_manifest(tmp_path, data_files, tiny_bert_path):
+    train, test = data_files
+    res = run(["kernel", "--train", train, "--test", test, "--model", tiny_bert_path, "--trainable", "head-only",
+               "-o", tmp_path / "K.safetensors"])
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((tmp_path / "K.json").read_text())
+    assert manifest["label_names"] == ["neg", "pos"] and manifest["model_fingerprint"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--text-column", "sentence"], "no column 'sentence'"),
+    (["--model", "someone/some-model"], "Hugging Face Hub id"),
+    (["--trainable", "top:99"], "layers"),
+    (["--max-memory", "1KiB", "--trainable", "all"], "too small"),
+])
+def test_kernel_errors(tmp_path, data_files, tiny_bert_path, extra, message):
+    train, test = data_files
+    args = ["kernel", "--train", train, "--test", test, "--model", tiny_bert_path, "-o", tmp_path / "K.npz"]
+    res = run(args + extra)
+    assert res.exit_code == 2 and message in res.output, res.output
+    assert "Traceback" not in res.output and not (tmp_path / "K.npz").exists()
+
+
+def test_value_needs_a_kernel_or_data(tmp_path, data_files):
+    res = run(["value", "-o", tmp_path / "v.csv"])
+    assert res.exit_code == 2 and "--kernel" in res.output
+    res = run(["value", "--kernel", tmp_path / "K.npz", "--train", data_files[0], "-o", tmp_path / "v.csv"])
+    assert res.exit_code == 2 and "not both" in res.output
