@@ -30,3 +30,10 @@ def tiny_bert_path(tmp_path_factory):
     from tiny_models import tiny_bert
 
     return tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_path(tmp_path_factory):
+    from tiny_models import tiny_llama
+
+    return tiny_llama(tmp_path_factory.mktemp("tiny-llama"))

@@ -42,3 +42,19 @@ def tiny_bert(folder: Path, seed: int = 0) -> Path:
                         intermediate_size=64, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id)
     BertForMaskedLM(config).save_pretrained(folder)
     return folder
+
+
+def tiny_llama(folder: Path, seed: int = 0) -> Path:
+    """A 2-layer LlamaForCausalLM (hidden 32) saved with a WordPiece tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_wordpiece(folder)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.cls_token_id,
+                         eos_token_id=tokenizer.sep_token_id, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder

