@@ -179,7 +179,7 @@ def _plan(budget: int, total: int, n: int, names: list[str], params: dict, batch
                          f"largest trainable tensor ({biggest:,} values); raise --max-memory to at least "
                          f"{math.ceil(need / 2**20)} MiB or train fewer parameters.")
     capacity = min(capacity, sum(params[k].numel() for k in names))
-    batch = batch_size or max(1, min(32, grads_room // (4 * 3 * max(biggest, capacity))))
+    batch = batch_size or max(1, min(8, grads_room // (4 * 3 * max(biggest, capacity))))
     return capacity, batch
 
 
