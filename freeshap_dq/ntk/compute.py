@@ -27,6 +27,7 @@ from ..errors import InputError
 
 KERNEL_MODES = ("class0", "sum")
 GRAM_COLUMNS = 16384  # Jacobian columns per fp32 Gram product; products are summed in fp64
+GRAM_ROWS = 512  # train rows per block of the (block-triangular) train Gram
 MEMORY_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
                 "g": 2**30, "gb": 2**30, "gib": 2**30}
 
@@ -147,23 +148,41 @@ def compute_ntk(adapter, train_examples: list[dict], test_examples: list[dict], 
                     col += b - a
                 del grads
                 bar.update(hi - lo)
-            for lo in range(0, width, GRAM_COLUMNS):
-                block = jac[:, lo:lo + GRAM_COLUMNS]
-                k_rows += (block @ block[:n].T).double()
-                if diag is not None:
-                    diag += (block[n:].double() ** 2).sum(1)
+            _accumulate_gram(jac, n, k_rows, diag)
         del jac
     bar.close()
     inverse = torch.empty(total, dtype=torch.long)
     inverse[torch.as_tensor(order)] = torch.arange(total)
-    k_rows = k_rows.cpu()[inverse][:, inverse[:n]]
+    k_rows = _mirror_lower(k_rows, n).cpu()[inverse][:, inverse[:n]]
     if diag is not None:
         diag = diag.cpu()[inverse[n:] - n]
     k_rows = k_rows.cpu().numpy()
-    k_train = (k_rows[:n] + k_rows[:n].T) / 2
+    k_train = k_rows[:n]
     return KernelOutput(k_train, k_rows[n:], None if diag is None else diag.cpu().numpy(), names, n_trainable,
                         {"chunks": len(chunks), "batch_size": batch, "chunk_capacity": chunk_capacity,
                          "kernel": kernel, "trainable": trainable, "max_memory_bytes": budget})
+
+
+def _accumulate_gram(jac: torch.Tensor, n: int, k_rows: torch.Tensor, diag: torch.Tensor | None) -> None:
+    """k_rows += J J[:n]^T, fp32 products over column blocks summed in fp64. Of the symmetric
+    train block only the lower block triangle is formed (``_mirror_lower`` completes it)."""
+    total = jac.shape[0]
+    row_blocks = [(lo, min(lo + GRAM_ROWS, n)) for lo in range(0, n, GRAM_ROWS)]
+    for lo in range(0, jac.shape[1], GRAM_COLUMNS):
+        block = jac[:, lo:lo + GRAM_COLUMNS]
+        for r0, r1 in row_blocks:  # train rows r0:r1 against train columns :r1
+            k_rows[r0:r1, :r1] += (block[r0:r1] @ block[:r1].T).double()
+        if total > n:
+            k_rows[n:] += (block[n:] @ block[:n].T).double()
+        if diag is not None:
+            diag += (block[n:].double() ** 2).sum(1)
+
+
+def _mirror_lower(k_rows: torch.Tensor, n: int) -> torch.Tensor:
+    """Fill the train block's upper triangle from its lower one (the diagonal blocks are full)."""
+    train = k_rows[:n]
+    lower = torch.tril(train) + torch.tril(train, -1).T
+    return torch.cat([lower, k_rows[n:]])
 
 
 def _plan(budget: int, total: int, n: int, names: list[str], params: dict, batch_size: int) -> tuple[int, int]:
