@@ -1,144 +1,35 @@
 """``freeshap-dq`` command line. Data goes to stdout (or -o), logs and progress to stderr.
 
-Exit codes: 0 success, 2 bad input (message says what and where), 130 interrupted (a
-checkpoint was written when --checkpoint-dir is set: rerun the same command to resume).
+Exit codes: 0 success, 1 runtime failure, 2 bad input or usage (the message says what and where),
+3 the --fail-on-harmful gate tripped, 130 interrupted (a checkpoint was written when
+--checkpoint-dir is set: rerun the same command to resume).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import sys
 from pathlib import Path
 
 import click
 import numpy as np
 
 from .. import __version__
-from ..config import METHODS, PRESETS, ValuationConfig
-from ..ntk.builder import ADAPTERS, NTKConfig
-from ..ntk.compute import KERNEL_MODES
-from ..errors import FreeShapError
+from ..config import ValuationConfig
 from ..io import table_format, write_table
-from ..kernel import KernelProblem
 from ..result import ValuationResult
 from ..valuation import compute_values
-
-CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(ValuationConfig)}
-NTK_FIELDS = {f.name: f for f in dataclasses.fields(NTKConfig)}
-CHOICES = {"method": METHODS, "empty_utility": ("random", "zero"), "rank_metric": ("ce", "accuracy"),
-           "adapter": ADAPTERS, "kernel": KERNEL_MODES, "pooling": ("mean", "cls")}
-OPTION_NAMES = {"kernel": "--kernel-mode"}  # --kernel is the precomputed kernel file
-
-
-def log(message: str) -> None:
-    click.echo(message, err=True)
-
-
-def friendly_errors(func):
-    """Turn our own errors into 'error: ...' on stderr with exit code 2; Ctrl-C into exit 130."""
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except FreeShapError as exc:
-            log(f"error: {exc}")
-            sys.exit(2)
-        except KeyboardInterrupt:
-            log("interrupted. With --checkpoint-dir, rerun the same command to resume where it stopped.")
-            sys.exit(130)
-
-    return wrapper
-
-
-def dataclass_options(fields: dict, skip: tuple[str, ...] = ()):
-    """One option per dataclass field, help text from the field's metadata, default None = not given."""
-
-    def decorate(func):
-        for name in reversed([n for n in fields if n not in skip]):
-            f = fields[name]
-            flag = OPTION_NAMES.get(name, "--" + name.replace("_", "-"))
-            help_text = f"{f.metadata['help']} [default: {f.default}]"
-            if isinstance(f.default, bool):
-                func = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)(func)
-            elif name in CHOICES:
-                func = click.option(flag, name, type=click.Choice(CHOICES[name]), default=None, help=help_text)(func)
-            else:
-                func = click.option(flag, name, type=type(f.default), default=None, help=help_text)(func)
-        return func
-
-    return decorate
-
-
-def config_options(func):
-    """ValuationConfig options plus --preset."""
-    func = dataclass_options(CONFIG_FIELDS)(func)
-    return click.option("--preset", type=click.Choice(sorted(PRESETS)), default="default", show_default=True,
-                        help="Starting values for the options: 'paper' reproduces the reference "
-                             "(tolerance 0.05, kernel/1e4, ridge 1e-6, accuracy ranking).")(func)
-
-
-def data_options(required: bool):
-    def decorate(func):
-        for flag, default, help_text in reversed([
-            ("--text-column", "text", "Column with the text."),
-            ("--pair-column", None, "Column with the second text of sentence pairs."),
-            ("--label-column", "label", "Column with the label."),
-            ("--id-column", "id", "Column with unique example ids (row numbers when absent)."),
-        ]):
-            func = click.option(flag, default=default, show_default=default is not None, help=help_text)(func)
-        path = click.Path(dir_okay=False, path_type=Path)
-        func = click.option("--test", "test_path", type=path, required=required,
-                            help="Test/validation data (.csv/.tsv/.jsonl/.json/.parquet).")(func)
-        return click.option("--train", "train_path", type=path, required=required,
-                            help="Training data (.csv/.tsv/.jsonl/.json/.parquet).")(func)
-
-    return decorate
-
-
-def ntk_options(func):
-    func = dataclass_options(NTK_FIELDS, skip=("device",))(func)
-    return click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-                        help="Reuse kernels computed before with the same model, settings and data.")(func)
-
-
-def build_ntk_config(options: dict, device: str | None) -> NTKConfig:
-    given = {k: options.pop(k) for k in list(options) if k in NTK_FIELDS}
-    if device is not None:
-        given["device"] = device
-    return NTKConfig(**{k: v for k, v in given.items() if v is not None})
-
-
-def load_problem(kernel_path, train_path, test_path, data: dict, ntk: NTKConfig, cache_dir, progress):
-    """(KernelProblem, kernel manifest) from a kernel file, or from data + model (eNTK computed or cached)."""
-    if kernel_path is not None:
-        if train_path is not None or test_path is not None:
-            raise click.UsageError("give either --kernel or --train/--test, not both.")
-        return KernelProblem.load(kernel_path), {"kernel_file": str(kernel_path)}
-    if train_path is None or test_path is None:
-        raise click.UsageError("give --kernel K.npz, or both --train and --test data files.")
-    from ..data import load_dataset
-    from ..ntk.builder import build_kernel
-
-    train = load_dataset(train_path, **data)
-    test = load_dataset(test_path, **data)
-    return build_kernel(train, test, ntk, cache_dir=cache_dir, progress=progress, log=log, return_manifest=True)
-
-
-def pop_data_options(options: dict) -> dict:
-    return {k: options.pop(k) for k in ("text_column", "label_column", "id_column", "pair_column")}
-
-
-def build_config(preset: str, options: dict) -> ValuationConfig:
-    given = {k: options.pop(k) for k in list(options) if k in CONFIG_FIELDS}
-    return ValuationConfig.preset(preset, **{k: v for k, v in given.items() if v is not None})
+from .common import (
+    VERBOSITY, build_config, build_ntk_config, config_options, data_options, friendly_errors, load_problem, log,
+    ntk_options, pop_data_options,
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="freeshap-dq")
-def cli() -> None:
+@click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr.")
+@click.option("-v", "--verbose", is_flag=True, help="Tracebacks for unexpected failures.")
+def cli(quiet: bool, verbose: bool) -> None:
     """FreeShap data valuation: which training examples help or harm a text classifier."""
+    VERBOSITY["level"] = 0 if quiet else (2 if verbose else 1)
 
 
 @cli.command("value")
@@ -268,6 +159,9 @@ def demo_command(output_dir, n_train, n_test, noise, permutations, seed, progres
                f"accuracy utility {auroc(df['value'].to_numpy(), data.flipped):.3f}")
     click.echo(f"\nOutputs in {output_dir}/: values.csv (table), result.npz (full result + manifest), "
                f"kernel.npz (try: freeshap-dq value --kernel {kernel_path} -o values.parquet)")
+
+
+from . import curate  # noqa: E402,F401  (registers prune, select, explain)
 
 
 def main() -> None:  # pragma: no cover

@@ -124,3 +124,24 @@ def _natural_key(label: str):
         return (0, float(label), label)
     except ValueError:
         return (1, 0.0, label)
+
+
+def write_data_table(df: pd.DataFrame, path: str | Path, like: str | Path | None = None) -> None:
+    """Write a data table atomically in the format of ``path`` (or of ``like``, the input file)."""
+    from .io import atomic_write
+
+    path = Path(path)
+    kind = READERS.get(path.suffix.lower()) or READERS.get(Path(like).suffix.lower() if like else "")
+    if kind is None:
+        raise InputError(f"{path}: unknown format {path.suffix!r}; use .csv, .tsv, .jsonl, .json or .parquet.")
+    with atomic_write(path) as tmp:
+        if kind == "csv":
+            df.to_csv(tmp, index=False)
+        elif kind == "tsv":
+            df.to_csv(tmp, sep="\t", index=False)
+        elif kind == "jsonl":
+            df.to_json(tmp, orient="records", lines=True, force_ascii=False)
+        elif kind == "json":
+            df.to_json(tmp, orient="records", indent=1, force_ascii=False)
+        else:
+            df.to_parquet(tmp, index=False)

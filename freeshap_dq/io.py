@@ -79,3 +79,10 @@ def _to_text(df: pd.DataFrame, fmt: str) -> str:
     if fmt == "json":
         return df.to_json(orient="records", indent=1) + "\n"
     return df.to_json(orient="records", lines=True)
+
+
+def write_json(data: dict, path: str | os.PathLike) -> None:
+    import json
+
+    with atomic_write(path) as tmp:
+        Path(tmp).write_text(json.dumps(data, indent=1, default=str, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -1,0 +1,141 @@
+"""Shared pieces of the command line: logging, error handling, options generated from configs."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from ..config import METHODS, PRESETS, ValuationConfig
+from ..errors import FreeShapError
+from ..kernel import KernelProblem
+from ..ntk.builder import ADAPTERS, NTKConfig
+from ..ntk.compute import KERNEL_MODES
+
+EXIT_RUNTIME, EXIT_USAGE, EXIT_GATE, EXIT_INTERRUPTED = 1, 2, 3, 130
+VERBOSITY = {"level": 1}  # 0 = errors only (-q), 1 = normal, 2 = tracebacks on failure (-v)
+
+CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(ValuationConfig)}
+NTK_FIELDS = {f.name: f for f in dataclasses.fields(NTKConfig)}
+CHOICES = {"method": METHODS, "empty_utility": ("random", "zero"), "rank_metric": ("ce", "accuracy"),
+           "adapter": ADAPTERS, "kernel": KERNEL_MODES, "pooling": ("mean", "cls")}
+OPTION_NAMES = {"kernel": "--kernel-mode"}  # --kernel is the precomputed kernel file
+
+
+def log(message: str) -> None:
+    if VERBOSITY["level"] > 0:
+        click.echo(message, err=True)
+
+
+def friendly_errors(func):
+    """Our errors -> 'error: ...' and exit 2; other failures -> exit 1 (traceback with -v); Ctrl-C -> 130."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except FreeShapError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_USAGE)
+        except KeyboardInterrupt:
+            click.echo("interrupted. With --checkpoint-dir, rerun the same command to resume where it stopped.",
+                       err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        except (click.ClickException, click.exceptions.Exit, SystemExit):
+            raise
+        except Exception as exc:  # a runtime failure: say what, keep the traceback for -v
+            if VERBOSITY["level"] > 1:
+                traceback.print_exc()
+            click.echo(f"error: {type(exc).__name__}: {exc} (run with -v for the traceback)", err=True)
+            sys.exit(EXIT_RUNTIME)
+
+    return wrapper
+
+
+def dataclass_options(fields: dict, skip: tuple[str, ...] = ()):
+    """One option per dataclass field, help text from the field's metadata, default None = not given."""
+
+    def decorate(func):
+        for name in reversed([n for n in fields if n not in skip]):
+            f = fields[name]
+            flag = OPTION_NAMES.get(name, "--" + name.replace("_", "-"))
+            help_text = f"{f.metadata['help']} [default: {f.default}]"
+            if isinstance(f.default, bool):
+                func = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)(func)
+            elif name in CHOICES:
+                func = click.option(flag, name, type=click.Choice(CHOICES[name]), default=None, help=help_text)(func)
+            else:
+                func = click.option(flag, name, type=type(f.default), default=None, help=help_text)(func)
+        return func
+
+    return decorate
+
+
+def config_options(func):
+    """ValuationConfig options plus --preset."""
+    func = dataclass_options(CONFIG_FIELDS)(func)
+    return click.option("--preset", type=click.Choice(sorted(PRESETS)), default="default", show_default=True,
+                        help="Starting values for the options: 'paper' reproduces the reference "
+                             "(tolerance 0.05, kernel/1e4, ridge 1e-6, accuracy ranking).")(func)
+
+
+def data_options(required: bool):
+    def decorate(func):
+        for flag, default, help_text in reversed([
+            ("--text-column", "text", "Column with the text."),
+            ("--pair-column", None, "Column with the second text of sentence pairs."),
+            ("--label-column", "label", "Column with the label."),
+            ("--id-column", "id", "Column with unique example ids (row numbers when absent)."),
+        ]):
+            func = click.option(flag, default=default, show_default=default is not None, help=help_text)(func)
+        path = click.Path(dir_okay=False, path_type=Path)
+        func = click.option("--test", "test_path", type=path, required=required,
+                            help="Test/validation data (.csv/.tsv/.jsonl/.json/.parquet).")(func)
+        return click.option("--train", "train_path", type=path, required=required,
+                            help="Training data (.csv/.tsv/.jsonl/.json/.parquet).")(func)
+
+    return decorate
+
+
+def ntk_options(func):
+    func = dataclass_options(NTK_FIELDS, skip=("device",))(func)
+    return click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                        help="Reuse kernels computed before with the same model, settings and data.")(func)
+
+
+def build_ntk_config(options: dict, device: str | None) -> NTKConfig:
+    given = {k: options.pop(k) for k in list(options) if k in NTK_FIELDS}
+    if device is not None:
+        given["device"] = device
+    return NTKConfig(**{k: v for k, v in given.items() if v is not None})
+
+
+def load_problem(kernel_path, train_path, test_path, data: dict, ntk: NTKConfig, cache_dir, progress):
+    """(KernelProblem, kernel manifest) from a kernel file, or from data + model (eNTK computed or cached)."""
+    if kernel_path is not None:
+        if train_path is not None or test_path is not None:
+            raise click.UsageError("give either --kernel or --train/--test, not both.")
+        return KernelProblem.load(kernel_path), {"kernel_file": str(kernel_path)}
+    if train_path is None or test_path is None:
+        raise click.UsageError("give --kernel K.npz, or both --train and --test data files.")
+    from ..data import load_dataset
+    from ..ntk.builder import build_kernel
+
+    train = load_dataset(train_path, **data)
+    test = load_dataset(test_path, **data)
+    return build_kernel(train, test, ntk, cache_dir=cache_dir, progress=progress, log=log, return_manifest=True)
+
+
+def pop_data_options(options: dict) -> dict:
+    return {k: options.pop(k) for k in ("text_column", "label_column", "id_column", "pair_column")}
+
+
+def build_config(preset: str, options: dict) -> ValuationConfig:
+    given = {k: options.pop(k) for k in list(options) if k in CONFIG_FIELDS}
+    return ValuationConfig.preset(preset, **{k: v for k, v in given.items() if v is not None})
+
+

@@ -1,0 +1,215 @@
+"""``prune``, ``select`` and ``explain``: act on values; thin layers over ``freeshap_dq.policies``."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import click
+import numpy as np
+import pandas as pd
+
+from .. import __version__
+from ..data import TextDataset, load_dataset, read_table, write_data_table
+from ..errors import InputError
+from ..io import write_json, write_table
+from ..policies import RemovalPolicy, SelectionPolicy, policy_dict
+from ..result import ValuationResult
+from .common import friendly_errors, log, pop_data_options
+from .main import cli
+
+PATH = click.Path(dir_okay=False, path_type=Path)
+
+
+def column_options(func):
+    for flag, default, help_text in reversed([
+        ("--text-column", "text", "Column with the text."),
+        ("--pair-column", None, "Column with the second text of sentence pairs."),
+        ("--label-column", "label", "Column with the label."),
+        ("--id-column", "id", "Column with unique example ids (row numbers when absent)."),
+    ]):
+        func = click.option(flag, default=default, show_default=default is not None, help=help_text)(func)
+    return func
+
+
+def join_values(values_path: Path, data: TextDataset) -> pd.DataFrame:
+    """The values table joined to the training data by example id (or by row when it has no ids)."""
+    values = read_table(values_path)
+    if "example_id" in values.columns:
+        values["example_id"] = values["example_id"].astype(str)
+        known, given = set(data.ids), set(values["example_id"])
+        if known != given:
+            missing = sorted(known - given)[:3] or sorted(given - known)[:3]
+            side = "the data but not the values" if known - given else "the values but not the data"
+            raise InputError(f"{values_path} and {data.source} do not describe the same examples: id(s) "
+                             f"{', '.join(map(repr, missing))} are in {side}. Use the values computed for this file.")
+        table = values.set_index("example_id").loc[data.ids].reset_index()
+    elif "train_index" in values.columns:
+        if len(values) != len(data) or sorted(values["train_index"]) != list(range(len(data))):
+            raise InputError(f"{values_path} has {len(values)} rows but {data.source} has {len(data)}; use the "
+                             f"values computed for this file.")
+        table = values.sort_values("train_index").reset_index(drop=True)
+        table.insert(0, "example_id", data.ids)
+    else:
+        raise InputError(f"{values_path}: no example_id or train_index column; use the table from freeshap-dq value.")
+    table["label"] = data.labels
+    table["row"] = np.arange(len(data))
+    return table
+
+
+def _write_subset(data_path: Path, rows: np.ndarray, output: Path) -> None:
+    raw = read_table(data_path)
+    write_data_table(raw.iloc[rows], output, like=data_path)
+
+
+def _manifest(kind: str, policy, data_path, values_path, decisions: pd.DataFrame, flag: str, output) -> dict:
+    cols = [c for c in ("example_id", "label", "value", "value_ce", "stderr", "stderr_ce", "reason") if c in decisions]
+    chosen = decisions[decisions[flag]]
+    before = decisions["label"].value_counts().to_dict()
+    after = decisions[~decisions[flag] if kind == "prune" else decisions[flag]]["label"].value_counts().to_dict()
+    return {"command": kind, "freeshap_dq": __version__, "created": dt.datetime.now(dt.timezone.utc).isoformat(),
+            "policy": policy_dict(policy), "data": str(data_path), "values": str(values_path),
+            "output": None if output is None else str(output),
+            "counts": {"input": len(decisions), flag: int(decisions[flag].sum()),
+                       "per_class_before": before, "per_class_after": after},
+            "examples": chosen[cols].to_dict(orient="records")}
+
+
+def _report_decisions(decisions: pd.DataFrame, flag: str, verb: str) -> None:
+    count = int(decisions[flag].sum())
+    per_class = decisions[decisions[flag]]["label"].value_counts().to_dict()
+    log(f"{verb} {count} of {len(decisions)} examples" + (f" (per class: {per_class})" if count else ""))
+
+
+@cli.command("prune")
+@click.option("--values", "values_path", type=PATH, required=True, help="Values table from freeshap-dq value.")
+@click.option("--data", "data_path", type=PATH, required=True, help="The training data the values are for.")
+@column_options
+@click.option("-o", "--output", type=PATH, default=None, help="Cleaned dataset (same format as --data unless the "
+              "extension says otherwise). Required unless --dry-run.")
+@click.option("--manifest", "manifest_path", type=PATH, default=None,
+              help="Where to write what was removed and why [default: OUTPUT.manifest.json].")
+@click.option("--fraction", type=float, default=None, help="Remove the lowest-valued fraction (0-1).")
+@click.option("--count", type=int, default=None, help="Remove the lowest-valued COUNT examples.")
+@click.option("--threshold", type=float, default=None, help="Remove examples whose value is below this.")
+@click.option("--confident", is_flag=True, help="Only remove examples with value + z*stderr < 0.")
+@click.option("--z", type=float, default=1.96, show_default=True, help="z for --confident.")
+@click.option("--max-class-fraction", type=float, default=1.0, show_default=True,
+              help="Never remove more than this fraction of any class.")
+@click.option("--metric", type=click.Choice(["ce", "accuracy"]), default="ce", show_default=True,
+              help="Value that ranks: ce (-cross-entropy utility) or accuracy.")
+@click.option("--dry-run", is_flag=True, help="Show what would be removed; write nothing.")
+@friendly_errors
+def prune_command(values_path, data_path, output, manifest_path, fraction, count, threshold, confident, z,
+                  max_class_fraction, metric, dry_run, **columns):
+    """Remove harmful training examples; write the cleaned dataset and a manifest of what went and why."""
+    policy = RemovalPolicy(fraction, count, threshold, confident, z, max_class_fraction, metric)
+    _curate("prune", policy, values_path, data_path, output, manifest_path, dry_run, columns)
+
+
+@cli.command("select")
+@click.option("--values", "values_path", type=PATH, required=True, help="Values table from freeshap-dq value.")
+@click.option("--data", "data_path", type=PATH, required=True, help="The training data the values are for.")
+@column_options
+@click.option("-o", "--output", type=PATH, default=None, help="Selected subset (same format as --data unless the "
+              "extension says otherwise). Required unless --dry-run.")
+@click.option("--manifest", "manifest_path", type=PATH, default=None,
+              help="Where to write what was selected and why [default: OUTPUT.manifest.json].")
+@click.option("--count", type=int, default=None, help="Keep the COUNT highest-valued examples.")
+@click.option("--fraction", type=float, default=None, help="Keep the highest-valued fraction (0-1).")
+@click.option("--per-class", type=int, default=None, help="At most this many per class (quota).")
+@click.option("--budget", type=float, default=None, help="Summed cost may not exceed this.")
+@click.option("--cost-column", default=None, help="Column of --data with each example's cost [default: 1 each].")
+@click.option("--metric", type=click.Choice(["ce", "accuracy"]), default="ce", show_default=True,
+              help="Value that ranks: ce (-cross-entropy utility) or accuracy.")
+@click.option("--dry-run", is_flag=True, help="Show what would be selected; write nothing.")
+@friendly_errors
+def select_command(values_path, data_path, output, manifest_path, count, fraction, per_class, budget, cost_column,
+                   metric, dry_run, **columns):
+    """Keep the most valuable training examples; write the subset and a manifest."""
+    policy = SelectionPolicy(count, fraction, per_class, budget, metric)
+    _curate("select", policy, values_path, data_path, output, manifest_path, dry_run, columns, cost_column)
+
+
+def _curate(kind, policy, values_path, data_path, output, manifest_path, dry_run, columns, cost_column=None):
+    if output is None and not dry_run:
+        raise click.UsageError("give -o/--output for the result, or --dry-run to only look.")
+    data = load_dataset(data_path, **pop_data_options(columns))
+    table = join_values(values_path, data)
+    if kind == "prune":
+        decisions, flag, verb = policy.apply(table), "removed", "would remove" if dry_run else "removed"
+    else:
+        cost = None
+        if cost_column is not None:
+            raw = read_table(data_path)
+            if cost_column not in raw.columns:
+                raise InputError(f"{data_path}: no column {cost_column!r} for --cost-column.")
+            cost = pd.to_numeric(raw[cost_column], errors="coerce").set_axis(table.index)
+            if cost.isna().any():
+                raise InputError(f"{data_path}: column {cost_column!r} row {int(cost.isna().argmax()) + 1} is not a number.")
+        decisions, flag, verb = policy.apply(table, cost), "selected", "would select" if dry_run else "selected"
+    _report_decisions(decisions, flag, verb)
+    if dry_run:
+        shown = decisions[decisions[flag]][["example_id", "label", "value_ce", "value", "reason"]]
+        click.echo(shown.to_string(index=False) if len(shown) else "(nothing)")
+        return
+    rows = decisions.loc[~decisions[flag] if kind == "prune" else decisions[flag], "row"].sort_values().to_numpy()
+    _write_subset(data_path, rows, output)
+    manifest_path = manifest_path or output.with_name(output.name + ".manifest.json")
+    write_json(_manifest(kind, policy, data_path, values_path, decisions, flag, output), manifest_path)
+    log(f"wrote {output} ({len(rows)} rows) and {manifest_path}")
+
+
+@cli.command("explain")
+@click.option("--result", "result_path", type=PATH, required=True,
+              help="Result .npz saved by freeshap-dq value --per-point --save-result.")
+@click.option("--train", "train_path", type=PATH, required=True, help="The training data of the run.")
+@click.option("--test", "test_path", type=PATH, required=True, help="The test data of the run.")
+@column_options
+@click.option("--example", "examples", multiple=True, help="Test example id to explain (repeatable).")
+@click.option("--row", "rows", type=int, multiple=True, help="Test example row number, from 1 (repeatable).")
+@click.option("--top-k", type=int, default=5, show_default=True, help="Helpful and harmful examples to show.")
+@click.option("--metric", type=click.Choice(["ce", "accuracy"]), default="ce", show_default=True,
+              help="Per-test-point value to rank by.")
+@click.option("-o", "--output", default="-", show_default=True, help="Table (.csv/.parquet/.json/.jsonl; - = stdout).")
+@friendly_errors
+def explain_command(result_path, train_path, test_path, examples, rows, top_k, metric, output, **columns):
+    """Which training examples made these test predictions right or wrong: top-k helpful and harmful."""
+    opts = pop_data_options(columns)
+    train, test = load_dataset(train_path, **opts), load_dataset(test_path, **opts)
+    result = ValuationResult.load(result_path)
+    points = result.point_values(metric)
+    if points.shape != (len(train), len(test)):
+        raise InputError(f"{result_path} values {points.shape[0]} training x {points.shape[1]} test examples, but the "
+                         f"data files have {len(train)} and {len(test)}; give the files the run used.")
+    if result.train_ids is not None and [str(i) for i in result.train_ids] != train.ids:
+        raise InputError(f"{result_path} was computed for other training ids than {train_path}.")
+    if top_k < 1:
+        raise InputError("--top-k must be at least 1.")
+    targets = _test_rows(test, examples, rows)
+    records = []
+    for t in targets:
+        column = points[:, t]
+        order = np.argsort(column, kind="stable")
+        for kind, picks in (("helpful", order[::-1][:top_k]), ("harmful", order[:top_k])):
+            for rank, i in enumerate(picks, 1):
+                records.append({"test_id": test.ids[t], "test_text": test.texts[t], "test_label": test.labels[t],
+                                "kind": kind, "rank": rank, "train_id": train.ids[i], "train_text": train.texts[i],
+                                "train_label": train.labels[i], "value": float(column[i])})
+    write_table(pd.DataFrame.from_records(records), output)
+
+
+def _test_rows(test: TextDataset, examples, rows) -> list[int]:
+    if not examples and not rows:
+        raise click.UsageError("name test examples with --example ID or --row N.")
+    index = {example_id: i for i, example_id in enumerate(test.ids)}
+    out = []
+    for example_id in examples:
+        if example_id not in index:
+            raise InputError(f"{test.source}: no test example with id {example_id!r}.")
+        out.append(index[example_id])
+    for row in rows:
+        if not 1 <= row <= len(test):
+            raise InputError(f"{test.source}: row {row} is out of range (1..{len(test)}).")
+        out.append(row - 1)
+    return out

@@ -1,0 +1,181 @@
+"""Removal and selection policies on a values table.
+
+The input is the table ``freeshap-dq value`` writes (``value``, ``value_ce``, ``stderr``,
+``stderr_ce``; ``example_id``) joined with the labels. ``metric`` picks the utility the policy
+ranks by (``ce`` = ``value_ce``, default; ``accuracy`` = ``value``).
+
+Removal (``RemovalPolicy``), lowest values first, as many as the rule allows:
+- ``fraction`` / ``count``: the bottom fraction or count;
+- ``threshold``: every example with value < threshold;
+- ``confident``: only examples that are harmful with confidence, value + z * stderr < 0
+  (combines with the others: a candidate must pass every rule given);
+- ``max_class_fraction``: never remove more than this fraction of any class, so no class is gutted.
+
+Selection (``SelectionPolicy``), highest values first:
+- ``count`` / ``fraction``: the top count or fraction;
+- ``per_class``: at most this many per class (quotas);
+- ``budget`` with ``cost``: keep adding the best examples while the summed cost fits.
+
+Every decision carries a reason, so the manifest says why each example was removed or kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .errors import InputError
+
+VALUE_COLUMNS = {"ce": ("value_ce", "stderr_ce"), "accuracy": ("value", "stderr")}
+
+
+def _opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class RemovalPolicy:
+    fraction: float | None = _opt(None, "Remove the lowest-valued fraction of the training set (0-1).")
+    count: int | None = _opt(None, "Remove the lowest-valued COUNT examples.")
+    threshold: float | None = _opt(None, "Remove every example whose value is below this.")
+    confident: bool = _opt(False, "Only remove examples with value + z * stderr < 0 (harmful with confidence).")
+    z: float = _opt(1.96, "z for --confident (1.96 ~ 97.5% one-sided).")
+    max_class_fraction: float = _opt(1.0, "Never remove more than this fraction of any class.")
+    metric: str = _opt("ce", "Value that ranks: ce (-cross-entropy utility) or accuracy.")
+
+    def __post_init__(self) -> None:
+        _check_metric(self.metric)
+        if self.fraction is None and self.count is None and self.threshold is None and not self.confident:
+            raise InputError("say what to remove: --fraction, --count, --threshold and/or --confident.")
+        if self.fraction is not None and not 0 < self.fraction < 1:
+            raise InputError(f"--fraction must be between 0 and 1, got {self.fraction}.")
+        if self.count is not None and self.count < 1:
+            raise InputError(f"--count must be at least 1, got {self.count}.")
+        if not 0 < self.max_class_fraction <= 1:
+            raise InputError(f"--max-class-fraction must be in (0, 1], got {self.max_class_fraction}.")
+        if self.z < 0:
+            raise InputError(f"--z must be >= 0, got {self.z}.")
+
+    def apply(self, table: pd.DataFrame) -> pd.DataFrame:
+        """``table`` (example_id, label, values...) -> the same rows plus ``removed`` and ``reason``."""
+        value_col, se_col = VALUE_COLUMNS[self.metric]
+        out = _ranked(table, value_col, ascending=True)
+        n = len(out)
+        limit = n
+        if self.fraction is not None:
+            limit = min(limit, int(np.floor(self.fraction * n)))
+        if self.count is not None:
+            limit = min(limit, self.count)
+        candidate = np.ones(n, dtype=bool)
+        if self.threshold is not None:
+            candidate &= out[value_col].to_numpy() < self.threshold
+        if self.confident:
+            candidate &= (out[value_col] + self.z * out[se_col].fillna(np.inf)).to_numpy() < 0
+        class_sizes = out["label"].value_counts()
+        caps = {label: int(np.floor(self.max_class_fraction * size)) for label, size in class_sizes.items()}
+        taken = {label: 0 for label in class_sizes.index}
+        removed = np.zeros(n, dtype=bool)
+        reasons = np.full(n, "kept", dtype=object)
+        for i, (label, ok) in enumerate(zip(out["label"], candidate)):
+            if removed.sum() >= limit:
+                break
+            if not ok:
+                continue
+            if taken[label] >= caps[label]:
+                reasons[i] = f"kept: class {label!r} at its cap ({caps[label]} of {class_sizes[label]})"
+                continue
+            taken[label] += 1
+            removed[i] = True
+            reasons[i] = self._reason(out.iloc[i], value_col, se_col)
+        out["removed"] = removed
+        out["reason"] = reasons
+        return out
+
+    def _reason(self, row: pd.Series, value_col: str, se_col: str) -> str:
+        parts = [f"{value_col} = {row[value_col]:.3g} (harm rank {int(row['policy_rank'])})"]
+        if self.confident:
+            parts.append(f"{value_col} + {self.z:g} x stderr = {row[value_col] + self.z * row[se_col]:.3g} < 0")
+        if self.threshold is not None:
+            parts.append(f"below threshold {self.threshold:g}")
+        return "; ".join(parts)
+
+
+@dataclass
+class SelectionPolicy:
+    count: int | None = _opt(None, "Keep the COUNT highest-valued examples.")
+    fraction: float | None = _opt(None, "Keep the highest-valued fraction (0-1).")
+    per_class: int | None = _opt(None, "Keep at most this many per class (quota).")
+    budget: float | None = _opt(None, "Keep the best examples while their summed cost fits this budget.")
+    metric: str = _opt("ce", "Value that ranks: ce (-cross-entropy utility) or accuracy.")
+
+    def __post_init__(self) -> None:
+        _check_metric(self.metric)
+        if self.count is None and self.fraction is None and self.per_class is None and self.budget is None:
+            raise InputError("say what to keep: --count, --fraction, --per-class and/or --budget.")
+        if self.fraction is not None and not 0 < self.fraction <= 1:
+            raise InputError(f"--fraction must be in (0, 1], got {self.fraction}.")
+        for name in ("count", "per_class"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {value}.")
+        if self.budget is not None and self.budget <= 0:
+            raise InputError(f"--budget must be positive, got {self.budget}.")
+
+    def apply(self, table: pd.DataFrame, cost: pd.Series | None = None) -> pd.DataFrame:
+        value_col, _ = VALUE_COLUMNS[self.metric]
+        out = _ranked(table, value_col, ascending=False)
+        n = len(out)
+        limit = n
+        if self.fraction is not None:
+            limit = min(limit, int(np.ceil(self.fraction * n)))
+        if self.count is not None:
+            limit = min(limit, self.count)
+        costs = np.ones(n) if cost is None else cost.reindex(out.index).to_numpy(dtype=float)
+        if np.any(~np.isfinite(costs)) or np.any(costs < 0):
+            raise InputError("costs must be finite and non-negative.")
+        per_class: dict[Any, int] = {}
+        spent, kept = 0.0, 0
+        selected = np.zeros(n, dtype=bool)
+        reasons = np.full(n, "not selected: below the cut", dtype=object)
+        for i, label in enumerate(out["label"]):
+            if kept >= limit:
+                break
+            if self.per_class is not None and per_class.get(label, 0) >= self.per_class:
+                reasons[i] = f"not selected: class {label!r} quota {self.per_class} filled"
+                continue
+            if self.budget is not None and spent + costs[i] > self.budget:
+                reasons[i] = f"not selected: cost {costs[i]:g} exceeds the remaining budget {self.budget - spent:g}"
+                continue
+            selected[i] = True
+            per_class[label] = per_class.get(label, 0) + 1
+            spent += costs[i]
+            kept += 1
+            reasons[i] = f"{value_col} = {out.iloc[i][value_col]:.3g} (value rank {int(out.iloc[i]['policy_rank'])})"
+        out["selected"] = selected
+        out["reason"] = reasons
+        return out
+
+
+def policy_dict(policy: RemovalPolicy | SelectionPolicy) -> dict[str, Any]:
+    return {"policy": type(policy).__name__, **asdict(policy)}
+
+
+def _ranked(table: pd.DataFrame, value_col: str, ascending: bool) -> pd.DataFrame:
+    missing = [c for c in ("example_id", "label", value_col) if c not in table.columns]
+    if missing:
+        raise InputError(f"the values table lacks column(s) {', '.join(missing)}; use the table written by "
+                         f"freeshap-dq value.")
+    if table[value_col].isna().any():
+        raise InputError(f"the values table has missing {value_col} entries; recompute the values.")
+    order = np.lexsort((np.arange(len(table)), table[value_col].to_numpy() * (1 if ascending else -1)))
+    out = table.iloc[order].copy()
+    out["policy_rank"] = np.arange(1, len(out) + 1)
+    return out
+
+
+def _check_metric(metric: str) -> None:
+    if metric not in VALUE_COLUMNS:
+        raise InputError(f"metric {metric!r} is unknown; choose ce or accuracy.")
