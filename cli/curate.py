@@ -35,6 +35,12 @@ def column_options(func):
 def join_values(values_path: Path, data: TextDataset) -> pd.DataFrame:
     """The values table joined to the training data by example id (or by row when it has no ids)."""
     values = read_table(values_path)
+    for column in ("value", "value_ce", "stderr", "stderr_ce", "train_index", "rank", "permutations"):
+        if column in values.columns:
+            values[column] = pd.to_numeric(values[column], errors="coerce")
+            if column in ("value", "value_ce") and values[column].isna().any():
+                row = int(values[column].isna().to_numpy().argmax()) + 1
+                raise InputError(f"{values_path}: row {row} of column {column!r} is not a number.")
     if "example_id" in values.columns:
         values["example_id"] = values["example_id"].astype(str)
         known, given = set(data.ids), set(values["example_id"])

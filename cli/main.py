@@ -7,6 +7,7 @@ Exit codes: 0 success, 1 runtime failure, 2 bad input or usage (the message says
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -18,7 +19,7 @@ from ..io import table_format, write_table
 from ..result import ValuationResult
 from ..valuation import compute_values
 from .common import (
-    VERBOSITY, build_config, build_ntk_config, config_options, data_options, friendly_errors, load_problem, log,
+    EXIT_GATE, VERBOSITY, build_config, build_ntk_config, config_options, data_options, friendly_errors, load_problem, log,
     ntk_options, pop_data_options,
 )
 
@@ -48,11 +49,14 @@ def cli(quiet: bool, verbose: bool) -> None:
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Resume from a checkpoint in --checkpoint-dir if present.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr [default: when a terminal].")
+@click.option("--fail-on-harmful", type=int, default=None, metavar="N",
+              help="CI gate: exit with code 3 (after writing the outputs) when more than N training examples are "
+                   "harmful with confidence (value + 1.96 x stderr < 0 on --rank-metric).")
 @ntk_options
 @config_options
 @friendly_errors
 def value_command(kernel_path, train_path, test_path, output, fmt, save_result, checkpoint_dir, resume, progress,
-                  cache_dir, preset, **options):
+                  fail_on_harmful, cache_dir, preset, **options):
     """Value every training example: on a precomputed kernel, or on data with a model's eNTK.
 
     \b
@@ -77,6 +81,14 @@ def value_command(kernel_path, train_path, test_path, output, fmt, save_result, 
     _log_summary(result, config)
     if output != "-":
         log(f"wrote {output}" + (f" and {save_result}" if save_result else ""))
+    if fail_on_harmful is not None:
+        metric = config.rank_metric
+        harmful = int(np.sum(result.values(metric) + 1.96 * np.nan_to_num(result.stderr(metric), nan=np.inf) < 0))
+        if harmful > fail_on_harmful:
+            click.echo(f"gate: {harmful} training examples are harmful with confidence (limit {fail_on_harmful}).",
+                       err=True)
+            sys.exit(EXIT_GATE)
+        log(f"gate passed: {harmful} confidently harmful example(s), limit {fail_on_harmful}")
 
 
 @cli.command("kernel")
