@@ -129,57 +129,8 @@ def _log_summary(result: ValuationResult, config: ValuationConfig) -> None:
             f"mean fraction evaluated {trunc['mean_fraction_evaluated']:.2f}")
 
 
-@cli.command("demo")
-@click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path),
-              default=Path("freeshap-demo-output"), show_default=True, help="Where outputs are written.")
-@click.option("--n-train", default=600, show_default=True, help="Training examples.")
-@click.option("--n-test", default=300, show_default=True, help="Test examples.")
-@click.option("--noise", default=0.1, show_default=True, help="Fraction of training labels flipped.")
-@click.option("--permutations", default=100, show_default=True, help="Permutations.")
-@click.option("--seed", default=0, show_default=True, help="Seed for data, flips and permutations.")
-@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr [default: when a terminal].")
-@friendly_errors
-def demo_command(output_dir, n_train, n_test, noise, permutations, seed, progress):
-    """End-to-end run on a synthetic kernel with flipped labels (the text-data demo comes with the eNTK)."""
-    from ..synthetic import auroc, noisy_problem
-
-    output_dir.mkdir(parents=True, exist_ok=True)
-    data = noisy_problem(n_train=n_train, n_test=n_test, noise=noise, seed=seed)
-    kernel_path = output_dir / "kernel.npz"
-    data.problem.save(kernel_path)
-    log(f"synthetic problem: {n_train} train / {n_test} test, {int(data.flipped.sum())} training labels flipped")
-    config = ValuationConfig(permutations=permutations, seed=seed)
-    result = compute_values(data.problem, config, checkpoint_dir=output_dir / "checkpoints", resume=False,
-                            progress=progress)
-    df = result.to_dataframe()
-    df["label"] = [data.problem.label_names[y] for y in data.problem.y_train]
-    df["flipped"] = data.flipped
-    values_path = output_dir / "values.csv"
-    write_table(df, str(values_path))
-    result.save(output_dir / "result.npz")
-    _log_summary(result, config)
-
-    bottom = df.nsmallest(max(1, int(round(noise * n_train))), "value_ce")
-    caught = int(bottom["flipped"].sum())
-    click.echo(f"\nMost harmful training examples (lowest -CE value):")
-    click.echo(df.nsmallest(10, "value_ce")[["example_id", "label", "flipped", "value", "value_ce", "stderr_ce"]]
-               .to_string(index=False))
-    click.echo(f"\nThe bottom {len(bottom)} by value contain {caught} of the {int(data.flipped.sum())} flipped labels "
-               f"({caught / max(1, int(data.flipped.sum())):.0%}; random inspection would find "
-               f"{noise:.0%}).")
-    click.echo(f"AUROC for finding flipped labels: -CE utility {auroc(df['value_ce'].to_numpy(), data.flipped):.3f}, "
-               f"accuracy utility {auroc(df['value'].to_numpy(), data.flipped):.3f}")
-    click.echo(f"\nOutputs in {output_dir}/: values.csv (table), result.npz (full result + manifest), "
-               f"kernel.npz (try: freeshap-dq value --kernel {kernel_path} -o values.parquet)")
+from . import curate, demo  # noqa: E402,F401  (register prune, select, explain, report, demo)
 
 
-from . import curate  # noqa: E402,F401  (registers prune, select, explain)
-
-
-def main() -> None:  # pragma: no cover
+def main() -> None:
     cli()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    np.set_printoptions(precision=4)
-    main()

@@ -4,8 +4,9 @@ Every field has a default and help text; the CLI maps fields to options and ever
 stores ``asdict(config)`` in its manifest so a run can be reproduced.
 
 Ridge (``ridge``), in the units of the kernel after ``kernel_scale`` is applied:
-- ``"auto"`` (default): the value on a grid ``mean(diag K) * 10^k``, k = -4..2, with the best
-  closed-form leave-one-out cross-entropy on the *training* labels (test labels are never used);
+- ``"auto"`` (default): the value on a grid ``mean(diag K) * 10^(k/2)``, k = -6..4, with the
+  lowest closed-form leave-one-out squared error on the *training* labels (test labels are never
+  used);
 - ``"rel:X"``: ``X * mean(diag K)``;
 - a number: that absolute value.
 The ``paper`` preset reproduces the reference: K / 1e4 and ridge 1e-6, which equals the raw

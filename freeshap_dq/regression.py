@@ -12,7 +12,8 @@ scores as random guessing, ``(1/C, -ln C)``, or as the all-zero predictor on req
 Closed-form leave-one-out from one factorisation, with :math:`G = (K + \lambda I)^{-1}` and
 :math:`\alpha = G Y`:
 
-- on training points, the LOO score of i is :math:`Y_i - \alpha_i / G_{ii}` (picks the ridge);
+- on training points, the LOO score of i is :math:`Y_i - \alpha_i / G_{ii}`; the ``auto`` ridge
+  minimises the mean squared LOO residual (PRESS) on the training labels;
 - on a test point x, :math:`f_{-i}(x) = f(x) - (k(x)^\top G e_i)\, \alpha_i / G_{ii}`.
 """
 
@@ -29,7 +30,7 @@ from .errors import KernelError
 from .kernel import KernelProblem
 
 DTYPE = torch.float64
-AUTO_RIDGE_GRID = tuple(10.0**k for k in range(-4, 3))
+AUTO_RIDGE_GRID = tuple(10.0 ** (k / 2) for k in range(-6, 5))  # 1e-3 .. 1e2 x mean(diag K), half-decades
 PSD_RTOL = 1e-6
 
 
@@ -76,7 +77,7 @@ def _cholesky(k: torch.Tensor, ridge: float) -> torch.Tensor:
 class RidgeChoice:
     value: float
     mode: str
-    grid: tuple[tuple[float, float], ...] = ()  # (lambda, LOO mean cross-entropy) for auto
+    grid: tuple[tuple[float, float], ...] = ()  # (lambda, LOO mean squared error) for auto
 
 
 def choose_ridge(k_train: torch.Tensor, targets: torch.Tensor, y: torch.Tensor, spec: str) -> RidgeChoice:
@@ -90,8 +91,8 @@ def choose_ridge(k_train: torch.Tensor, targets: torch.Tensor, y: torch.Tensor, 
     grid = []
     for factor in AUTO_RIDGE_GRID:
         lam = factor * mean_diag
-        _, neg_ce = point_utilities(loo_train_scores(k_train, targets, lam), y)
-        grid.append((lam, float(-neg_ce.mean())))
+        residual = targets - loo_train_scores(k_train, targets, lam)
+        grid.append((lam, float((residual**2).sum(-1).mean())))
     best = min(grid, key=lambda item: item[1])
     return RidgeChoice(best[0], "auto", tuple(grid))
 

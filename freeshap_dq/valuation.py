@@ -198,7 +198,7 @@ def _manifest(problem: KernelProblem, config: ValuationConfig, utility: KernelRe
         "n_train": problem.n_train, "n_test": problem.n_test, "n_classes": problem.n_classes,
         "label_names": list(problem.label_names),
         "ridge": choice.value, "ridge_mode": choice.mode,
-        "ridge_grid": [{"ridge": lam, "loo_cross_entropy": ce} for lam, ce in choice.grid],
+        "ridge_grid": [{"ridge": lam, "loo_squared_error": err} for lam, err in choice.grid],
         "utility_full": dict(zip(METRICS, utility.full)), "utility_empty": dict(zip(METRICS, utility.empty)),
         "device": str(utility.device),
         "versions": {"freeshap_dq": __version__, "torch": torch.__version__, "numpy": np.__version__,

@@ -87,22 +87,13 @@ def test_missing_output_folder_is_reported(tmp_path, kernel_file):
     assert res.exit_code == 2 and "does not exist" in res.output
 
 
-def test_demo_runs_end_to_end(tmp_path):
-    res = run(["demo", "--output-dir", tmp_path, "--n-train", 120, "--n-test", 60, "--permutations", 10])
-    assert res.exit_code == 0, res.output
-    assert "flipped labels" in res.output and "AUROC" in res.output
-    df = pd.read_csv(tmp_path / "values.csv")
-    assert len(df) == 120 and df["flipped"].sum() == 12
-    assert ValuationResult.load(tmp_path / "result.npz").count == 10
-
-
 def test_sigkill_then_resume_gives_identical_values(tmp_path):
     """A run killed with SIGKILL mid-way resumes from its checkpoint and ends bit-identical."""
     kernel = tmp_path / "K.npz"
     random_problem(n=300, m=150, n_classes=2, seed=1).save(kernel)
     common = ["value", "--kernel", str(kernel), "--permutations", "120", "--per-point", "--ridge", "0.1",
               "--checkpoint-every", "2", "--no-progress"]
-    cmd = [sys.executable, "-m", "freeshap_dq.cli.main"]
+    cmd = [sys.executable, "-m", "freeshap_dq.cli"]
     ckpt = tmp_path / "ckpt"
     proc = subprocess.Popen(cmd + common + ["--checkpoint-dir", str(ckpt), "-o", str(tmp_path / "a.csv"),
                                             "--save-result", str(tmp_path / "a.npz")],
@@ -112,7 +103,8 @@ def test_sigkill_then_resume_gives_identical_values(tmp_path):
         time.sleep(0.02)
     time.sleep(0.3)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    _, err = proc.communicate()
+    assert (ckpt / "checkpoint.npz").exists(), f"no checkpoint was written; the run said: {err.decode()[-2000:]}"
     killed_at = ValuationResult.load(ckpt / "checkpoint.npz").count
     assert 0 < killed_at < 120, "the run finished before it could be killed; make the problem bigger"
     assert not (tmp_path / "a.csv").exists()
@@ -136,7 +128,7 @@ def test_ctrl_c_writes_a_checkpoint_and_exits_130(tmp_path):
     kernel = tmp_path / "K.npz"
     random_problem(n=300, m=150, n_classes=2, seed=1).save(kernel)
     ckpt = tmp_path / "ckpt"
-    proc = subprocess.Popen([sys.executable, "-m", "freeshap_dq.cli.main", "value", "--kernel", str(kernel),
+    proc = subprocess.Popen([sys.executable, "-m", "freeshap_dq.cli", "value", "--kernel", str(kernel),
                              "--permutations", "100000", "--per-point", "--save-result", str(tmp_path / "r.npz"),
                              "--checkpoint-every", "100000", "--checkpoint-dir", str(ckpt), "--no-progress",
                              "-o", str(tmp_path / "v.csv")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -53,19 +53,19 @@ def test_relative_ridge_scales_with_the_kernel(problem):
 def test_auto_ridge_uses_loo_on_training_labels_only(problem):
     u = KernelRegressionUtility(problem, ValuationConfig(ridge="auto"))
     grid = u.ridge_choice.grid
-    assert len(grid) == 7 and u.ridge == min(grid, key=lambda g: g[1])[0]
+    assert len(grid) == 11 and u.ridge == min(grid, key=lambda g: g[1])[0]
     other_test_labels = KernelProblem(problem.k_train, problem.k_test, problem.y_train,
                                       np.roll(problem.y_test, 1))
     assert KernelRegressionUtility(other_test_labels, ValuationConfig()).ridge == u.ridge
-    # each grid entry equals the LOO cross-entropy computed by n explicit refits
-    lam, loo_ce = grid[3]
-    ces = []
+    # each grid entry equals the LOO squared error computed by n explicit refits
+    lam, loo_error = grid[5]
+    errors = []
     for i in range(problem.n_train):
         rest = np.delete(np.arange(problem.n_train), i)
         y = np.eye(3)[problem.y_train[rest]]
         f = problem.k_train[i, rest] @ np.linalg.solve(problem.k_train[np.ix_(rest, rest)] + lam * np.eye(11), y)
-        ces.append(np.log(np.exp(f).sum()) - f[problem.y_train[i]])
-    assert loo_ce == pytest.approx(np.mean(ces), rel=1e-9)
+        errors.append(((np.eye(3)[problem.y_train[i]] - f) ** 2).sum())
+    assert loo_error == pytest.approx(np.mean(errors), rel=1e-9)
 
 
 def test_closed_form_loo_equals_refits():

@@ -1,0 +1,5 @@
+"""``python -m freeshap_dq.cli`` = the ``freeshap-dq`` command."""
+
+from .main import main
+
+main()
