@@ -83,15 +83,21 @@ def config_options(func):
                              "(tolerance 0.05, kernel/1e4, ridge 1e-6, accuracy ranking).")(func)
 
 
+def column_options(func):
+    """--text-column, --pair-column, --label-column, --id-column (see pop_data_options)."""
+    for flag, default, help_text in reversed([
+        ("--text-column", "text", "Column with the text."),
+        ("--pair-column", None, "Column with the second text of sentence pairs."),
+        ("--label-column", "label", "Column with the label."),
+        ("--id-column", "id", "Column with unique example ids (row numbers when absent)."),
+    ]):
+        func = click.option(flag, default=default, show_default=default is not None, help=help_text)(func)
+    return func
+
+
 def data_options(required: bool):
     def decorate(func):
-        for flag, default, help_text in reversed([
-            ("--text-column", "text", "Column with the text."),
-            ("--pair-column", None, "Column with the second text of sentence pairs."),
-            ("--label-column", "label", "Column with the label."),
-            ("--id-column", "id", "Column with unique example ids (row numbers when absent)."),
-        ]):
-            func = click.option(flag, default=default, show_default=default is not None, help=help_text)(func)
+        func = column_options(func)
         path = click.Path(dir_okay=False, path_type=Path)
         func = click.option("--test", "test_path", type=path, required=required,
                             help="Test/validation data (.csv/.tsv/.jsonl/.json/.parquet).")(func)

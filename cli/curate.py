@@ -15,21 +15,34 @@ from ..errors import InputError
 from ..io import write_json, write_table
 from ..policies import RemovalPolicy, SelectionPolicy, policy_dict
 from ..result import ValuationResult
-from .common import friendly_errors, log, pop_data_options
+from .common import column_options, friendly_errors, log, pop_data_options
 from .main import cli
 
 PATH = click.Path(dir_okay=False, path_type=Path)
 
 
-def column_options(func):
-    for flag, default, help_text in reversed([
-        ("--text-column", "text", "Column with the text."),
-        ("--pair-column", None, "Column with the second text of sentence pairs."),
-        ("--label-column", "label", "Column with the label."),
-        ("--id-column", "id", "Column with unique example ids (row numbers when absent)."),
-    ]):
-        func = click.option(flag, default=default, show_default=default is not None, help=help_text)(func)
-    return func
+def curate_options(kind: str):
+    """The options prune and select share: inputs, outputs, manifest, metric, dry run."""
+    noun = {"prune": "Cleaned dataset", "select": "Selected subset"}[kind]
+    what = {"prune": "removed", "select": "selected"}[kind]
+
+    def decorate(func):
+        for option in reversed([
+            click.option("--values", "values_path", type=PATH, required=True, help="Values table from freeshap-dq value."),
+            click.option("--data", "data_path", type=PATH, required=True, help="The training data the values are for."),
+            column_options,
+            click.option("-o", "--output", type=PATH, default=None, help=f"{noun} (same format as --data unless the "
+                         "extension says otherwise). Required unless --dry-run."),
+            click.option("--manifest", "manifest_path", type=PATH, default=None,
+                         help=f"Where to write what was {what} and why [default: OUTPUT.manifest.json]."),
+            click.option("--metric", type=click.Choice(["ce", "accuracy"]), default="ce", show_default=True,
+                         help="Value that ranks: ce (-cross-entropy utility) or accuracy."),
+            click.option("--dry-run", is_flag=True, help=f"Show what would be {what}; write nothing."),
+        ]):
+            func = option(func)
+        return func
+
+    return decorate
 
 
 def join_values(values_path: Path, data: TextDataset) -> pd.DataFrame:
@@ -88,13 +101,7 @@ def _report_decisions(decisions: pd.DataFrame, flag: str, verb: str) -> None:
 
 
 @cli.command("prune")
-@click.option("--values", "values_path", type=PATH, required=True, help="Values table from freeshap-dq value.")
-@click.option("--data", "data_path", type=PATH, required=True, help="The training data the values are for.")
-@column_options
-@click.option("-o", "--output", type=PATH, default=None, help="Cleaned dataset (same format as --data unless the "
-              "extension says otherwise). Required unless --dry-run.")
-@click.option("--manifest", "manifest_path", type=PATH, default=None,
-              help="Where to write what was removed and why [default: OUTPUT.manifest.json].")
+@curate_options("prune")
 @click.option("--fraction", type=float, default=None, help="Remove the lowest-valued fraction (0-1).")
 @click.option("--count", type=int, default=None, help="Remove the lowest-valued COUNT examples.")
 @click.option("--threshold", type=float, default=None, help="Remove examples whose value is below this.")
@@ -102,9 +109,6 @@ def _report_decisions(decisions: pd.DataFrame, flag: str, verb: str) -> None:
 @click.option("--z", type=float, default=1.96, show_default=True, help="z for --confident.")
 @click.option("--max-class-fraction", type=float, default=1.0, show_default=True,
               help="Never remove more than this fraction of any class.")
-@click.option("--metric", type=click.Choice(["ce", "accuracy"]), default="ce", show_default=True,
-              help="Value that ranks: ce (-cross-entropy utility) or accuracy.")
-@click.option("--dry-run", is_flag=True, help="Show what would be removed; write nothing.")
 @friendly_errors
 def prune_command(values_path, data_path, output, manifest_path, fraction, count, threshold, confident, z,
                   max_class_fraction, metric, dry_run, **columns):
@@ -114,21 +118,12 @@ def prune_command(values_path, data_path, output, manifest_path, fraction, count
 
 
 @cli.command("select")
-@click.option("--values", "values_path", type=PATH, required=True, help="Values table from freeshap-dq value.")
-@click.option("--data", "data_path", type=PATH, required=True, help="The training data the values are for.")
-@column_options
-@click.option("-o", "--output", type=PATH, default=None, help="Selected subset (same format as --data unless the "
-              "extension says otherwise). Required unless --dry-run.")
-@click.option("--manifest", "manifest_path", type=PATH, default=None,
-              help="Where to write what was selected and why [default: OUTPUT.manifest.json].")
+@curate_options("select")
 @click.option("--count", type=int, default=None, help="Keep the COUNT highest-valued examples.")
 @click.option("--fraction", type=float, default=None, help="Keep the highest-valued fraction (0-1).")
 @click.option("--per-class", type=int, default=None, help="At most this many per class (quota).")
 @click.option("--budget", type=float, default=None, help="Summed cost may not exceed this.")
 @click.option("--cost-column", default=None, help="Column of --data with each example's cost [default: 1 each].")
-@click.option("--metric", type=click.Choice(["ce", "accuracy"]), default="ce", show_default=True,
-              help="Value that ranks: ce (-cross-entropy utility) or accuracy.")
-@click.option("--dry-run", is_flag=True, help="Show what would be selected; write nothing.")
 @friendly_errors
 def select_command(values_path, data_path, output, manifest_path, count, fraction, per_class, budget, cost_column,
                    metric, dry_run, **columns):

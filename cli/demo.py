@@ -17,8 +17,7 @@ from ..report import html_report, summary_table, text_report
 from ..result import ValuationResult
 from ..synthetic import auroc
 from ..valuation import compute_values
-from .common import friendly_errors, log, pop_data_options
-from .curate import column_options
+from .common import column_options, friendly_errors, log, pop_data_options
 from .main import cli
 
 PATH = click.Path(dir_okay=False, path_type=Path)
