@@ -16,6 +16,7 @@ from ..kernel import KernelProblem
 from ..ntk.builder import ADAPTERS, NTKConfig
 from ..ntk.compute import KERNEL_MODES
 
+DATA_PATH = click.Path(path_type=Path)  # a file, or a folder saved by Hugging Face datasets
 EXIT_RUNTIME, EXIT_USAGE, EXIT_GATE, EXIT_INTERRUPTED = 1, 2, 3, 130
 VERBOSITY = {"level": 1}  # 0 = errors only (-q), 1 = normal, 2 = tracebacks on failure (-v)
 
@@ -98,7 +99,7 @@ def column_options(func):
 def data_options(required: bool):
     def decorate(func):
         func = column_options(func)
-        path = click.Path(dir_okay=False, path_type=Path)
+        path = DATA_PATH
         func = click.option("--test", "test_path", type=path, required=required,
                             help="Test/validation data (.csv/.tsv/.jsonl/.json/.parquet).")(func)
         return click.option("--train", "train_path", type=path, required=required,

