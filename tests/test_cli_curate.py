@@ -116,3 +116,19 @@ def test_quiet_silences_logs(run_dir):
     res = CliRunner().invoke(cli, ["-q", "value", "--kernel", str(d / "K.npz"), "-o", str(d / "v.csv"),
                                    "--permutations", "3"])
     assert res.exit_code == 0 and res.stderr == ""
+
+
+def test_unexpected_failure_exits_1_with_a_message(run_dir, monkeypatch):
+    """A fault we cannot provoke with real inputs (e.g. the BLAS running out of memory) is simulated."""
+    d, _ = run_dir
+    import freeshap_dq.cli.main as main
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated allocation failure")
+
+    monkeypatch.setattr(main, "compute_values", broken)
+    res = run(["value", "--kernel", d / "K.npz", "-o", d / "v2.csv"])
+    assert res.exit_code == 1 and "RuntimeError: simulated allocation failure" in res.output
+    assert "Traceback" not in res.output and not (d / "v2.csv").exists()
+    res = run(["-v", "value", "--kernel", d / "K.npz", "-o", d / "v2.csv"])
+    assert res.exit_code == 1 and "Traceback" in res.output
