@@ -133,11 +133,20 @@ def test_ctrl_c_writes_a_checkpoint_and_exits_130(tmp_path):
     ckpt = tmp_path / "ckpt"
     proc = subprocess.Popen([sys.executable, "-m", "freeshap_dq.cli", "value", "--kernel", str(kernel),
                              "--permutations", "100000", "--per-point", "--save-result", str(tmp_path / "r.npz"),
-                             "--checkpoint-every", "100000", "--checkpoint-dir", str(ckpt), "--no-progress",
-                             "-o", str(tmp_path / "v.csv")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    time.sleep(4)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+                             "--checkpoint-every", "100000", "--checkpoint-dir", str(ckpt), "--progress",
+                             "--ridge", "0.1", "-o", str(tmp_path / "v.csv")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        seen = b""
+        while b"perm" not in seen:  # the progress bar shows permutations: sampling has started
+            chunk = proc.stderr.read1(4096)
+            assert chunk, f"the run ended early: {seen.decode()[-2000:]}"
+            seen += chunk
+        time.sleep(1)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
     assert proc.returncode == 130, err.decode()
     assert "rerun the same command to resume" in err.decode()
     assert ValuationResult.load(ckpt / "checkpoint.npz").count > 0
