@@ -134,7 +134,7 @@ def _log_summary(result: ValuationResult, config: ValuationConfig) -> None:
             f"mean fraction evaluated {trunc['mean_fraction_evaluated']:.2f}")
 
 
-from . import curate, demo  # noqa: E402,F401  (register prune, select, explain, report, demo)
+from . import cleanlab_cmd, curate, demo  # noqa: E402,F401  (register the other commands)
 
 
 def main() -> None:

@@ -1,0 +1,89 @@
+"""``freeshap-dq cleanlab audit|export``: FreeShap beside cleanlab's own issue types."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..config import ValuationConfig
+from ..errors import InputError
+from ..io import write_table
+from ..result import ValuationResult
+from ..valuation import compute_values
+from .common import data_options, friendly_errors, load_problem, log, ntk_options, build_ntk_config, pop_data_options
+from .main import cli
+
+PATH = click.Path(dir_okay=False, path_type=Path)
+
+
+def _cleanlab():
+    try:
+        from ..integrations import cleanlab as adapter
+    except ImportError:
+        raise InputError("this command needs cleanlab: pip install 'freeshap-dq[cleanlab]'") from None
+    return adapter
+
+
+@cli.group("cleanlab")
+def cleanlab_group() -> None:
+    """cleanlab Datalab audits with FreeShap as an issue type."""
+
+
+@cleanlab_group.command("audit")
+@click.option("--kernel", "kernel_path", type=PATH, default=None, help="Precomputed kernel .npz (or --train/--test).")
+@data_options(required=False)
+@click.option("--result", "result_path", type=PATH, default=None,
+              help="FreeShap result .npz from freeshap-dq value --save-result [default: compute one now].")
+@click.option("--permutations", type=int, default=200, show_default=True, help="When computing values now.")
+@click.option("--lab-dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder to save the Datalab in (Datalab.load reads it; import freeshap_dq.integrations first).")
+@click.option("-o", "--output", default="-", show_default=True, help="Combined table (.csv/.parquet/.json/.jsonl).")
+@click.option("--metric", type=click.Choice(["ce", "accuracy"]), default="ce", show_default=True)
+@click.option("--z", type=float, default=1.96, show_default=True, help="Flag when value + z*stderr < 0.")
+@click.option("--threshold", type=float, default=None, help="Flag when value < threshold instead.")
+@click.option("--data-valuation", is_flag=True, help="Also run cleanlab's KNN-Shapley data_valuation.")
+@click.option("--force-data-valuation", is_flag=True, help="Run it even when its dense n x n matrix may not fit.")
+@click.option("--progress/--no-progress", default=None, help="Progress bars on stderr [default: when a terminal].")
+@ntk_options
+@friendly_errors
+def audit_command(kernel_path, train_path, test_path, result_path, permutations, lab_dir, output, metric, z,
+                  threshold, data_valuation, force_data_valuation, progress, cache_dir, **options):
+    """One audit: cleanlab label issues (+ KNN-Shapley) and FreeShap, a combined table and lab.report()."""
+    adapter = _cleanlab()
+    data = pop_data_options(options)
+    problem, _ = load_problem(kernel_path, train_path, test_path, data, build_ntk_config(options, None), cache_dir,
+                              progress)
+    if result_path is not None:
+        result = ValuationResult.load(result_path)
+        if result.manifest.get("kernel_fingerprint") not in (None, problem.fingerprint()):
+            raise InputError(f"{result_path} was computed on another kernel than the one given.")
+    else:
+        result = compute_values(problem, ValuationConfig(permutations=permutations), progress=progress)
+    lab, table = adapter.combined_audit(problem, result, metric=metric, z=z, threshold=threshold,
+                                        data_valuation=data_valuation, force=force_data_valuation)
+    lab.save(str(lab_dir), force=True)
+    write_table(table, output)
+    click.echo(lab.report(num_examples=5, verbosity=1) if output != "-" else "", err=output == "-", nl=False)
+    both = int(table["flagged_by_both"].sum())
+    log(f"{int(table['is_label_issue'].sum())} label issues (cleanlab), {int(table['is_freeshap_issue'].sum())} "
+        f"FreeShap issues, {both} flagged by both; Datalab saved in {lab_dir}")
+
+
+@cleanlab_group.command("export")
+@click.option("--lab-dir", type=click.Path(file_okay=False, exists=True, path_type=Path), required=True,
+              help="A Datalab folder saved by freeshap-dq cleanlab audit (or by you).")
+@click.option("--issue-type", default=None, help="Only this issue type (e.g. freeshap, label) [default: all].")
+@click.option("-o", "--output", default="-", show_default=True, help="Issues table (.csv/.parquet/.json/.jsonl).")
+@friendly_errors
+def export_command(lab_dir, issue_type, output):
+    """Export the issues of a saved Datalab (FreeShap included) as a table."""
+    _cleanlab()
+    from cleanlab import Datalab
+
+    lab = Datalab.load(str(lab_dir))
+    known = set(lab.get_issue_summary()["issue_type"])
+    if issue_type is not None and issue_type not in known:
+        raise InputError(f"{lab_dir} has no issue type {issue_type!r}; it has {', '.join(sorted(known))}.")
+    issues = lab.get_issues(issue_type) if issue_type else lab.get_issues()
+    write_table(issues.reset_index(names="row"), output)

@@ -1,0 +1,180 @@
+r"""FreeShap as a cleanlab Datalab issue type, and a combined audit with cleanlab's label issues.
+
+Importing this module registers the issue type ``freeshap`` for classification (do it before
+``Datalab.get_issues("freeshap")`` on a Datalab loaded from disk).
+
+**Score.** Like cleanlab's own ``data_valuation`` (0.5 = neutral, lower = more harmful), a value
+v maps to :math:`s = \tfrac12\,(1 + \tanh(v / \sigma))` with :math:`\sigma` the median absolute
+value of all values (stored in ``info["scale"]``): monotone, 0.5 exactly at v = 0, in (0, 1).
+**Flag.** An example is a ``freeshap`` issue when it is harmful with confidence,
+:math:`v + z \cdot \mathrm{se} < 0` (default z = 1.96), or, when a threshold is given, when v < threshold.
+
+**Out-of-sample predictions for cleanlab's label issues** come from the same eNTK: closed-form
+leave-one-out kernel regression (one factorisation), whose one-vs-rest scores estimate class
+probabilities; they are clipped at 1e-6 and renormalised per row.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..errors import InputError
+from ..kernel import KernelProblem
+from ..regression import DTYPE, loo_train_scores, one_hot
+from ..result import ValuationResult
+
+try:
+    from cleanlab import Datalab, IssueManager
+    from cleanlab.datalab.internal.issue_manager_factory import register
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError("the cleanlab integration needs cleanlab: pip install 'freeshap-dq[cleanlab]'") from exc
+
+ISSUE_NAME = "freeshap"
+DEFAULT_Z = 1.96
+
+
+def value_to_score(values: np.ndarray, scale: float | None = None) -> tuple[np.ndarray, float]:
+    """Monotone map of values to [0, 1] with 0.5 at zero; returns (scores, scale used)."""
+    values = np.asarray(values, dtype=float)
+    if scale is None:
+        nonzero = np.abs(values[values != 0])
+        scale = float(np.median(nonzero)) if nonzero.size else 1.0
+    return 0.5 * (1.0 + np.tanh(values / scale)), scale
+
+
+class FreeShapIssueManager(IssueManager):
+    """Training examples whose FreeShap value says they harm the model's predictions."""
+
+    issue_name = ISSUE_NAME
+    description = ("FreeShap values are Shapley values of training examples for a language model's predictions, "
+                   "computed without fine-tuning by kernel regression on the model's empirical neural tangent kernel. "
+                   "Examples flagged here lower held-out performance with confidence (value + z x stderr < 0).")
+    verbosity_levels = {0: [], 1: ["z", "threshold", "metric"], 2: ["scale", "config"], 3: []}
+
+    def find_issues(self, values=None, stderr=None, z: float = DEFAULT_Z, threshold: float | None = None,
+                    metric: str = "ce", config: dict | None = None, **_: Any) -> None:
+        if values is None:
+            raise ValueError("the freeshap issue type needs issue_types={'freeshap': {'values': ..., 'stderr': ...}}")
+        values = np.asarray(values, dtype=float)
+        stderr = np.zeros_like(values) if stderr is None else np.nan_to_num(np.asarray(stderr, float), nan=np.inf)
+        scores, scale = value_to_score(values)
+        flagged = values < threshold if threshold is not None else values + z * stderr < 0
+        order = np.lexsort((np.arange(len(values)), values))
+        rank = np.empty(len(values), dtype=np.int64)
+        rank[order] = np.arange(1, len(values) + 1)
+        self.issues = pd.DataFrame({f"is_{ISSUE_NAME}_issue": flagged, f"{ISSUE_NAME}_score": scores,
+                                    f"{ISSUE_NAME}_value": values, f"{ISSUE_NAME}_stderr": stderr,
+                                    f"{ISSUE_NAME}_rank": rank})
+        self.summary = self.make_summary(float(np.mean(scores)))
+        self.info = {"z": z, "threshold": threshold, "metric": metric, "scale": scale, "config": config or {},
+                     "num_flagged": int(flagged.sum()), "mean_value": float(values.mean())}
+
+    def collect_info(self, *args, **kwargs) -> dict:
+        return self.info
+
+
+register(FreeShapIssueManager, task="classification")
+
+
+def add_freeshap_issues(lab: Datalab, result: ValuationResult, metric: str = "ce", z: float = DEFAULT_Z,
+                        threshold: float | None = None, ids: list | None = None, id_column: str | None = None) -> None:
+    """Add FreeShap issues to ``lab`` without dropping the issues found before.
+
+    ``ids`` (the result's order) are checked against ``lab.data[id_column]`` when both are given.
+    Raises if the issue type is missing afterwards (Datalab prints and drops failing issue managers).
+    """
+    n = len(lab.data)
+    if result.n_train != n:
+        raise InputError(f"the result values {result.n_train} training examples but the Datalab holds {n}; "
+                         f"value the same dataset the Datalab was built on.")
+    if id_column is not None:
+        result_ids = [str(i) for i in (ids if ids is not None else result.train_ids)]
+        if id_column not in lab.data.column_names:
+            raise InputError(f"the Datalab's data has no column {id_column!r}.")
+        lab_ids = [str(i) for i in lab.data[id_column]]
+        if lab_ids != result_ids:
+            first = next(i for i, (a, b) in enumerate(zip(lab_ids, result_ids)) if a != b)
+            raise InputError(f"example ids differ from row {first + 1} on ({lab_ids[first]!r} in the Datalab, "
+                             f"{result_ids[first]!r} in the result); put both in the same order.")
+    lab.find_issues(issue_types={ISSUE_NAME: {
+        "values": result.values(metric), "stderr": result.stderr(metric), "z": z, "threshold": threshold,
+        "metric": metric, "config": result.manifest.get("config", {})}})
+    if ISSUE_NAME not in set(lab.get_issue_summary()["issue_type"]):
+        raise RuntimeError("cleanlab dropped the freeshap issue type (it prints the error above); nothing was added.")
+
+
+def loo_pred_probs(problem: KernelProblem, ridge: float, kernel_scale: float = 1.0) -> np.ndarray:
+    """Out-of-sample class probabilities for the training set: closed-form LOO kernel regression."""
+    k = torch.as_tensor(problem.k_train, dtype=DTYPE) * kernel_scale
+    y = torch.as_tensor(problem.y_train)
+    scores = loo_train_scores(k, one_hot(y, problem.n_classes), ridge).numpy()
+    probs = np.clip(scores, 1e-6, None)
+    return probs / probs.sum(1, keepdims=True)
+
+
+def knn_graph_from_kernel(k_train: np.ndarray, k: int = 10):
+    """Sparse k-nearest-neighbour graph under the kernel distance sqrt(K_aa + K_bb - 2 K_ab)."""
+    from scipy.sparse import csr_matrix
+
+    diag = np.diag(k_train)
+    dist = np.sqrt(np.maximum(diag[:, None] + diag[None, :] - 2 * k_train, 0.0))
+    np.fill_diagonal(dist, np.inf)
+    k = min(k, len(diag) - 1)
+    neighbours = np.argsort(dist, axis=1, kind="stable")[:, :k]
+    rows = np.repeat(np.arange(len(diag)), k)
+    return csr_matrix((dist[rows, neighbours.ravel()], (rows, neighbours.ravel())), shape=dist.shape)
+
+
+def check_knn_shapley_memory(n: int, force: bool = False) -> None:
+    """cleanlab's KNN-Shapley allocates a dense n x n float64 matrix: refuse when it would not fit."""
+    needed = 8 * n * n
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover
+        return
+    if needed > 0.5 * available and not force:
+        raise InputError(f"cleanlab's data_valuation (KNN-Shapley) needs a dense {n} x {n} matrix "
+                         f"({needed / 2**30:.1f} GiB) and {available / 2**30:.1f} GiB are free; leave it out or "
+                         f"pass force (--force-data-valuation) if you know better.")
+
+
+def combined_audit(problem: KernelProblem, result: ValuationResult, data: pd.DataFrame | None = None,
+                   label_names: tuple[str, ...] | None = None, metric: str = "ce", z: float = DEFAULT_Z,
+                   threshold: float | None = None, data_valuation: bool = False, force: bool = False,
+                   knn: int = 10) -> tuple[Datalab, pd.DataFrame]:
+    """cleanlab's label issues (+ optionally KNN-Shapley) and FreeShap in one Datalab and one table."""
+    names = label_names or problem.label_names or tuple(str(c) for c in range(problem.n_classes))
+    given = [names[c] for c in problem.y_train]
+    frame = pd.DataFrame({"example_id": [str(i) for i in (problem.train_ids if problem.train_ids is not None
+                                                          else range(problem.n_train))], "given_label": given})
+    if data is not None:
+        if len(data) != problem.n_train:
+            raise InputError(f"the data has {len(data)} rows but the kernel has {problem.n_train} training examples.")
+        frame = pd.concat([frame, data.drop(columns=[c for c in frame.columns if c in data.columns]).reset_index(
+            drop=True)], axis=1)
+    lab = Datalab(data=frame, label_name="given_label", verbosity=0)
+    ridge = float(result.manifest.get("ridge", 1.0))
+    scale = float(result.manifest.get("config", {}).get("kernel_scale", 1.0))
+    pred_probs = loo_pred_probs(problem, ridge, scale)
+    issue_types: dict[str, dict] = {"label": {}}
+    kwargs: dict[str, Any] = {"pred_probs": pred_probs}
+    if data_valuation:
+        check_knn_shapley_memory(problem.n_train, force)
+        issue_types["data_valuation"] = {}
+        kwargs["knn_graph"] = knn_graph_from_kernel(problem.k_train, knn)
+    lab.find_issues(issue_types=issue_types, **kwargs)
+    add_freeshap_issues(lab, result, metric=metric, z=z, threshold=threshold)
+    issues = lab.get_issues()
+    table = frame[["example_id", "given_label"]].copy()
+    table["predicted_label"] = [names[c] for c in pred_probs.argmax(1)]
+    for column in issues.columns:
+        if column not in table.columns:
+            table[column] = issues[column].to_numpy()
+    table["flagged_by_both"] = table["is_label_issue"] & table[f"is_{ISSUE_NAME}_issue"]
+    table["flagged_by_either"] = table["is_label_issue"] | table[f"is_{ISSUE_NAME}_issue"]
+    return lab, table.sort_values(f"{ISSUE_NAME}_rank").reset_index(drop=True)
