@@ -135,3 +135,19 @@ def test_cli_audit_and_export(noisy, tmp_path):
     res = run(["cleanlab", "audit", "--kernel", tmp_path / "K2.npz", "--result", tmp_path / "r.npz",
                "--lab-dir", tmp_path / "lab2"])
     assert res.exit_code == 2 and "another kernel" in res.output
+
+
+def test_helper_raises_when_cleanlab_drops_the_issue_type(noisy, monkeypatch, capsys):
+    """Datalab prints and swallows issue-manager exceptions; the helper must not report success."""
+    from freeshap_dq.integrations.cleanlab import FreeShapIssueManager
+
+    data, result = noisy
+    lab = lab_with_label_issues(data)
+
+    def broken(self, **kwargs):  # a fault inside the manager, which real inputs cannot provoke
+        raise ValueError("boom")
+
+    monkeypatch.setattr(FreeShapIssueManager, "find_issues", broken)
+    with pytest.raises(RuntimeError, match="dropped the freeshap issue type"):
+        add_freeshap_issues(lab, result)
+    assert set(lab.get_issue_summary()["issue_type"]) == {"label"}
