@@ -7,7 +7,9 @@ Exit codes: 0 success, 1 runtime failure, 2 bad input or usage (the message says
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -31,6 +33,12 @@ from .common import (
 def cli(quiet: bool, verbose: bool) -> None:
     """FreeShap data valuation: which training examples help or harm a text classifier."""
     VERBOSITY["level"] = 0 if quiet else (2 if verbose else 1)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)  # a scheduler's SIGTERM checkpoints like Ctrl-C
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
 
 
 @cli.command("value")

@@ -11,8 +11,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import platform
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -125,7 +128,9 @@ def _sample_permutations(problem, config, utility, manifest, stopping, checkpoin
                 break
             first = config.start + acc.count
             perms = torch.as_tensor(np.stack([permutation(config.seed, first + b, n) for b in range(size)]))
-            acc.add(perms.to(utility.device), engine.run(perms), weights)
+            marginals = engine.run(perms)
+            with deferred_interrupts():  # a Ctrl-C / SIGTERM lands between permutations, never inside one
+                acc.add(perms.to(utility.device), marginals, weights)
             bar.update(size)
             if checkpoint is not None and acc.count - last_saved >= config.checkpoint_every:
                 acc.snapshot().save(checkpoint)
@@ -140,6 +145,27 @@ def _sample_permutations(problem, config, utility, manifest, stopping, checkpoin
     if checkpoint is not None and acc.count != last_saved:
         final.save(checkpoint)
     return final
+
+
+@contextlib.contextmanager
+def deferred_interrupts():
+    """Hold SIGINT/SIGTERM until the block ends, then raise KeyboardInterrupt (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig, handler in previous.items():
+        if handler not in (signal.SIG_IGN, None):
+            signal.signal(sig, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            if handler not in (signal.SIG_IGN, None):
+                signal.signal(sig, handler)
+    if received:
+        raise KeyboardInterrupt
 
 
 class _Accumulator:

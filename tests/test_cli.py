@@ -127,7 +127,13 @@ def test_sigkill_then_resume_gives_identical_values(tmp_path):
     assert (tmp_path / "a.csv").read_text() == (tmp_path / "b.csv").read_text()
 
 
-def test_ctrl_c_writes_a_checkpoint_and_exits_130(tmp_path):
+def default_interrupt():
+    """A background CI shell starts children with SIGINT ignored; give the CLI a normal Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_writes_a_checkpoint_and_exits_130(tmp_path, sig):
     kernel = tmp_path / "K.npz"
     random_problem(n=300, m=150, n_classes=2, seed=1).save(kernel)
     ckpt = tmp_path / "ckpt"
@@ -135,7 +141,7 @@ def test_ctrl_c_writes_a_checkpoint_and_exits_130(tmp_path):
                              "--permutations", "100000", "--per-point", "--save-result", str(tmp_path / "r.npz"),
                              "--checkpoint-every", "100000", "--checkpoint-dir", str(ckpt), "--progress",
                              "--ridge", "0.1", "-o", str(tmp_path / "v.csv")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=default_interrupt)
     try:
         seen = b""
         while b"perm" not in seen:  # the progress bar shows permutations: sampling has started
@@ -143,7 +149,7 @@ def test_ctrl_c_writes_a_checkpoint_and_exits_130(tmp_path):
             assert chunk, f"the run ended early: {seen.decode()[-2000:]}"
             seen += chunk
         time.sleep(1)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
