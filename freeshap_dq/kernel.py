@@ -128,14 +128,6 @@ class KernelProblem:
     def mean_diag(self) -> float:
         return float(np.mean(np.diag(self.k_train)))
 
-    def subset(self, train_index: np.ndarray) -> "KernelProblem":
-        idx = np.asarray(train_index)
-        return KernelProblem(
-            self.k_train[np.ix_(idx, idx)], self.k_test[:, idx], self.y_train[idx], self.y_test,
-            self.label_names, None if self.train_ids is None else self.train_ids[idx], self.test_ids,
-            source=self.source,
-        )
-
     def save(self, path: str | os.PathLike) -> None:
         arrays = {
             "k_train": self.k_train, "k_test": self.k_test,
