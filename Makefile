@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench bench-ntk clean
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,9 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_engine.py
+
+bench-ntk: setup
+	$(OFFLINE) $(BIN)/python benchmarks/bench_ntk.py --quality
 
 clean:
 	rm -rf $(VENV) freeshap-demo-output .pytest_cache
