@@ -56,7 +56,8 @@ class NTKConfig:
     label_words: str = _opt("", "prompt-mlm / causal-lm: one single-token word per class, as 'neg=terrible,"
                                 "pos=great' or 'terrible,great' in the order of the sorted label names.")
     lora_rank: int = _opt(0, "causal-lm: LoRA rank (0 = no LoRA); with LoRA only LoRA-B and the head are trainable.")
-    max_memory: str = _opt("4GiB", "Memory budget for gradients and the Gram accumulation.")
+    max_memory: str = _opt("auto", "Memory budget for gradients and the Gram accumulation, e.g. 4GiB; auto = 40% "
+                                   "of the free RAM, at most 16 GiB.")
     grad_batch_size: int = _opt(0, "Examples per vmap batch of per-example gradients (0 = from the memory budget).")
     device: str = _opt("auto", "auto (CUDA when present), cpu, cuda or cuda:N.")
 

@@ -14,6 +14,7 @@ n x n and m x n blocks are formed (plus the test diagonal on request).
 from __future__ import annotations
 
 import math
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -32,9 +33,19 @@ MEMORY_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20
                 "g": 2**30, "gb": 2**30, "gib": 2**30}
 
 
+AUTO_MEMORY_FRACTION, AUTO_MEMORY_CAP = 0.4, 16 * 2**30
+
+
 def parse_memory(spec: str | int) -> int:
+    """Bytes for '512MiB', '4GiB', '1000' ...; 'auto' = 40% of the free RAM, at most 16 GiB."""
     if isinstance(spec, int):
         return spec
+    if str(spec).strip().lower() == "auto":
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+            free = 10 * 2**30
+        return int(min(AUTO_MEMORY_CAP, max(2**30, AUTO_MEMORY_FRACTION * free)))
     m = re.fullmatch(r"\s*([\d.]+)\s*([a-zA-Z]*)\s*", str(spec))
     if not m or m.group(2).lower() not in MEMORY_UNITS:
         raise InputError(f"memory size {spec!r} is not understood; write e.g. 512MiB or 4GiB.")

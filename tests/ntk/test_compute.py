@@ -124,9 +124,16 @@ def test_additive_4d_mask_equals_2d_mask(adapter):
     torch.testing.assert_close(four_d[keep], two_d[keep], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("spec", ["1KiB", "2 GiB", "512mb", "1000"])
-def test_parse_memory(spec):
-    assert parse_memory(spec) > 0
+@pytest.mark.parametrize("spec, expected", [("1KiB", 1024), ("2 GiB", 2 * 2**30), ("512mb", 512 * 2**20),
+                                            ("1000", 1000)])
+def test_parse_memory(spec, expected):
+    assert parse_memory(spec) == expected
+
+
+def test_auto_memory_is_bounded():
+    assert 2**30 <= parse_memory("auto") <= 16 * 2**30
+    with pytest.raises(InputError, match="not understood"):
+        parse_memory("lots")
 
 
 def test_model_loading_errors(tmp_path):
