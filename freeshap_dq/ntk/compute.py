@@ -36,13 +36,17 @@ MEMORY_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20
 AUTO_MEMORY_FRACTION, AUTO_MEMORY_CAP = 0.4, 16 * 2**30
 
 
-def parse_memory(spec: str | int) -> int:
-    """Bytes for '512MiB', '4GiB', '1000' ...; 'auto' = 40% of the free RAM, at most 16 GiB."""
+def parse_memory(spec: str | int, device: torch.device | None = None) -> int:
+    """Bytes for '512MiB', '4GiB', '1000' ...; 'auto' = 40% of the free memory of the device that holds
+    the Jacobian (RAM, or the GPU's memory on CUDA), at most 16 GiB."""
     if isinstance(spec, int):
         return spec
     if str(spec).strip().lower() == "auto":
         try:
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            if device is not None and device.type == "cuda":
+                free = torch.cuda.mem_get_info(device)[0]
+            else:
+                free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
             free = 10 * 2**30
         return int(min(AUTO_MEMORY_CAP, max(2**30, AUTO_MEMORY_FRACTION * free)))
@@ -114,7 +118,7 @@ def compute_ntk(adapter, train_examples: list[dict], test_examples: list[dict], 
     if kernel not in KERNEL_MODES:
         raise InputError(f"kernel {kernel!r} is unknown; choose one of {', '.join(KERNEL_MODES)}.")
     device = torch.device(device)
-    budget = parse_memory(max_memory)
+    budget = parse_memory(max_memory, device)
     names = select_trainable(adapter, trainable)
     params = dict(adapter.named_parameters())
     for p in params.values():
