@@ -7,6 +7,8 @@ from freeshap_dq.ntk.adapters import EncoderHead, additive_mask
 from freeshap_dq.ntk.compute import compute_ntk, parse_memory, select_trainable
 from freeshap_dq.ntk.models import load_model_and_tokenizer
 
+from autograd_reference import gradient_row, gram
+
 TEXTS = ["a great movie", "a boring film and a dull plot that goes on", "it was bad", "very good indeed",
          "the actors are funny", "terrible", "i loved every minute of it", "long and tedious"]
 PAIRS = ["brilliant", "not very good", "it was great", "moving", "dull", "clever", "funny", "a mess"]
@@ -19,28 +21,17 @@ def adapter(tiny_bert_path):
 
 
 def autograd_kernel(adapter, texts, pairs, names, n_train, classes=(0,)):
-    """Reference: one plain backward per example and class (unpadded), Gram in float64."""
-    params = dict(adapter.named_parameters())
+    """Reference: one plain backward per example and class (unpadded, 2-D masks), Gram in float64."""
     adapter.set_trainable(set())  # the full network from the embeddings, no cached prefix
-    kernel = 0
-    for c in classes:
-        rows = []
-        for i, text in enumerate(texts):
-            enc = adapter.tokenizer(text, None if pairs is None else pairs[i], return_tensors="pt")
-            for k in names:
-                params[k].requires_grad_(True)
-            try:
-                hidden = adapter.encoder(**enc).last_hidden_state
-                pooled = hidden[:, 0] if adapter.pooling == "cls" else hidden.mean(1)
-                grads = torch.autograd.grad(adapter.head(pooled)[0, c], [params[k] for k in names], allow_unused=True)
-            finally:
-                for k in names:
-                    params[k].requires_grad_(False)
-            rows.append(torch.cat([(torch.zeros_like(params[k]) if g is None else g).reshape(-1).double()
-                                   for k, g in zip(names, grads)]))
-        jac = torch.stack(rows)
-        kernel = kernel + (jac @ jac[:n_train].T).numpy()
-    return kernel
+
+    def logit(i, c):
+        enc = adapter.tokenizer(texts[i], None if pairs is None else pairs[i], return_tensors="pt")
+        hidden = adapter.encoder(**enc).last_hidden_state
+        pooled = hidden[:, 0] if adapter.pooling == "cls" else hidden.mean(1)
+        return adapter.head(pooled)[0, c]
+
+    return sum(gram([gradient_row(adapter, names, forward=lambda: logit(i, c)) for i in range(len(texts))], n_train)
+               for c in classes)
 
 
 def relative_error(out, reference):

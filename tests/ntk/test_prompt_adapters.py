@@ -8,6 +8,7 @@ from freeshap_dq.ntk.builder import NTKConfig, build_kernel, parse_label_words
 from freeshap_dq.ntk.compute import compute_ntk, select_trainable
 from freeshap_dq.ntk.models import load_model_and_tokenizer
 
+from autograd_reference import gradient_row, gram
 from test_builder import TEST, TRAIN
 
 TEXTS = ["a great movie", "a boring film and a dull plot that goes on and on", "it was bad", "very good indeed",
@@ -28,21 +29,9 @@ def causal(tiny_llama_path):
 
 def reference_kernel(adapter, examples, names, n_train, logits_of):
     """Plain autograd, one example at a time, through the model's own (2-D mask) forward."""
-    params = dict(adapter.named_parameters())
-    rows = []
-    for ex in examples:
-        for k in names:
-            params[k].requires_grad_(True)
-        try:
-            out = logits_of(torch.tensor([ex["input_ids"]]), ex["read_at"])
-            grads = torch.autograd.grad(out[0], [params[k] for k in names], allow_unused=True)
-        finally:
-            for k in names:
-                params[k].requires_grad_(False)
-        rows.append(torch.cat([(torch.zeros_like(params[k]) if g is None else g).reshape(-1).double()
-                               for k, g in zip(names, grads)]))
-    jac = torch.stack(rows)
-    return (jac @ jac[:n_train].T).numpy()
+    return gram([gradient_row(adapter, names, forward=lambda ex=ex: logits_of(torch.tensor([ex["input_ids"]]),
+                                                                              ex["read_at"])[0])
+                 for ex in examples], n_train)
 
 
 def check(adapter, trainable, logits_of):
