@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .. import __version__
-from ..data import TextDataset, load_dataset, read_table, write_data_table
+from ..data import TextDataset, dataset_from_frame, load_dataset, read_table, write_data_table
 from ..errors import InputError
 from ..io import write_json, write_table
 from ..policies import RemovalPolicy, SelectionPolicy, policy_dict
@@ -76,11 +76,6 @@ def join_values(values_path: Path, data: TextDataset) -> pd.DataFrame:
     return table
 
 
-def _write_subset(data_path: Path, rows: np.ndarray, output: Path) -> None:
-    raw = read_table(data_path)
-    write_data_table(raw.iloc[rows], output, like=data_path)
-
-
 def _manifest(kind: str, policy, data_path, values_path, decisions: pd.DataFrame, flag: str, output) -> dict:
     cols = [c for c in ("example_id", "label", "value", "value_ce", "stderr", "stderr_ce", "reason") if c in decisions]
     chosen = decisions[decisions[flag]]
@@ -135,14 +130,14 @@ def select_command(values_path, data_path, output, manifest_path, count, fractio
 def _curate(kind, policy, values_path, data_path, output, manifest_path, dry_run, columns, cost_column=None):
     if output is None and not dry_run:
         raise click.UsageError("give -o/--output for the result, or --dry-run to only look.")
-    data = load_dataset(data_path, **pop_data_options(columns))
+    raw = read_table(data_path)
+    data = dataset_from_frame(raw, str(data_path), **pop_data_options(columns))
     table = join_values(values_path, data)
     if kind == "prune":
         decisions, flag, verb = policy.apply(table), "removed", "would remove" if dry_run else "removed"
     else:
         cost = None
         if cost_column is not None:
-            raw = read_table(data_path)
             if cost_column not in raw.columns:
                 raise InputError(f"{data_path}: no column {cost_column!r} for --cost-column.")
             cost = pd.to_numeric(raw[cost_column], errors="coerce").set_axis(table.index)
@@ -151,11 +146,12 @@ def _curate(kind, policy, values_path, data_path, output, manifest_path, dry_run
         decisions, flag, verb = policy.apply(table, cost), "selected", "would select" if dry_run else "selected"
     _report_decisions(decisions, flag, verb)
     if dry_run:
-        shown = decisions[decisions[flag]][["example_id", "label", "value_ce", "value", "reason"]]
+        cols = [c for c in ("example_id", "label", "value_ce", "value", "reason") if c in decisions.columns]
+        shown = decisions[decisions[flag]][cols]
         click.echo(shown.to_string(index=False) if len(shown) else "(nothing)")
         return
     rows = decisions.loc[~decisions[flag] if kind == "prune" else decisions[flag], "row"].sort_values().to_numpy()
-    _write_subset(data_path, rows, output)
+    write_data_table(raw.iloc[rows], output, like=data_path)
     manifest_path = manifest_path or output.with_name(output.name + ".manifest.json")
     write_json(_manifest(kind, policy, data_path, values_path, decisions, flag, output), manifest_path)
     log(f"wrote {output} ({len(rows)} rows) and {manifest_path}")

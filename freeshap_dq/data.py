@@ -80,8 +80,12 @@ def _read_saved_dataset(path: Path) -> pd.DataFrame:
 
 def load_dataset(path: str | Path, text_column: str = "text", label_column: str = "label",
                  id_column: str | None = "id", pair_column: str | None = None) -> TextDataset:
-    df = read_table(path)
-    where = str(path)
+    return dataset_from_frame(read_table(path), str(path), text_column, label_column, id_column, pair_column)
+
+
+def dataset_from_frame(df: pd.DataFrame, where: str, text_column: str = "text", label_column: str = "label",
+                       id_column: str | None = "id", pair_column: str | None = None) -> TextDataset:
+    """Validate a table already read (``where`` names it in messages) and take the columns asked for."""
     for column, option in ((text_column, "--text-column"), (label_column, "--label-column"),
                            (pair_column, "--pair-column")):
         if column is not None and column not in df.columns:
