@@ -157,7 +157,9 @@ def combined_audit(problem: KernelProblem, result: ValuationResult, data: pd.Dat
             raise InputError(f"the data has {len(data)} rows but the kernel has {problem.n_train} training examples.")
         frame = pd.concat([frame, data.drop(columns=[c for c in frame.columns if c in data.columns]).reset_index(
             drop=True)], axis=1)
-    lab = Datalab(data=frame, label_name="given_label", verbosity=0)
+    # cleanlab orders classes by sorting the label column: integer ids keep pred_probs' columns aligned
+    frame["label_id"] = problem.y_train
+    lab = Datalab(data=frame, label_name="label_id", verbosity=0)
     ridge = float(result.manifest.get("ridge", 1.0))
     scale = float(result.manifest.get("config", {}).get("kernel_scale", 1.0))
     pred_probs = loo_pred_probs(problem, ridge, scale)

@@ -151,3 +151,17 @@ def test_helper_raises_when_cleanlab_drops_the_issue_type(noisy, monkeypatch, ca
     with pytest.raises(RuntimeError, match="dropped the freeshap issue type"):
         add_freeshap_issues(lab, result)
     assert set(lab.get_issue_summary()["issue_type"]) == {"label"}
+
+
+def test_audit_keeps_classes_aligned_when_label_names_are_not_sorted(noisy):
+    from freeshap_dq import KernelProblem
+
+    data, result = noisy
+    p = data.problem
+    reordered = KernelProblem(p.k_train, p.k_test, p.y_train, p.y_test, ("zzz", "aaa"), p.train_ids, p.test_ids)
+    _, table = combined_audit(reordered, result)
+    t = table.set_index("example_id").loc[list(p.train_ids)]
+    assert list(t["given_label"][:3]) == [("zzz", "aaa")[c] for c in p.y_train[:3]]
+    agree = (t["predicted_label"] == t["given_label"]).mean()
+    assert agree > 0.8  # with misaligned columns most predictions would disagree with the given labels
+    assert auroc(t["label_score"].to_numpy(), data.flipped) > 0.8
