@@ -101,10 +101,13 @@ class _LayeredAdapter(nn.Module):
             hidden = self.run_layer(layer, hidden, batch["attention_mask"])
         return hidden
 
-    def forward(self, prefix: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, prefix: torch.Tensor, mask: torch.Tensor, word_vectors: torch.Tensor | None = None) -> torch.Tensor:
+        """``word_vectors`` replaces the word-table lookup (to differentiate with respect to the looked-up rows)."""
         start = self.first_trainable_layer
         if start < 0:
-            hidden, start = self.embed(prefix[..., 0], prefix[..., 1]), 0
+            ids, types = prefix[..., 0], prefix[..., 1]
+            hidden = self.embed(ids, types) if word_vectors is None else self.embed_vectors(word_vectors, types)
+            start = 0
         else:
             hidden = prefix
         for layer in self.layers[start:]:
@@ -145,8 +148,18 @@ class _BertLike(_LayeredAdapter):
     def layers(self) -> nn.ModuleList:
         return self.bert.encoder.layer
 
+    @property
+    def word_table_name(self) -> str:
+        return self.embeddings_prefix + "word_embeddings.weight"
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.bert.embeddings.word_embeddings(ids)
+
     def embed(self, ids: torch.Tensor, types: torch.Tensor) -> torch.Tensor:
         return self.bert.embeddings(input_ids=ids, token_type_ids=types)
+
+    def embed_vectors(self, vectors: torch.Tensor, types: torch.Tensor) -> torch.Tensor:
+        return self.bert.embeddings(token_type_ids=types, inputs_embeds=vectors)
 
     def run_layer(self, layer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return layer(hidden, additive_mask(mask, hidden.dtype))
@@ -352,8 +365,16 @@ class CausalLM(_TemplateMixin, _LayeredAdapter):
             out.append({"input_ids": ids, "read_at": len(ids) - 1})
         return out
 
+    word_table_name = "decoder.embed_tokens.weight"
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.decoder.embed_tokens(ids)
+
     def embed(self, ids: torch.Tensor, types: torch.Tensor) -> torch.Tensor:
         return self.decoder.embed_tokens(ids)
+
+    def embed_vectors(self, vectors: torch.Tensor, types: torch.Tensor) -> torch.Tensor:
+        return vectors
 
     def run_layer(self, layer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)

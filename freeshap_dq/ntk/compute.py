@@ -129,8 +129,11 @@ def compute_ntk(adapter, train_examples: list[dict], test_examples: list[dict], 
     if n == 0:
         raise InputError("the training set is empty.")
     n_trainable = sum(params[k].numel() for k in names)
-    chunk_capacity, batch = _plan(budget, total, n, names, params, batch_size)
-    chunks = _chunks(names, params, chunk_capacity)
+    word_table = getattr(adapter, "word_table_name", None)
+    sparse_table = word_table in names  # its rows get the exact sparse path, not dense Jacobian columns
+    dense_names = [k for k in names if not (sparse_table and k == word_table)]
+    chunk_capacity, batch = _plan(budget, total, n, dense_names, params, batch_size)
+    chunks = _chunks(dense_names, params, chunk_capacity)
     # rows of J: training examples by length, then test examples by length (batches never mix them,
     # so the training rows are J[:n]); ``order`` maps those rows back to the caller's order
     order = _length_order(train_examples) + [n + i for i in _length_order(test_examples)]
@@ -142,7 +145,7 @@ def compute_ntk(adapter, train_examples: list[dict], test_examples: list[dict], 
 
     k_rows = torch.zeros(total, n, dtype=torch.float64, device=device)
     diag = torch.zeros(total - n, dtype=torch.float64, device=device) if test_diagonal else None
-    bar = tqdm(total=len(chunks) * len(classes) * total, unit="ex", file=sys.stderr, dynamic_ncols=True,
+    bar = tqdm(total=(len(chunks) + sparse_table) * len(classes) * total, unit="ex", file=sys.stderr, dynamic_ncols=True,
                disable=(not sys.stderr.isatty()) if progress is None else not progress,
                desc=f"eNTK {adapter.adapter_name} ({n_trainable:,} trainable params, {len(chunks)} chunk(s))")
     for chunk in chunks:
@@ -165,6 +168,9 @@ def compute_ntk(adapter, train_examples: list[dict], test_examples: list[dict], 
                 bar.update(hi - lo)
             _accumulate_gram(jac, n, k_rows, diag)
         del jac
+    if sparse_table:
+        for c in classes:
+            _accumulate_word_table_gram(adapter, prefixes, c, n, params[word_table].shape[0], k_rows, diag, bar)
     bar.close()
     inverse = torch.empty(total, dtype=torch.long)
     inverse[torch.as_tensor(order)] = torch.arange(total)
@@ -176,6 +182,53 @@ def compute_ntk(adapter, train_examples: list[dict], test_examples: list[dict], 
     return KernelOutput(k_train, k_rows[n:], None if diag is None else diag.cpu().numpy(), names, n_trainable,
                         {"chunks": len(chunks), "batch_size": batch, "chunk_capacity": chunk_capacity,
                          "kernel": kernel, "trainable": trainable, "max_memory_bytes": budget})
+
+
+def _accumulate_word_table_gram(adapter, prefixes, c: int, n: int, vocab: int, k_rows: torch.Tensor,
+                                diag: torch.Tensor | None, bar) -> None:
+    r"""The word-embedding table's share of the kernel, exactly and without its vocab x H per-example gradient.
+
+    The gradient of f(x_a) with respect to the table has one non-zero row per distinct token v of x_a,
+    :math:`G_a[v] = \sum_{t: x_a(t) = v} g_a(t)` with :math:`g_a(t)` the gradient with respect to the row looked
+    up at position t. So :math:`K[a, b] \mathrel{+}= \sum_v G_a[v] \cdot G_b[v]`, summed over tokens shared by a
+    and b: per token, one small Gram of the examples that contain it.
+    """
+    def logit(vectors, prefix, mask):
+        return functional_call(adapter, {}, (prefix.unsqueeze(0), mask.unsqueeze(0)),
+                               {"word_vectors": vectors.unsqueeze(0)})[0, c]
+
+    per_example = vmap(grad(logit), in_dims=(0, 0, 0))
+    rows, tokens, vectors = [], [], []
+    for lo, hi, prefix, mask in prefixes:
+        ids = prefix[..., 0]
+        with torch.no_grad():
+            looked_up = adapter.lookup(ids)
+        g = per_example(looked_up, prefix, mask)
+        keep = mask > 0
+        rows.append(torch.arange(lo, hi, device=ids.device)[:, None].expand_as(ids)[keep])
+        tokens.append(ids[keep])
+        vectors.append(g[keep].double())
+        bar.update(hi - lo)
+    rows, tokens, vectors = torch.cat(rows), torch.cat(tokens), torch.cat(vectors)
+    keys, inverse = torch.unique(rows * vocab + tokens, return_inverse=True)
+    summed = torch.zeros(len(keys), vectors.shape[1], dtype=torch.float64, device=vectors.device)
+    summed.index_add_(0, inverse, vectors)
+    key_rows, key_tokens = keys // vocab, keys % vocab
+    order = torch.argsort(key_tokens, stable=True)
+    _, counts = torch.unique_consecutive(key_tokens[order], return_counts=True)
+    start = 0
+    for count in counts.tolist():
+        idx = order[start:start + count]
+        start += count
+        members, g = key_rows[idx], summed[idx]
+        block = g @ g.T
+        train = members < n
+        if bool(train.any()):
+            cols = members[train]
+            k_rows.index_put_((members[:, None].expand(-1, len(cols)), cols[None, :].expand(len(members), -1)),
+                              block[:, train], accumulate=True)
+        if diag is not None and bool((~train).any()):
+            diag.index_add_(0, members[~train] - n, torch.diagonal(block)[~train])
 
 
 def _accumulate_gram(jac: torch.Tensor, n: int, k_rows: torch.Tensor, diag: torch.Tensor | None) -> None:

@@ -61,7 +61,7 @@ def test_chunking_and_batching_do_not_change_the_kernel(adapter):
     ex = adapter.tokenize(TEXTS)
     big = compute_ntk(adapter, ex[:5], ex[5:], trainable="all", max_memory="256MiB", progress=False,
                       test_diagonal=True)
-    small = compute_ntk(adapter, ex[:5], ex[5:], trainable="all", max_memory="2MiB", batch_size=3, progress=False,
+    small = compute_ntk(adapter, ex[:5], ex[5:], trainable="all", max_memory="1MiB", batch_size=3, progress=False,
                         test_diagonal=True)
     assert small.info["chunks"] > 1 and big.info["chunks"] == 1
     np.testing.assert_allclose(small.k_train, big.k_train, rtol=1e-5, atol=1e-7 * np.abs(big.k_train).max())
