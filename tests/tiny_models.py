@@ -30,31 +30,31 @@ def train_wordpiece(folder: Path):
     return fast
 
 
-def tiny_bert(folder: Path, seed: int = 0) -> Path:
-    """A 3-layer BertForMaskedLM (hidden 32) saved with its tokenizer."""
+def _save_tiny(folder: Path, seed: int, make_model) -> Path:
+    """Train the tokenizer into ``folder``, then save ``make_model(tokenizer)`` built under ``seed``."""
     import torch
-    from transformers import BertConfig, BertForMaskedLM
 
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = train_wordpiece(folder)
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id)
-    BertForMaskedLM(config).save_pretrained(folder)
+    make_model(tokenizer).save_pretrained(folder)
     return folder
+
+
+def tiny_bert(folder: Path, seed: int = 0) -> Path:
+    """A 3-layer BertForMaskedLM (hidden 32) saved with its tokenizer."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    return _save_tiny(folder, seed, lambda tok: BertForMaskedLM(BertConfig(
+        vocab_size=len(tok), hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64, pad_token_id=tok.pad_token_id)))
 
 
 def tiny_llama(folder: Path, seed: int = 0) -> Path:
     """A 2-layer LlamaForCausalLM (hidden 32) saved with a WordPiece tokenizer."""
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_wordpiece(folder)
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.cls_token_id,
-                         eos_token_id=tokenizer.sep_token_id, tie_word_embeddings=False)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
+    return _save_tiny(folder, seed, lambda tok: LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id, tie_word_embeddings=False)))
