@@ -178,6 +178,19 @@ class ValuationResult:
         )
 
 
+def value_to_score(values: np.ndarray, scale: float | None = None) -> tuple[np.ndarray, float]:
+    """Monotone map of values to a [0, 1] quality, 0.5 at zero and lower = more harmful.
+
+    ``0.5 (1 + tanh(v / scale))`` with ``scale`` the median |v| over non-zero values unless given
+    (cleanlab's convention for data valuation scores); returns (scores, scale used).
+    """
+    values = np.asarray(values, dtype=float)
+    if scale is None:
+        nonzero = np.abs(values[values != 0])
+        scale = float(np.median(nonzero)) if nonzero.size else 1.0
+    return 0.5 * (1.0 + np.tanh(values / scale)), scale
+
+
 def _check_metric(metric: str) -> None:
     if metric not in METRICS:
         raise InputError(f"metric {metric!r} is unknown; choose one of {', '.join(METRICS)}.")

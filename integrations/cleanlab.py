@@ -26,7 +26,7 @@ import torch
 from ..errors import InputError
 from ..kernel import KernelProblem
 from ..regression import DTYPE, loo_train_scores, one_hot
-from ..result import ValuationResult
+from ..result import ValuationResult, value_to_score
 
 try:
     from cleanlab import Datalab, IssueManager
@@ -36,15 +36,6 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 ISSUE_NAME = "freeshap"
 DEFAULT_Z = 1.96
-
-
-def value_to_score(values: np.ndarray, scale: float | None = None) -> tuple[np.ndarray, float]:
-    """Monotone map of values to [0, 1] with 0.5 at zero; returns (scores, scale used)."""
-    values = np.asarray(values, dtype=float)
-    if scale is None:
-        nonzero = np.abs(values[values != 0])
-        scale = float(np.median(nonzero)) if nonzero.size else 1.0
-    return 0.5 * (1.0 + np.tanh(values / scale)), scale
 
 
 class FreeShapIssueManager(IssueManager):

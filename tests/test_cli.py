@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from freeshap_dq import ValuationResult
 from freeshap_dq.cli.main import cli
 
-from conftest import random_problem
+from problems import random_problem
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from freeshap_dq import ValuationConfig
 from freeshap_dq.engine import PrefixEngine
 from freeshap_dq.regression import KernelRegressionUtility
 
-from conftest import random_problem
+from problems import random_problem
 from test_regression import direct_scores
 
 RIDGE = 0.05

@@ -4,7 +4,7 @@ import pytest
 from freeshap_dq import KernelError, KernelProblem, ValuationConfig
 from freeshap_dq.regression import KernelRegressionUtility
 
-from conftest import random_problem
+from problems import random_problem
 
 
 def arrays(p):

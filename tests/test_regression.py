@@ -9,7 +9,7 @@ from freeshap_dq.config import parse_ridge
 from freeshap_dq.kernel import KernelProblem
 from freeshap_dq.regression import KernelRegressionUtility
 
-from conftest import random_problem
+from problems import random_problem
 
 
 def direct_scores(p: KernelProblem, subset, ridge):

@@ -14,7 +14,7 @@ from freeshap_dq.semivalues import (
     banzhaf_probabilities, beta_probabilities, exact_semivalues, position_weights, shapley_probabilities,
 )
 
-from conftest import random_problem
+from problems import random_problem
 
 CFG = dict(ridge="0.05")
 
