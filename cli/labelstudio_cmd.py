@@ -1,0 +1,167 @@
+"""``freeshap-dq labelstudio push|pull``: review the most harmful examples in Label Studio."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import click
+import pandas as pd
+
+from .. import __version__
+from ..data import dataset_from_frame, read_table
+from ..errors import InputError
+from ..io import write_table
+from ..policies import RemovalPolicy
+from .common import DATA_PATH, column_options, friendly_errors, log, pop_data_options
+from .curate import join_values
+from .main import cli
+
+PATH = click.Path(dir_okay=False, path_type=Path)
+
+
+def _adapter():
+    try:
+        from ..integrations import labelstudio as adapter
+    except ImportError:
+        raise InputError("this command needs the Label Studio SDK: pip install 'freeshap-dq[labelstudio]'") from None
+    return adapter
+
+
+def connection_options(func):
+    for option in reversed([
+        click.option("--url", default=None, help="Label Studio address [default: $LABEL_STUDIO_URL]."),
+        click.option("--api-key", default=None,
+                     help="API key [default: $LABEL_STUDIO_API_KEY; prefer the variable: options show in process "
+                          "lists]."),
+        click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds per request."),
+        click.option("--project", "title", default=None, help="Project title (found, or created by push)."),
+        click.option("--project-id", type=int, default=None, help="Project id (instead of --project)."),
+    ]):
+        func = option(func)
+    return func
+
+
+def _client(adapter, url, api_key, timeout):
+    client = adapter.Client(adapter.Connection.resolve(url, api_key, timeout))
+    log(f"connected to {client.url} as {client.check()}")
+    return client
+
+
+def _project_choice(title, project_id, default_title=None):
+    if title is not None and project_id is not None:
+        raise click.UsageError("give --project TITLE or --project-id N, not both.")
+    title = title if title is not None or project_id is not None else default_title
+    if title is None and project_id is None:
+        raise click.UsageError("give --project TITLE or --project-id N.")
+    if title is not None and len(title.strip()) < 3:
+        raise InputError(f"--project {title!r}: Label Studio needs a title of at least 3 characters.")
+    return title, project_id
+
+
+@cli.group("labelstudio")
+def labelstudio_group() -> None:
+    """Queue the most harmful examples for review in Label Studio; pull the reviewed labels back."""
+
+
+@labelstudio_group.command("push")
+@click.option("--values", "values_path", type=PATH, required=True, help="Values table from freeshap-dq value.")
+@click.option("--data", "data_path", type=DATA_PATH, required=True, help="The training data the values are for.")
+@column_options
+@click.option("--audit", "audit_path", type=PATH, default=None,
+              help="Table from freeshap-dq cleanlab audit: adds label quality, label issues, suggested labels.")
+@connection_options
+@click.option("--count", type=int, default=None, help="Push the COUNT most harmful examples.")
+@click.option("--fraction", type=float, default=None,
+              help="Push the most harmful fraction (0-1) [default: 0.1 when no other rule is given].")
+@click.option("--threshold", type=float, default=None, help="Push examples whose value is below this.")
+@click.option("--confident", is_flag=True, help="Only examples with value + z*stderr < 0.")
+@click.option("--z", type=float, default=1.96, show_default=True, help="z for --confident and the flagged field.")
+@click.option("--both", is_flag=True, help="Only examples flagged by both FreeShap and cleanlab (needs --audit).")
+@click.option("--metric", type=click.Choice(["ce", "accuracy"]), default="ce", show_default=True,
+              help="Value that ranks: ce (-cross-entropy utility) or accuracy.")
+@click.option("--run-id", default=None, help="Model version of this run's predictions [default: from the values "
+              "file's content, so pushing the same values again changes nothing].")
+@click.option("--batch-size", type=int, default=200, show_default=True, help="Tasks per import request.")
+@click.option("--state", "state_path", type=PATH, default=None,
+              help="Local map example_id <-> task id and resume record [default: VALUES.labelstudio.json].")
+@click.option("--dry-run", is_flag=True, help="Show what would be pushed; contact no server.")
+@click.option("--progress/--no-progress", default=None, help="Progress bars on stderr [default: when a terminal].")
+@friendly_errors
+def push_command(values_path, data_path, audit_path, url, api_key, timeout, title, project_id, count, fraction,
+                 threshold, confident, z, both, metric, run_id, batch_size, state_path, dry_run, progress, **columns):
+    """Push review tasks (most harmful first) with scores, a pre-filled prediction and sorted views."""
+    adapter = _adapter()
+    raw = read_table(data_path)
+    data = dataset_from_frame(raw, str(data_path), **pop_data_options(columns))
+    joined = join_values(values_path, data)
+    joined["text"] = data.texts
+    if data.pairs is not None:
+        joined["pair"] = data.pairs
+    if both and audit_path is None:
+        raise click.UsageError("--both needs --audit (the table of freeshap-dq cleanlab audit).")
+    audit = read_table(audit_path) if audit_path is not None else None
+    review = adapter.review_table(joined, metric=metric, z=z, audit=audit)
+    selected = _selection(joined, review, count, fraction, threshold, confident, z, both, metric)
+    run = adapter.ReviewRun(run_id or _run_id(values_path, metric), metric, {
+        "values": values_path.name, "data": Path(data_path).name,
+        "audit": audit_path.name if audit_path is not None else None, "freeshap_dq": __version__})
+    log(f"{int(selected.sum())} of {len(review)} examples selected for review (run {run.run_id})")
+    if dry_run:
+        shown = review[selected.to_numpy()][["freeshap_rank", "example_id", "given_label", "suggested_label",
+                                             "freeshap_value", "freeshap_score"]]
+        click.echo(shown.to_string(index=False) if len(shown) else "(nothing)")
+        return
+    title, project_id = _project_choice(title, project_id, default_title=f"FreeShap review: {Path(data_path).stem}")
+    client = _client(adapter, url, api_key, timeout)
+    state_path = state_path or values_path.with_name(values_path.name + ".labelstudio.json")
+    report = adapter.push(client, review, selected, run, title=title, project_id=project_id, state_path=state_path,
+                          batch_size=batch_size, progress=progress)
+    verb = "created" if report.created_project else "updated"
+    log(f"{verb} project {report.project_id} ({report.project_title!r}): {report.imported} tasks imported, "
+        f"{report.updated} updated, {report.unchanged} unchanged, {report.predictions_added} predictions added"
+        + (f"; model version switched to {run.run_id}" if report.switched_model_version else ""))
+    log(f"views: {', '.join(report.views)}; task map in {state_path}")
+    click.echo(f"{client.url}/projects/{report.project_id}/data")
+
+
+def _selection(joined, review, count, fraction, threshold, confident, z, both, metric) -> pd.Series:
+    """Which rows of ``review`` to import: the removal rules pick candidates; --both narrows to double flags."""
+    rules_given = any(v is not None for v in (count, fraction, threshold)) or confident
+    if not rules_given and not both:
+        fraction = 0.1
+    if rules_given or not both:
+        decisions = RemovalPolicy(fraction, count, threshold, confident, z, 1.0, metric).apply(joined)
+        chosen = set(decisions.loc[decisions["removed"], "example_id"])
+    else:
+        chosen = set(review["example_id"])
+    mask = review["example_id"].isin(chosen)
+    if both:
+        mask &= review["freeshap_flagged"] & review["cleanlab_label_issue"]
+    return mask.reset_index(drop=True)
+
+
+def _run_id(values_path: Path, metric: str) -> str:
+    digest = hashlib.sha256(values_path.read_bytes() + metric.encode()).hexdigest()
+    return f"freeshap-{digest[:12]}"
+
+
+@labelstudio_group.command("pull")
+@connection_options
+@click.option("-o", "--output", required=True, help="Relabel table (.csv/.parquet/.json/.jsonl; - = stdout).")
+@friendly_errors
+def pull_command(url, api_key, timeout, title, project_id, output):
+    """Reviewed labels (latest non-cancelled annotation per task) -> a relabel table."""
+    adapter = _adapter()
+    title, project_id = _project_choice(title, project_id)
+    client = _client(adapter, url, api_key, timeout)
+    project = client.project(project_id) if project_id is not None else client.find_project(title)
+    if project is None:
+        raise InputError(f"{client.url} has no project titled {title!r}; check --project or use --project-id.")
+    table, counts = adapter.pull(client, project)
+    write_table(table, output)
+    changed = int(table["changed"].sum()) if len(table) else 0
+    log(f"project {project.id}: {counts['reviewed']} of {counts['tasks']} tasks reviewed, {changed} labels changed"
+        + (f", {counts['without_choice']} annotations without a label choice" if counts["without_choice"] else "")
+        + (f"; wrote {output}" if output != "-" else ""))
+

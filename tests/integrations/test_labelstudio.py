@@ -1,0 +1,326 @@
+"""Push, re-push, new runs, pull and apply against a real Label Studio server (see conftest.py)."""
+
+import dataclasses
+import json
+import os
+import urllib.request
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+if os.environ.get("CI"):  # in CI the [labelstudio] extra is installed: a missing SDK must fail, not skip
+    import label_studio_sdk  # noqa: F401
+else:
+    pytest.importorskip("label_studio_sdk", reason="install the [labelstudio] extra (make test does)")
+
+from label_studio_sdk import LabelStudio  # noqa: E402
+
+from freeshap_dq.cli.main import cli  # noqa: E402
+from freeshap_dq.integrations import labelstudio as ls_adapter  # noqa: E402
+from freeshap_dq.synthetic import noisy_problem  # noqa: E402
+
+N_TRAIN = 40
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """Training data, a kernel, two value runs (different permutations) and a cleanlab audit."""
+    d = tmp_path_factory.mktemp("review")
+    data = noisy_problem(n_train=N_TRAIN, n_test=16, noise=0.2, seed=3)
+    p = dataclasses.replace(data.problem, label_names=("negative", "positive"))
+    train = pd.DataFrame({"id": p.train_ids, "text": [f"review number {i}" for i in range(N_TRAIN)],
+                          "label": [p.label_names[y] for y in p.y_train]})
+    train.to_csv(d / "train.csv", index=False)
+    p.save(d / "K.npz")
+    for name, seed in (("values.csv", 0), ("values2.csv", 1)):
+        res = run(["value", "--kernel", d / "K.npz", "-o", d / name, "--permutations", 20, "--seed", seed])
+        assert res.exit_code == 0, res.output
+    res = run(["cleanlab", "audit", "--kernel", d / "K.npz", "--lab-dir", d / "lab", "-o", d / "audit.csv",
+               "--permutations", 20])
+    assert res.exit_code == 0, res.output
+    return d
+
+
+def run(args, env=None):
+    return CliRunner().invoke(cli, [str(a) for a in args], env=env)
+
+
+def env_for(server, key=None):
+    return {"LABEL_STUDIO_URL": server.url, "LABEL_STUDIO_API_KEY": key or server.token}
+
+
+def sdk(server):
+    return LabelStudio(base_url=server.url, api_key=server.token)
+
+
+def push(server, d, title, *extra, values="values.csv", key=None):
+    res = run(["labelstudio", "push", "--values", d / values, "--data", d / "train.csv", "--project", title,
+               "--state", d / f"{title}.state.json", *extra], env=env_for(server, key))
+    return res
+
+
+def project_by_title(client, title):
+    found = [p for p in client.projects.list(title=title) if p.title == title]
+    return client.projects.get(id=found[0].id) if found else None
+
+
+def all_tasks(client, project_id):
+    return list(client.tasks.list(project=project_id, fields="all"))
+
+
+def test_push_creates_project_tasks_predictions_metadata_and_views(label_studio, run_dir):
+    d = run_dir
+    res = push(label_studio, d, "harm review", "--audit", d / "audit.csv", "--count", 12)
+    assert res.exit_code == 0, res.output
+    assert label_studio.token not in res.output
+    client = sdk(label_studio)
+    project = project_by_title(client, "harm review")
+    state = json.loads((d / "harm review.state.json").read_text())
+    run_id = state["run_id"]
+    assert project.sampling == "Uncertainty sampling" and project.model_version == run_id
+    tasks = all_tasks(client, project.id)
+    assert len(tasks) == 12 and state["complete"]
+    assert state["tasks"] == {t.data["example_id"]: t.id for t in tasks}
+
+    values = pd.read_csv(d / "values.csv").sort_values(["value_ce", "example_id"])
+    audit = pd.read_csv(d / "audit.csv").set_index("example_id")
+    expected_order = list(values["example_id"][:12])
+    by_rank = sorted(tasks, key=lambda t: t.data["freeshap_rank"])
+    assert [t.data["example_id"] for t in by_rank] == expected_order
+    assert [t.data["freeshap_rank"] for t in by_rank] == list(range(1, 13))
+    assert [t.id for t in by_rank] == sorted(t.id for t in tasks)  # imported in rank order
+    for task in tasks:
+        data = task.data
+        row = values.set_index("example_id").loc[data["example_id"]]
+        assert isinstance(data["freeshap_value"], float) and isinstance(data["freeshap_rank"], int)
+        assert isinstance(data["freeshap_flagged"], bool) and isinstance(data["cleanlab_label_issue"], bool)
+        assert data["freeshap_value"] == pytest.approx(row["value_ce"])
+        assert 0 <= data["freeshap_score"] <= 1
+        assert data["cleanlab_label_quality"] == pytest.approx(audit.loc[data["example_id"], "label_score"])
+        assert data["suggested_label"] == audit.loc[data["example_id"], "predicted_label"]
+        assert data["given_label"] in ("negative", "positive") and data["text"].startswith("review number")
+        assert f"harm rank {data['freeshap_rank']} of {N_TRAIN}" in data["freeshap_header"]
+        assert task.meta["freeshap_dq"]["run_id"] == run_id and task.meta["freeshap_dq"]["values"] == "values.csv"
+        [prediction] = [p.model_dump() for p in task.predictions]
+        assert prediction["model_version"] == run_id and prediction["score"] == pytest.approx(data["freeshap_score"])
+        assert prediction["result"][0]["value"]["choices"] == [data["given_label"]]
+    scores = [t.data["freeshap_score"] for t in by_rank]
+    assert scores == sorted(scores)
+
+    views = {v.data["title"]: v.id for v in client.views.list(project=project.id)}
+    assert set(views) == {"Most harmful first", "Harmful and label issue", "By prediction score"}
+    ranked = [t.data["freeshap_rank"] for t in client.tasks.list(project=project.id, view=views["Most harmful first"])]
+    assert ranked == list(range(1, 13))
+    scored = [t.predictions_score for t in client.tasks.list(project=project.id, view=views["By prediction score"])]
+    assert scored == sorted(scored)
+    both = [t.data for t in client.tasks.list(project=project.id, view=views["Harmful and label issue"])]
+    assert len(both) == sum(t.data["freeshap_flagged"] and t.data["cleanlab_label_issue"] for t in tasks) > 0
+    assert all(x["freeshap_flagged"] and x["cleanlab_label_issue"] for x in both)
+
+    request = urllib.request.Request(f"{label_studio.url}/api/projects/{project.id}/next",
+                                     headers={"Authorization": f"Token {label_studio.token}"})
+    with urllib.request.urlopen(request) as response:  # uncertainty sampling serves the most harmful first
+        assert json.load(response)["data"]["freeshap_rank"] == 1
+
+
+def test_repush_of_the_same_run_changes_nothing(label_studio, run_dir):
+    d = run_dir
+    assert push(label_studio, d, "idempotent", "--count", 8).exit_code == 0
+    client = sdk(label_studio)
+    project = project_by_title(client, "idempotent")
+    before = {t.id: (t.data, t.updated_at) for t in all_tasks(client, project.id)}
+    res = push(label_studio, d, "idempotent", "--count", 8)
+    assert res.exit_code == 0, res.output
+    assert "0 tasks imported, 0 updated, 8 unchanged, 0 predictions added" in res.output
+    after = all_tasks(client, project.id)
+    assert {t.id: (t.data, t.updated_at) for t in after} == before
+    assert sum(len(t.predictions) for t in after) == 8
+    assert len([p for p in client.projects.list(title="idempotent") if p.title == "idempotent"]) == 1
+
+
+def test_new_run_updates_scores_adds_predictions_and_switches_model_version(label_studio, run_dir):
+    d = run_dir
+    assert push(label_studio, d, "two runs", "--count", 6).exit_code == 0
+    res = push(label_studio, d, "two runs", "--count", 10, values="values2.csv")
+    assert res.exit_code == 0, res.output
+    assert "model version switched" in res.output
+    client = sdk(label_studio)
+    project = project_by_title(client, "two runs")
+    run_id = json.loads((d / "two runs.state.json").read_text())["run_id"]
+    assert project.model_version == run_id
+    tasks = all_tasks(client, project.id)
+    second = pd.read_csv(d / "values2.csv").set_index("example_id")
+    worst10 = set(second.sort_values(["value_ce"]).index[:10])
+    assert worst10 <= {t.data["example_id"] for t in tasks} and 10 <= len(tasks) <= 16
+    assert len({t.data["example_id"] for t in tasks}) == len(tasks)
+    for task in tasks:
+        assert task.data["freeshap_value"] == pytest.approx(second.loc[task.data["example_id"], "value_ce"])
+        assert task.meta["freeshap_dq"]["run_id"] == run_id
+        versions = [p.model_version for p in task.predictions]
+        assert versions.count(run_id) == 1 and len(versions) in (1, 2)
+
+
+def test_annotate_pull_and_apply(label_studio, run_dir, tmp_path):
+    d = run_dir
+    assert push(label_studio, d, "review loop", "--count", 6).exit_code == 0
+    client = sdk(label_studio)
+    project = project_by_title(client, "review loop")
+    tasks = sorted(all_tasks(client, project.id), key=lambda t: t.data["freeshap_rank"])
+    flip = {"negative": "positive", "positive": "negative"}
+
+    def annotate(task, label, **kw):
+        client.annotations.create(id=task.id, result=[{"from_name": "label", "to_name": "text", "type": "choices",
+                                                       "value": {"choices": [label]}}], lead_time=2.5, **kw)
+
+    changed, confirmed, cancelled, twice = tasks[:4]
+    annotate(changed, flip[changed.data["given_label"]])
+    annotate(confirmed, confirmed.data["given_label"])
+    annotate(cancelled, flip[cancelled.data["given_label"]], was_cancelled=True)
+    annotate(twice, flip[twice.data["given_label"]])
+    annotate(twice, twice.data["given_label"])  # the latest annotation wins
+
+    res = run(["labelstudio", "pull", "--project", "review loop", "-o", tmp_path / "relabels.csv"],
+              env=env_for(label_studio))
+    assert res.exit_code == 0, res.output
+    assert "3 of 6 tasks reviewed, 1 labels changed" in res.output
+    relabels = pd.read_csv(tmp_path / "relabels.csv").set_index("example_id")
+    assert list(relabels.columns) == ["given_label", "reviewed_label", "changed", "annotator", "lead_time", "task_id",
+                                      "reviewed_at"]
+    assert set(relabels.index) == {changed.data["example_id"], confirmed.data["example_id"],
+                                   twice.data["example_id"]}
+    row = relabels.loc[changed.data["example_id"]]
+    assert row["reviewed_label"] == flip[row["given_label"]] and row["changed"]
+    assert row["annotator"] == "test@example.com" and row["lead_time"] == 2.5
+    assert not relabels.loc[twice.data["example_id"], "changed"]
+
+    res = run(["relabel", "apply", "--data", d / "train.csv", "--relabels", tmp_path / "relabels.csv",
+               "-o", tmp_path / "corrected.csv"])
+    assert res.exit_code == 0, res.output
+    original = pd.read_csv(d / "train.csv").set_index("id")
+    corrected = pd.read_csv(tmp_path / "corrected.csv").set_index("id")
+    differs = corrected["label"] != original["label"]
+    assert list(corrected.index[differs]) == [changed.data["example_id"]]
+    assert corrected.loc[changed.data["example_id"], "label"] == flip[original.loc[changed.data["example_id"], "label"]]
+    manifest = json.loads((tmp_path / "corrected.csv.manifest.json").read_text())
+    assert manifest["counts"]["changed"] == 1 and manifest["counts"]["confirmed"] == 2
+    assert manifest["changes"][0]["annotator"] == "test@example.com"
+
+
+def test_bad_credentials_give_a_clear_error_and_change_nothing(label_studio, run_dir):
+    d = run_dir
+    wrong = "0" * 40
+    res = push(label_studio, d, "never created", "--count", 3, key=wrong)
+    assert res.exit_code == 2
+    assert "refused the API key (401)" in res.output and wrong not in res.output
+    assert project_by_title(sdk(label_studio), "never created") is None
+    assert not (d / "never created.state.json").exists()
+
+
+def test_server_down_gives_a_clear_error(run_dir, tmp_path):
+    from labelstudio_server import free_port
+
+    env = {"LABEL_STUDIO_URL": f"http://127.0.0.1:{free_port()}", "LABEL_STUDIO_API_KEY": "x" * 40}
+    res = run(["labelstudio", "push", "--values", run_dir / "values.csv", "--data", run_dir / "train.csv",
+               "--project", "nowhere", "--state", tmp_path / "state.json"], env=env)
+    assert res.exit_code == 2 and "cannot reach Label Studio" in res.output and "x" * 40 not in res.output
+    assert not (tmp_path / "state.json").exists()
+    res = run(["labelstudio", "pull", "--project", "nowhere", "-o", tmp_path / "r.csv"], env=env)
+    assert res.exit_code == 2 and "cannot reach Label Studio" in res.output and not (tmp_path / "r.csv").exists()
+
+
+def test_labels_missing_from_the_project_config_are_refused_before_import(label_studio, run_dir):
+    client = sdk(label_studio)
+    config = ls_adapter.label_config(["good", "bad"])
+    project = client.projects.create(title="other labels", label_config=config)
+    res = push(label_studio, run_dir, "other labels", "--count", 3)
+    assert res.exit_code == 2
+    assert "'negative', 'positive' are not choices" in res.output and "good, bad" in res.output
+    assert all_tasks(client, project.id) == []
+
+
+def test_unknown_project_and_missing_settings(label_studio, run_dir, tmp_path):
+    res = run(["labelstudio", "pull", "--project-id", 99999, "-o", tmp_path / "r.csv"], env=env_for(label_studio))
+    assert res.exit_code == 2 and "has no project 99999" in res.output
+    res = run(["labelstudio", "pull", "--project", "no such title", "-o", tmp_path / "r.csv"],
+              env=env_for(label_studio))
+    assert res.exit_code == 2 and "no project titled 'no such title'" in res.output
+    res = run(["labelstudio", "pull", "--project", "x y z", "-o", tmp_path / "r.csv"],
+              env={"LABEL_STUDIO_URL": "", "LABEL_STUDIO_API_KEY": ""})
+    assert res.exit_code == 2 and "LABEL_STUDIO_URL" in res.output
+
+
+def test_sentence_pairs_show_both_texts(label_studio, tmp_path):
+    rng = np.random.default_rng(0)
+    train = pd.DataFrame({"id": [f"p{i}" for i in range(8)], "premise": [f"premise {i}" for i in range(8)],
+                          "hypothesis": [f"hypothesis {i}" for i in range(8)],
+                          "label": ["entail", "contradict", "neutral", "entail"] * 2})
+    values = pd.DataFrame({"example_id": train["id"], "value": rng.normal(size=8), "value_ce": rng.normal(size=8),
+                           "stderr": 0.1, "stderr_ce": 0.1})
+    train.to_csv(tmp_path / "pairs.csv", index=False)
+    values.to_csv(tmp_path / "values.csv", index=False)
+    res = run(["labelstudio", "push", "--values", tmp_path / "values.csv", "--data", tmp_path / "pairs.csv",
+               "--text-column", "premise", "--pair-column", "hypothesis", "--project", "pair review",
+               "--count", 4], env=env_for(label_studio))
+    assert res.exit_code == 0, res.output
+    client = sdk(label_studio)
+    project = project_by_title(client, "pair review")
+    assert "$pair" in project.label_config
+    tasks = all_tasks(client, project.id)
+    assert len(tasks) == 4 and all(t.data["pair"].startswith("hypothesis") for t in tasks)
+    assert all(t.data["suggested_label"] == "" for t in tasks)  # three classes, no audit: no guess
+    assert (tmp_path / "values.csv.labelstudio.json").exists()
+
+
+def test_partial_failure_is_reported_and_resumed_without_duplicates(fresh_label_studio, run_dir, tmp_path):
+    server = fresh_label_studio
+    table = pd.read_csv(run_dir / "values.csv")
+    train = pd.read_csv(run_dir / "train.csv")
+    joined = table.merge(train.rename(columns={"id": "example_id"}), on="example_id")
+    review = ls_adapter.review_table(joined)
+    selected = review["freeshap_rank"] <= 12
+    run_info = ls_adapter.ReviewRun("run-a")
+    client = ls_adapter.Client(ls_adapter.Connection(server.url, server.token))
+    state = tmp_path / "state.json"
+
+    def stop_after_first_batch(imported):
+        if imported == 4:
+            server.stop()
+
+    with pytest.raises(ls_adapter.PartialPushError) as failure:
+        ls_adapter.push(client, review, selected, run_info, title="flaky", state_path=state, batch_size=4,
+                        on_batch=stop_after_first_batch)
+    message = str(failure.value)
+    assert "cannot reach Label Studio" in message and "Imported 4 of 12 new tasks (harm ranks 1-4)" in message
+    assert "8 were not imported (ranks 5-12)" in message and "Rerun" in message
+    recorded = json.loads(state.read_text())
+    assert not recorded["complete"] and len(recorded["pending"]) == 8 and len(recorded["tasks"]) == 4
+
+    server.start()
+    report = ls_adapter.push(client, review, selected, run_info, title="flaky", state_path=state, batch_size=4)
+    assert report.imported == 8 and report.unchanged == 4 and not report.created_project
+    tasks = all_tasks(sdk(server), report.project_id)
+    assert sorted(t.data["freeshap_rank"] for t in tasks) == list(range(1, 13))
+    assert json.loads(state.read_text())["complete"]
+
+
+def test_label_config_escapes_labels_and_parses():
+    config = ls_adapter.label_config(['say "yes"', "a<b&c"], pair=True)
+    root = ET.fromstring(config)
+    assert [c.get("value") for c in root.iter("Choice")] == ['say "yes"', "a<b&c"]
+    assert [t.get("value") for t in root.iter("Text")] == ["$text", "$pair"]
+
+
+def test_connection_reads_the_environment_at_call_time(monkeypatch):
+    monkeypatch.delenv("LABEL_STUDIO_URL", raising=False)
+    monkeypatch.delenv("LABEL_STUDIO_API_KEY", raising=False)
+    with pytest.raises(ls_adapter.LabelStudioError, match="LABEL_STUDIO_URL"):
+        ls_adapter.Connection.resolve()
+    monkeypatch.setenv("LABEL_STUDIO_URL", "http://127.0.0.1:9/")
+    with pytest.raises(ls_adapter.LabelStudioError, match="LABEL_STUDIO_API_KEY"):
+        ls_adapter.Connection.resolve()
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", "secret-key")
+    connection = ls_adapter.Connection.resolve()
+    assert connection.url == "http://127.0.0.1:9" and "secret-key" not in repr(connection)
