@@ -121,6 +121,9 @@ def push_command(values_path, data_path, audit_path, url, api_key, timeout, titl
     log(f"{verb} project {report.project_id} ({report.project_title!r}): {report.imported} tasks imported, "
         f"{report.updated} updated, {report.unchanged} unchanged, {report.predictions_added} predictions added"
         + (f"; model version switched to {run.run_id}" if report.switched_model_version else ""))
+    if report.not_in_values:
+        log(f"note: {report.not_in_values} tasks of the project have example ids these values do not cover; "
+            f"they were left as they are")
     log(f"views: {', '.join(report.views)}; task map in {state_path}")
     click.echo(f"{client.url}/projects/{report.project_id}/data")
 

@@ -353,6 +353,7 @@ class PushReport:
     unchanged: int = 0
     predictions_added: int = 0
     switched_model_version: bool = False
+    not_in_values: int = 0
     views: dict[str, int] = field(default_factory=dict)
     task_ids: dict[str, int] = field(default_factory=dict)
 
@@ -393,7 +394,6 @@ def push(client: Client, review: pd.DataFrame, selected: pd.Series, run: ReviewR
 
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}.")
-    client.check()
     pair = PAIR in review.columns
     labels = sorted(set(review["given_label"]) | {s for s in review["suggested_label"] if s})
     project = client.project(project_id) if project_id is not None else client.find_project(title)
@@ -414,6 +414,7 @@ def push(client: Client, review: pd.DataFrame, selected: pd.Series, run: ReviewR
     rows = review.to_dict(orient="records")
     state = PushState.load(state_path) if state_path else None
     task_ids = {eid: t.id for eid, t in existing.items()}
+    report.not_in_values = len(set(existing) - set(review["example_id"]))
 
     refresh = [r for r in rows if r["example_id"] in existing]
     for row in tqdm(refresh, desc="update tasks", unit="task", disable=not _show(progress, len(refresh))):
