@@ -142,7 +142,7 @@ def _log_summary(result: ValuationResult, config: ValuationConfig) -> None:
             f"mean fraction evaluated {trunc['mean_fraction_evaluated']:.2f}")
 
 
-from . import cleanlab_cmd, curate, demo, labelstudio_cmd, relabel_cmd  # noqa: E402,F401  (registers commands)
+from . import cleanlab_cmd, curate, demo, evaluate_cmd, labelstudio_cmd, relabel_cmd  # noqa: E402,F401
 
 
 def main() -> None:

@@ -63,6 +63,16 @@ def loo_train_scores(k_train: torch.Tensor, targets: torch.Tensor, ridge: float)
     return targets - alpha / torch.diagonal(inverse).unsqueeze(-1)
 
 
+def loo_probabilities(problem, ridge: float, kernel_scale: float = 1.0) -> np.ndarray:
+    """Out-of-sample class probabilities for the training set: closed-form LOO kernel regression
+    (one-vs-rest scores clipped at 1e-6 and renormalised)."""
+    k = torch.as_tensor(problem.k_train, dtype=DTYPE) * kernel_scale
+    y = torch.as_tensor(problem.y_train)
+    scores = loo_train_scores(k, one_hot(y, problem.n_classes), ridge).numpy()
+    probs = np.clip(scores, 1e-6, None)
+    return probs / probs.sum(1, keepdims=True)
+
+
 def _cholesky(k: torch.Tensor, ridge: float) -> torch.Tensor:
     eye = torch.eye(k.shape[-1], dtype=k.dtype, device=k.device)
     chol, info = torch.linalg.cholesky_ex(k + ridge * eye)

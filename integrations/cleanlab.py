@@ -21,11 +21,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from ..errors import InputError
 from ..kernel import KernelProblem
-from ..regression import DTYPE, loo_train_scores, one_hot
+from ..regression import loo_probabilities as loo_pred_probs
 from ..result import ValuationResult, value_to_score
 
 try:
@@ -99,15 +98,6 @@ def add_freeshap_issues(lab: Datalab, result: ValuationResult, metric: str = "ce
         raise RuntimeError("cleanlab dropped the freeshap issue type (it prints the error above); nothing was added.")
 
 
-def loo_pred_probs(problem: KernelProblem, ridge: float, kernel_scale: float = 1.0) -> np.ndarray:
-    """Out-of-sample class probabilities for the training set: closed-form LOO kernel regression."""
-    k = torch.as_tensor(problem.k_train, dtype=DTYPE) * kernel_scale
-    y = torch.as_tensor(problem.y_train)
-    scores = loo_train_scores(k, one_hot(y, problem.n_classes), ridge).numpy()
-    probs = np.clip(scores, 1e-6, None)
-    return probs / probs.sum(1, keepdims=True)
-
-
 def knn_graph_from_kernel(k_train: np.ndarray, k: int = 10):
     """Sparse k-nearest-neighbour graph under the kernel distance sqrt(K_aa + K_bb - 2 K_ab)."""
     from scipy.sparse import csr_matrix
@@ -171,3 +161,34 @@ def combined_audit(problem: KernelProblem, result: ValuationResult, data: pd.Dat
     table["flagged_by_both"] = table["is_label_issue"] & table[f"is_{ISSUE_NAME}_issue"]
     table["flagged_by_either"] = table["is_label_issue"] | table[f"is_{ISSUE_NAME}_issue"]
     return lab, table.sort_values(f"{ISSUE_NAME}_rank").reset_index(drop=True)
+
+
+# -- baselines for the evaluation harness (freeshap_dq.evaluation) -----------------------------------------
+
+def tuned_logreg_pred_probs(features: np.ndarray, labels: np.ndarray, seed: int = 0, folds: int = 5) -> np.ndarray:
+    """Out-of-fold probabilities of a logistic regression on frozen embeddings whose strength C is tuned by
+    inner cross-validation on each training fold (the default C = 1 overfits and makes a straw man)."""
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    model = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=np.logspace(-4, 2, 13).tolist(), cv=folds,
+                                                                 max_iter=2000))
+    outer = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return cross_val_predict(model, features, labels, cv=outer, method="predict_proba")
+
+
+def label_quality_suspicion(labels: np.ndarray, pred_probs: np.ndarray) -> np.ndarray:
+    """Confident learning's label quality (self-confidence), as suspicion = 1 - quality."""
+    from cleanlab.rank import get_label_quality_scores
+
+    return 1.0 - get_label_quality_scores(np.asarray(labels), pred_probs)
+
+
+def knn_shapley_suspicion(features: np.ndarray, labels: np.ndarray, k: int = 10) -> np.ndarray:
+    """cleanlab's KNN-Shapley data valuation on the embeddings, as suspicion = 1 - score."""
+    from cleanlab.data_valuation import data_shapley_knn
+
+    check_knn_shapley_memory(len(labels))
+    return 1.0 - data_shapley_knn(np.asarray(labels), features=features, k=k)

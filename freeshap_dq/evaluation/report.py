@@ -1,0 +1,118 @@
+"""Summary tables (Markdown, mean +- std over seeds) and PNG plots of an evaluation's results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from ..io import atomic_write
+
+DETECTION_COLUMNS = ("auroc", "auprc", "recall@5%", "recall@10%", "recall@20%", "f1_2means", "fnr@noise")
+
+
+def _mean_std(frame: pd.DataFrame, by: list[str], columns) -> pd.DataFrame:
+    grouped = frame.groupby(by, sort=False)[list(columns)]
+    mean, std = grouped.mean(), grouped.std().fillna(0.0)
+    out = mean.copy().astype(object)
+    for column in columns:
+        out[column] = [f"{m:.3f} ± {s:.3f}" for m, s in zip(mean[column], std[column])]
+    return out.reset_index()
+
+
+def _markdown(frame: pd.DataFrame, floatfmt: str = ".3f") -> str:
+    """A GitHub-flavoured Markdown table (no tabulate dependency)."""
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return "" if value != value else format(value, floatfmt)
+        return str(value)
+
+    header = [str(c) for c in frame.columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def markdown_summary(results: pd.DataFrame) -> str:
+    parts = ["# Evaluation results", ""]
+    if "experiment" not in results:
+        return "\n".join(parts)
+    detection = results[results["experiment"] == "detection"]
+    if len(detection):
+        seeds = detection["seed"].nunique()
+        for mode, frame in detection.groupby("noise_mode", sort=False):
+            table = _mean_std(frame, ["detector"], DETECTION_COLUMNS).sort_values("auroc", ascending=False)
+            parts += [f"## Wrong-label detection, {mode} noise ({seeds} seeds, mean ± std)", "",
+                      _markdown(table, ".3f"), ""]
+    removal = results[results["experiment"] == "removal"]
+    if len(removal):
+        pivot = removal.groupby(["learner", "removed_from", "fraction_removed"])["accuracy"].mean().unstack()
+        parts += ["## Data removal: test accuracy after removing a fraction (mean over settings)", "",
+                  _markdown(pivot.reset_index(), ".3f"), ""]
+    selection = results[results["experiment"] == "selection"]
+    if len(selection):
+        pivot = selection.groupby(["learner", "ranking", "fraction_kept"])["accuracy"].mean().unstack()
+        parts += ["## Data selection: test accuracy training on the top fraction (mean over settings)", "",
+                  _markdown(pivot.reset_index(), ".3f"), ""]
+    robustness = results[results["experiment"] == "robustness"]
+    if len(robustness):
+        pivot = robustness.astype({"size": int}).pivot_table(index="size", columns="method",
+                                                             values="pct_not_unanimous")
+        parts += ["## Sign robustness: % of targets whose sign is not unanimous across resampled training sets",
+                  "", _markdown(pivot.reset_index(), ".1f"), ""]
+    fidelity = results[results["experiment"] == "fidelity"]
+    if "metric" in fidelity:
+        exact = fidelity[fidelity["metric"].notna()].dropna(axis=1, how="all").drop(columns=["experiment"])
+        parts += ["## Fidelity: FreeShap (TMC) vs exact Shapley on a small subset", "", _markdown(exact, ".4g"), ""]
+    if "learner" in fidelity:
+        learners = fidelity[fidelity["learner"].notna()][["learner", "accuracy"]]
+        parts += ["## Fidelity: clean-label test accuracy of the eNTK kernel regression vs a trained head", "",
+                  _markdown(learners, ".3f"), ""]
+    return "\n".join(parts)
+
+
+def save_plots(results: pd.DataFrame, plots: dict, output_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+
+    def save(fig, name: str) -> None:
+        with atomic_write(output_dir / name) as tmp:
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        written.append(name)
+
+    if "detection" in plots:
+        mode, seed, curves = plots["detection"]
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for name, (x, y) in curves.items():
+            ax.plot(x, y, label=name, lw=2.2 if name in ("combined", "freeshap_ce") else 1.2)
+        ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+        ax.set(xlim=(0, 0.5), xlabel="fraction of the training set inspected (most suspicious first)",
+               ylabel="share of wrong labels found", title=f"Wrong-label detection ({mode} noise, seed {seed})")
+        ax.legend(fontsize=7)
+        save(fig, "detection.png")
+    for experiment, x, group in (("removal", "fraction_removed", "removed_from"),
+                                 ("selection", "fraction_kept", "ranking")):
+        frame = results[results["experiment"] == experiment]
+        if not len(frame):
+            continue
+        learners = list(frame["learner"].unique())
+        fig, axes = plt.subplots(1, len(learners), figsize=(5.5 * len(learners), 4), squeeze=False)
+        for ax, learner in zip(axes[0], learners):
+            mean = frame[frame["learner"] == learner].groupby([group, x])["accuracy"].mean().unstack(0)
+            mean.plot(ax=ax, marker="o")
+            ax.set(title=learner, xlabel=x.replace("_", " "), ylabel="test accuracy")
+        save(fig, f"{experiment}.png")
+    frame = results[results["experiment"] == "robustness"]
+    if len(frame):
+        fig, ax = plt.subplots(figsize=(5, 4))
+        frame.pivot_table(index="size", columns="method", values="pct_not_unanimous").plot.bar(ax=ax)
+        ax.set(ylabel="% targets with non-unanimous sign", xlabel="training-set size")
+        save(fig, "robustness.png")
+    return written
+
+

@@ -1,0 +1,57 @@
+import dataclasses
+
+import numpy as np
+import pytest
+
+from freeshap_dq import ValuationConfig
+from freeshap_dq.evaluation.detectors import combine, cv_kernel_probabilities, run_detectors
+from freeshap_dq.evaluation.metrics import auroc
+from freeshap_dq.synthetic import noisy_problem
+
+
+@pytest.fixture(scope="module")
+def noisy():
+    return noisy_problem(n_train=120, n_test=60, noise=0.15, seed=2)
+
+
+def one_hot(y, c):
+    return np.eye(c)[y]
+
+
+def test_self_confidence_and_cv_match_direct_solves(noisy):
+    problem = noisy.problem
+    run = run_detectors(problem, ValuationConfig(permutations=40, ridge="1.0"), beta=False)
+    k, y, targets = problem.k_train, problem.y_train, one_hot(problem.y_train, 2)
+    for i in (0, 17, 99):  # refit without i, predict i
+        rest = np.delete(np.arange(problem.n_train), i)
+        coef = np.linalg.solve(k[np.ix_(rest, rest)] + np.eye(len(rest)), targets[rest])
+        scores = np.clip(k[i, rest] @ coef, 1e-6, None)
+        assert -run.suspicion["self_confidence"][i] == pytest.approx(scores[y[i]] / scores.sum(), rel=1e-8)
+    probs = cv_kernel_probabilities(problem, 1.0, folds=4, seed=3)
+    fold = np.random.default_rng(3).permutation(problem.n_train) % 4
+    held, fit = np.flatnonzero(fold == 0), np.flatnonzero(fold != 0)
+    coef = np.linalg.solve(k[np.ix_(fit, fit)] + np.eye(len(fit)), targets[fit])
+    direct = np.clip(k[np.ix_(held, fit)] @ coef, 1e-6, None)
+    assert np.allclose(probs[held], direct / direct.sum(1, keepdims=True), rtol=1e-8)
+
+
+def test_detectors_find_the_flips_and_random_does_not(noisy):
+    run = run_detectors(noisy.problem, ValuationConfig(permutations=60), seed=1)
+    scores = {name: auroc(s, noisy.flipped) for name, s in run.suspicion.items()}
+    assert set(scores) == {"freeshap_ce", "freeshap_accuracy", "beta_shapley", "loo", "self_confidence", "cv_kernel",
+                           "combined", "random"}
+    for name in ("freeshap_ce", "self_confidence", "combined", "beta_shapley"):
+        assert scores[name] > 0.75, (name, scores)
+    assert abs(scores["random"] - 0.5) < 0.2
+
+
+def test_combine_averages_normalised_ranks():
+    assert np.allclose(combine(np.array([1.0, 2, 3]), np.array([3.0, 2, 1])), [0.5, 0.5, 0.5])
+    assert np.allclose(combine(np.array([10.0, 20, 30])), [0, 0.5, 1])
+
+
+def test_beta_uses_the_same_permutations(noisy):
+    config = ValuationConfig(permutations=20, seed=4)
+    run = run_detectors(noisy.problem, config)
+    assert run.results["beta_shapley"].sources == run.results["freeshap"].sources
+    assert dataclasses.replace(config).seed == 4

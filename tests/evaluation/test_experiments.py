@@ -1,0 +1,44 @@
+import numpy as np
+import pandas as pd
+
+from freeshap_dq import ValuationConfig
+from freeshap_dq.evaluation import experiments as ex
+from freeshap_dq.synthetic import noisy_problem
+
+
+def recording_learner(calls):
+    def fit(subset):
+        calls.append(np.asarray(subset))
+        return float(len(subset))
+    return fit
+
+
+def test_removal_drops_the_right_examples():
+    values = np.array([0.5, -0.2, 0.1, -0.9, 0.3, 0.0, 0.7, -0.1, 0.2, 0.4])
+    calls = []
+    table = ex.removal(values, {"count": recording_learner(calls)}, fractions=(0.0, 0.2))
+    assert set(table["removed_from"]) == {"bottom", "top", "random"}
+    by = {(r.removed_from, r.fraction_removed): calls[i] for i, r in enumerate(table.itertuples())}
+    assert set(by[("bottom", 0.2)]) == set(range(10)) - {3, 1}  # the two lowest values go
+    assert set(by[("top", 0.2)]) == set(range(10)) - {6, 0}  # the two highest go
+    assert len(by[("random", 0.2)]) == 8 and len(by[("bottom", 0.0)]) == 10
+
+
+def test_selection_keeps_the_best_and_every_class():
+    worth = np.array([9.0, 8, 7, 6, 5, 4, 3, 2, 1, 0])
+    y = np.array([0, 0, 0, 0, 0, 0, 0, 0, 1, 1])
+    calls = []
+    table = ex.selection({"v": worth}, {"n": recording_learner(calls)}, y, fractions=(0.3,))
+    chosen = calls[list(table["ranking"]).index("v")]
+    assert sorted(chosen) == [0, 1, 8] and {"v", "random"} == set(table["ranking"])
+
+
+def test_exact_fidelity_and_sign_robustness_run_and_agree():
+    problem = noisy_problem(n_train=60, n_test=30, noise=0.1, seed=0).problem
+    fidelity = ex.exact_fidelity(problem, ValuationConfig(permutations=3000), n=7)
+    ce = fidelity.set_index("metric").loc["ce"]
+    assert ce["pearson"] > 0.99 and ce["max_abs_error"] < 0.1 * ce["value_range"]
+    robust = ex.sign_robustness(problem, ValuationConfig(permutations=20), sizes=(20, 40), resamples=3, targets=5)
+    assert set(robust["method"]) == {"freeshap", "loo"} and list(robust["size"].unique()) == [20, 40]
+    assert robust["pct_not_unanimous"].between(0, 100).all()
+    assert isinstance(robust, pd.DataFrame)
