@@ -58,3 +58,15 @@ def test_hugging_face_dataset_saved_to_disk(tmp_path):
     (tmp_path / "plain").mkdir()
     with pytest.raises(InputError, match="not a Hugging Face dataset"):
         load_dataset(tmp_path / "plain")
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path):
+    import os
+
+    from freeshap_dq.io import write_json
+
+    write_json({"a": 1}, tmp_path / "out.json")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "out.json").stat().st_mode & 0o777 == 0o666 & ~mask
+    assert not list(tmp_path.glob(".out.json.*"))
