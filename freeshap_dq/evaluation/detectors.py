@@ -5,8 +5,13 @@ r"""Wrong-label detectors on one kernel problem, as *suspicion* scores (higher =
 - ``loo``: :math:`-(U(N) - U(N \setminus i))`, closed form, -CE utility.
 - ``self_confidence``: :math:`-p_i(y_i)`, the closed-form leave-one-out kernel-regression
   probability of the given label.
+- ``self_confidence_calibrated``: :math:`-(p_i(y_i) - t_{y_i})` with :math:`t_c` the mean of
+  :math:`p_j(c)` over the examples labelled c (confident learning's per-class threshold): raw
+  self-confidence favours whatever class the noise made larger and collapses under
+  class-conditional noise (AUROC 0.58 -> 0.79 on Rotten Tomatoes, docs/evaluation.md).
 - ``cv_kernel``: the same from k-fold kernel regression (out-of-fold probabilities).
-- ``combined``: the mean of the normalised ranks of ``freeshap_ce`` and ``self_confidence``;
+- ``combined``: the mean of the normalised ranks of ``freeshap_ce`` and
+  ``self_confidence_calibrated``;
   FreeShap says how much an example hurts held-out predictions, self-confidence how much the rest
   of the training set disagrees with its label: two views of a wrong label whose errors are only
   partly shared, so averaging ranks beats each (docs/evaluation.md).
@@ -51,6 +56,13 @@ def combine(*suspicions: np.ndarray) -> np.ndarray:
     return np.mean([normalised_rank(s) for s in suspicions], axis=0)
 
 
+def calibrated_self_confidence(probs: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """p_i(y_i) minus the mean probability of class y_i over the examples labelled y_i."""
+    y = np.asarray(y)
+    thresholds = np.array([probs[y == c, c].mean() if np.any(y == c) else 0.0 for c in range(probs.shape[1])])
+    return probs[np.arange(len(y)), y] - thresholds[y]
+
+
 def cv_kernel_probabilities(problem: KernelProblem, ridge: float, kernel_scale: float = 1.0, folds: int = 5,
                             seed: int = 0) -> np.ndarray:
     """Out-of-fold class probabilities from kernel regression fitted on the other folds."""
@@ -86,8 +98,9 @@ def run_detectors(problem: KernelProblem, config: ValuationConfig, seed: int = 0
     out.loo_probs = probs
     given = np.arange(problem.n_train), problem.y_train
     out.suspicion["self_confidence"] = -probs[given]
+    out.suspicion["self_confidence_calibrated"] = -calibrated_self_confidence(probs, problem.y_train)
     out.suspicion["cv_kernel"] = -cv_kernel_probabilities(problem, out.ridge, config.kernel_scale, seed=seed)[given]
-    out.suspicion["combined"] = combine(out.suspicion["freeshap_ce"], out.suspicion["self_confidence"])
+    out.suspicion["combined"] = combine(out.suspicion["freeshap_ce"], out.suspicion["self_confidence_calibrated"])
     out.suspicion["random"] = np.random.default_rng(seed).random(problem.n_train)
     return out
 

@@ -33,6 +33,30 @@ def _markdown(frame: pd.DataFrame, floatfmt: str = ".3f") -> str:
     return "\n".join(lines)
 
 
+HEAD_TO_HEAD = ("freeshap_ce", "self_confidence_calibrated", "self_confidence", "cl_logreg_tuned", "loo",
+                "beta_shapley", "knn_shapley")
+
+
+def _head_to_head(detection: pd.DataFrame) -> pd.DataFrame:
+    """For every noise mode and rival: on how many seeds ``combined`` has the higher AUROC / AUPRC / recall@10%."""
+    rows = []
+    for mode, frame in detection.groupby("noise_mode", sort=False):
+        table = frame.set_index(["detector", "seed"])
+        if "combined" not in table.index.get_level_values(0):
+            continue
+        mine = table.loc["combined"]
+        for rival in HEAD_TO_HEAD:
+            if rival not in table.index.get_level_values(0):
+                continue
+            theirs = table.loc[rival]
+            row = {"noise_mode": mode, "rival": rival}
+            for metric in ("auroc", "auprc", "recall@10%"):
+                wins = int((mine[metric] > theirs.loc[mine.index, metric]).sum())
+                row[metric] = f"{wins}/{len(mine)} (Δ {float((mine[metric] - theirs[metric]).mean()):+.3f})"
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def markdown_summary(results: pd.DataFrame) -> str:
     parts = ["# Evaluation results", ""]
     if "experiment" not in results:
@@ -44,6 +68,10 @@ def markdown_summary(results: pd.DataFrame) -> str:
             table = _mean_std(frame, ["detector"], DETECTION_COLUMNS).sort_values("auroc", ascending=False)
             parts += [f"## Wrong-label detection, {mode} noise ({seeds} seeds, mean ± std)", "",
                       _markdown(table, ".3f"), ""]
+        head_to_head = _head_to_head(detection)
+        if len(head_to_head):
+            parts += ["## Combined vs each signal, paired by seed (seeds where combined is higher / all)", "",
+                      _markdown(head_to_head, ".3f"), ""]
     removal = results[results["experiment"] == "removal"]
     if len(removal):
         pivot = removal.groupby(["learner", "removed_from", "fraction_removed"])["accuracy"].mean().unstack()

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 
 from freeshap_dq import ValuationConfig
-from freeshap_dq.evaluation.detectors import combine, cv_kernel_probabilities, run_detectors
+from freeshap_dq.evaluation.detectors import (
+    calibrated_self_confidence, combine, cv_kernel_probabilities, run_detectors,
+)
 from freeshap_dq.evaluation.metrics import auroc
 from freeshap_dq.synthetic import noisy_problem
 
@@ -39,10 +41,28 @@ def test_detectors_find_the_flips_and_random_does_not(noisy):
     run = run_detectors(noisy.problem, ValuationConfig(permutations=60), seed=1)
     scores = {name: auroc(s, noisy.flipped) for name, s in run.suspicion.items()}
     assert set(scores) == {"freeshap_ce", "freeshap_accuracy", "beta_shapley", "loo", "self_confidence", "cv_kernel",
-                           "combined", "random"}
-    for name in ("freeshap_ce", "self_confidence", "combined", "beta_shapley"):
+                           "self_confidence_calibrated", "combined", "random"}
+    for name in ("freeshap_ce", "self_confidence", "self_confidence_calibrated", "combined", "beta_shapley"):
         assert scores[name] > 0.75, (name, scores)
     assert abs(scores["random"] - 0.5) < 0.2
+
+
+def test_calibrated_self_confidence_subtracts_the_class_mean():
+    probs = np.array([[0.9, 0.1], [0.7, 0.3], [0.2, 0.8], [0.4, 0.6]])
+    y = np.array([0, 0, 1, 0])
+    # class 0 threshold: mean(0.9, 0.7, 0.4) = 2/3; class 1: 0.8
+    assert np.allclose(calibrated_self_confidence(probs, y), [0.9 - 2 / 3, 0.7 - 2 / 3, 0.0, 0.4 - 2 / 3])
+
+
+def test_calibration_rescues_self_confidence_under_class_conditional_noise():
+    from freeshap_dq.evaluation.noise import flip_labels
+
+    clean = noisy_problem(n_train=300, n_test=60, noise=0.0, seed=5).problem
+    y, flipped = flip_labels(clean.y_train, 2, 0.15, seed=0, mode="class-conditional")
+    run = run_detectors(dataclasses.replace(clean, y_train=y), ValuationConfig(permutations=10, ridge="rel:10"),
+                        beta=False)
+    raw, calibrated = (auroc(run.suspicion[k], flipped) for k in ("self_confidence", "self_confidence_calibrated"))
+    assert calibrated > raw + 0.02, (raw, calibrated)
 
 
 def test_combine_averages_normalised_ranks():
