@@ -179,11 +179,15 @@ def tuned_logreg_pred_probs(features: np.ndarray, labels: np.ndarray, seed: int 
     return cross_val_predict(model, features, labels, cv=outer, method="predict_proba")
 
 
-def label_quality_suspicion(labels: np.ndarray, pred_probs: np.ndarray) -> np.ndarray:
-    """Confident learning's label quality (self-confidence), as suspicion = 1 - quality."""
+def confident_learning_suspicion(labels: np.ndarray, pred_probs: np.ndarray) -> np.ndarray:
+    """Confident learning as a ranking: the label issues ``find_label_issues`` flags (per-class thresholds,
+    pruned by the estimated noise rate) first, then everything by label quality; suspicion in [0, 2]."""
+    from cleanlab.filter import find_label_issues
     from cleanlab.rank import get_label_quality_scores
 
-    return 1.0 - get_label_quality_scores(np.asarray(labels), pred_probs)
+    labels = np.asarray(labels)
+    flagged = find_label_issues(labels, pred_probs, filter_by="prune_by_noise_rate", n_jobs=1)
+    return (1.0 - get_label_quality_scores(labels, pred_probs)) + flagged.astype(float)
 
 
 def knn_shapley_suspicion(features: np.ndarray, labels: np.ndarray, k: int = 10) -> np.ndarray:

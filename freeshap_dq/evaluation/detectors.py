@@ -42,6 +42,7 @@ class DetectorRun:
     results: dict[str, ValuationResult] = field(default_factory=dict)
     ridge: float = float("nan")
     loo_probs: np.ndarray | None = None
+    cv_probs: np.ndarray | None = None
 
 
 def normalised_rank(x: np.ndarray) -> np.ndarray:
@@ -99,7 +100,8 @@ def run_detectors(problem: KernelProblem, config: ValuationConfig, seed: int = 0
     given = np.arange(problem.n_train), problem.y_train
     out.suspicion["self_confidence"] = -probs[given]
     out.suspicion["self_confidence_calibrated"] = -calibrated_self_confidence(probs, problem.y_train)
-    out.suspicion["cv_kernel"] = -cv_kernel_probabilities(problem, out.ridge, config.kernel_scale, seed=seed)[given]
+    out.cv_probs = cv_kernel_probabilities(problem, out.ridge, config.kernel_scale, seed=seed)
+    out.suspicion["cv_kernel"] = -out.cv_probs[given]
     out.suspicion["combined"] = combine(out.suspicion["freeshap_ce"], out.suspicion["self_confidence_calibrated"])
     out.suspicion["random"] = np.random.default_rng(seed).random(problem.n_train)
     return out

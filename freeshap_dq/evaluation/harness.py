@@ -185,10 +185,10 @@ def _cleanlab_baselines(log) -> Callable | None:
 
     def baselines(inputs: Inputs, problem: KernelProblem, run, seed: int) -> dict[str, np.ndarray]:
         y = problem.y_train
-        out = {"cl_kernel_loo": adapter.label_quality_suspicion(y, run.loo_probs)}
+        out = {"cl_kernel_cv": adapter.confident_learning_suspicion(y, run.cv_probs)}
         if inputs.features_train is not None:
             probs = adapter.tuned_logreg_pred_probs(inputs.features_train, y, seed)
-            out["cl_logreg_tuned"] = adapter.label_quality_suspicion(y, probs)
+            out["cl_logreg_tuned"] = adapter.confident_learning_suspicion(y, probs)
             out["knn_shapley"] = adapter.knn_shapley_suspicion(inputs.features_train, y)
         return out
 

@@ -38,7 +38,7 @@ def test_every_experiment_end_to_end(data_dir, tiny_bert_path, tmp_path):
     assert set(results["experiment"]) == {"detection", "removal", "selection", "robustness", "fidelity"}
     detectors = set(results.loc[results["experiment"] == "detection", "detector"])
     assert {"freeshap_ce", "loo", "beta_shapley", "self_confidence", "combined", "random"} <= detectors
-    assert {"cl_logreg_tuned", "cl_kernel_loo", "knn_shapley"} <= detectors  # cleanlab is in the dev extra
+    assert {"cl_logreg_tuned", "cl_kernel_cv", "knn_shapley"} <= detectors  # cleanlab is in the dev extra
     assert results.loc[results["experiment"] == "detection", "auroc"].between(0, 1).all()
     assert set(results.loc[results["experiment"] == "removal", "learner"]) == {"kernel_regression",
                                                                                "logreg_embeddings"}
