@@ -60,11 +60,17 @@ def _terminate(signum, frame):
 @click.option("--fail-on-harmful", type=int, default=None, metavar="N",
               help="CI gate: exit with code 3 (after writing the outputs) when more than N training examples are "
                    "harmful with confidence (value + 1.96 x stderr < 0 on --rank-metric).")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Where permutations run: this process, or Ray workers (pip install 'freeshap-dq[ray]'); "
+                   "results are identical.")
+@click.option("--ray-address", default=None, help="Ray cluster address (e.g. ray://head:10001) [default: start a local "
+                                                  "Ray on this machine].")
+@click.option("--workers", type=int, default=None, help="Local Ray: worker processes [default: CPU count].")
 @ntk_options
 @config_options
 @friendly_errors
 def value_command(kernel_path, train_path, test_path, output, fmt, save_result, checkpoint_dir, resume, progress,
-                  fail_on_harmful, cache_dir, preset, **options):
+                  fail_on_harmful, executor, ray_address, workers, cache_dir, preset, **options):
     """Value every training example: on a precomputed kernel, or on data with a model's eNTK.
 
     \b
@@ -80,7 +86,13 @@ def value_command(kernel_path, train_path, test_path, output, fmt, save_result, 
         raise click.UsageError("--per-point values are an n x m matrix: give --save-result PATH.npz to keep them.")
     problem, kernel_manifest = load_problem(kernel_path, train_path, test_path, data, ntk, cache_dir, progress)
     log(f"{problem.source}: n_train={problem.n_train} n_test={problem.n_test} classes={problem.n_classes}")
-    result = compute_values(problem, config, checkpoint_dir=checkpoint_dir, resume=resume, progress=progress)
+    if executor == "ray":
+        from ..distributed import compute_values_ray
+
+        result = compute_values_ray(problem, config, address=ray_address, workers=workers,
+                                    checkpoint_dir=checkpoint_dir, resume=resume, progress=progress)
+    else:
+        result = compute_values(problem, config, checkpoint_dir=checkpoint_dir, resume=resume, progress=progress)
     result.manifest["kernel"] = kernel_manifest
     df = result.to_dataframe(config.rank_metric)
     if save_result is not None:

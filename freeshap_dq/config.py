@@ -59,6 +59,9 @@ class ValuationConfig:
     max_seconds: float = option(0.0, "Stop after this many seconds (0 = no limit); values stay valid.")
     stderr_target: float = option(0.0, "Stop when the largest standard error of the ranking metric is below this (0 = off).")
     checkpoint_every: int = option(10, "Write a checkpoint every this many permutations when a checkpoint dir is set.")
+    reduce_every: int = option(32, "Permutations summed from zero into one partial sum, which is then added to the "
+                                   "totals (groups aligned to the permutation index). Distributed workers compute "
+                                   "whole groups, so their merged result is bit-identical to one process.")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -80,6 +83,8 @@ class ValuationConfig:
             raise InputError(f"jitter must be >= 0, got {self.jitter}.")
         if self.beta_alpha <= 0 or self.beta_beta <= 0:
             raise InputError("beta_alpha and beta_beta must be positive.")
+        if self.reduce_every < 1:
+            raise InputError(f"reduce_every must be at least 1, got {self.reduce_every}.")
         if self.block_size < 1 or self.batch_size < 0 or self.checkpoint_every < 1 or self.start < 0:
             raise InputError("block_size and checkpoint_every must be >= 1, batch_size and start >= 0.")
         parse_ridge(self.ridge)

@@ -140,7 +140,7 @@ class ValuationResult:
             False, {**self.manifest, "merged": True}, self.train_ids,
         )
 
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike, extra: dict[str, np.ndarray] | None = None) -> None:
         arrays: dict[str, np.ndarray] = {"evaluated": self.evaluated}
         for metric in METRICS:
             arrays[f"sum_{metric}"] = self.sums[metric]
@@ -152,6 +152,7 @@ class ValuationResult:
         header = {"format_version": FORMAT_VERSION, "method": self.method, "count": self.count,
                   "exact": self.exact, "sources": self.sources, **self.manifest}
         arrays["manifest"] = np.frombuffer(json.dumps(header, default=_json_default).encode(), dtype=np.uint8)
+        arrays.update(extra or {})
         with atomic_write(path) as tmp:
             with open(tmp, "wb") as fh:
                 np.savez(fh, **arrays)

@@ -4,7 +4,10 @@
 
 - ``tmc`` / ``beta`` / ``banzhaf``: permutation sampling with the prefix engine. Permutation i is drawn from
   ``(seed, i)``, so a run is reproducible, splits into mergeable parts (``start``) and resumes
-  from a checkpoint with bit-identical values (sums are accumulated in permutation order).
+  from a checkpoint with bit-identical values. Sums are accumulated in groups of ``reduce_every``
+  permutations aligned to the permutation index: each group is summed from zero in permutation
+  order, then added to the totals in group order — the same arithmetic whether one process runs
+  every group or workers run them (``freeshap_dq.distributed``).
 - ``exact``: enumeration of all subsets (n <= 16).
 - ``loo``: closed-form leave-one-out, one factorisation.
 """
@@ -38,7 +41,7 @@ from .stopping import MaxPermutations, MaxTime, StandardErrorBelow, StoppingCrit
 
 CHECKPOINT_NAME = "checkpoint.npz"
 # Fields that change the values: a checkpoint is only resumed when they all match.
-RESUME_KEYS = ("method", "tolerance", "ridge", "kernel_scale", "jitter", "empty_utility", "per_point",
+RESUME_KEYS = ("reduce_every", "method", "tolerance", "ridge", "kernel_scale", "jitter", "empty_utility", "per_point",
                "seed", "start", "beta_alpha", "beta_beta", "block_size")
 
 
@@ -102,13 +105,14 @@ def _sample_permutations(problem, config, utility, manifest, stopping, checkpoin
         Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
         for stale in Path(checkpoint_dir).glob(f".{CHECKPOINT_NAME}.*.tmp"):  # left by a killed write
             stale.unlink(missing_ok=True)
-    result = _load_checkpoint(checkpoint, manifest) if (checkpoint is not None and resume) else None
+    saved = _load_checkpoint(checkpoint, manifest) if (checkpoint is not None and resume) else None
+    result, partial = saved if saved is not None else (None, None)
     if result is None:
         result = ValuationResult.empty(method_name(config), n, problem.n_test, config.per_point,
                                        sources=[{"seed": config.seed, "start": config.start, "count": 0}],
                                        manifest=manifest, train_ids=problem.train_ids)
     result.manifest.update(manifest)
-    acc = _Accumulator(result, utility.device)
+    acc = _Accumulator(result, utility.device, config.start, config.reduce_every, partial)
     probs = coalition_size_probabilities(config, n)
     weights = None if probs is None else torch.as_tensor(position_weights(probs), dtype=DTYPE, device=utility.device)
     engine = PrefixEngine(utility, tolerance=config.tolerance, per_point=config.per_point,
@@ -133,18 +137,17 @@ def _sample_permutations(problem, config, utility, manifest, stopping, checkpoin
                 acc.add(perms.to(utility.device), marginals, weights)
             bar.update(size)
             if checkpoint is not None and acc.count - last_saved >= config.checkpoint_every:
-                acc.snapshot().save(checkpoint)
+                acc.save_checkpoint(checkpoint)
                 last_saved = acc.count
     except KeyboardInterrupt:
         if checkpoint is not None and acc.count > last_saved and not acc.torn:
-            acc.snapshot().save(checkpoint)
+            acc.save_checkpoint(checkpoint)
         raise
     finally:
         bar.close()
-    final = acc.snapshot()
     if checkpoint is not None and acc.count != last_saved:
-        final.save(checkpoint)
-    return final
+        acc.save_checkpoint(checkpoint)
+    return acc.snapshot()
 
 
 @contextlib.contextmanager
@@ -169,42 +172,92 @@ def deferred_interrupts():
 
 
 class _Accumulator:
-    """Running sums on the compute device, added one permutation at a time (order = determinism)."""
+    """Running sums on the compute device: ``completed`` groups plus the ``partial`` sum of the open group,
+    each permutation added to ``partial`` in order; a full group is folded into ``completed``."""
 
-    def __init__(self, result: ValuationResult, device: torch.device):
+    def __init__(self, result: ValuationResult, device: torch.device, start: int, group: int,
+                 partial: dict[str, dict[str, np.ndarray]] | None = None):
         self.template = result
         self.torn = False  # True while a permutation is half added: such a state is never saved
         self.count = result.count
+        self.start, self.group = start, group
         self.evaluated = list(result.evaluated.tolist())
         t = lambda d: None if d is None else {k: torch.as_tensor(v, dtype=DTYPE).to(device).clone() for k, v in d.items()}  # noqa: E731
-        self.sums, self.sq_sums, self.point_sums = t(result.sums), t(result.sq_sums), t(result.point_sums)
+        self.completed = {"sums": t(result.sums), "sq_sums": t(result.sq_sums), "point_sums": t(result.point_sums)}
+        zeros = lambda d: None if d is None else {k: torch.zeros_like(v) for k, v in d.items()}  # noqa: E731
+        self.partial = {key: zeros(value) for key, value in self.completed.items()}
+        self.partial_count = 0
+        if partial:
+            self.partial = {key: t(partial.get(key)) if self.completed[key] is not None else None
+                            for key in self.completed}
+            self.partial_count = int(partial["count"])
+            self.count += self.partial_count
+            self.evaluated += [int(e) for e in partial["evaluated"]]
 
     def add(self, perms: torch.Tensor, marginals: PermutationMarginals, weights: torch.Tensor | None) -> None:
         per_metric = {"accuracy": (marginals.accuracy, marginals.point_accuracy),
                       "ce": (marginals.ce, marginals.point_ce)}
+        sums, sq_sums, point_sums = (self.partial[k] for k in ("sums", "sq_sums", "point_sums"))
         for b in range(perms.shape[0]):
             self.torn = True
             for metric in METRICS:
                 values, points = per_metric[metric]
                 x = values[b] if weights is None else values[b] * weights
-                self.sums[metric].index_add_(0, perms[b], x)
-                self.sq_sums[metric].index_add_(0, perms[b], x * x)
-                if self.point_sums is not None:
+                sums[metric].index_add_(0, perms[b], x)
+                sq_sums[metric].index_add_(0, perms[b], x * x)
+                if point_sums is not None:
                     p = points[b] if weights is None else points[b] * weights.unsqueeze(-1)
-                    self.point_sums[metric].index_add_(0, perms[b], p)
+                    point_sums[metric].index_add_(0, perms[b], p)
             self.evaluated.append(int(marginals.evaluated[b]))
             self.count += 1
+            self.partial_count += 1
+            if (self.start + self.count) % self.group == 0:
+                self._fold()
             self.torn = False
 
-    def snapshot(self, with_points: bool = True) -> ValuationResult:
+    def _fold(self) -> None:
+        for key, done in self.completed.items():
+            if done is not None:
+                for metric in done:
+                    done[metric] += self.partial[key][metric]
+                    self.partial[key][metric].zero_()
+        self.partial_count = 0
+
+    def _result(self, parts: list[dict], count: int, evaluated: list[int], with_points: bool) -> ValuationResult:
         r = self.template
-        np_ = lambda d: {k: v.cpu().numpy().copy() for k, v in d.items()}  # noqa: E731
+        total = lambda key: None if parts[0][key] is None else {  # noqa: E731
+            m: sum((p[key][m] for p in parts[1:]), parts[0][key][m]).cpu().numpy().copy() for m in parts[0][key]}
         sources = [dict(s) for s in r.sources]
-        sources[-1]["count"] = self.count
-        return ValuationResult(
-            r.method, np_(self.sums), np_(self.sq_sums), self.count,
-            np_(self.point_sums) if (with_points and self.point_sums is not None) else None,
-            np.asarray(self.evaluated, dtype=np.int64), sources, False, dict(r.manifest), r.train_ids)
+        sources[-1]["count"] = count
+        return ValuationResult(r.method, total("sums"), total("sq_sums"), count,
+                               total("point_sums") if with_points else None, np.asarray(evaluated, dtype=np.int64),
+                               sources, False, dict(r.manifest), r.train_ids)
+
+    def snapshot(self, with_points: bool = True) -> ValuationResult:
+        parts = [self.completed, self.partial] if self.partial_count else [self.completed]
+        return self._result(parts, self.count, self.evaluated, with_points)
+
+    def save_checkpoint(self, path: Path) -> None:
+        """The completed groups as a result, plus the open group's sums beside them (``partial_*``)."""
+        done = self.count - self.partial_count
+        extra = {"partial_count": np.array(self.partial_count),
+                 "partial_evaluated": np.asarray(self.evaluated[done:], dtype=np.int64)}
+        for key, prefix in (("sums", "sum"), ("sq_sums", "sqsum"), ("point_sums", "point_sum")):
+            if self.partial[key] is not None:
+                extra.update({f"partial_{prefix}_{m}": v.cpu().numpy() for m, v in self.partial[key].items()})
+        self._result([self.completed], done, self.evaluated[:done], True).save(path, extra=extra)
+
+
+def load_partial(path: Path) -> dict[str, Any] | None:
+    """The open group saved beside a checkpoint's completed groups (None when there is none)."""
+    with np.load(path, allow_pickle=False) as data:
+        if "partial_count" not in data.files or int(data["partial_count"]) == 0:
+            return None
+        out: dict[str, Any] = {"count": int(data["partial_count"]), "evaluated": data["partial_evaluated"]}
+        for key, prefix in (("sums", "sum"), ("sq_sums", "sqsum"), ("point_sums", "point_sum")):
+            if f"partial_{prefix}_accuracy" in data.files:
+                out[key] = {m: data[f"partial_{prefix}_{m}"] for m in METRICS}
+        return out
 
 
 def _auto_batch_size(n: int, m: int, device: torch.device) -> int:
@@ -232,7 +285,7 @@ def _manifest(problem: KernelProblem, config: ValuationConfig, utility: KernelRe
     }
 
 
-def _load_checkpoint(path: Path, manifest: dict[str, Any]) -> ValuationResult | None:
+def _load_checkpoint(path: Path, manifest: dict[str, Any]) -> tuple[ValuationResult, dict | None] | None:
     if not path.exists():
         return None
     saved = ValuationResult.load(path)
@@ -246,4 +299,4 @@ def _load_checkpoint(path: Path, manifest: dict[str, Any]) -> ValuationResult | 
         details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
         raise CheckpointError(f"{path}: the checkpoint was made with different settings ({details}). Use the "
                               f"same settings to resume, another --checkpoint-dir, or --no-resume to start over.")
-    return saved
+    return saved, load_partial(path)

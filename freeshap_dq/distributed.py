@@ -1,0 +1,156 @@
+r"""Permutations on Ray: the kernel once in the object store, workers run whole permutation groups.
+
+A run of T permutations starting at index s is cut into groups at multiples of ``reduce_every``
+(R): ``[s, ceil(s/R) R), ..., [..., s + T)``. Permutation i is drawn from ``(seed, i)`` and a group's
+sums are accumulated from zero in permutation order — exactly what ``compute_values`` does in one
+process, which then adds the groups to its totals in order. Workers return each group's
+sufficient statistics (sums, sums of squares, per-point sums, evaluated prefix lengths: never
+per-permutation histories) and the driver adds them in group order, so the result is
+bit-identical to one process on CPU when the workers use the same number of threads (the
+default: the driver's). The ridge is resolved once by the driver and sent as a number.
+
+A worker that dies mid-group is retried by Ray (``max_retries``) and recomputes the same group
+from its seeds. With ``checkpoint_dir``, every finished group is written to
+``groups/group-<first>.npz``; a rerun reads them and computes only the missing groups.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .config import METRICS, ValuationConfig
+from .errors import CheckpointError, InputError
+from .kernel import KernelProblem
+from .regression import KernelRegressionUtility
+from .result import ValuationResult
+from .valuation import RESUME_KEYS, compute_values, method_name
+
+EXECUTORS = ("local", "ray")
+
+
+def permutation_groups(start: int, count: int, group: int) -> list[tuple[int, int]]:
+    """(first, count) of each group covering [start, start + count), cut at multiples of ``group``."""
+    out, first, end = [], start, start + count
+    while first < end:
+        stop = min(end, (first // group + 1) * group)
+        out.append((first, stop - first))
+        first = stop
+    return out
+
+
+def run_group(problem: KernelProblem, config: ValuationConfig, first: int, count: int,
+              threads: int | None = None) -> ValuationResult:
+    """One group's sufficient statistics (what a worker computes)."""
+    if threads:
+        torch.set_num_threads(threads)
+    return compute_values(problem, dataclasses.replace(config, start=first, permutations=count), progress=False)
+
+
+def merge_groups(parts: list[ValuationResult], config: ValuationConfig) -> ValuationResult:
+    """Add groups in index order onto zero totals, as the single-process accumulator does."""
+    first = parts[0]
+    sums = {m: np.zeros_like(first.sums[m]) for m in METRICS}
+    sq_sums = {m: np.zeros_like(first.sq_sums[m]) for m in METRICS}
+    points = None if first.point_sums is None else {m: np.zeros_like(first.point_sums[m]) for m in METRICS}
+    for part in parts:
+        for m in METRICS:
+            sums[m] += part.sums[m]
+            sq_sums[m] += part.sq_sums[m]
+            if points is not None:
+                points[m] += part.point_sums[m]
+    count = sum(p.count for p in parts)
+    manifest = dict(first.manifest)
+    manifest.pop("elapsed_seconds", None)
+    return ValuationResult(first.method, sums, sq_sums, count, points,
+                           np.concatenate([p.evaluated for p in parts]).astype(np.int64),
+                           [{"seed": config.seed, "start": config.start, "count": count}], False, manifest,
+                           first.train_ids)
+
+
+def resolved_config(problem: KernelProblem, config: ValuationConfig) -> ValuationConfig:
+    """The configuration with the ridge as a number (resolved once, by the driver)."""
+    ridge = KernelRegressionUtility(problem, dataclasses.replace(config, device="cpu")).ridge
+    return dataclasses.replace(config, ridge=repr(float(ridge)))
+
+
+def compute_values_ray(problem: KernelProblem, config: ValuationConfig | None = None, *,
+                       address: str | None = None, workers: int | None = None, threads: int | None = None,
+                       checkpoint_dir: str | Path | None = None, resume: bool = True, max_retries: int = 3,
+                       progress: bool | None = None) -> ValuationResult:
+    """``compute_values`` with the permutation groups spread over Ray workers (local or a cluster)."""
+    try:
+        import ray
+    except ImportError:
+        raise InputError("the Ray executor needs Ray: pip install 'freeshap-dq[ray]'") from None
+    config = config or ValuationConfig()
+    config.validate()
+    if config.method not in ("tmc", "beta", "banzhaf"):
+        return compute_values(problem, config, progress=progress)  # exact / loo: nothing to spread
+    threads = threads or torch.get_num_threads()
+    config = resolved_config(problem, config)
+    groups = permutation_groups(config.start, config.permutations, config.reduce_every)
+    store = _GroupStore(checkpoint_dir, problem, config) if checkpoint_dir else None
+    done: dict[int, ValuationResult] = store.load(resume) if store else {}
+
+    if not ray.is_initialized():
+        ray.init(address=address, num_cpus=None if address else workers, include_dashboard=False,
+                 log_to_driver=False, ignore_reinit_error=True, configure_logging=False)
+    task = ray.remote(max_retries=max_retries)(run_group)
+    problem_ref = ray.put(problem)
+    pending = {task.remote(problem_ref, config, first, count, threads): first
+               for first, count in groups if first not in done}
+    bar = tqdm(total=config.permutations, initial=sum(done[f].count for f in done), unit="perm", file=sys.stderr,
+               disable=(not sys.stderr.isatty()) if progress is None else not progress,
+               desc=f"{method_name(config)} on Ray ({len(groups)} groups)")
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            first = pending.pop(ready[0])
+            done[first] = ray.get(ready[0])
+            if store:
+                store.save(first, done[first])
+            bar.update(done[first].count)
+    finally:
+        bar.close()
+        for ref in pending:
+            ray.cancel(ref)
+    result = merge_groups([done[first] for first, _ in groups], config)
+    result.manifest.update({"executor": "ray", "groups": len(groups), "worker_threads": threads})
+    return result
+
+
+class _GroupStore:
+    """Finished groups on disk (``groups/group-<first>.npz``), checked against the run's settings."""
+
+    def __init__(self, checkpoint_dir: str | Path, problem: KernelProblem, config: ValuationConfig):
+        self.folder = Path(checkpoint_dir) / "groups"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.fingerprint = problem.fingerprint()
+        self.settings = {k: getattr(config, k) for k in RESUME_KEYS if k != "start"}  # each group has its own
+        self.groups = dict(permutation_groups(config.start, config.permutations, config.reduce_every))
+
+    def load(self, resume: bool) -> dict[int, ValuationResult]:
+        out = {}
+        for path in sorted(self.folder.glob("group-*.npz")):
+            if not resume:
+                path.unlink()
+                continue
+            part = ValuationResult.load(path)
+            saved = part.manifest.get("config", {})
+            first = int(part.sources[0]["start"])
+            if part.manifest.get("kernel_fingerprint") != self.fingerprint or self.groups.get(first) != part.count or any(
+                    saved.get(k) != v for k, v in self.settings.items()):
+                raise CheckpointError(f"{path} belongs to another run (kernel, seed or settings differ); use another "
+                                      f"--checkpoint-dir or --no-resume.")
+            out[first] = part
+        return out
+
+    def save(self, first: int, part: ValuationResult) -> None:
+        part.save(self.folder / f"group-{first:09d}.npz")
+
