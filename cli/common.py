@@ -121,7 +121,8 @@ def build_ntk_config(options: dict, device: str | None) -> NTKConfig:
     return NTKConfig(**{k: v for k, v in given.items() if v is not None})
 
 
-def load_problem(kernel_path, train_path, test_path, data: dict, ntk: NTKConfig, cache_dir, progress):
+def load_problem(kernel_path, train_path, test_path, data: dict, ntk: NTKConfig, cache_dir, progress,
+                 shard: tuple[int, int] = (0, 1)):
     """(KernelProblem, kernel manifest) from a kernel file, or from data + model (eNTK computed or cached)."""
     if kernel_path is not None:
         if train_path is not None or test_path is not None:
@@ -134,7 +135,8 @@ def load_problem(kernel_path, train_path, test_path, data: dict, ntk: NTKConfig,
 
     train = load_dataset(train_path, **data)
     test = load_dataset(test_path, **data)
-    return build_kernel(train, test, ntk, cache_dir=cache_dir, progress=progress, log=log, return_manifest=True)
+    return build_kernel(train, test, ntk, cache_dir=cache_dir, progress=progress, log=log, return_manifest=True,
+                        shard=shard)
 
 
 def pop_data_options(options: dict) -> dict:

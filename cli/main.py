@@ -121,15 +121,28 @@ def value_command(kernel_path, train_path, test_path, output, fmt, save_result, 
               help="Kernel file: .npz (for freeshap-dq value --kernel) or .safetensors (+ .json manifest).")
 @click.option("--device", default=None, help="auto (CUDA when present), cpu, cuda or cuda:N. [default: auto]")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr [default: when a terminal].")
+@click.option("--distributed", is_flag=True,
+              help="Run under torchrun: each process computes a share of the parameter chunks, an all-reduce sums "
+                   "the Grams (gloo on CPU, NCCL on GPUs), rank 0 writes the kernel.")
 @ntk_options
 @friendly_errors
-def kernel_command(train_path, test_path, output, device, progress, cache_dir, **options):
+def kernel_command(train_path, test_path, output, device, progress, distributed, cache_dir, **options):
     """Compute (or take from the cache) a model's eNTK for a train and a test file."""
     data = pop_data_options(options)
     ntk = build_ntk_config(options, device)
     if output.suffix not in (".npz", ".safetensors"):
         raise click.UsageError(f"{output}: the kernel file must end in .npz or .safetensors.")
-    problem, manifest = load_problem(None, train_path, test_path, data, ntk, cache_dir, progress)
+    if distributed:
+        from ..ntk.sharding import distributed_kernel
+
+        with distributed_kernel(ntk) as (shard, ntk):
+            if shard[0] > 0:
+                VERBOSITY["level"] = 0
+            problem, manifest = load_problem(None, train_path, test_path, data, ntk, cache_dir, progress, shard)
+            if shard[0] != 0:
+                return
+    else:
+        problem, manifest = load_problem(None, train_path, test_path, data, ntk, cache_dir, progress)
     if output.suffix == ".npz":
         problem.save(output)
         write_json({"command": "kernel", **manifest}, Path(str(output) + ".manifest.json"))

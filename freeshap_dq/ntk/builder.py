@@ -123,7 +123,7 @@ def cache_key(manifest: dict[str, Any]) -> str:
 
 def build_kernel(train: TextDataset, test: TextDataset, config: NTKConfig | None = None, *,
                  cache_dir: str | Path | None = None, progress: bool | None = None, log=None,
-                 return_manifest: bool = False):
+                 return_manifest: bool = False, shard: tuple[int, int] = (0, 1)):
     """The eNTK valuation problem for ``train`` and ``test`` (from the cache when it matches);
     with ``return_manifest``, also the kernel's manifest."""
     from ..regression import resolve_device
@@ -145,7 +145,8 @@ def build_kernel(train: TextDataset, test: TextDataset, config: NTKConfig | None
     started = time.monotonic()
     out = compute_ntk(adapter, adapter.tokenize(train.texts, train.pairs), adapter.tokenize(test.texts, test.pairs),
                       trainable=config.trainable, kernel=config.kernel, max_memory=config.max_memory,
-                      batch_size=config.grad_batch_size, device=resolve_device(config.device), progress=progress)
+                      batch_size=config.grad_batch_size, device=resolve_device(config.device), progress=progress,
+                      shard=shard)
     elapsed = time.monotonic() - started
     log(f"eNTK: {len(train)} x {len(train)} + {len(test)} x {len(train)} kernel over {out.n_trainable:,} trainable "
         f"parameters in {elapsed:.1f} s ({out.info['chunks']} chunk(s))")
@@ -153,7 +154,7 @@ def build_kernel(train: TextDataset, test: TextDataset, config: NTKConfig | None
                 "seconds": round(elapsed, 2), "freeshap_dq": __version__}
     problem = KernelProblem(out.k_train, out.k_test, y_train, y_test, names, np.array(train.ids),
                             np.array(test.ids), source=f"eNTK of {config.model}")
-    if cached is not None:
+    if cached is not None and shard[0] == 0:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         save_kernel(problem, manifest, cached)
     return (problem, manifest) if return_manifest else problem

@@ -114,7 +114,13 @@ class KernelOutput:
 def compute_ntk(adapter, train_examples: list[dict], test_examples: list[dict], *, trainable: str = "head-only",
                 kernel: str = "class0", max_memory: str | int = "2GiB", batch_size: int = 0,
                 test_diagonal: bool = False, device: str | torch.device = "cpu",
-                progress: bool | None = None) -> KernelOutput:
+                progress: bool | None = None, shard: tuple[int, int] = (0, 1)) -> KernelOutput:
+    """The eNTK rows (train + test) x columns (train).
+
+    ``shard=(rank, world)``: this process computes every world-th unit of work (a parameter chunk, or the
+    word table's sparse share) and the partial Grams are summed with ``torch.distributed.all_reduce``
+    (an n x (n + m) message per rank, whatever the model size); the process group must be initialised.
+    """
     if kernel not in KERNEL_MODES:
         raise InputError(f"kernel {kernel!r} is unknown; choose one of {', '.join(KERNEL_MODES)}.")
     device = torch.device(device)
@@ -133,7 +139,11 @@ def compute_ntk(adapter, train_examples: list[dict], test_examples: list[dict], 
     sparse_table = word_table in names  # its rows get the exact sparse path, not dense Jacobian columns
     dense_names = [k for k in names if not (sparse_table and k == word_table)]
     chunk_capacity, batch = _plan(budget, total, n, dense_names, params, batch_size)
+    rank, world = shard
+    if world > 1:  # at least one chunk per rank
+        chunk_capacity = min(chunk_capacity, max(1, math.ceil(sum(params[k].numel() for k in dense_names) / world)))
     chunks = _chunks(dense_names, params, chunk_capacity)
+    mine = [u % world == rank for u in range(len(chunks) + sparse_table)]
     # rows of J: training examples by length, then test examples by length (batches never mix them,
     # so the training rows are J[:n]); ``order`` maps those rows back to the caller's order
     order = _length_order(train_examples) + [n + i for i in _length_order(test_examples)]
@@ -145,10 +155,10 @@ def compute_ntk(adapter, train_examples: list[dict], test_examples: list[dict], 
 
     k_rows = torch.zeros(total, n, dtype=torch.float64, device=device)
     diag = torch.zeros(total - n, dtype=torch.float64, device=device) if test_diagonal else None
-    bar = tqdm(total=(len(chunks) + sparse_table) * len(classes) * total, unit="ex", file=sys.stderr, dynamic_ncols=True,
-               disable=(not sys.stderr.isatty()) if progress is None else not progress,
+    bar = tqdm(total=sum(mine) * len(classes) * total, unit="ex", file=sys.stderr, dynamic_ncols=True,
+               disable=rank > 0 or ((not sys.stderr.isatty()) if progress is None else not progress),
                desc=f"eNTK {adapter.adapter_name} ({n_trainable:,} trainable params, {len(chunks)} chunk(s))")
-    for chunk in chunks:
+    for chunk in (c for c, is_mine in zip(chunks, mine) if is_mine):
         chunk_names = sorted({name for name, _, _ in chunk})
         width = sum(hi - lo for _, lo, hi in chunk)
         theta = {k: params[k] for k in chunk_names}
@@ -168,10 +178,16 @@ def compute_ntk(adapter, train_examples: list[dict], test_examples: list[dict], 
                 bar.update(hi - lo)
             _accumulate_gram(jac, n, k_rows, diag)
         del jac
-    if sparse_table:
+    if sparse_table and mine[-1]:
         for c in classes:
             _accumulate_word_table_gram(adapter, prefixes, c, n, params[word_table].shape[0], k_rows, diag, bar)
     bar.close()
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(k_rows)
+        if diag is not None:
+            dist.all_reduce(diag)
     inverse = torch.empty(total, dtype=torch.long)
     inverse[torch.as_tensor(order)] = torch.arange(total)
     k_rows = _mirror_lower(k_rows, n).cpu()[inverse][:, inverse[:n]]
@@ -180,7 +196,7 @@ def compute_ntk(adapter, train_examples: list[dict], test_examples: list[dict], 
     k_rows = k_rows.cpu().numpy()
     k_train = k_rows[:n]
     return KernelOutput(k_train, k_rows[n:], None if diag is None else diag.cpu().numpy(), names, n_trainable,
-                        {"chunks": len(chunks), "batch_size": batch, "chunk_capacity": chunk_capacity,
+                        {"chunks": len(chunks), "batch_size": batch, "chunk_capacity": chunk_capacity, "world": world,
                          "kernel": kernel, "trainable": trainable, "max_memory_bytes": budget})
 
 
