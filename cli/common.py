@@ -23,7 +23,8 @@ VERBOSITY = {"level": 1}  # 0 = errors only (-q), 1 = normal, 2 = tracebacks on 
 CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(ValuationConfig)}
 NTK_FIELDS = {f.name: f for f in dataclasses.fields(NTKConfig)}
 CHOICES = {"method": METHODS, "empty_utility": ("random", "zero"), "rank_metric": ("ce", "accuracy"),
-           "adapter": ADAPTERS, "kernel": KERNEL_MODES, "pooling": ("mean", "cls")}
+           "adapter": ADAPTERS, "kernel": KERNEL_MODES, "pooling": ("mean", "cls"),
+           "low_rank_method": ("nystrom", "eigen")}
 OPTION_NAMES = {"kernel": "--kernel-mode"}  # --kernel is the precomputed kernel file
 
 

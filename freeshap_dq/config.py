@@ -59,6 +59,10 @@ class ValuationConfig:
     max_seconds: float = option(0.0, "Stop after this many seconds (0 = no limit); values stay valid.")
     stderr_target: float = option(0.0, "Stop when the largest standard error of the ranking metric is below this (0 = off).")
     checkpoint_every: int = option(10, "Write a checkpoint every this many permutations when a checkpoint dir is set.")
+    low_rank: int = option(0, "Rank r of a low-rank kernel for large n (0 = exact engine): every prefix from r x r "
+                              "updates, O(n (r^2 + m r)) per permutation instead of O(n^3).")
+    low_rank_method: str = option("nystrom", "Low-rank features: nystrom (r random landmark columns) or eigen "
+                                             "(top-r eigenpairs; exact at r = n).")
     reduce_every: int = option(32, "Permutations summed from zero into one partial sum, which is then added to the "
                                    "totals (groups aligned to the permutation index). Distributed workers compute "
                                    "whole groups, so their merged result is bit-identical to one process.")
@@ -83,6 +87,10 @@ class ValuationConfig:
             raise InputError(f"jitter must be >= 0, got {self.jitter}.")
         if self.beta_alpha <= 0 or self.beta_beta <= 0:
             raise InputError("beta_alpha and beta_beta must be positive.")
+        if self.low_rank < 0:
+            raise InputError(f"low_rank must be >= 0, got {self.low_rank}.")
+        if self.low_rank_method not in ("nystrom", "eigen"):
+            raise InputError(f"low_rank_method {self.low_rank_method!r} is unknown; choose nystrom or eigen.")
         if self.reduce_every < 1:
             raise InputError(f"reduce_every must be at least 1, got {self.reduce_every}.")
         if self.block_size < 1 or self.batch_size < 0 or self.checkpoint_every < 1 or self.start < 0:

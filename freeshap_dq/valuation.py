@@ -41,7 +41,7 @@ from .stopping import MaxPermutations, MaxTime, StandardErrorBelow, StoppingCrit
 
 CHECKPOINT_NAME = "checkpoint.npz"
 # Fields that change the values: a checkpoint is only resumed when they all match.
-RESUME_KEYS = ("reduce_every", "method", "tolerance", "ridge", "kernel_scale", "jitter", "empty_utility", "per_point",
+RESUME_KEYS = ("reduce_every", "low_rank", "low_rank_method", "method", "tolerance", "ridge", "kernel_scale", "jitter", "empty_utility", "per_point",
                "seed", "start", "beta_alpha", "beta_beta", "block_size")
 
 
@@ -115,12 +115,11 @@ def _sample_permutations(problem, config, utility, manifest, stopping, checkpoin
     acc = _Accumulator(result, utility.device, config.start, config.reduce_every, partial)
     probs = coalition_size_probabilities(config, n)
     weights = None if probs is None else torch.as_tensor(position_weights(probs), dtype=DTYPE, device=utility.device)
-    engine = PrefixEngine(utility, tolerance=config.tolerance, per_point=config.per_point,
-                          block_size=config.block_size)
+    engine = _engine(problem, config, utility, result.manifest)
     criterion = stopping or default_stopping(config)
     criterion.reset()
     cap = config.permutations if stopping is None else None
-    batch = config.batch_size or _auto_batch_size(n, problem.n_test, utility.device)
+    batch = config.batch_size or (16 if config.low_rank else _auto_batch_size(n, problem.n_test, utility.device))
     bar = tqdm(total=cap, initial=result.count, unit="perm", file=sys.stderr, dynamic_ncols=True,
                disable=(not sys.stderr.isatty()) if progress is None else not progress,
                desc=f"{method_name(config)} n={n} m={problem.n_test}")
@@ -148,6 +147,23 @@ def _sample_permutations(problem, config, utility, manifest, stopping, checkpoin
     if checkpoint is not None and acc.count != last_saved:
         acc.save_checkpoint(checkpoint)
     return acc.snapshot()
+
+
+def _engine(problem: KernelProblem, config: ValuationConfig, utility: KernelRegressionUtility,
+            manifest: dict[str, Any]) -> PrefixEngine:
+    if not config.low_rank:
+        return PrefixEngine(utility, tolerance=config.tolerance, per_point=config.per_point,
+                            block_size=config.block_size)
+    from .lowrank import LowRankPrefixEngine, low_rank_features
+
+    rank = min(config.low_rank, problem.n_train)
+    features = low_rank_features(utility.k_train, utility.k_test, rank, config.low_rank_method, config.seed)
+    engine = LowRankPrefixEngine(utility, features, tolerance=config.tolerance, per_point=config.per_point,
+                                 block_size=config.block_size)
+    manifest["low_rank"] = {"rank": int(features.phi.shape[1]), "method": features.method,
+                            "trace_captured": features.captured,
+                            "utility_full": dict(zip(METRICS, engine._full.tolist()))}
+    return engine
 
 
 @contextlib.contextmanager
