@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-.PHONY: setup labelstudio-server demo test bench bench-ntk clean
+.PHONY: setup labelstudio-server demo test bench bench-ntk bench-scaling clean
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,9 @@ test: setup labelstudio-server
 
 bench: setup
 	$(BIN)/python benchmarks/bench_engine.py
+
+bench-scaling: setup
+	$(BIN)/python benchmarks/bench_scaling.py --sizes 1000,2000,5000,10000
 
 bench-ntk: setup
 	$(OFFLINE) $(BIN)/python benchmarks/bench_ntk.py --quality

@@ -1,0 +1,125 @@
+"""Scaling: the exact engine vs the low-rank engine vs Ray, on synthetic kernels of growing n.
+
+For each n (m test points, RBF kernel on clustered Gaussian features, 2 classes):
+  - exact engine: seconds per permutation (no truncation, the worst case), the baseline;
+  - low-rank engine (Nystrom, rank r): seconds per permutation, speed-up over exact, and how far its
+    values are from the exact ones on the *same* permutations (so the difference is the kernel
+    approximation, not Monte-Carlo noise): max |error| / range of the exact values, Spearman rho;
+  - Ray (local, --workers processes): wall time for T permutations vs one process, bit-identical check.
+
+Usage:  python benchmarks/bench_scaling.py [--sizes 1000,2000,5000,10000] [--m 500] [--ranks 128,512]
+        [--perms 2] [--batch-perms 16] [--ray-sizes 2000,5000] [--ray-perms 8] [--workers 2]
+Prints Markdown tables; docs/scaling.md records a run with the machine it ran on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from freeshap_dq import KernelProblem, ValuationConfig, compute_values  # noqa: E402
+from freeshap_dq.synthetic import rbf_kernel  # noqa: E402
+
+
+def make_problem(n: int, m: int, seed: int = 0) -> KernelProblem:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n + m)
+    x = rng.normal(size=(n + m, 32)) + 0.8 * np.eye(2, 32)[y]
+    k = rbf_kernel(x[:n + m], x[:n], bandwidth=6.0)
+    return KernelProblem(k[:n], k[n:], y[:n], y[n:])
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def timed(problem: KernelProblem, config: ValuationConfig):
+    started = time.perf_counter()
+    result = compute_values(problem, config, progress=False)
+    return result, time.perf_counter() - started
+
+
+def engine_rows(sizes, m, ranks, perms, batch_perms):
+    print("| n | engine | s / permutation | speed-up vs exact | max error / range | Spearman vs exact |")
+    print("|---|---|---|---|---|---|")
+    for n in sizes:
+        problem = make_problem(n, m)
+        base = dict(permutations=perms, ridge="rel:1", tolerance=0.0)
+        exact, t_exact = timed(problem, ValuationConfig(**base))
+        per_exact = t_exact / perms
+        print(f"| {n} | exact | {per_exact:.2f} | 1.0x | 0 | 1 |", flush=True)
+        reference = exact.values("ce")
+        for r in ranks:
+            if r >= n:
+                continue
+            values = compute_values(problem, ValuationConfig(**base, low_rank=r), progress=False).values("ce")
+            error = np.abs(values - reference).max() / np.ptp(reference)
+            _, t_low = timed(problem, ValuationConfig(**{**base, "permutations": batch_perms}, low_rank=r))
+            per_low = t_low / batch_perms  # batches of 16 permutations share each r x r step
+            print(f"| {n} | low-rank r={r} | {per_low:.3f} | {per_exact / per_low:.1f}x | "
+                  f"{error:.3f} | {spearman(values, reference):.3f} |", flush=True)
+
+
+def ray_rows(sizes, m, perms, workers):
+    try:
+        import ray
+    except ImportError:
+        print("\n(Ray not installed: pip install 'freeshap-dq[ray]')")
+        return
+    from freeshap_dq.distributed import compute_values_ray
+
+    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    all_threads = torch.get_num_threads()
+    threads = max(1, all_threads // workers)
+    print(f"\n| n | T | one process, {all_threads} threads | one process, {threads} thread | Ray, {workers} workers x "
+          f"{threads} thread | Ray speed-up (vs {all_threads} threads) | bit-identical to {threads}-thread run |")
+    print("|---|---|---|---|---|---|---|")
+    for n in sizes:
+        problem = make_problem(n, m)
+        config = ValuationConfig(permutations=perms, ridge="rel:1", tolerance=0.0, reduce_every=max(1, perms // 8))
+        torch.set_num_threads(all_threads)
+        _, t_all = timed(problem, config)
+        torch.set_num_threads(threads)
+        local, t_local = timed(problem, config)
+        torch.set_num_threads(all_threads)
+        started = time.perf_counter()
+        remote = compute_values_ray(problem, config, threads=threads)
+        t_ray = time.perf_counter() - started
+        same = all(np.array_equal(local.sums[k], remote.sums[k]) for k in local.sums)
+        print(f"| {n} | {perms} | {t_all:.1f} s | {t_local:.1f} s | {t_ray:.1f} s | {t_all / t_ray:.2f}x | {same} |",
+              flush=True)
+    ray.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="1000,2000,5000")
+    parser.add_argument("--m", type=int, default=500)
+    parser.add_argument("--ranks", default="128,512")
+    parser.add_argument("--perms", type=int, default=2, help="Permutations timed on the exact engine.")
+    parser.add_argument("--batch-perms", type=int, default=16, help="Permutations timed on the low-rank engine.")
+    parser.add_argument("--ray-sizes", default="2000,5000")
+    parser.add_argument("--ray-perms", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
+          f"{torch.__version__}, {torch.get_num_threads()} threads\n")
+    engine_rows([int(s) for s in args.sizes.split(",")], args.m, [int(r) for r in args.ranks.split(",")], args.perms,
+                args.batch_perms)
+    if args.ray_sizes:
+        ray_rows([int(s) for s in args.ray_sizes.split(",")], args.m, args.ray_perms, args.workers)
+    print(f"\npeak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()
