@@ -9,8 +9,9 @@ per-permutation histories) and the driver adds them in group order, so the resul
 bit-identical to one process on CPU when the workers use the same number of threads (the
 default: the driver's). The ridge is resolved once by the driver and sent as a number.
 
-A worker that dies mid-group is retried by Ray (``max_retries``) and recomputes the same group
-from its seeds. With ``checkpoint_dir``, every finished group is written to
+Each worker is a Ray actor that builds the utility (ridge, U(N), factorisations) and engine once
+and then runs any number of groups. A worker that dies is restarted by Ray (``max_retries``) and
+its groups are recomputed from their seeds. With ``checkpoint_dir``, every finished group is written to
 ``groups/group-<first>.npz``; a rerun reads them and computes only the missing groups.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,7 +31,7 @@ from .errors import CheckpointError, InputError
 from .kernel import KernelProblem
 from .regression import KernelRegressionUtility
 from .result import ValuationResult
-from .valuation import RESUME_KEYS, compute_values, method_name
+from .valuation import RESUME_KEYS, compute_values, make_engine, method_name, sample_group
 
 EXECUTORS = ("local", "ray")
 
@@ -46,10 +48,23 @@ def permutation_groups(start: int, count: int, group: int) -> list[tuple[int, in
 
 def run_group(problem: KernelProblem, config: ValuationConfig, first: int, count: int,
               threads: int | None = None) -> ValuationResult:
-    """One group's sufficient statistics (what a worker computes)."""
-    if threads:
-        torch.set_num_threads(threads)
-    return compute_values(problem, dataclasses.replace(config, start=first, permutations=count), progress=False)
+    """One group's sufficient statistics, from scratch."""
+    return GroupRunner(problem, config, threads).run(first, count)
+
+
+class GroupRunner:
+    """A worker's state: the utility (factorisations, ridge) and engine built once, then any number of groups."""
+
+    def __init__(self, problem: KernelProblem, config: ValuationConfig, threads: int | None = None):
+        if threads:
+            torch.set_num_threads(threads)
+        self.problem, self.config = problem, config
+        self.utility = KernelRegressionUtility(problem, config)
+        self.engine, self.manifest = make_engine(problem, config, self.utility)
+
+    def run(self, first: int, count: int) -> ValuationResult:
+        group = dataclasses.replace(self.config, start=first, permutations=count)
+        return sample_group(self.problem, group, self.utility, self.manifest, self.engine)
 
 
 def merge_groups(parts: list[ValuationResult], config: ValuationConfig) -> ValuationResult:
@@ -101,25 +116,36 @@ def compute_values_ray(problem: KernelProblem, config: ValuationConfig | None = 
     if not ray.is_initialized():
         ray.init(address=address, num_cpus=None if address else workers, include_dashboard=False,
                  log_to_driver=False, ignore_reinit_error=True, configure_logging=False)
-    task = ray.remote(max_retries=max_retries)(run_group)
+    todo = [(first, count) for first, count in groups if first not in done]
+    n_workers = max(1, min(len(todo), workers or int(ray.available_resources().get("CPU", 1))))
+    runner = ray.remote(num_cpus=1, max_restarts=max_retries, max_task_retries=max_retries)(GroupRunner)
     problem_ref = ray.put(problem)
-    pending = {task.remote(problem_ref, config, first, count, threads): first
-               for first, count in groups if first not in done}
+    actors = [runner.remote(problem_ref, config, threads) for _ in range(n_workers)] if todo else []
+    pending: dict[Any, tuple[int, Any]] = {}
     bar = tqdm(total=config.permutations, initial=sum(done[f].count for f in done), unit="perm", file=sys.stderr,
                disable=(not sys.stderr.isatty()) if progress is None else not progress,
-               desc=f"{method_name(config)} on Ray ({len(groups)} groups)")
+               desc=f"{method_name(config)} on Ray ({n_workers} workers, {len(groups)} groups)")
     try:
+        queue = list(todo)
+        for actor in actors:  # two groups in flight per worker: one running, one waiting
+            for _ in range(2):
+                if queue:
+                    first, count = queue.pop(0)
+                    pending[actor.run.remote(first, count)] = (first, actor)
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
-            first = pending.pop(ready[0])
+            first, actor = pending.pop(ready[0])
             done[first] = ray.get(ready[0])
             if store:
                 store.save(first, done[first])
             bar.update(done[first].count)
+            if queue:
+                nxt, count = queue.pop(0)
+                pending[actor.run.remote(nxt, count)] = (nxt, actor)
     finally:
         bar.close()
-        for ref in pending:
-            ray.cancel(ref)
+        for actor in actors:
+            ray.kill(actor)
     result = merge_groups([done[first] for first, _ in groups], config)
     result.manifest.update({"executor": "ray", "groups": len(groups), "worker_threads": threads})
     return result

@@ -98,7 +98,7 @@ def default_stopping(config: ValuationConfig) -> StoppingCriterion:
     return criterion
 
 
-def _sample_permutations(problem, config, utility, manifest, stopping, checkpoint_dir, resume, progress):
+def _sample_permutations(problem, config, utility, manifest, stopping, checkpoint_dir, resume, progress, engine=None):
     n = problem.n_train
     checkpoint = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None
     if checkpoint is not None:
@@ -115,7 +115,7 @@ def _sample_permutations(problem, config, utility, manifest, stopping, checkpoin
     acc = _Accumulator(result, utility.device, config.start, config.reduce_every, partial)
     probs = coalition_size_probabilities(config, n)
     weights = None if probs is None else torch.as_tensor(position_weights(probs), dtype=DTYPE, device=utility.device)
-    engine = _engine(problem, config, utility, result.manifest)
+    engine = engine or _engine(problem, config, utility, result.manifest)
     criterion = stopping or default_stopping(config)
     criterion.reset()
     cap = config.permutations if stopping is None else None
@@ -147,6 +147,20 @@ def _sample_permutations(problem, config, utility, manifest, stopping, checkpoin
     if checkpoint is not None and acc.count != last_saved:
         acc.save_checkpoint(checkpoint)
     return acc.snapshot()
+
+
+def sample_group(problem: KernelProblem, config: ValuationConfig, utility: KernelRegressionUtility,
+                 manifest: dict[str, Any], engine: PrefixEngine) -> ValuationResult:
+    """Permutations ``config.start`` .. + ``config.permutations`` with a utility and engine built once (workers)."""
+    manifest = {**manifest, "config": config.to_dict()}
+    return _sample_permutations(problem, config, utility, manifest, None, None, False, False, engine)
+
+
+def make_engine(problem: KernelProblem, config: ValuationConfig, utility: KernelRegressionUtility
+                ) -> tuple[PrefixEngine, dict[str, Any]]:
+    """The engine for ``config`` and the run's manifest (built once per worker)."""
+    manifest = _manifest(problem, config, utility)
+    return _engine(problem, config, utility, manifest), manifest
 
 
 def _engine(problem: KernelProblem, config: ValuationConfig, utility: KernelRegressionUtility,

@@ -76,7 +76,7 @@ def test_a_killed_worker_is_replaced_and_its_group_recomputed(local_ray):
     killed = None
     deadline = time.monotonic() + 60
     while killed is None and time.monotonic() < deadline and runner.is_alive():
-        busy = subprocess.run(["pgrep", "-f", "ray::run_group"], capture_output=True, text=True).stdout.split()
+        busy = subprocess.run(["pgrep", "-f", "ray::GroupRunner"], capture_output=True, text=True).stdout.split()
         if busy:
             killed = int(busy[0])
             os.kill(killed, signal.SIGKILL)
