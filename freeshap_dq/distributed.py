@@ -107,6 +107,9 @@ def compute_values_ray(problem: KernelProblem, config: ValuationConfig | None = 
     config.validate()
     if config.method not in ("tmc", "beta", "banzhaf"):
         return compute_values(problem, config, progress=progress)  # exact / loo: nothing to spread
+    if config.max_seconds or config.stderr_target:
+        raise InputError("the Ray executor runs a fixed number of permutations (--permutations); --max-seconds and "
+                         "--stderr-target stop a local run adaptively: drop them or use --executor local.")
     threads = threads or torch.get_num_threads()
     config = resolved_config(problem, config)
     groups = permutation_groups(config.start, config.permutations, config.reduce_every)

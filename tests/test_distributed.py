@@ -106,6 +106,14 @@ def test_group_checkpoints_resume_and_refuse_other_runs(problem, local_ray, tmp_
                            checkpoint_dir=tmp_path)
 
 
+def test_adaptive_stopping_is_refused_on_ray(problem):
+    from freeshap_dq import InputError
+    from freeshap_dq.distributed import compute_values_ray
+
+    with pytest.raises(InputError, match="fixed number of permutations"):
+        compute_values_ray(problem, ValuationConfig(permutations=5, max_seconds=10))
+
+
 def test_cli_value_with_the_ray_executor_writes_the_same_table(problem, local_ray, tmp_path):
     import pandas as pd
     from click.testing import CliRunner
