@@ -17,6 +17,7 @@ probabilities; they are clipped at 1e-6 and renormalised per row.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -176,7 +177,9 @@ def tuned_logreg_pred_probs(features: np.ndarray, labels: np.ndarray, seed: int 
     model = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=np.logspace(-4, 2, 13).tolist(), cv=folds,
                                                                  max_iter=2000))
     outer = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    return cross_val_predict(model, features, labels, cv=outer, method="predict_proba")
+    with warnings.catch_warnings():  # scikit-learn 1.9 announces LogisticRegressionCV default changes
+        warnings.simplefilter("ignore", FutureWarning)
+        return cross_val_predict(model, features, labels, cv=outer, method="predict_proba")
 
 
 def confident_learning_suspicion(labels: np.ndarray, pred_probs: np.ndarray) -> np.ndarray:

@@ -454,6 +454,8 @@ def push(client: Client, review: pd.DataFrame, selected: pd.Series, run: ReviewR
         task_ids.update({r["example_id"]: i for r, i in zip(batch, ids)})
         report.imported += len(batch)
         bar.update(len(batch))
+        if state is not None:  # the map stays current even if the push is interrupted
+            state.record(client.url, project, run, task_ids, [r["example_id"] for r in new[start + batch_size:]])
         if on_batch is not None:
             on_batch(report.imported)
     bar.close()
