@@ -1,6 +1,7 @@
 """Scaling: the exact engine vs the low-rank engine vs Ray, on synthetic kernels of growing n.
 
 For each n (m test points, RBF kernel on clustered Gaussian features, 2 classes):
+  - set-up (utility: ridge, U(N), PSD check; low-rank features) timed apart from the engine;
   - exact engine: seconds per permutation (no truncation, the worst case), the baseline;
   - low-rank engine (Nystrom, rank r): seconds per permutation, speed-up over exact, and how far its
     values are from the exact ones on the *same* permutations (so the difference is the kernel
@@ -27,7 +28,11 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from freeshap_dq import KernelProblem, ValuationConfig, compute_values  # noqa: E402
+from freeshap_dq.engine import PrefixEngine  # noqa: E402
+from freeshap_dq.lowrank import LowRankPrefixEngine, low_rank_features  # noqa: E402
+from freeshap_dq.regression import KernelRegressionUtility  # noqa: E402
 from freeshap_dq.synthetic import rbf_kernel  # noqa: E402
+from freeshap_dq.valuation import permutation  # noqa: E402
 
 
 def make_problem(n: int, m: int, seed: int = 0) -> KernelProblem:
@@ -49,25 +54,52 @@ def timed(problem: KernelProblem, config: ValuationConfig):
     return result, time.perf_counter() - started
 
 
-def engine_rows(sizes, m, ranks, perms, batch_perms):
-    print("| n | engine | s / permutation | speed-up vs exact | max error / range | Spearman vs exact |")
-    print("|---|---|---|---|---|---|")
+def engine_values(engine, perms: torch.Tensor, n: int) -> tuple[np.ndarray, float]:
+    """(-CE values from these permutations, seconds per permutation of engine.run alone)."""
+    values = np.zeros(n)
+    started = time.perf_counter()
+    for lo in range(0, len(perms), engine_batch(engine)):
+        batch = perms[lo:lo + engine_batch(engine)]
+        marginals = engine.run(batch)
+        for b in range(len(batch)):
+            values[batch[b].numpy()] += marginals.ce[b].numpy()
+    return values / len(perms), (time.perf_counter() - started) / len(perms)
+
+
+def engine_batch(engine) -> int:
+    return 16 if isinstance(engine, LowRankPrefixEngine) else 1
+
+
+def engine_rows(sizes, m, ranks, perms, batch_perms, skip_exact=False):
+    print("| n | engine | set-up s | s / permutation | speed-up vs exact | max error / range | Spearman vs exact |")
+    print("|---|---|---|---|---|---|---|")
     for n in sizes:
         problem = make_problem(n, m)
-        base = dict(permutations=perms, ridge="rel:1", tolerance=0.0)
-        exact, t_exact = timed(problem, ValuationConfig(**base))
-        per_exact = t_exact / perms
-        print(f"| {n} | exact | {per_exact:.2f} | 1.0x | 0 | 1 |", flush=True)
-        reference = exact.values("ce")
+        config = ValuationConfig(ridge="rel:1", tolerance=0.0)
+        started = time.perf_counter()
+        utility = KernelRegressionUtility(problem, config)
+        setup = time.perf_counter() - started
+        order = torch.as_tensor(np.stack([permutation(0, i, n) for i in range(max(perms, batch_perms))]))
+        per_exact, reference = None, None
+        if not skip_exact:
+            reference, per_exact = engine_values(PrefixEngine(utility), order[:perms], n)
+            print(f"| {n} | exact | {setup:.1f} | {per_exact:.2f} | 1.0x | 0 | 1 |", flush=True)
         for r in ranks:
             if r >= n:
                 continue
-            values = compute_values(problem, ValuationConfig(**base, low_rank=r), progress=False).values("ce")
+            started = time.perf_counter()
+            features = low_rank_features(utility.k_train, utility.k_test, r, "nystrom", 0)
+            engine = LowRankPrefixEngine(utility, features)
+            lr_setup = time.perf_counter() - started
+            _, per_low = engine_values(engine, order[:batch_perms], n)
+            if reference is None:
+                print(f"| {n} | low-rank r={r} | +{lr_setup:.1f} | {per_low:.3f} | - | - | - |", flush=True)
+                continue
+            values, _ = engine_values(engine, order[:perms], n)
             error = np.abs(values - reference).max() / np.ptp(reference)
-            _, t_low = timed(problem, ValuationConfig(**{**base, "permutations": batch_perms}, low_rank=r))
-            per_low = t_low / batch_perms  # batches of 16 permutations share each r x r step
-            print(f"| {n} | low-rank r={r} | {per_low:.3f} | {per_exact / per_low:.1f}x | "
+            print(f"| {n} | low-rank r={r} | +{lr_setup:.1f} | {per_low:.3f} | {per_exact / per_low:.1f}x | "
                   f"{error:.3f} | {spearman(values, reference):.3f} |", flush=True)
+        del utility
 
 
 def ray_rows(sizes, m, perms, workers):
@@ -111,11 +143,12 @@ def main() -> None:
     parser.add_argument("--ray-sizes", default="2000,5000")
     parser.add_argument("--ray-perms", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--skip-exact", action="store_true", help="Time only the low-rank engine (very large n).")
     args = parser.parse_args()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads\n")
     engine_rows([int(s) for s in args.sizes.split(",")], args.m, [int(r) for r in args.ranks.split(",")], args.perms,
-                args.batch_perms)
+                args.batch_perms, args.skip_exact)
     if args.ray_sizes:
         ray_rows([int(s) for s in args.ray_sizes.split(",")], args.m, args.ray_perms, args.workers)
     print(f"\npeak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")

@@ -160,6 +160,10 @@ class KernelRegressionUtility:
         """Scores F (m x C) of the regression fitted on ``subset`` (direct solve)."""
         if subset.numel() == 0:
             return torch.zeros(self.problem.n_test, self.n_classes, dtype=DTYPE, device=self.device)
+        if subset.numel() == self.problem.n_train and bool((subset == torch.arange(
+                subset.numel(), device=subset.device)).all()):
+            chol = _cholesky(self.k_train, self.ridge)  # the full set: no n x n gathered copy
+            return self.k_test @ torch.cholesky_solve(self.targets, chol)
         chol = _cholesky(self.k_train[subset][:, subset], self.ridge)
         coef = torch.cholesky_solve(self.targets[subset], chol)
         return self.k_test[:, subset] @ coef
