@@ -11,18 +11,14 @@ from ..errors import InputError
 from ..io import write_table
 from ..result import ValuationResult
 from ..valuation import compute_values
-from .common import data_options, friendly_errors, load_problem, log, ntk_options, build_ntk_config, pop_data_options
+from .common import data_options, friendly_errors, optional_adapter, load_problem, log, ntk_options, build_ntk_config, pop_data_options
 from .main import cli
 
 PATH = click.Path(dir_okay=False, path_type=Path)
 
 
 def _cleanlab():
-    try:
-        from ..integrations import cleanlab as adapter
-    except ImportError:
-        raise InputError("this command needs cleanlab: pip install 'freeshap-dq[cleanlab]'") from None
-    return adapter
+    return optional_adapter("cleanlab", "cleanlab", "cleanlab")
 
 
 @cli.group("cleanlab")

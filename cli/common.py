@@ -33,6 +33,16 @@ def log(message: str) -> None:
         click.echo(message, err=True)
 
 
+def optional_adapter(name: str, extra: str, what: str):
+    """``freeshap_dq.integrations.<name>``, or a clear error naming the extra to install."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"freeshap_dq.integrations.{name}")
+    except ImportError:
+        raise FreeShapError(f"this command needs {what}: pip install 'freeshap-dq[{extra}]'") from None
+
+
 def friendly_errors(func):
     """Our errors -> 'error: ...' and exit 2; other failures -> exit 1 (traceback with -v); Ctrl-C -> 130."""
 

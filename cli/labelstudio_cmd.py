@@ -13,7 +13,7 @@ from ..data import dataset_from_frame, read_table
 from ..errors import InputError
 from ..io import write_table
 from ..policies import RemovalPolicy
-from .common import DATA_PATH, column_options, friendly_errors, log, pop_data_options
+from .common import DATA_PATH, column_options, friendly_errors, log, optional_adapter, pop_data_options
 from .curate import join_values
 from .main import cli
 
@@ -21,11 +21,7 @@ PATH = click.Path(dir_okay=False, path_type=Path)
 
 
 def _adapter():
-    try:
-        from ..integrations import labelstudio as adapter
-    except ImportError:
-        raise InputError("this command needs the Label Studio SDK: pip install 'freeshap-dq[labelstudio]'") from None
-    return adapter
+    return optional_adapter("labelstudio", "labelstudio", "the Label Studio SDK")
 
 
 def connection_options(func):

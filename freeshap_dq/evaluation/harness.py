@@ -252,8 +252,3 @@ def _write_outputs(results: pd.DataFrame, plots: dict, config: EvaluationConfig,
                 "data": inputs.source, "n_train": inputs.problem.n_train, "n_test": inputs.problem.n_test,
                 "label_names": list(inputs.problem.label_names or []), "seconds": round(seconds, 1),
                 "outputs": ["results.csv", "results.md", *figures]}, output_dir / "manifest.json")
-
-
-def read_results(path: str | Path) -> pd.DataFrame:
-    return pd.read_csv(Path(path) / "results.csv")
-
