@@ -36,6 +36,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 ISSUE_NAME = "freeshap"
 DEFAULT_Z = 1.96
+# cleanlab's find_label_issues forks a process pool by default; forking a process whose torch / OpenMP threads
+# hold locks can deadlock the children (seen in the test suite), so label issues are found in process.
+LABEL_ISSUES_IN_PROCESS = {"clean_learning_kwargs": {"find_label_issues_kwargs": {"n_jobs": 1}}}
 
 
 class FreeShapIssueManager(IssueManager):
@@ -145,7 +148,7 @@ def combined_audit(problem: KernelProblem, result: ValuationResult, data: pd.Dat
     ridge = float(result.manifest.get("ridge", 1.0))
     scale = float(result.manifest.get("config", {}).get("kernel_scale", 1.0))
     pred_probs = loo_pred_probs(problem, ridge, scale)
-    issue_types: dict[str, dict] = {"label": {}}
+    issue_types: dict[str, dict] = {"label": LABEL_ISSUES_IN_PROCESS}
     kwargs: dict[str, Any] = {"pred_probs": pred_probs}
     if data_valuation:
         check_knn_shapley_memory(problem.n_train, force)

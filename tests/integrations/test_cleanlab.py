@@ -17,7 +17,8 @@ from cleanlab import Datalab  # noqa: E402
 from freeshap_dq import InputError, ValuationConfig, compute_values  # noqa: E402
 from freeshap_dq.cli.main import cli  # noqa: E402
 from freeshap_dq.integrations.cleanlab import (  # noqa: E402
-    add_freeshap_issues, check_knn_shapley_memory, combined_audit, loo_pred_probs, value_to_score,
+    LABEL_ISSUES_IN_PROCESS, add_freeshap_issues, check_knn_shapley_memory, combined_audit, loo_pred_probs,
+    value_to_score,
 )
 from freeshap_dq.synthetic import auroc, noisy_problem  # noqa: E402
 
@@ -33,7 +34,7 @@ def lab_with_label_issues(data):
     p = data.problem
     frame = pd.DataFrame({"id": p.train_ids, "label": p.y_train})
     lab = Datalab(data=frame, label_name="label", verbosity=0)
-    lab.find_issues(pred_probs=loo_pred_probs(p, ridge=0.1), issue_types={"label": {}})
+    lab.find_issues(pred_probs=loo_pred_probs(p, ridge=0.1), issue_types={"label": LABEL_ISSUES_IN_PROCESS})
     return lab
 
 
@@ -165,3 +166,16 @@ def test_audit_keeps_classes_aligned_when_label_names_are_not_sorted(noisy):
     agree = (t["predicted_label"] == t["given_label"]).mean()
     assert agree > 0.8  # with misaligned columns most predictions would disagree with the given labels
     assert auroc(t["label_score"].to_numpy(), data.flipped) > 0.8
+
+
+def test_label_issues_are_found_without_forking_a_process_pool(noisy, monkeypatch):
+    """cleanlab forks a pool by default; forking beside torch/OpenMP threads deadlocked the suite once."""
+    import multiprocessing.pool
+
+    def no_pool(self, *args, **kwargs):
+        raise RuntimeError("a process pool was created")
+
+    monkeypatch.setattr(multiprocessing.pool.Pool, "__init__", no_pool)
+    data, result = noisy
+    lab, _ = combined_audit(data.problem, result)
+    assert {"label", "freeshap"} <= set(lab.get_issue_summary()["issue_type"])
