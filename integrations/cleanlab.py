@@ -36,9 +36,16 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 ISSUE_NAME = "freeshap"
 DEFAULT_Z = 1.96
-# cleanlab's find_label_issues forks a process pool by default; forking a process whose torch / OpenMP threads
-# hold locks can deadlock the children (seen in the test suite), so label issues are found in process.
-LABEL_ISSUES_IN_PROCESS = {"clean_learning_kwargs": {"find_label_issues_kwargs": {"n_jobs": 1}}}
+
+
+def label_issues_in_process() -> dict:
+    """Settings of cleanlab's label issue type that keep it in this process.
+
+    cleanlab's find_label_issues forks a process pool by default; forking beside torch / OpenMP threads
+    that hold locks can deadlock the children (seen in the test suite). A fresh dict every call: cleanlab
+    stores the confident joint into the kwargs it is given.
+    """
+    return {"clean_learning_kwargs": {"find_label_issues_kwargs": {"n_jobs": 1}}}
 
 
 class FreeShapIssueManager(IssueManager):
@@ -148,7 +155,7 @@ def combined_audit(problem: KernelProblem, result: ValuationResult, data: pd.Dat
     ridge = float(result.manifest.get("ridge", 1.0))
     scale = float(result.manifest.get("config", {}).get("kernel_scale", 1.0))
     pred_probs = loo_pred_probs(problem, ridge, scale)
-    issue_types: dict[str, dict] = {"label": LABEL_ISSUES_IN_PROCESS}
+    issue_types: dict[str, dict] = {"label": label_issues_in_process()}
     kwargs: dict[str, Any] = {"pred_probs": pred_probs}
     if data_valuation:
         check_knn_shapley_memory(problem.n_train, force)

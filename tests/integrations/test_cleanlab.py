@@ -17,7 +17,7 @@ from cleanlab import Datalab  # noqa: E402
 from freeshap_dq import InputError, ValuationConfig, compute_values  # noqa: E402
 from freeshap_dq.cli.main import cli  # noqa: E402
 from freeshap_dq.integrations.cleanlab import (  # noqa: E402
-    LABEL_ISSUES_IN_PROCESS, add_freeshap_issues, check_knn_shapley_memory, combined_audit, loo_pred_probs,
+    add_freeshap_issues, check_knn_shapley_memory, combined_audit, label_issues_in_process, loo_pred_probs,
     value_to_score,
 )
 from freeshap_dq.synthetic import auroc, noisy_problem  # noqa: E402
@@ -34,7 +34,7 @@ def lab_with_label_issues(data):
     p = data.problem
     frame = pd.DataFrame({"id": p.train_ids, "label": p.y_train})
     lab = Datalab(data=frame, label_name="label", verbosity=0)
-    lab.find_issues(pred_probs=loo_pred_probs(p, ridge=0.1), issue_types={"label": LABEL_ISSUES_IN_PROCESS})
+    lab.find_issues(pred_probs=loo_pred_probs(p, ridge=0.1), issue_types={"label": label_issues_in_process()})
     return lab
 
 
@@ -177,5 +177,9 @@ def test_label_issues_are_found_without_forking_a_process_pool(noisy, monkeypatc
 
     monkeypatch.setattr(multiprocessing.pool.Pool, "__init__", no_pool)
     data, result = noisy
-    lab, _ = combined_audit(data.problem, result)
-    assert {"label", "freeshap"} <= set(lab.get_issue_summary()["issue_type"])
+    for _ in range(2):  # twice: cleanlab writes into the settings it is given, which must not leak between calls
+        lab, _ = combined_audit(data.problem, result)
+        assert {"label", "freeshap"} <= set(lab.get_issue_summary()["issue_type"])
+    small = noisy_problem(n_train=30, n_test=10, noise=0.1, seed=1).problem
+    lab, _ = combined_audit(small, compute_values(small, ValuationConfig(permutations=5)))
+    assert "label" in set(lab.get_issue_summary()["issue_type"])
