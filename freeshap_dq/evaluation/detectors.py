@@ -29,7 +29,7 @@ import torch
 
 from ..config import ValuationConfig
 from ..kernel import KernelProblem
-from ..regression import DTYPE, KernelRegressionUtility, _cholesky, loo_probabilities, one_hot
+from ..regression import DTYPE, _cholesky, loo_probabilities, one_hot
 from ..result import ValuationResult
 from ..valuation import compute_values
 
@@ -106,8 +106,3 @@ def run_detectors(problem: KernelProblem, config: ValuationConfig, seed: int = 0
     out.suspicion["random"] = np.random.default_rng(seed).random(problem.n_train)
     return out
 
-
-def refit_accuracy(problem: KernelProblem, config: ValuationConfig, subset: np.ndarray, ridge: float) -> float:
-    """Test accuracy of kernel regression fitted on ``subset`` of the training set, at a fixed ridge."""
-    utility = KernelRegressionUtility(problem, replace(config, ridge=str(ridge)), device=torch.device("cpu"))
-    return utility(subset)[0]

@@ -22,7 +22,8 @@ import pandas as pd
 from ..config import ValuationConfig
 from ..kernel import KernelProblem
 from ..valuation import compute_values
-from .detectors import DetectorRun, refit_accuracy
+from ..regression import KernelRegressionUtility
+from .detectors import DetectorRun
 from .metrics import detection_curve, detection_metrics
 
 Learner = Callable[[np.ndarray], float]  # training subset (indices) -> test accuracy
@@ -44,7 +45,9 @@ def subproblem(problem: KernelProblem, rows: np.ndarray) -> KernelProblem:
 
 
 def kernel_learner(problem: KernelProblem, config: ValuationConfig, ridge: float) -> Learner:
-    return lambda subset: refit_accuracy(problem, config, np.asarray(subset), ridge)
+    """Test accuracy of kernel regression refitted on a subset at a fixed ridge; one utility serves every refit."""
+    utility = KernelRegressionUtility(problem, replace(config, ridge=str(ridge), device="cpu"))
+    return lambda subset: utility(np.asarray(subset))[0]
 
 
 def removal(values: np.ndarray, learners: dict[str, Learner], seed: int = 0,
