@@ -23,6 +23,7 @@ from .io import atomic_write
 
 REQUIRED_KEYS = ("k_train", "k_test", "y_train", "y_test")
 SYMMETRY_RTOL = 1e-6
+BLOCK_BYTES = 64 * 2**20  # validation and hashing read large matrices in blocks of this size
 
 
 @dataclass(frozen=True)
@@ -56,17 +57,17 @@ class KernelProblem:
                 f"{self.source}: k_test has shape {k_test.shape}; it must be "
                 f"(number of test labels, number of train labels) = ({y_test.shape[0]}, {n})."
             )
-        scale = max(float(np.max(np.abs(k_train))), np.finfo(np.float64).tiny)
-        asym = float(np.max(np.abs(k_train - k_train.T)))
-        if asym > SYMMETRY_RTOL * scale:
-            i, j = np.unravel_index(np.argmax(np.abs(k_train - k_train.T)), k_train.shape)
-            raise KernelError(
-                f"{self.source}: k_train is not symmetric: |K[{i},{j}] - K[{j},{i}]| = {asym:.3g} "
-                f"(largest entry {scale:.3g}). Pass the train x train block of a kernel, or "
-                f"symmetrise it with (K + K.T) / 2 if the difference is rounding."
-            )
-        k_train = (k_train + k_train.T) / 2.0
-        diag = np.diag(k_train)
+        if isinstance(k_train, np.memmap):
+            _check_symmetric_by_blocks(k_train, self.source)  # on disk: checked block by block, used as is
+            diag = np.diagonal(k_train)
+        else:
+            scale = max(float(np.max(np.abs(k_train))), np.finfo(np.float64).tiny)
+            asym = float(np.max(np.abs(k_train - k_train.T)))
+            if asym > SYMMETRY_RTOL * scale:
+                i, j = np.unravel_index(np.argmax(np.abs(k_train - k_train.T)), k_train.shape)
+                _raise_asymmetric(self.source, i, j, asym, scale)
+            k_train = (k_train + k_train.T) / 2.0
+            diag = np.diag(k_train)
         if np.any(diag < 0):
             i = int(np.argmin(diag))
             raise KernelError(
@@ -116,17 +117,28 @@ class KernelProblem:
     def n_classes(self) -> int:
         return self._n_classes  # type: ignore[attr-defined]
 
+    @property
+    def on_disk(self) -> bool:
+        """True when the kernel blocks are memory-mapped files (a kernel folder), not arrays in RAM."""
+        return isinstance(self.k_train, np.memmap)
+
     def fingerprint(self) -> str:
-        """SHA-256 over the arrays; a checkpoint or result refuses a kernel whose fingerprint differs."""
+        """SHA-256 over the arrays (read in row blocks); a checkpoint or result refuses a kernel whose
+        fingerprint differs."""
+        cached = getattr(self, "_fingerprint", None)
+        if cached is not None:
+            return cached
         h = hashlib.sha256()
         for arr in (self.k_train, self.k_test, self.y_train, self.y_test):
             h.update(str(arr.shape).encode())
-            h.update(np.ascontiguousarray(arr).tobytes())
+            for lo, hi in row_blocks(arr):
+                h.update(np.ascontiguousarray(arr[lo:hi], dtype=arr.dtype).tobytes())
         h.update("\x00".join(self.label_names).encode())
-        return h.hexdigest()[:32]
+        object.__setattr__(self, "_fingerprint", h.hexdigest()[:32])
+        return self._fingerprint  # type: ignore[attr-defined]
 
     def mean_diag(self) -> float:
-        return float(np.mean(np.diag(self.k_train)))
+        return float(np.mean(np.diagonal(self.k_train)))
 
     def save(self, path: str | os.PathLike) -> None:
         arrays = {
@@ -145,9 +157,14 @@ class KernelProblem:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "KernelProblem":
+        """A ``.npz`` kernel file, or a kernel folder (memory-mapped, see :mod:`freeshap_dq.kernel_folder`)."""
         path = Path(path)
         if not path.exists():
             raise KernelError(f"{path}: no such kernel file.")
+        if path.is_dir():
+            from .kernel_folder import load_kernel_folder
+
+            return load_kernel_folder(path)
         with open(path, "rb") as fh:
             if fh.read(2) != b"PK":
                 raise KernelError(f"{path}: not a readable .npz file (it is not a zip archive).")
@@ -177,21 +194,54 @@ class KernelProblem:
         )
 
 
+def row_blocks(arr: np.ndarray, budget: int = BLOCK_BYTES) -> list[tuple[int, int]]:
+    """Row ranges of ``arr`` of about ``budget`` bytes each (at least one row)."""
+    rows = arr.shape[0] if arr.ndim else 1
+    row_bytes = max(1, arr.itemsize * int(np.prod(arr.shape[1:], dtype=np.int64)))
+    step = max(1, budget // row_bytes)
+    return [(lo, min(lo + step, rows)) for lo in range(0, rows, step)] or [(0, 0)]
+
+
 def _as_float_matrix(value, key: str, source: str) -> np.ndarray:
-    try:
-        arr = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise KernelError(f"{source}: {key} must be a numeric matrix.") from None
+    if isinstance(value, np.memmap) and value.dtype == np.float64:
+        arr = value  # a kernel folder: stays on disk
+    else:
+        try:
+            arr = np.asarray(value, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise KernelError(f"{source}: {key} must be a numeric matrix.") from None
     if arr.ndim != 2:
         raise KernelError(f"{source}: {key} must be 2-dimensional, got shape {arr.shape}.")
-    bad = ~np.isfinite(arr)
-    if bad.any():
-        i, j = np.argwhere(bad)[0]
-        raise KernelError(
-            f"{source}: {key} has {int(bad.sum())} non-finite entries (first at [{i},{j}] = {arr[i, j]}); "
-            f"recompute the kernel (fp32 overflow?) or drop the examples involved."
-        )
+    for lo, hi in row_blocks(arr):
+        bad = ~np.isfinite(arr[lo:hi])
+        if bad.any():
+            i, j = np.argwhere(bad)[0]
+            total = sum(int((~np.isfinite(arr[a:b])).sum()) for a, b in row_blocks(arr))
+            raise KernelError(
+                f"{source}: {key} has {total} non-finite entries (first at [{lo + i},{j}] = {arr[lo + i, j]}); "
+                f"recompute the kernel (fp32 overflow?) or drop the examples involved."
+            )
     return arr
+
+
+def _check_symmetric_by_blocks(k: np.ndarray, source: str, block: int = 2048) -> None:
+    n = k.shape[0]
+    scale = max(max(float(np.max(np.abs(k[lo:hi]))) for lo, hi in row_blocks(k)), np.finfo(np.float64).tiny)
+    for r0 in range(0, n, block):
+        rows = np.asarray(k[r0:r0 + block])
+        for c0 in range(0, r0 + block, block):
+            diff = np.abs(rows[:, c0:c0 + block] - np.asarray(k[c0:c0 + block, r0:r0 + block]).T)
+            if diff.size and float(diff.max()) > SYMMETRY_RTOL * scale:
+                i, j = np.unravel_index(np.argmax(diff), diff.shape)
+                _raise_asymmetric(source, r0 + i, c0 + j, float(diff.max()), scale)
+
+
+def _raise_asymmetric(source: str, i: int, j: int, asym: float, scale: float) -> None:
+    raise KernelError(
+        f"{source}: k_train is not symmetric: |K[{i},{j}] - K[{j},{i}]| = {asym:.3g} "
+        f"(largest entry {scale:.3g}). Pass the train x train block of a kernel, or "
+        f"symmetrise it with (K + K.T) / 2 if the difference is rounding."
+    )
 
 
 def _as_labels(value, key: str, source: str) -> np.ndarray:

@@ -43,6 +43,13 @@ def resolve_device(spec: str = "auto") -> torch.device:
     return device
 
 
+def device_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A float64 tensor of ``array``; a read-only array (a memory-mapped kernel folder) is copied, never shared."""
+    if isinstance(array, np.ndarray) and not array.flags.writeable:
+        return torch.tensor(np.asarray(array), dtype=DTYPE, device=device)
+    return torch.as_tensor(array, dtype=DTYPE, device=device)
+
+
 def one_hot(y: torch.Tensor, n_classes: int) -> torch.Tensor:
     return torch.nn.functional.one_hot(y, n_classes).to(DTYPE)
 
@@ -133,12 +140,12 @@ class KernelRegressionUtility:
         self.problem = problem
         self.device = device or resolve_device(config.device)
         scale = config.kernel_scale
-        self.k_train = torch.as_tensor(problem.k_train, dtype=DTYPE, device=self.device) * scale
+        self.k_train = device_tensor(problem.k_train, self.device) * scale
         if config.jitter:
             self.k_train = self.k_train + config.jitter * float(torch.diagonal(self.k_train).mean()) * torch.eye(
                 problem.n_train, dtype=DTYPE, device=self.device)
         check_positive_semidefinite(self.k_train, problem.source)
-        self.k_test = torch.as_tensor(problem.k_test, dtype=DTYPE, device=self.device) * scale
+        self.k_test = device_tensor(problem.k_test, self.device) * scale
         self.y_train = torch.as_tensor(problem.y_train, device=self.device)
         self.y_test = torch.as_tensor(problem.y_test, device=self.device)
         self.n_classes = problem.n_classes

@@ -1,0 +1,133 @@
+"""Kernel folders: a kernel too big for RAM, as memory-mappable ``.npy`` files.
+
+A kernel folder (any name; ``K.kernel/`` by convention) holds
+
+- ``k_train.npy`` (n x n, float64) and ``k_test.npy`` (m x n, float64), read with ``mmap_mode="r"``;
+- ``y_train.npy``, ``y_test.npy`` (int64) and optionally ``train_ids.npy``, ``test_ids.npy``;
+- ``kernel.json``: format version, shapes, label names and the eNTK manifest when it came from a model.
+
+``KernelFolderWriter`` fills the two blocks in place (``freeshap-dq kernel --example-block``
+writes them one row panel at a time) inside a hidden temporary folder that is renamed over the
+destination only when complete, so a crash never leaves a half-written kernel behind.
+``KernelProblem.load`` opens a folder without reading the blocks into memory; the valuation
+reads what it needs (the whole kernel for the exact engine, only landmark rows for the Nyström
+engine, see :mod:`freeshap_dq.feature_utility`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import KernelError
+from .io import _umask
+from .kernel import KernelProblem
+
+FORMAT = "freeshap-dq kernel folder"
+FORMAT_VERSION = 1
+META_NAME = "kernel.json"
+
+
+class KernelFolderWriter:
+    """``with KernelFolderWriter(path, n, m) as w: w.k_train[...] = ...; w.k_test[...] = ...; w.finish(...)``."""
+
+    def __init__(self, path: str | os.PathLike, n_train: int, n_test: int):
+        self.path = Path(path)
+        if self.path.exists() and not (self.path / META_NAME).exists():
+            raise KernelError(f"{self.path}: exists and is not a kernel folder; choose another output path.")
+        if not self.path.parent.exists():
+            raise KernelError(f"{self.path}: the folder {self.path.parent} does not exist; create it first.")
+        self.n_train, self.n_test = n_train, n_test
+        self._finished = False
+
+    def __enter__(self) -> "KernelFolderWriter":
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent))
+        open_memmap = np.lib.format.open_memmap
+        self.k_train = open_memmap(self.tmp / "k_train.npy", "w+", np.float64, (self.n_train, self.n_train))
+        self.k_test = open_memmap(self.tmp / "k_test.npy", "w+", np.float64, (self.n_test, self.n_train))
+        return self
+
+    def finish(self, y_train, y_test, label_names=(), train_ids=None, test_ids=None,
+               manifest: dict[str, Any] | None = None) -> None:
+        for name, arr in (("y_train", np.asarray(y_train, dtype=np.int64)), ("y_test", np.asarray(y_test, dtype=np.int64)),
+                          ("train_ids", train_ids), ("test_ids", test_ids)):
+            if arr is not None:
+                np.save(self.tmp / f"{name}.npy", np.asarray(arr), allow_pickle=False)
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "n_train": self.n_train, "n_test": self.n_test,
+                "label_names": [str(x) for x in label_names], "manifest": manifest or {}}
+        (self.tmp / META_NAME).write_text(json.dumps(meta, indent=1, sort_keys=True, default=str) + "\n")
+        self._finished = True
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        for block in (self.k_train, self.k_test):
+            block.flush()
+        del self.k_train, self.k_test
+        if exc_type is not None or not self._finished:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        for item in self.tmp.iterdir():
+            os.chmod(item, 0o666 & ~_umask())
+        os.chmod(self.tmp, 0o777 & ~_umask())
+        if self.path.exists():
+            old = self.path.with_name(f".{self.path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(self.path, old)
+            os.replace(self.tmp, self.path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.path)
+
+
+def save_kernel_folder(problem: KernelProblem, path: str | os.PathLike, manifest: dict[str, Any] | None = None) -> None:
+    """Write an in-memory problem as a kernel folder (e.g. to value it later without loading it)."""
+    with KernelFolderWriter(path, problem.n_train, problem.n_test) as writer:
+        writer.k_train[:] = problem.k_train
+        writer.k_test[:] = problem.k_test
+        writer.finish(problem.y_train, problem.y_test, problem.label_names, problem.train_ids, problem.test_ids,
+                      manifest)
+
+
+def read_folder_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    return _read_meta(Path(path)).get("manifest", {})
+
+
+def load_kernel_folder(path: str | os.PathLike) -> KernelProblem:
+    path = Path(path)
+    meta = _read_meta(path)
+    arrays: dict[str, np.ndarray | None] = {}
+    for name in ("k_train", "k_test", "y_train", "y_test", "train_ids", "test_ids"):
+        file = path / f"{name}.npy"
+        if not file.exists():
+            if name in ("train_ids", "test_ids"):
+                arrays[name] = None
+                continue
+            raise KernelError(f"{path}: the kernel folder has no {file.name}; it is incomplete. Recompute it.")
+        try:
+            arrays[name] = np.load(file, mmap_mode="r" if name.startswith("k_") else None, allow_pickle=False)
+        except ValueError as exc:
+            raise KernelError(f"{file}: cannot be read without pickle ({exc}).") from None
+    for name in ("k_train", "k_test"):
+        if arrays[name].dtype != np.float64:  # type: ignore[union-attr]
+            raise KernelError(f"{path / (name + '.npy')}: dtype {arrays[name].dtype} (float64 expected).")  # type: ignore[union-attr]
+    return KernelProblem(arrays["k_train"], arrays["k_test"], arrays["y_train"], arrays["y_test"],
+                         tuple(meta.get("label_names", ())), arrays["train_ids"], arrays["test_ids"],
+                         source=str(path))
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads((path / META_NAME).read_text())
+    except FileNotFoundError:
+        raise KernelError(f"{path}: a folder without {META_NAME} is not a kernel folder.") from None
+    except json.JSONDecodeError as exc:
+        raise KernelError(f"{path / META_NAME}: not valid JSON ({exc}).") from None
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise KernelError(f"{path}: kernel folder format {meta.get('format_version')!r} is not supported "
+                          f"(this version reads {FORMAT_VERSION}).")
+    return meta
