@@ -29,12 +29,11 @@ from tqdm.auto import tqdm
 from .config import METRICS, ValuationConfig
 from .errors import CheckpointError, InputError
 from .kernel import KernelProblem
-from .regression import KernelRegressionUtility
+
 from .result import ValuationResult
-from .valuation import RESUME_KEYS, compute_values, make_engine, method_name, sample_group
+from .valuation import RESUME_KEYS, compute_values, make_engine, make_utility, method_name, sample_group
 
 EXECUTORS = ("local", "ray")
-
 
 def permutation_groups(start: int, count: int, group: int) -> list[tuple[int, int]]:
     """(first, count) of each group covering [start, start + count), cut at multiples of ``group``."""
@@ -45,12 +44,10 @@ def permutation_groups(start: int, count: int, group: int) -> list[tuple[int, in
         first = stop
     return out
 
-
 def run_group(problem: KernelProblem, config: ValuationConfig, first: int, count: int,
               threads: int | None = None) -> ValuationResult:
     """One group's sufficient statistics, from scratch."""
     return GroupRunner(problem, config, threads).run(first, count)
-
 
 class GroupRunner:
     """A worker's state: the utility (factorisations, ridge) and engine built once, then any number of groups."""
@@ -59,13 +56,12 @@ class GroupRunner:
         if threads:
             torch.set_num_threads(threads)
         self.problem, self.config = problem, config
-        self.utility = KernelRegressionUtility(problem, config)
+        self.utility = make_utility(problem, config)
         self.engine, self.manifest = make_engine(problem, config, self.utility)
 
     def run(self, first: int, count: int) -> ValuationResult:
         group = dataclasses.replace(self.config, start=first, permutations=count)
         return sample_group(self.problem, group, self.utility, self.manifest, self.engine)
-
 
 def merge_groups(parts: list[ValuationResult], config: ValuationConfig) -> ValuationResult:
     """Add groups in index order onto zero totals, as the single-process accumulator does."""
@@ -87,12 +83,10 @@ def merge_groups(parts: list[ValuationResult], config: ValuationConfig) -> Valua
                            [{"seed": config.seed, "start": config.start, "count": count}], False, manifest,
                            first.train_ids)
 
-
 def resolved_config(problem: KernelProblem, config: ValuationConfig) -> ValuationConfig:
     """The configuration with the ridge as a number (resolved once, by the driver)."""
-    ridge = KernelRegressionUtility(problem, dataclasses.replace(config, device="cpu")).ridge
+    ridge = make_utility(problem, dataclasses.replace(config, device="cpu")).ridge
     return dataclasses.replace(config, ridge=repr(float(ridge)))
-
 
 def compute_values_ray(problem: KernelProblem, config: ValuationConfig | None = None, *,
                        address: str | None = None, workers: int | None = None, threads: int | None = None,
@@ -152,7 +146,6 @@ def compute_values_ray(problem: KernelProblem, config: ValuationConfig | None = 
     result = merge_groups([done[first] for first, _ in groups], config)
     result.manifest.update({"executor": "ray", "groups": len(groups), "worker_threads": threads})
     return result
-
 
 class _GroupStore:
     """Finished groups on disk (``groups/group-<first>.npz``), checked against the run's settings."""

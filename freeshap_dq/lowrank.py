@@ -54,6 +54,10 @@ class LowRankKernel:
     captured: float  # share of trace(K) the approximation keeps
 
 
+def nystrom_landmarks(n: int, rank: int, seed: int) -> np.ndarray:
+    return np.sort(np.random.default_rng(seed).choice(n, size=rank, replace=False))
+
+
 def low_rank_features(k_train: torch.Tensor, k_test: torch.Tensor, rank: int, method: str = "nystrom",
                       seed: int = 0) -> LowRankKernel:
     n = k_train.shape[0]
@@ -69,8 +73,7 @@ def low_rank_features(k_train: torch.Tensor, k_test: torch.Tensor, rank: int, me
         phi = vectors * values.sqrt()
         psi = (k_test @ vectors) / values.sqrt()
     else:
-        landmarks = torch.as_tensor(np.sort(np.random.default_rng(seed).choice(n, size=rank, replace=False)),
-                                    device=k_train.device)
+        landmarks = torch.as_tensor(nystrom_landmarks(n, rank, seed), device=k_train.device)
         values, vectors = torch.linalg.eigh(k_train[landmarks][:, landmarks])
         keep = values > values.max() * 1e-12
         inv_sqrt = (vectors[:, keep] / values[keep].sqrt()) @ vectors[:, keep].T

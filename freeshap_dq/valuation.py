@@ -71,7 +71,7 @@ def compute_values(problem: KernelProblem, config: ValuationConfig | None = None
     config = config or ValuationConfig()
     config.validate()
     started = time.monotonic()
-    utility = KernelRegressionUtility(problem, config)
+    utility = make_utility(problem, config)
     manifest = _manifest(problem, config, utility)
     if config.method == "exact":
         probs = shapley_probabilities(problem.n_train)
@@ -87,6 +87,16 @@ def compute_values(problem: KernelProblem, config: ValuationConfig | None = None
         result = _sample_permutations(problem, config, utility, manifest, stopping, checkpoint_dir, resume, progress)
     result.manifest["elapsed_seconds"] = round(time.monotonic() - started, 3)
     return result
+
+
+def make_utility(problem: KernelProblem, config: ValuationConfig, device: torch.device | None = None):
+    """The kernel-regression utility; for a kernel folder valued with a Nystrom low-rank kernel, its
+    feature-space set-up, which never holds an n x n matrix (:mod:`freeshap_dq.feature_utility`)."""
+    if problem.on_disk and config.low_rank and config.low_rank_method == "nystrom" and config.method not in ("exact", "loo"):
+        from .feature_utility import FeatureSpaceUtility
+
+        return FeatureSpaceUtility(problem, config, device)
+    return KernelRegressionUtility(problem, config, device)
 
 
 def default_stopping(config: ValuationConfig) -> StoppingCriterion:
@@ -171,7 +181,8 @@ def _engine(problem: KernelProblem, config: ValuationConfig, utility: KernelRegr
     from .lowrank import LowRankPrefixEngine, low_rank_features
 
     rank = min(config.low_rank, problem.n_train)
-    features = low_rank_features(utility.k_train, utility.k_test, rank, config.low_rank_method, config.seed)
+    features = getattr(utility, "features", None) or low_rank_features(
+        utility.k_train, utility.k_test, rank, config.low_rank_method, config.seed)
     engine = LowRankPrefixEngine(utility, features, tolerance=config.tolerance, per_point=config.per_point,
                                  block_size=config.block_size)
     manifest["low_rank"] = {"rank": int(features.phi.shape[1]), "method": features.method,

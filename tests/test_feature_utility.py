@@ -1,0 +1,52 @@
+import numpy as np
+import pytest
+import torch
+
+from freeshap_dq import ValuationConfig, compute_values
+from freeshap_dq import regression
+from freeshap_dq.feature_utility import FeatureSpaceUtility
+from freeshap_dq.kernel_folder import save_kernel_folder
+from freeshap_dq.kernel import KernelProblem
+from freeshap_dq.regression import KernelRegressionUtility
+from freeshap_dq.synthetic import noisy_problem
+
+
+@pytest.fixture(scope="module")
+def problems(tmp_path_factory):
+    problem = noisy_problem(n_train=60, n_test=15, noise=0.1, seed=5).problem
+    folder = tmp_path_factory.mktemp("k") / "K.kernel"
+    save_kernel_folder(problem, folder)
+    return problem, KernelProblem.load(folder)
+
+
+@pytest.mark.parametrize("ridge", ["auto", "0.05", "rel:0.01"])
+def test_full_rank_feature_utility_matches_the_kernel_utility(problems, ridge):
+    problem, on_disk = problems
+    config = ValuationConfig(low_rank=problem.n_train, ridge=ridge, kernel_scale=2.0, jitter=1e-3)
+    features = FeatureSpaceUtility(on_disk, config)
+    kernel = KernelRegressionUtility(problem, config)
+    assert features.ridge == pytest.approx(kernel.ridge, rel=1e-12)
+    if ridge == "auto":  # the feature-space LOO criterion is the kernel one on Phi Phi' = K
+        np.testing.assert_allclose([e for _, e in features.ridge_choice.grid],
+                                   [e for _, e in kernel.ridge_choice.grid], rtol=1e-6)
+    for ours, theirs in zip(features.full_point, kernel.full_point):
+        torch.testing.assert_close(ours, theirs, rtol=1e-8, atol=1e-9)
+    assert features.features.captured == pytest.approx(1.0)
+
+
+def test_on_disk_low_rank_values_never_build_the_kernel_utility(problems, monkeypatch):
+    problem, on_disk = problems
+    config = ValuationConfig(permutations=6, low_rank=25, tolerance=0.05, per_point=True, block_size=8, ridge="0.1")
+    in_memory = compute_values(problem, config)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the n x n kernel utility was built for an on-disk low-rank run")
+
+    monkeypatch.setattr(regression.KernelRegressionUtility, "__init__", refuse)
+    from_disk = compute_values(on_disk, config)
+    for m in ("accuracy", "ce"):
+        np.testing.assert_allclose(from_disk.sums[m], in_memory.sums[m], atol=1e-10)
+        np.testing.assert_allclose(from_disk.point_sums[m], in_memory.point_sums[m], atol=1e-10)
+    np.testing.assert_array_equal(from_disk.evaluated, in_memory.evaluated)
+    assert from_disk.manifest["low_rank"]["rank"] == 25
+    assert from_disk.manifest["kernel_fingerprint"] == in_memory.manifest["kernel_fingerprint"]
