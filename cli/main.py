@@ -42,9 +42,10 @@ def _terminate(signum, frame):
 
 
 @cli.command("value")
-@click.option("--kernel", "kernel_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--kernel", "kernel_path", type=click.Path(path_type=Path), default=None,
               help="Precomputed kernel .npz with k_train (n x n), k_test (m x n), y_train, y_test "
-                   "[, label_names, train_ids, test_ids]. Or give --train/--test and a --model.")
+                   "[, label_names, train_ids, test_ids], or a kernel folder (freeshap-dq kernel -o NAME.kernel; "
+                   "read memory-mapped). Or give --train/--test and a --model.")
 @data_options(required=False)
 @click.option("-o", "--output", default="-", show_default=True,
               help="Values table, one row per training example (.csv/.parquet/.json/.jsonl; - = stdout).")
@@ -117,8 +118,10 @@ def value_command(kernel_path, train_path, test_path, output, fmt, save_result, 
 
 @cli.command("kernel")
 @data_options(required=True)
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="Kernel file: .npz (for freeshap-dq value --kernel) or .safetensors (+ .json manifest).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="Kernel file: .npz (for freeshap-dq value --kernel) or .safetensors (+ .json manifest); or a "
+                   "kernel folder NAME.kernel, computed by example blocks and written to disk panel by panel (for "
+                   "kernels larger than memory; see --example-block).")
 @click.option("--device", default=None, help="auto (CUDA when present), cpu, cuda or cuda:N. [default: auto]")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr [default: when a terminal].")
 @click.option("--distributed", is_flag=True,
@@ -130,8 +133,14 @@ def kernel_command(train_path, test_path, output, device, progress, distributed,
     """Compute (or take from the cache) a model's eNTK for a train and a test file."""
     data = pop_data_options(options)
     ntk = build_ntk_config(options, device)
-    if output.suffix not in (".npz", ".safetensors"):
-        raise click.UsageError(f"{output}: the kernel file must end in .npz or .safetensors.")
+    if output.suffix not in (".npz", ".safetensors", ".kernel"):
+        raise click.UsageError(f"{output}: the kernel file must end in .npz or .safetensors, or name a kernel folder "
+                               f"ending in .kernel.")
+    if output.suffix == ".kernel":
+        _kernel_folder(train_path, test_path, output, ntk, data, progress, distributed, cache_dir)
+        return
+    if ntk.example_block:
+        raise click.UsageError("--example-block writes a kernel folder by blocks: give -o NAME.kernel.")
     if distributed:
         from ..ntk.sharding import distributed_kernel
 
@@ -152,6 +161,21 @@ def kernel_command(train_path, test_path, output, device, progress, distributed,
         save_kernel(problem, manifest, output)
     log(f"wrote {output}: k_train {problem.k_train.shape}, k_test {problem.k_test.shape}, "
         f"labels {', '.join(problem.label_names)}")
+
+
+def _kernel_folder(train_path, test_path, output: Path, ntk, data: dict, progress, distributed: bool, cache_dir) -> None:
+    from ..data import load_dataset
+    from ..ntk.builder import build_kernel_folder
+
+    if distributed:
+        raise click.UsageError("--distributed shards parameter chunks of an in-memory kernel; a kernel folder is "
+                               "computed by example blocks in one process. Write .npz/.safetensors, or drop "
+                               "--distributed.")
+    if cache_dir is not None:
+        raise click.UsageError("--cache-dir holds in-memory kernels; a kernel folder is its own cache (value it "
+                               "with --kernel NAME.kernel). Drop --cache-dir.")
+    train, test = load_dataset(train_path, **data), load_dataset(test_path, **data)
+    build_kernel_folder(train, test, output, ntk, progress=progress, log=log)
 
 
 def _log_summary(result: ValuationResult, config: ValuationConfig) -> None:

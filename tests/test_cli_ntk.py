@@ -80,3 +80,37 @@ def test_value_needs_a_kernel_or_data(tmp_path, data_files):
     assert res.exit_code == 2 and "--kernel" in res.output
     res = run(["value", "--kernel", tmp_path / "K.npz", "--train", data_files[0], "-o", tmp_path / "v.csv"])
     assert res.exit_code == 2 and "not both" in res.output
+
+
+def test_kernel_folder_by_blocks_then_low_rank_value(tmp_path, data_files, tiny_bert_path):
+    train, test = data_files
+    common = ["--train", train, "--test", test, "--model", tiny_bert_path, "--trainable", "top:1", "--no-progress"]
+    res = run(["kernel", *common, "-o", tmp_path / "K.kernel", "--example-block", 3])
+    assert res.exit_code == 0, res.output
+    assert "4 example block(s) of 3" in res.output  # train 0-3, 3-6, 6-8; test 8-11
+    folder = KernelProblem.load(tmp_path / "K.kernel")
+    assert folder.on_disk and list(folder.train_ids[:2]) == ["r0", "r1"]
+    manifest = json.loads((tmp_path / "K.kernel" / "kernel.json").read_text())["manifest"]
+    assert manifest["example_block"] == 3 and manifest["trainable"] == "top:1"
+    assert run(["kernel", *common, "-o", tmp_path / "K.npz"]).exit_code == 0
+    in_memory = KernelProblem.load(tmp_path / "K.npz")
+    scale = abs(in_memory.k_train).max()
+    assert abs(folder.k_train - in_memory.k_train).max() < 1e-5 * scale
+    assert abs(folder.k_test - in_memory.k_test).max() < 1e-5 * scale
+    res = run(["value", "--kernel", tmp_path / "K.kernel", "--low-rank", 4, "--permutations", 3, "-o", tmp_path / "v.csv"])
+    assert res.exit_code == 0, res.output
+    assert list(pd.read_csv(tmp_path / "v.csv")["example_id"][:2]) == ["r0", "r1"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["-o", "K.npz", "--example-block", "3"], "writes a kernel folder by blocks: give -o NAME.kernel"),
+    (["-o", "K.kernel", "--cache-dir", "cache"], "a kernel folder is its own cache"),
+    (["-o", "K.kernel", "--distributed"], "computed by example blocks in one process"),
+    (["-o", "K.txt"], "ending in .kernel"),
+])
+def test_kernel_folder_usage_errors(tmp_path, data_files, tiny_bert_path, extra, message):
+    train, test = data_files
+    extra = [str(tmp_path / e) if e.startswith(("K.", "cache")) else e for e in extra]
+    res = run(["kernel", "--train", train, "--test", test, "--model", tiny_bert_path, *extra])
+    assert res.exit_code == 2 and message in res.output, res.output
+    assert not (tmp_path / "K.kernel").exists()

@@ -56,6 +56,9 @@ class NTKConfig:
     max_memory: str = option("auto", "Memory budget for gradients and the Gram accumulation, e.g. 4GiB; auto = 40% "
                                    "of the free RAM, at most 16 GiB.")
     grad_batch_size: int = option(0, "Examples per vmap batch of per-example gradients (0 = from the memory budget).")
+    example_block: int = option(0, "Kernel folders (-o NAME.kernel): examples per block of the eNTK written to disk "
+                                 "panel by panel (0 = all at once when the Gram fits half of --max-memory, else "
+                                 "from the budget).")
     device: str = option("auto", "auto (CUDA when present), cpu, cuda or cuda:N.")
 
     def __post_init__(self) -> None:
@@ -111,7 +114,8 @@ def build_adapter(config: NTKConfig, label_names: tuple[str, ...]):
 def kernel_manifest(config: NTKConfig, model_fingerprint: str, train: TextDataset, test: TextDataset,
                     label_names: tuple[str, ...]) -> dict[str, Any]:
     """Everything that determines the kernel's values (and nothing that does not)."""
-    fields = {k: v for k, v in config.to_dict().items() if k not in ("max_memory", "grad_batch_size", "device")}
+    fields = {k: v for k, v in config.to_dict().items()
+              if k not in ("max_memory", "grad_batch_size", "device", "example_block")}
     return {**fields, "model_fingerprint": model_fingerprint, "train_fingerprint": train.fingerprint(),
             "test_fingerprint": test.fingerprint(), "label_names": list(label_names), "gradient_dtype": "float32",
             "gram_dtype": "float64", "n_train": len(train), "n_test": len(test)}
@@ -158,6 +162,38 @@ def build_kernel(train: TextDataset, test: TextDataset, config: NTKConfig | None
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         save_kernel(problem, manifest, cached)
     return (problem, manifest) if return_manifest else problem
+
+
+def build_kernel_folder(train: TextDataset, test: TextDataset, path: str | Path, config: NTKConfig | None = None, *,
+                        progress: bool | None = None, log=None) -> dict[str, Any]:
+    """The eNTK written into a kernel folder by example blocks (memory: one row panel, not n x (n + m));
+    returns the manifest stored in the folder's kernel.json."""
+    from ..kernel_folder import KernelFolderWriter
+    from ..regression import resolve_device
+    from .blocked import compute_ntk_blocks
+    from .models import folder_fingerprint, resolve_model_path
+
+    config = config or NTKConfig()
+    log = log or (lambda message: print(message, file=sys.stderr))
+    names = label_mapping(train, test)
+    y_train, y_test = encode_labels(train, names), encode_labels(test, names)
+    manifest = kernel_manifest(config, folder_fingerprint(resolve_model_path(config.model)), train, test, names)
+    adapter, _ = build_adapter(config, names)
+    started = time.monotonic()
+    with KernelFolderWriter(path, len(train), len(test)) as writer:
+        info = compute_ntk_blocks(adapter, adapter.tokenize(train.texts, train.pairs),
+                                  adapter.tokenize(test.texts, test.pairs), writer.k_train, writer.k_test,
+                                  trainable=config.trainable, kernel=config.kernel, max_memory=config.max_memory,
+                                  example_block=config.example_block, batch_size=config.grad_batch_size,
+                                  device=resolve_device(config.device), progress=progress)
+        elapsed = time.monotonic() - started
+        manifest = {**manifest, "n_trainable": info["n_trainable"], "trainable_names": info["trainable_names"],
+                    "example_block": info["example_block"], "seconds": round(elapsed, 2), "freeshap_dq": __version__}
+        writer.finish(y_train, y_test, names, np.array(train.ids), np.array(test.ids), manifest)
+    log(f"eNTK: {len(train)} x {len(train)} + {len(test)} x {len(train)} kernel over {info['n_trainable']:,} trainable "
+        f"parameters in {elapsed:.1f} s ({info['blocks']} example block(s) of {info['example_block']}, "
+        f"{info['chunks']} chunk(s)) written to {path}")
+    return manifest
 
 
 def build_representations(datasets: list[TextDataset], config: NTKConfig | None = None,

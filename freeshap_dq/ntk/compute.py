@@ -202,12 +202,24 @@ def compute_ntk(adapter, train_examples: list[dict], test_examples: list[dict], 
 
 def _accumulate_word_table_gram(adapter, prefixes, c: int, n: int, vocab: int, k_rows: torch.Tensor,
                                 diag: torch.Tensor | None, bar) -> None:
-    r"""The word-embedding table's share of the kernel, exactly and without its vocab x H per-example gradient.
+    """The word table's share of rows (train + test) x train columns (see ``word_table_vectors``)."""
+    batches = [(torch.arange(lo, hi, device=prefix.device), prefix, mask) for lo, hi, prefix, mask in prefixes]
+    vectors = word_table_vectors(adapter, batches, c, vocab, bar)
+    rows, _, summed = vectors
+    train = rows < n
+    token_gram(vectors, tuple(v[train] for v in vectors), k_rows)  # type: ignore[arg-type]
+    if diag is not None and bool((~train).any()):
+        diag.index_add_(0, rows[~train] - n, (summed[~train] ** 2).sum(1))
+
+
+def word_table_vectors(adapter, batches, c: int, vocab: int, bar=None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""The word-embedding table's per-example gradients, exactly and without a vocab x H tensor each.
 
     The gradient of f(x_a) with respect to the table has one non-zero row per distinct token v of x_a,
     :math:`G_a[v] = \sum_{t: x_a(t) = v} g_a(t)` with :math:`g_a(t)` the gradient with respect to the row looked
-    up at position t. So :math:`K[a, b] \mathrel{+}= \sum_v G_a[v] \cdot G_b[v]`, summed over tokens shared by a
-    and b: per token, one small Gram of the examples that contain it.
+    up at position t. Returns (row, token, :math:`G_{row}[token]`) for every distinct (row, token) pair of the
+    examples in ``batches`` ((row numbers, prefix, mask) each).
     """
     def logit(vectors, prefix, mask):
         return functional_call(adapter, {}, (prefix.unsqueeze(0), mask.unsqueeze(0)),
@@ -215,36 +227,41 @@ def _accumulate_word_table_gram(adapter, prefixes, c: int, n: int, vocab: int, k
 
     per_example = vmap(grad(logit), in_dims=(0, 0, 0))
     rows, tokens, vectors = [], [], []
-    for lo, hi, prefix, mask in prefixes:
+    for row_ids, prefix, mask in batches:
         ids = prefix[..., 0]
         with torch.no_grad():
             looked_up = adapter.lookup(ids)
         g = per_example(looked_up, prefix, mask)
         keep = mask > 0
-        rows.append(torch.arange(lo, hi, device=ids.device)[:, None].expand_as(ids)[keep])
+        rows.append(row_ids[:, None].expand_as(ids)[keep])
         tokens.append(ids[keep])
         vectors.append(g[keep].double())
-        bar.update(hi - lo)
+        if bar is not None:
+            bar.update(len(row_ids))
     rows, tokens, vectors = torch.cat(rows), torch.cat(tokens), torch.cat(vectors)
     keys, inverse = torch.unique(rows * vocab + tokens, return_inverse=True)
     summed = torch.zeros(len(keys), vectors.shape[1], dtype=torch.float64, device=vectors.device)
     summed.index_add_(0, inverse, vectors)
-    key_rows, key_tokens = keys // vocab, keys % vocab
-    order = torch.argsort(key_tokens, stable=True)
-    _, counts = torch.unique_consecutive(key_tokens[order], return_counts=True)
-    start = 0
-    for count in counts.tolist():
-        idx = order[start:start + count]
-        start += count
-        members, g = key_rows[idx], summed[idx]
-        block = g @ g.T
-        train = members < n
-        if bool(train.any()):
-            cols = members[train]
-            k_rows.index_put_((members[:, None].expand(-1, len(cols)), cols[None, :].expand(len(members), -1)),
-                              block[:, train], accumulate=True)
-        if diag is not None and bool((~train).any()):
-            diag.index_add_(0, members[~train] - n, torch.diagonal(block)[~train])
+    return keys // vocab, keys % vocab, summed
+
+
+def token_gram(a, b, out: torch.Tensor, row_offset: int = 0, col_offset: int = 0) -> None:
+    """``out[ra - row_offset, rb - col_offset] += sum over shared tokens v of G_ra[v] . G_rb[v]`` for word-table
+    vectors ``a`` and ``b`` (from ``word_table_vectors``): per token, one small Gram of the examples holding it."""
+    groups = []
+    for rows, tokens, g in (a, b):
+        order = torch.argsort(tokens, stable=True)
+        unique, counts = torch.unique_consecutive(tokens[order], return_counts=True)
+        starts = torch.cumsum(counts, 0) - counts
+        groups.append((rows[order], g[order], dict(zip(unique.tolist(), zip(starts.tolist(), counts.tolist())))))
+    (rows_a, g_a, spans_a), (rows_b, g_b, spans_b) = groups
+    for token, (sa, ca) in spans_a.items():
+        if token not in spans_b:
+            continue
+        sb, cb = spans_b[token]
+        block = g_a[sa:sa + ca] @ g_b[sb:sb + cb].T
+        ia, ib = rows_a[sa:sa + ca] - row_offset, rows_b[sb:sb + cb] - col_offset
+        out.index_put_((ia[:, None].expand(-1, cb), ib[None, :].expand(ca, -1)), block, accumulate=True)
 
 
 def _accumulate_gram(jac: torch.Tensor, n: int, k_rows: torch.Tensor, diag: torch.Tensor | None) -> None:

@@ -1,0 +1,161 @@
+r"""The eNTK by example blocks, written into a kernel folder on disk, for when n x (n + m) does not fit.
+
+The examples (train, then test, in the caller's order) are cut into blocks of b. For each row block
+R the row panel :math:`K[R, :]` (b x n, float64) is accumulated in memory over the parameter chunks:
+
+.. math::  K[R, C] \mathrel{+}= J_c[R]\, J_c[C]^\top \quad \text{for every train column block } C
+
+(only C up to R for train rows: the train block is symmetric and its upper part is mirrored from
+the lower one at the end), and written into the memory-mapped ``k_train.npy`` / ``k_test.npy``.
+Memory is one panel plus two blocks' Jacobian chunks, whatever n is; the price is recomputing
+column blocks' gradients once per row block, about (B + 1) / 2 gradient passes for B train blocks
+instead of one (the Gram product, usually the larger cost, is the same). The word table's exact
+sparse share (``trainable=all``) is computed the same way, block against block.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+from torch.func import functional_call, grad, vmap
+from tqdm.auto import tqdm
+
+from ..errors import InputError
+from .compute import (
+    GRAM_COLUMNS, KERNEL_MODES, _chunks, _length_order, _mask, _pad, parse_memory, select_trainable, token_gram,
+    word_table_vectors,
+)
+
+
+def auto_example_block(total: int, n: int, budget: int) -> int:
+    """Every example in one block when the whole Gram (fp64) takes at most half the budget; else the
+    largest block whose panel takes a quarter of it (at least 16 examples)."""
+    if 8 * total * n <= budget // 2:
+        return total
+    return max(16, budget // 4 // (8 * n))
+
+
+def compute_ntk_blocks(adapter, train_examples: list[dict], test_examples: list[dict], k_train_out, k_test_out, *,
+                       trainable: str = "head-only", kernel: str = "class0", max_memory: str | int = "2GiB",
+                       example_block: int = 0, batch_size: int = 0, device: str | torch.device = "cpu",
+                       progress: bool | None = None) -> dict:
+    """Fill ``k_train_out`` (n x n) and ``k_test_out`` (m x n), array-likes such as memory maps, block by block.
+    Returns the run's facts (trainable names and count, chunks, block size)."""
+    if kernel not in KERNEL_MODES:
+        raise InputError(f"kernel {kernel!r} is unknown; choose one of {', '.join(KERNEL_MODES)}.")
+    device = torch.device(device)
+    budget = parse_memory(max_memory, device)
+    names = select_trainable(adapter, trainable)
+    params = dict(adapter.named_parameters())
+    for p in params.values():
+        p.requires_grad_(False)
+    adapter.set_trainable(set(names))
+    adapter.to(device)
+    examples = list(train_examples) + list(test_examples)
+    n, total = len(train_examples), len(examples)
+    if n == 0:
+        raise InputError("the training set is empty.")
+    block = example_block or auto_example_block(total, n, budget)
+    word_table = getattr(adapter, "word_table_name", None)
+    sparse_table = word_table in names
+    dense_names = [k for k in names if not (sparse_table and k == word_table)]
+    capacity, batch = _plan_blocks(budget, block, n, dense_names, params, batch_size)
+    chunks = _chunks(dense_names, params, capacity) if dense_names else []
+    classes = [0] if kernel == "class0" else list(range(adapter.head.out_features))
+    blocks = [(lo, min(lo + block, end)) for start, end in ((0, n), (n, total)) for lo in range(start, end, block)]
+    train_blocks = [b for b in blocks if b[0] < n]
+    columns_of = {(lo, hi): [(c0, c1) for c0, c1 in train_blocks if c0 < min(hi, n)] for lo, hi in blocks}
+    passes = (len(chunks) + sparse_table) * len(classes)  # train rows: only the lower column blocks
+    work = passes * sum(hi - lo + sum(c1 - c0 for c0, c1 in cols if (c0, c1) != (lo, hi))
+                        for (lo, hi), cols in columns_of.items())
+    bar = tqdm(total=work, unit="ex",
+               file=sys.stderr, dynamic_ncols=True, disable=(not sys.stderr.isatty()) if progress is None else not progress,
+               desc=f"eNTK {adapter.adapter_name} by blocks of {block} ({len(blocks)} blocks, {len(chunks)} chunk(s))")
+    vocab = params[word_table].shape[0] if sparse_table else 0
+    for lo, hi in blocks:
+        columns = columns_of[(lo, hi)]
+        width = columns[-1][1]
+        panel = torch.zeros(hi - lo, width, dtype=torch.float64, device=device)
+        rows = _batches(adapter, examples, lo, hi, batch, device)
+        for chunk in chunks:
+            theta = {k: params[k] for k in sorted({name for name, _, _ in chunk})}
+            for c in classes:
+                jac_rows = _jacobian(adapter, theta, chunk, c, rows, lo, hi, device, bar)
+                for c0, c1 in columns:
+                    jac_cols = jac_rows if (c0, c1) == (lo, hi) else _jacobian(
+                        adapter, theta, chunk, c, _batches(adapter, examples, c0, c1, batch, device), c0, c1, device, bar)
+                    for col in range(0, jac_rows.shape[1], GRAM_COLUMNS):
+                        panel[:, c0:c1] += (jac_rows[:, col:col + GRAM_COLUMNS]
+                                            @ jac_cols[:, col:col + GRAM_COLUMNS].T).double()
+                del jac_rows
+        if sparse_table:
+            for c in classes:
+                mine = word_table_vectors(adapter, rows, c, vocab, bar)
+                for c0, c1 in columns:
+                    theirs = mine if (c0, c1) == (lo, hi) else word_table_vectors(
+                        adapter, _batches(adapter, examples, c0, c1, batch, device), c, vocab, bar)
+                    token_gram(mine, theirs, panel, row_offset=lo)
+        panel = panel.cpu().numpy()
+        if lo < n:
+            diagonal = panel[:, lo:hi]
+            panel[:, lo:hi] = (torch.tril(torch.as_tensor(diagonal)) + torch.tril(torch.as_tensor(diagonal), -1).T).numpy()
+            k_train_out[lo:hi, :width] = panel
+        else:
+            k_test_out[lo - n:hi - n] = panel
+    bar.close()
+    for lo, hi in train_blocks:  # the upper triangle of the train block, from the lower one
+        for c0, c1 in train_blocks:
+            if c0 > lo:
+                k_train_out[lo:hi, c0:c1] = k_train_out[c0:c1, lo:hi].T
+    return {"trainable_names": names, "n_trainable": sum(params[k].numel() for k in names), "chunks": len(chunks),
+            "example_block": block, "blocks": len(blocks), "batch_size": batch, "chunk_capacity": capacity,
+            "max_memory_bytes": budget, "kernel": kernel, "trainable": trainable}
+
+
+def _batches(adapter, examples: list[dict], lo: int, hi: int, batch: int, device) -> list:
+    """(first, last, prefix, mask) batches of examples lo..hi, by length; rows numbered from lo."""
+    order = [lo + i for i in _length_order(examples[lo:hi])]
+    out = []
+    for start in range(0, len(order), batch):
+        idx = order[start:start + batch]
+        chosen = [examples[i] for i in idx]
+        out.append((torch.as_tensor(idx, device=device), adapter.prefix(_pad(chosen, adapter, device)),
+                    _mask(chosen, device)))
+    return out
+
+
+def _jacobian(adapter, theta: dict, chunk, c: int, batches: list, lo: int, hi: int, device, bar) -> torch.Tensor:
+    """The ((hi - lo) x chunk width) fp32 Jacobian of logit c for examples lo..hi, in their order."""
+    def logit(theta, prefix, mask):
+        return functional_call(adapter, theta, (prefix.unsqueeze(0), mask.unsqueeze(0)))[0, c]
+
+    per_example = vmap(grad(logit), in_dims=(None, 0, 0))
+    width = sum(b - a for _, a, b in chunk)
+    jac = torch.empty(hi - lo, width, dtype=torch.float32, device=device)
+    for idx, prefix, mask in batches:
+        grads = per_example(theta, prefix, mask)
+        col = 0
+        for name, a, b in chunk:
+            jac[idx - lo, col:col + b - a] = grads[name].reshape(len(idx), -1)[:, a:b]
+            col += b - a
+        bar.update(len(idx))
+    return jac
+
+
+def _plan_blocks(budget: int, block: int, n: int, names: list[str], params: dict, batch_size: int) -> tuple[int, int]:
+    """Params per chunk and examples per gradient batch so that one panel (fp64), two blocks' Jacobian chunks
+    (fp32), the fp64 column product and a batch of per-example gradients fit in ``budget`` bytes."""
+    biggest = max((params[k].numel() for k in names), default=1)
+    fixed = 8 * block * n + 8 * block * block
+    capacity = (int(budget * 0.7) - fixed) // (8 * block)
+    grads_room = int(budget * 0.3)
+    if capacity < 1 or 4 * 3 * biggest > grads_room:
+        need = max(fixed + 8 * block * 1024, 40 * biggest) / 0.7
+        raise InputError(f"memory budget {budget / 2**20:.0f} MiB is too small for example blocks of {block} with "
+                         f"n = {n} and the largest trainable tensor ({biggest:,} values); raise --max-memory to at "
+                         f"least {math.ceil(need / 2**20)} MiB or use smaller --example-block.")
+    capacity = min(capacity, max(1, sum(params[k].numel() for k in names)))
+    batch = batch_size or max(1, min(8, grads_room // (4 * 3 * max(biggest, capacity))))
+    return capacity, batch

@@ -1,0 +1,61 @@
+import numpy as np
+import pytest
+
+from freeshap_dq import InputError, KernelProblem
+from freeshap_dq.kernel_folder import KernelFolderWriter
+from freeshap_dq.ntk.adapters import EncoderHead
+from freeshap_dq.ntk.blocked import auto_example_block, compute_ntk_blocks
+from freeshap_dq.ntk.compute import compute_ntk
+from freeshap_dq.ntk.models import load_model_and_tokenizer
+
+TEXTS = ["a great movie", "a boring film and a dull plot that goes on", "it was bad", "very good indeed",
+         "the actors are funny", "terrible", "i loved every minute of it", "long and tedious", "a mess",
+         "clever and moving"]
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_bert_path):
+    model, tokenizer, _ = load_model_and_tokenizer(str(tiny_bert_path), "encoder")
+    return EncoderHead(model, tokenizer, n_classes=2, head_seed=2)
+
+
+@pytest.mark.parametrize("trainable, kernel, block, memory", [
+    ("top:2", "class0", 3, "256MiB"),  # blocks 0-3, 3-6, 6-7 | test 7-10
+    ("all", "sum", 4, "256MiB"),  # the word table's sparse share, block against block
+    ("freeze:1", "class0", 2, "200KiB"),  # several parameter chunks per block
+])
+def test_blocks_give_the_one_pass_kernel(adapter, trainable, kernel, block, memory):
+    ex = adapter.tokenize(TEXTS)
+    train, test = ex[:7], ex[7:]
+    whole = compute_ntk(adapter, train, test, trainable=trainable, kernel=kernel, max_memory="256MiB", progress=False)
+    k_train, k_test = np.full((7, 7), np.nan), np.full((3, 7), np.nan)
+    info = compute_ntk_blocks(adapter, train, test, k_train, k_test, trainable=trainable, kernel=kernel,
+                              max_memory=memory, example_block=block, progress=False)
+    assert info["example_block"] == block and info["n_trainable"] == whole.n_trainable
+    if memory == "200KiB":
+        assert info["chunks"] > 1
+    scale = np.abs(whole.k_train).max()
+    np.testing.assert_allclose(k_train, whole.k_train, rtol=1e-5, atol=1e-6 * scale)
+    np.testing.assert_allclose(k_test, whole.k_test, rtol=1e-5, atol=1e-6 * scale)
+    np.testing.assert_array_equal(k_train, k_train.T)
+
+
+def test_blocks_fill_a_memory_mapped_kernel_folder(adapter, tmp_path):
+    ex = adapter.tokenize(TEXTS)
+    with KernelFolderWriter(tmp_path / "K.kernel", 6, 4) as writer:
+        compute_ntk_blocks(adapter, ex[:6], ex[6:], writer.k_train, writer.k_test, trainable="top:1",
+                           max_memory="64MiB", example_block=4, progress=False)
+        writer.finish([0, 1, 0, 1, 1, 0], [0, 1, 1, 0], ("neg", "pos"))
+    problem = KernelProblem.load(tmp_path / "K.kernel")
+    assert problem.on_disk and problem.k_train.shape == (6, 6)
+    whole = compute_ntk(adapter, ex[:6], ex[6:], trainable="top:1", max_memory="64MiB", progress=False)
+    np.testing.assert_allclose(problem.k_test, whole.k_test, rtol=1e-5, atol=1e-6 * np.abs(whole.k_train).max())
+
+
+def test_auto_block_and_budget_errors(adapter):
+    assert auto_example_block(1000, 800, 2**30) == 1000  # 6.4 MB Gram: one block
+    assert auto_example_block(100_000, 90_000, 4 * 2**30) == 1491  # a 1 GiB panel of 90,000 fp64 columns
+    ex = adapter.tokenize(TEXTS)
+    with pytest.raises(InputError, match="too small for example blocks of 5.*--example-block"):
+        compute_ntk_blocks(adapter, ex[:7], ex[7:], np.zeros((7, 7)), np.zeros((3, 7)), trainable="all",
+                           max_memory="10KiB", example_block=5, progress=False)
