@@ -11,10 +11,9 @@ from ..errors import InputError
 from ..io import write_table
 from ..result import ValuationResult
 from ..valuation import compute_values
-from .common import data_options, friendly_errors, optional_adapter, load_problem, log, ntk_options, build_ntk_config, pop_data_options
+from .common import ARTIFACT_PATH, data_options, friendly_errors, optional_adapter, load_problem, log, ntk_options, build_ntk_config, pop_data_options
 from .main import cli
 
-PATH = click.Path(dir_okay=False, path_type=Path)
 
 
 def _cleanlab():
@@ -27,9 +26,10 @@ def cleanlab_group() -> None:
 
 
 @cleanlab_group.command("audit")
-@click.option("--kernel", "kernel_path", type=PATH, default=None, help="Precomputed kernel .npz (or --train/--test).")
+@click.option("--kernel", "kernel_path", type=ARTIFACT_PATH, default=None,
+              help="Precomputed kernel .npz or kernel folder (or --train/--test).")
 @data_options(required=False)
-@click.option("--result", "result_path", type=PATH, default=None,
+@click.option("--result", "result_path", type=ARTIFACT_PATH, default=None,
               help="FreeShap result .npz from freeshap-dq value --save-result [default: compute one now].")
 @click.option("--permutations", type=int, default=200, show_default=True, help="When computing values now.")
 @click.option("--lab-dir", type=click.Path(file_okay=False, path_type=Path), required=True,

@@ -17,6 +17,7 @@ from ..ntk.builder import ADAPTERS, NTKConfig
 from ..ntk.compute import KERNEL_MODES
 
 DATA_PATH = click.Path(path_type=Path)  # a file, or a folder saved by Hugging Face datasets
+ARTIFACT_PATH = click.Path(path_type=Path)  # a .npz, or a kernel / result folder
 EXIT_RUNTIME, EXIT_USAGE, EXIT_GATE, EXIT_INTERRUPTED = 1, 2, 3, 130
 VERBOSITY = {"level": 1}  # 0 = errors only (-q), 1 = normal, 2 = tracebacks on failure (-v)
 

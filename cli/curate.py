@@ -15,7 +15,7 @@ from ..errors import InputError
 from ..io import write_json, write_table
 from ..policies import RemovalPolicy, SelectionPolicy, policy_dict
 from ..result import ValuationResult
-from .common import DATA_PATH, column_options, friendly_errors, log, pop_data_options
+from .common import ARTIFACT_PATH, DATA_PATH, column_options, friendly_errors, log, pop_data_options
 from .main import cli
 
 PATH = click.Path(dir_okay=False, path_type=Path)
@@ -158,8 +158,8 @@ def _curate(kind, policy, values_path, data_path, output, manifest_path, dry_run
 
 
 @cli.command("explain")
-@click.option("--result", "result_path", type=PATH, required=True,
-              help="Result .npz saved by freeshap-dq value --per-point --save-result.")
+@click.option("--result", "result_path", type=ARTIFACT_PATH, required=True,
+              help="Result .npz or result folder saved by freeshap-dq value --per-point --save-result.")
 @click.option("--train", "train_path", type=DATA_PATH, required=True, help="The training data of the run.")
 @click.option("--test", "test_path", type=DATA_PATH, required=True, help="The test data of the run.")
 @column_options
@@ -175,9 +175,11 @@ def explain_command(result_path, train_path, test_path, examples, rows, top_k, m
     opts = pop_data_options(columns)
     train, test = load_dataset(train_path, **opts), load_dataset(test_path, **opts)
     result = ValuationResult.load(result_path)
-    points = result.point_values(metric)
-    if points.shape != (len(train), len(test)):
-        raise InputError(f"{result_path} values {points.shape[0]} training x {points.shape[1]} test examples, but the "
+    if result.point_sums is None:
+        raise InputError(f"{result_path} has no per-point values; run freeshap-dq value --per-point --save-result.")
+    shape = result.point_sums[metric].shape
+    if shape != (len(train), len(test)):
+        raise InputError(f"{result_path} values {shape[0]} training x {shape[1]} test examples, but the "
                          f"data files have {len(train)} and {len(test)}; give the files the run used.")
     if result.train_ids is not None and [str(i) for i in result.train_ids] != train.ids:
         raise InputError(f"{result_path} was computed for other training ids than {train_path}.")
@@ -186,7 +188,7 @@ def explain_command(result_path, train_path, test_path, examples, rows, top_k, m
     targets = _test_rows(test, examples, rows)
     records = []
     for t in targets:
-        column = points[:, t]
+        column = result.point_column(t, metric)
         order = np.argsort(column, kind="stable")
         for kind, picks in (("helpful", order[::-1][:top_k]), ("harmful", order[:top_k])):
             for rank, i in enumerate(picks, 1):

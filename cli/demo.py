@@ -17,14 +17,15 @@ from ..report import html_report, summary_table, text_report
 from ..result import ValuationResult
 from ..synthetic import auroc
 from ..valuation import compute_values
-from .common import DATA_PATH, column_options, friendly_errors, log, pop_data_options
+from .common import ARTIFACT_PATH, DATA_PATH, column_options, friendly_errors, log, pop_data_options
 from .main import cli
 
 PATH = click.Path(dir_okay=False, path_type=Path)
 
 
 @cli.command("report")
-@click.option("--result", "result_path", type=PATH, required=True, help="Result .npz from freeshap-dq value --save-result.")
+@click.option("--result", "result_path", type=ARTIFACT_PATH, required=True,
+              help="Result .npz or result folder from freeshap-dq value --save-result.")
 @click.option("--data", "data_path", type=DATA_PATH, default=None, help="The training data, to show texts and labels.")
 @column_options
 @click.option("--html", "html_path", type=PATH, default=None, help="Also write a self-contained HTML report here.")

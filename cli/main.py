@@ -51,8 +51,10 @@ def _terminate(signum, frame):
               help="Values table, one row per training example (.csv/.parquet/.json/.jsonl; - = stdout).")
 @click.option("--format", "fmt", type=click.Choice(["csv", "parquet", "json", "jsonl"]), default=None,
               help="Table format (default: from the extension of --output).")
-@click.option("--save-result", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also save the full result (sums, per-point matrices, manifest) as .npz.")
+@click.option("--save-result", type=click.Path(path_type=Path), default=None,
+              help="Also save the full result (sums, per-point matrices, manifest): NAME.npz, or a result folder "
+                   "(any other name) whose per-point matrices are accumulated on disk as the run goes, for n x m "
+                   "larger than memory.")
 @click.option("--checkpoint-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write checkpoints here; rerunning the same command resumes from them.")
 @click.option("--resume/--no-resume", default=True, show_default=True,
@@ -84,20 +86,52 @@ def value_command(kernel_path, train_path, test_path, output, fmt, save_result, 
     config = build_config(preset, options)
     table_format(output, fmt)
     if config.per_point and save_result is None:
-        raise click.UsageError("--per-point values are an n x m matrix: give --save-result PATH.npz to keep them.")
+        raise click.UsageError("--per-point values are an n x m matrix: give --save-result NAME.npz (in memory) or "
+                               "--save-result NAME.result (a folder, accumulated on disk) to keep them.")
     problem, kernel_manifest = load_problem(kernel_path, train_path, test_path, data, ntk, cache_dir, progress)
     log(f"{problem.source}: n_train={problem.n_train} n_test={problem.n_test} classes={problem.n_classes}")
+    streamed = config.per_point and save_result is not None and save_result.suffix != ".npz"
     if executor == "ray":
+        if streamed:
+            raise click.UsageError("per-point sums streamed to a result folder run in one process; use "
+                                   "--executor local, or --save-result NAME.npz.")
         from ..distributed import compute_values_ray
 
         result = compute_values_ray(problem, config, address=ray_address, workers=workers,
                                     checkpoint_dir=checkpoint_dir, resume=resume, progress=progress)
+    elif streamed:
+        _value_streamed(problem, config, kernel_manifest, save_result, checkpoint_dir, resume, progress)
+        return _finish_value(ValuationResult.load(save_result), config, output, fmt, kernel_path, train_path,
+                             test_path, save_result, fail_on_harmful)
     else:
         result = compute_values(problem, config, checkpoint_dir=checkpoint_dir, resume=resume, progress=progress)
     result.manifest["kernel"] = kernel_manifest
-    df = result.to_dataframe(config.rank_metric)
     if save_result is not None:
         result.save(save_result)
+    _finish_value(result, config, output, fmt, kernel_path, train_path, test_path, save_result, fail_on_harmful)
+
+
+def _value_streamed(problem, config, kernel_manifest, save_result: Path, checkpoint_dir, resume, progress) -> None:
+    """Per-point sums on disk (checkpoint_dir/points, or a scratch folder beside the result), then the result folder."""
+    import shutil
+    import tempfile
+
+    if not save_result.parent.exists():
+        raise click.UsageError(f"{save_result}: the folder {save_result.parent} does not exist; create it first.")
+    scratch = None if checkpoint_dir else Path(tempfile.mkdtemp(prefix=f".{save_result.name}.", suffix=".points",
+                                                                 dir=save_result.parent))
+    try:
+        result = compute_values(problem, config, checkpoint_dir=checkpoint_dir, resume=resume, progress=progress,
+                                point_dir=scratch or Path(checkpoint_dir) / "points")
+        result.manifest["kernel"] = kernel_manifest
+        result.save(save_result)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _finish_value(result, config, output, fmt, kernel_path, train_path, test_path, save_result, fail_on_harmful):
+    df = result.to_dataframe(config.rank_metric)
     write_table(df, output, fmt)
     _log_summary(result, config)
     if output != "-":

@@ -53,16 +53,21 @@ class PrefixEngine:
         self._full = torch.tensor(full, dtype=DTYPE, device=utility.device)
         self._threshold = tolerance * torch.abs(self._full - torch.tensor(empty, dtype=DTYPE, device=utility.device))
 
-    def run(self, perms: torch.Tensor) -> PermutationMarginals:
-        """Marginals of every element of each permutation in ``perms`` (B x n, long)."""
+    def run(self, perms: torch.Tensor, point_sink=None) -> PermutationMarginals:
+        """Marginals of every element of each permutation in ``perms`` (B x n, long).
+
+        Per point, with ``point_sink``: instead of returning B x n x m marginals, each block of positions is
+        handed over as it is computed, ``point_sink(start, acc, ce)`` with (B, b, m) marginals of positions
+        start .. start + b (zero after truncation), so memory stays O(B b m)."""
         u = self.u
         perms = perms.to(u.device)
         batch, n = perms.shape
         m = u.problem.n_test
         out_acc = torch.zeros(batch, n, dtype=DTYPE, device=u.device)
         out_ce = torch.zeros_like(out_acc)
-        point_acc = torch.zeros(batch, n, m, dtype=DTYPE, device=u.device) if self.per_point else None
-        point_ce = torch.zeros_like(point_acc) if self.per_point else None
+        keep_points = self.per_point and point_sink is None
+        point_acc = torch.zeros(batch, n, m, dtype=DTYPE, device=u.device) if keep_points else None
+        point_ce = torch.zeros_like(point_acc) if keep_points else None
         evaluated = torch.full((batch,), n, dtype=torch.long, device=u.device)
 
         prev_acc = u.empty_point[0].expand(batch, m)
@@ -91,9 +96,11 @@ class PrefixEngine:
             weight = keep.to(DTYPE)
             out_acc[:, stop] = d_acc.mean(-1) * weight
             out_ce[:, stop] = d_ce.mean(-1) * weight
-            if self.per_point:
+            if keep_points:
                 point_acc[:, stop] = d_acc * weight.unsqueeze(-1)
                 point_ce[:, stop] = d_ce * weight.unsqueeze(-1)
+            elif self.per_point:
+                point_sink(start, d_acc * weight.unsqueeze(-1), d_ce * weight.unsqueeze(-1))
             if not bool(active.any()):
                 break
         return PermutationMarginals(out_acc, out_ce, point_acc, point_ce, evaluated)

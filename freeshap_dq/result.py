@@ -13,14 +13,20 @@ Metrics: ``accuracy`` (the paper's primary utility) and ``ce`` (the -cross-entro
 Positive values help, negative values harm.
 
 On disk: one ``.npz`` (``allow_pickle=False``) whose ``manifest`` entry is UTF-8 JSON with
-the configuration, kernel fingerprint, ridge, permutation sources and utilities.
+the configuration, kernel fingerprint, ridge, permutation sources and utilities. Or a result
+folder (any path not ending in ``.npz``): the same ``result.npz`` without the per-point matrices,
+which sit beside it as ``point_sum_<metric>.npy`` and load memory-mapped — for per-point results
+larger than memory (``compute_values(..., point_dir=...)`` streams them to disk).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,9 +34,10 @@ import pandas as pd
 
 from .config import METRICS
 from .errors import CheckpointError, InputError
-from .io import atomic_write
+from .io import _umask, atomic_write
 
 FORMAT_VERSION = 1
+FOLDER_RESULT = "result.npz"
 
 
 @dataclass
@@ -91,6 +98,13 @@ class ValuationResult:
             raise InputError("this result has no per-point values; run with per_point=True (--per-point).")
         return self.point_sums[metric] / max(self.count, 1)
 
+    def point_column(self, test_index: int, metric: str = "accuracy") -> np.ndarray:
+        """Values of every training example for one test example (reads one column of a memory-mapped result)."""
+        _check_metric(metric)
+        if self.point_sums is None:
+            raise InputError("this result has no per-point values; run with per_point=True (--per-point).")
+        return np.asarray(self.point_sums[metric][:, test_index], dtype=float) / max(self.count, 1)
+
     def harm_rank(self, metric: str = "ce") -> np.ndarray:
         """1 = most harmful (lowest value); ties broken by training index."""
         order = np.lexsort((np.arange(self.n_train), self.values(metric)))
@@ -141,11 +155,18 @@ class ValuationResult:
         )
 
     def save(self, path: str | os.PathLike, extra: dict[str, np.ndarray] | None = None) -> None:
+        """A ``.npz`` file, or a result folder for any other path (see the module docstring)."""
+        if Path(path).suffix != ".npz":
+            self._save_folder(Path(path))
+            return
+        self._save_npz(path, extra, with_points=True)
+
+    def _save_npz(self, path, extra, with_points: bool) -> None:
         arrays: dict[str, np.ndarray] = {"evaluated": self.evaluated}
         for metric in METRICS:
             arrays[f"sum_{metric}"] = self.sums[metric]
             arrays[f"sqsum_{metric}"] = self.sq_sums[metric]
-            if self.point_sums is not None:
+            if self.point_sums is not None and with_points:
                 arrays[f"point_sum_{metric}"] = self.point_sums[metric]
         if self.train_ids is not None:
             arrays["train_ids"] = self.train_ids
@@ -157,8 +178,50 @@ class ValuationResult:
             with open(tmp, "wb") as fh:
                 np.savez(fh, **arrays)
 
+    def _save_folder(self, path: Path) -> None:
+        if path.exists() and not (path / FOLDER_RESULT).exists():
+            raise InputError(f"{path}: exists and is not a result folder; choose another path.")
+        if not path.parent.exists():
+            raise InputError(f"{path}: the folder {path.parent} does not exist; create it first.")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        try:
+            self._save_npz(tmp / FOLDER_RESULT, None, with_points=False)
+            for metric, sums in (self.point_sums or {}).items():
+                target = tmp / f"point_sum_{metric}.npy"
+                source = _whole_npy_file(sums)
+                if source is not None:
+                    try:
+                        os.link(source, target)  # same file system: no copy of an n x m matrix
+                        continue
+                    except OSError:
+                        pass
+                    shutil.copyfile(source, target)
+                else:
+                    np.save(target, np.asarray(sums), allow_pickle=False)
+            os.chmod(tmp, 0o777 & ~_umask())
+            if path.exists():
+                old = path.with_name(f".{path.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ValuationResult":
+        """A ``.npz`` result or a result folder (its per-point matrices memory-mapped, read-only)."""
+        if Path(path).is_dir():
+            if not (Path(path) / FOLDER_RESULT).exists():
+                raise CheckpointError(f"{path}: a folder without {FOLDER_RESULT} is not a freeshap-dq result.")
+            result = cls.load(Path(path) / FOLDER_RESULT)
+            files = {m: Path(path) / f"point_sum_{m}.npy" for m in METRICS}
+            if all(f.exists() for f in files.values()):
+                result.point_sums = {m: np.load(f, mmap_mode="r", allow_pickle=False) for m, f in files.items()}
+            return result
         try:
             with np.load(path, allow_pickle=False) as data:
                 arrays = {k: data[k] for k in data.files}
@@ -205,6 +268,18 @@ def _check_disjoint(a: list[dict[str, int]], b: list[dict[str, int]]) -> None:
                     f"cannot merge: both results contain permutations {max(x['start'], y['start'])}.. of seed "
                     f"{x['seed']}; merging would count them twice. Use another seed or --start."
                 )
+
+
+def _whole_npy_file(array: np.ndarray) -> str | None:
+    """The .npy file a memory map spans entirely (so it can be linked instead of rewritten), else None."""
+    source = getattr(array, "filename", None)
+    if not isinstance(array, np.memmap) or not source or not str(source).endswith(".npy") \
+            or not array.flags.c_contiguous or array.dtype != np.float64:
+        return None
+    try:
+        return source if os.path.getsize(source) == array.offset + array.nbytes else None
+    except OSError:
+        return None
 
 
 def _json_default(obj: Any) -> Any:

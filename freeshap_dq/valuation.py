@@ -67,7 +67,13 @@ def coalition_size_probabilities(config: ValuationConfig, n: int) -> np.ndarray 
 
 def compute_values(problem: KernelProblem, config: ValuationConfig | None = None, *,
                    stopping: StoppingCriterion | None = None, checkpoint_dir: str | Path | None = None,
-                   resume: bool = True, progress: bool | None = None) -> ValuationResult:
+                   resume: bool = True, progress: bool | None = None,
+                   point_dir: str | Path | None = None) -> ValuationResult:
+    """Values of every training example; see the module docstring.
+
+    ``point_dir``: with ``per_point``, the n x m per-point sums are accumulated on disk there (memory-mapped,
+    :mod:`freeshap_dq.point_store`) instead of in memory, and the result's per-point matrices are memory maps.
+    """
     config = config or ValuationConfig()
     config.validate()
     started = time.monotonic()
@@ -84,7 +90,8 @@ def compute_values(problem: KernelProblem, config: ValuationConfig | None = None
             method_name(config), {"accuracy": acc.mean(1), "ce": ce.mean(1)},
             {"accuracy": acc, "ce": ce} if config.per_point else None, manifest=manifest, train_ids=problem.train_ids)
     else:
-        result = _sample_permutations(problem, config, utility, manifest, stopping, checkpoint_dir, resume, progress)
+        result = _sample_permutations(problem, config, utility, manifest, stopping, checkpoint_dir, resume, progress,
+                                      point_dir=point_dir if config.per_point else None)
     result.manifest["elapsed_seconds"] = round(time.monotonic() - started, 3)
     return result
 
@@ -108,7 +115,8 @@ def default_stopping(config: ValuationConfig) -> StoppingCriterion:
     return criterion
 
 
-def _sample_permutations(problem, config, utility, manifest, stopping, checkpoint_dir, resume, progress, engine=None):
+def _sample_permutations(problem, config, utility, manifest, stopping, checkpoint_dir, resume, progress, engine=None,
+                         point_dir=None):
     n = problem.n_train
     checkpoint = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None
     if checkpoint is not None:
@@ -122,7 +130,15 @@ def _sample_permutations(problem, config, utility, manifest, stopping, checkpoin
                                        sources=[{"seed": config.seed, "start": config.start, "count": 0}],
                                        manifest=manifest, train_ids=problem.train_ids)
     result.manifest.update(manifest)
-    acc = _Accumulator(result, utility.device, config.start, config.reduce_every, partial)
+    points = None
+    if point_dir is None and saved is not None and "point_store" in result.manifest:
+        raise CheckpointError(f"{checkpoint}: this checkpoint keeps its per-point sums on disk "
+                              f"({result.manifest['point_store']['directory']}); resume it with the same per-point "
+                              f"folder (--save-result NAME.result), or start over with --no-resume.")
+    if point_dir is not None:
+        points = _point_store(point_dir, result, saved is not None, checkpoint, problem)
+        partial = None  # the open group is recomputed: its per-point sums were never saved
+    acc = _Accumulator(result, utility.device, config.start, config.reduce_every, partial, points)
     probs = coalition_size_probabilities(config, n)
     weights = None if probs is None else torch.as_tensor(position_weights(probs), dtype=DTYPE, device=utility.device)
     engine = engine or _engine(problem, config, utility, result.manifest)
@@ -134,14 +150,21 @@ def _sample_permutations(problem, config, utility, manifest, stopping, checkpoin
                disable=(not sys.stderr.isatty()) if progress is None else not progress,
                desc=f"{method_name(config)} n={n} m={problem.n_test}")
     last_saved = result.count
+    if points is not None:  # checkpoints at group boundaries only, when the per-point files are complete
+        acc.on_fold = (lambda path=checkpoint: (acc.save_checkpoint(path), points.forget_previous())) \
+            if checkpoint else points.forget_previous
+        checkpoint = None
     try:
         while not criterion(acc.snapshot(with_points=False)):
             size = batch if cap is None else min(batch, cap - acc.count)
             if size <= 0:
                 break
             first = config.start + acc.count
+            if points is not None:  # a batch never spans two groups: its per-point sums go to the open group
+                size = min(size, config.reduce_every - first % config.reduce_every)
             perms = torch.as_tensor(np.stack([permutation(config.seed, first + b, n) for b in range(size)]))
-            marginals = engine.run(perms)
+            sink = None if points is None else _point_sink(points, perms.numpy(), weights)
+            marginals = engine.run(perms, point_sink=sink)
             with deferred_interrupts():  # a Ctrl-C / SIGTERM lands between permutations, never inside one
                 acc.add(perms.to(utility.device), marginals, weights)
             bar.update(size)
@@ -157,6 +180,28 @@ def _sample_permutations(problem, config, utility, manifest, stopping, checkpoin
     if checkpoint is not None and acc.count != last_saved:
         acc.save_checkpoint(checkpoint)
     return acc.snapshot()
+
+
+def _point_store(point_dir, result: ValuationResult, resumed: bool, checkpoint, problem: KernelProblem):
+    from .point_store import PointStore
+
+    if resumed and result.point_sums is not None:
+        raise CheckpointError(f"{checkpoint}: this checkpoint keeps its per-point sums in memory; resume it with "
+                              f"--save-result NAME.npz, or start over with --no-resume.")
+    return PointStore(point_dir, problem.n_train, problem.n_test, completed_count=result.count if resumed else 0)
+
+
+def _point_sink(points, perms: np.ndarray, weights: torch.Tensor | None):
+    def sink(start: int, acc: torch.Tensor, ce: torch.Tensor) -> None:
+        width = acc.shape[1]
+        scale = None if weights is None else weights[start:start + width].unsqueeze(-1)
+        for b in range(perms.shape[0]):
+            rows = perms[b, start:start + width]
+            for metric, marginals in (("accuracy", acc), ("ce", ce)):
+                x = marginals[b] if scale is None else marginals[b] * scale
+                points.add(metric, rows, x.cpu().numpy())
+
+    return sink
 
 
 def sample_group(problem: KernelProblem, config: ValuationConfig, utility: KernelRegressionUtility,
@@ -217,14 +262,17 @@ class _Accumulator:
     each permutation added to ``partial`` in order; a full group is folded into ``completed``."""
 
     def __init__(self, result: ValuationResult, device: torch.device, start: int, group: int,
-                 partial: dict[str, dict[str, np.ndarray]] | None = None):
+                 partial: dict[str, dict[str, np.ndarray]] | None = None, points=None):
         self.template = result
+        self.points = points  # a PointStore: per-point sums are streamed to disk by the engine, not added here
+        self.on_fold = lambda: None
         self.torn = False  # True while a permutation is half added: such a state is never saved
         self.count = result.count
         self.start, self.group = start, group
         self.evaluated = list(result.evaluated.tolist())
         t = lambda d: None if d is None else {k: torch.as_tensor(v, dtype=DTYPE).to(device).clone() for k, v in d.items()}  # noqa: E731
-        self.completed = {"sums": t(result.sums), "sq_sums": t(result.sq_sums), "point_sums": t(result.point_sums)}
+        self.completed = {"sums": t(result.sums), "sq_sums": t(result.sq_sums),
+                          "point_sums": None if points is not None else t(result.point_sums)}
         zeros = lambda d: None if d is None else {k: torch.zeros_like(v) for k, v in d.items()}  # noqa: E731
         self.partial = {key: zeros(value) for key, value in self.completed.items()}
         self.partial_count = 0
@@ -263,6 +311,9 @@ class _Accumulator:
                     done[metric] += self.partial[key][metric]
                     self.partial[key][metric].zero_()
         self.partial_count = 0
+        if self.points is not None:
+            self.points.close_group(self.count)
+        self.on_fold()
 
     def _result(self, parts: list[dict], count: int, evaluated: list[int], with_points: bool) -> ValuationResult:
         r = self.template
@@ -270,17 +321,26 @@ class _Accumulator:
             m: sum((p[key][m] for p in parts[1:]), parts[0][key][m]).cpu().numpy().copy() for m in parts[0][key]}
         sources = [dict(s) for s in r.sources]
         sources[-1]["count"] = count
-        return ValuationResult(r.method, total("sums"), total("sq_sums"), count,
-                               total("point_sums") if with_points else None, np.asarray(evaluated, dtype=np.int64),
-                               sources, False, dict(r.manifest), r.train_ids)
+        if self.points is not None:
+            point_sums = self.points.totals(count) if with_points else None
+        else:
+            point_sums = total("point_sums") if with_points else None
+        return ValuationResult(r.method, total("sums"), total("sq_sums"), count, point_sums,
+                               np.asarray(evaluated, dtype=np.int64), sources, False, dict(r.manifest), r.train_ids)
 
     def snapshot(self, with_points: bool = True) -> ValuationResult:
         parts = [self.completed, self.partial] if self.partial_count else [self.completed]
         return self._result(parts, self.count, self.evaluated, with_points)
 
     def save_checkpoint(self, path: Path) -> None:
-        """The completed groups as a result, plus the open group's sums beside them (``partial_*``)."""
+        """The completed groups as a result, plus the open group's sums beside them (``partial_*``); with
+        per-point sums on disk, the completed groups only (their files are named in the manifest)."""
         done = self.count - self.partial_count
+        if self.points is not None:
+            result = self._result([self.completed], done, self.evaluated[:done], False)
+            result.manifest["point_store"] = {"count": done, "directory": str(self.points.dir)}
+            result.save(path)
+            return
         extra = {"partial_count": np.array(self.partial_count),
                  "partial_evaluated": np.asarray(self.evaluated[done:], dtype=np.int64)}
         for key, prefix in (("sums", "sum"), ("sq_sums", "sqsum"), ("point_sums", "point_sum")):

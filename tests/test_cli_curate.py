@@ -102,6 +102,28 @@ def test_explain_top_k_per_test_example(run_dir):
     assert res.exit_code == 2 and "no test example with id 'nope'" in res.output
 
 
+def test_per_point_result_folder_streams_to_disk_and_explains_the_same(run_dir):
+    d, _ = run_dir
+    from freeshap_dq import ValuationResult
+
+    for extra in ([], ["--checkpoint-dir", d / "ckpt"]):
+        res = run(["value", "--kernel", d / "K.npz", "-o", d / "values2.csv", "--permutations", 30, "--per-point",
+                   "--save-result", d / "r.result", *extra])
+        assert res.exit_code == 0, res.output
+        folder, memory = ValuationResult.load(d / "r.result"), ValuationResult.load(d / "r.npz")
+        assert isinstance(folder.point_sums["ce"], np.memmap)
+        np.testing.assert_array_equal(folder.point_sums["ce"], memory.point_sums["ce"])
+        assert [p.name for p in d.iterdir() if p.name.startswith(".")] == []  # the scratch folder is gone
+    assert sorted(p.name for p in (d / "ckpt" / "points").iterdir())[:2] == ["points-30-accuracy.npy",
+                                                                           "points-30-ce.npy"]
+    args = ["--train", d / "train.csv", "--test", d / "test.parquet", "--example", "test-00003", "-o"]
+    assert run(["explain", "--result", d / "r.result", *args, d / "a.csv"]).exit_code == 0
+    assert run(["explain", "--result", d / "r.npz", *args, d / "b.csv"]).exit_code == 0
+    pd.testing.assert_frame_equal(pd.read_csv(d / "a.csv"), pd.read_csv(d / "b.csv"))
+    res = run(["value", "--kernel", d / "K.npz", "--per-point", "--save-result", d / "r.result", "--executor", "ray"])
+    assert res.exit_code == 2 and "run in one process" in res.output
+
+
 def test_fail_on_harmful_gate(run_dir):
     d, _ = run_dir
     base = ["value", "--kernel", d / "K.npz", "-o", d / "v.csv", "--permutations", 30]
