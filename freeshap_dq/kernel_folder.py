@@ -8,7 +8,10 @@ A kernel folder (any name; ``K.kernel/`` by convention) holds
 
 ``KernelFolderWriter`` fills the two blocks in place (``freeshap-dq kernel --example-block``
 writes them one row panel at a time) inside a hidden temporary folder that is renamed over the
-destination only when complete, so a crash never leaves a half-written kernel behind.
+destination only when complete, so a crash never leaves a half-written kernel behind. Before the
+rename it validates the blocks (finite, symmetric) and fingerprints them, once, and records the
+result with each file's size and modification time in ``kernel.json``; loading an unchanged folder
+then reads no block at all (a folder whose files changed is validated again).
 ``KernelProblem.load`` opens a folder without reading the blocks into memory; the valuation
 reads what it needs (the whole kernel for the exact engine, only landmark rows for the Nyström
 engine, see :mod:`freeshap_dq.feature_utility`).
@@ -71,6 +74,14 @@ class KernelFolderWriter:
         if exc_type is not None or not self._finished:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
+        try:
+            fingerprint = load_kernel_folder(self.tmp, source=str(self.path)).fingerprint()
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
+        meta = json.loads((self.tmp / META_NAME).read_text())
+        meta["verified"] = {"fingerprint": fingerprint, "files": _file_stats(self.tmp)}
+        (self.tmp / META_NAME).write_text(json.dumps(meta, indent=1, sort_keys=True, default=str) + "\n")
         for item in self.tmp.iterdir():
             os.chmod(item, 0o666 & ~_umask())
         os.chmod(self.tmp, 0o777 & ~_umask())
@@ -97,9 +108,11 @@ def read_folder_manifest(path: str | os.PathLike) -> dict[str, Any]:
     return _read_meta(Path(path)).get("manifest", {})
 
 
-def load_kernel_folder(path: str | os.PathLike) -> KernelProblem:
+def load_kernel_folder(path: str | os.PathLike, source: str | None = None) -> KernelProblem:
     path = Path(path)
     meta = _read_meta(path)
+    verified = meta.get("verified") or {}
+    trusted = verified.get("fingerprint") if verified.get("files") == _file_stats(path) else None
     arrays: dict[str, np.ndarray | None] = {}
     for name in ("k_train", "k_test", "y_train", "y_test", "train_ids", "test_ids"):
         file = path / f"{name}.npy"
@@ -117,7 +130,12 @@ def load_kernel_folder(path: str | os.PathLike) -> KernelProblem:
             raise KernelError(f"{path / (name + '.npy')}: dtype {arrays[name].dtype} (float64 expected).")  # type: ignore[union-attr]
     return KernelProblem(arrays["k_train"], arrays["k_test"], arrays["y_train"], arrays["y_test"],
                          tuple(meta.get("label_names", ())), arrays["train_ids"], arrays["test_ids"],
-                         source=str(path))
+                         source=source or str(path), verified_fingerprint=trusted)
+
+
+def _file_stats(path: Path) -> dict[str, list[int]]:
+    return {item.name: [item.stat().st_size, item.stat().st_mtime_ns]
+            for item in sorted(path.glob("*.npy"))}
 
 
 def _read_meta(path: Path) -> dict[str, Any]:

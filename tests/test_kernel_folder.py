@@ -44,19 +44,18 @@ def write_folder(path, k_train, k_test, y_train, y_test):
         writer.finish(y_train, y_test)
 
 
-def test_folder_validation_checks_every_block(tmp_path, monkeypatch):
+def test_folder_validation_checks_every_block_when_written(tmp_path, monkeypatch):
     monkeypatch.setattr(kernel, "BLOCK_BYTES", 8 * 12 * 2)
     p = random_problem(n=12, m=6)
     k = p.k_train.copy()
     k[9, 2] += 0.5
-    write_folder(tmp_path / "asym", k, p.k_test, p.y_train, p.y_test)
-    with pytest.raises(KernelError, match=r"not symmetric: \|K\[(9,2|2,9)\]"):
-        load_kernel_folder(tmp_path / "asym")
+    with pytest.raises(KernelError, match=r"K\.asym: k_train is not symmetric: \|K\[(9,2|2,9)\]"):
+        write_folder(tmp_path / "K.asym", k, p.k_test, p.y_train, p.y_test)
     k_test = p.k_test.copy()
     k_test[5, 11] = np.inf
-    write_folder(tmp_path / "inf", p.k_train, k_test, p.y_train, p.y_test)
     with pytest.raises(KernelError, match=r"k_test has 1 non-finite entries \(first at \[5,11\]"):
-        load_kernel_folder(tmp_path / "inf")
+        write_folder(tmp_path / "K.inf", p.k_train, k_test, p.y_train, p.y_test)
+    assert list(tmp_path.iterdir()) == []  # nothing half written
 
 
 def test_incomplete_or_foreign_folders_are_refused(tmp_path):
@@ -84,3 +83,21 @@ def test_a_failed_write_leaves_the_previous_folder_and_no_temporary(tmp_path):
     save_kernel_folder(random_problem(n=12, m=6, seed=4), tmp_path / "K")  # replacing works
     assert KernelProblem.load(tmp_path / "K").fingerprint() == random_problem(n=12, m=6, seed=4).fingerprint()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["K"]
+
+
+def test_a_verified_folder_loads_without_reading_its_blocks_until_a_file_changes(tmp_path, monkeypatch):
+    problem = named_problem()
+    save_kernel_folder(problem, tmp_path / "K")
+    stored = json.loads((tmp_path / "K" / "kernel.json").read_text())["verified"]["fingerprint"]
+    assert stored == problem.fingerprint()
+    scans = []
+    monkeypatch.setattr(kernel, "row_blocks", lambda *a, **k: scans.append(1) or [])  # any block read is seen
+    monkeypatch.setattr(kernel, "_check_symmetric_by_blocks", lambda *a: scans.append(1))
+    loaded = KernelProblem.load(tmp_path / "K")
+    assert scans == [] and loaded.fingerprint() == stored
+    monkeypatch.undo()
+    k = np.load(tmp_path / "K" / "k_train.npy")
+    k[0, 1] += 1.0  # edited after writing: the stored verdict no longer applies
+    np.save(tmp_path / "K" / "k_train.npy", k)
+    with pytest.raises(KernelError, match="not symmetric"):
+        KernelProblem.load(tmp_path / "K")

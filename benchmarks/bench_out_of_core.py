@@ -1,0 +1,199 @@
+"""Out-of-core: kernels and per-point results larger than memory, each measured in its own process.
+
+1. eNTK by example blocks into a kernel folder vs the one-pass in-memory eNTK (baseline), same model
+   and data: wall time, peak RSS, largest difference. Model: a random 3-layer BERT (hidden 32, the
+   test suite's tiny model, built on the fly), ``top:1`` trainable, synthetic short texts.
+2. Nyström valuation (``--low-rank r``) of a kernel folder whose k_train alone is larger than what the
+   in-memory path could hold three copies of (synthetic RBF kernel written by row blocks): set-up and
+   engine time, peak RSS.
+3. Per-point values on that folder: per-point sums in memory (baseline) vs streamed to disk.
+
+Usage:  python benchmarks/bench_out_of_core.py [--ntk-n 20000] [--ntk-m 2000] [--ntk-block 2000]
+        [--n 40000] [--m 5000] [--rank 128] [--perms 4] [--workdir DIR]
+Prints Markdown tables; docs/scaling.md records a run with the machine it ran on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+WORDS = ("good bad great dull movie film plot cast funny boring clever mess moving tedious loved hated script "
+         "actors wonderful terrible brilliant sincere long every minute very not indeed").split()
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def texts(count: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, size=rng.integers(3, 12))) for _ in range(count)]
+
+
+def child_ntk(args) -> dict:
+    import torch
+
+    from freeshap_dq.kernel_folder import KernelFolderWriter, save_kernel_folder
+    from freeshap_dq.kernel import KernelProblem
+    from freeshap_dq.ntk.adapters import EncoderHead
+    from freeshap_dq.ntk.blocked import compute_ntk_blocks
+    from freeshap_dq.ntk.compute import compute_ntk
+    from freeshap_dq.ntk.models import load_model_and_tokenizer
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model, tokenizer, _ = load_model_and_tokenizer(args.model_dir, "encoder")
+    adapter = EncoderHead(model, tokenizer, n_classes=2, head_seed=0)
+    train, test = adapter.tokenize(texts(args.ntk_n, 1)), adapter.tokenize(texts(args.ntk_m, 2))
+    y_train, y_test = np.arange(args.ntk_n) % 2, np.arange(args.ntk_m) % 2
+    started = time.perf_counter()
+    if args.mode == "one-pass":
+        out = compute_ntk(adapter, train, test, trainable="top:1", max_memory="16GiB", progress=False)
+        seconds = time.perf_counter() - started
+        save_kernel_folder(KernelProblem(out.k_train, out.k_test, y_train, y_test), args.out)
+    else:
+        with KernelFolderWriter(args.out, args.ntk_n, args.ntk_m) as writer:
+            compute_ntk_blocks(adapter, train, test, writer.k_train, writer.k_test, trainable="top:1",
+                               max_memory="2GiB", example_block=args.ntk_block, progress=False)
+            writer.finish(y_train, y_test)
+        seconds = time.perf_counter() - started
+    return {"seconds": seconds, "peak_rss_gib": peak_rss_gib()}
+
+
+def child_value(args) -> dict:
+    from freeshap_dq import KernelProblem, ValuationConfig, compute_values
+
+    started = time.perf_counter()
+    problem = KernelProblem.load(args.kernel)
+    loaded = time.perf_counter() - started
+    config = ValuationConfig(permutations=args.perms, low_rank=args.rank, per_point=args.mode != "aggregate",
+                             reduce_every=2, ridge="0.01", batch_size=1)
+    result = compute_values(problem, config, point_dir=args.points if args.mode == "streamed" else None,
+                            progress=False)
+    total = time.perf_counter() - started
+    if args.mode != "aggregate":
+        result.save(args.out)
+    return {"load_seconds": loaded, "seconds": total, "peak_rss_gib": peak_rss_gib(),
+            "value_checksum": float(np.sum(result.values("ce")))}
+
+
+def run_child(kind: str, **options) -> dict:
+    cmd = [sys.executable, __file__, "--child", kind] + [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def write_rbf_folder(path: Path, n: int, m: int, seed: int = 0) -> float:
+    from freeshap_dq.kernel_folder import KernelFolderWriter
+    from freeshap_dq.synthetic import rbf_kernel
+
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n + m)
+    x = rng.normal(size=(n + m, 32)) + 0.8 * np.eye(2, 32)[y]
+    started = time.perf_counter()
+    with KernelFolderWriter(path, n, m) as writer:
+        for lo in range(0, n + m, 2000):
+            hi = min(lo + 2000, n + m)
+            block = rbf_kernel(x[lo:hi], x[:n], bandwidth=6.0)
+            if lo < n:
+                writer.k_train[lo:min(hi, n)] = block[:min(hi, n) - lo]
+            if hi > n:
+                writer.k_test[max(lo, n) - n:hi - n] = block[max(lo, n) - lo:]
+        writer.finish(y[:n], y[n:])
+    return time.perf_counter() - started
+
+
+def max_relative_difference(a: Path, b: Path) -> float:
+    ka, kb = (np.load(p / "k_train.npy", mmap_mode="r") for p in (a, b))
+    ta, tb = (np.load(p / "k_test.npy", mmap_mode="r") for p in (a, b))
+    scale = max(float(np.abs(ka[lo:lo + 2000]).max()) for lo in range(0, ka.shape[0], 2000))
+    diff = max(float(np.abs(ka[lo:lo + 2000] - kb[lo:lo + 2000]).max()) for lo in range(0, ka.shape[0], 2000))
+    diff = max(diff, max(float(np.abs(ta[lo:lo + 2000] - tb[lo:lo + 2000]).max()) for lo in range(0, ta.shape[0], 2000)))
+    return diff / scale
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ntk-n", type=int, default=20000)
+    p.add_argument("--ntk-m", type=int, default=2000)
+    p.add_argument("--ntk-block", type=int, default=2000)
+    p.add_argument("--n", type=int, default=40000)
+    p.add_argument("--m", type=int, default=5000)
+    p.add_argument("--rank", type=int, default=128)
+    p.add_argument("--perms", type=int, default=4)
+    p.add_argument("--workdir", default=None, help="Where the kernel folders go (default: a temporary folder).")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--mode", default=None, help=argparse.SUPPRESS)
+    for hidden in ("model-dir", "out", "kernel", "points"):
+        p.add_argument(f"--{hidden}", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps({"ntk": child_ntk, "value": child_value}[args.child](args)))
+        return
+
+    os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="freeshap-ooc-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"# Out-of-core benchmark — {platform.machine()}, {os.cpu_count()} CPU(s), "
+          f"{os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB RAM\n")
+    try:
+        from tiny_models import tiny_bert
+
+        model_dir = tiny_bert(work / "tiny-bert")
+        base = dict(model_dir=model_dir, ntk_n=args.ntk_n, ntk_m=args.ntk_m, ntk_block=args.ntk_block)
+        one = run_child("ntk", mode="one-pass", out=work / "one.kernel", **base)
+        blocks = run_child("ntk", mode="blocks", out=work / "blocks.kernel", **base)
+        gram_gib = 8 * (args.ntk_n + args.ntk_m) * args.ntk_n / 2**30
+        print(f"## 1. eNTK, n = {args.ntk_n:,}, m = {args.ntk_m:,} (the fp64 Gram alone: {gram_gib:.1f} GiB)\n")
+        print("| method | seconds | peak RSS GiB | vs one pass |")
+        print("|---|---|---|---|")
+        print(f"| one pass in memory (baseline) | {one['seconds']:.1f} | {one['peak_rss_gib']:.2f} | 1.00× time |")
+        print(f"| example blocks of {args.ntk_block:,} into a kernel folder | {blocks['seconds']:.1f} | "
+              f"{blocks['peak_rss_gib']:.2f} | {blocks['seconds'] / one['seconds']:.2f}× time, "
+              f"{blocks['peak_rss_gib'] / one['peak_rss_gib']:.2f}× memory |")
+        print(f"\nmax |difference| / max |K|: {max_relative_difference(work / 'one.kernel', work / 'blocks.kernel'):.1e}\n")
+        shutil.rmtree(work / "one.kernel")
+        shutil.rmtree(work / "blocks.kernel")
+
+        folder = work / "rbf.kernel"
+        written = write_rbf_folder(folder, args.n, args.m)
+        size = sum(f.stat().st_size for f in folder.iterdir()) / 2**30
+        print(f"## 2–3. Nyström r = {args.rank} on a kernel folder, n = {args.n:,}, m = {args.m:,} "
+              f"({size:.1f} GiB on disk, written in {written:.0f} s), T = {args.perms}\n")
+        print("| run | load + validate s | total s | peak RSS GiB |")
+        print("|---|---|---|---|")
+        common = dict(kernel=folder, rank=args.rank, perms=args.perms)
+        rows = [("values only", run_child("value", mode="aggregate", out=work / "a.npz", **common)),
+                ("per point, sums in memory (baseline)", run_child("value", mode="memory", out=work / "r.npz", **common)),
+                ("per point, streamed to disk", run_child("value", mode="streamed", out=work / "r.result",
+                                                          points=work / "points", **common))]
+        for name, r in rows:
+            print(f"| {name} | {r['load_seconds']:.1f} | {r['seconds']:.1f} | {r['peak_rss_gib']:.2f} |")
+        from freeshap_dq import ValuationResult
+
+        a, b = ValuationResult.load(work / "r.npz"), ValuationResult.load(work / "r.result")
+        same = all(np.array_equal(a.point_sums[k], b.point_sums[k]) for k in ("accuracy", "ce"))
+        print(f"\nper-point sums streamed == in memory (bit for bit): {same}; "
+              f"memory saved: {rows[1][1]['peak_rss_gib'] - rows[2][1]['peak_rss_gib']:.2f} GiB")
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
