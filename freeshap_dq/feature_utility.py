@@ -40,7 +40,7 @@ class FeatureSpaceUtility:
         rank = min(config.low_rank, n)
         landmarks = nystrom_landmarks(n, rank, config.seed)
         scale = config.kernel_scale
-        mean_diag = float(np.mean(np.diagonal(problem.k_train))) * scale
+        mean_diag = problem.mean_diag() * scale
         columns = np.ascontiguousarray(problem.k_train[landmarks].T) * scale  # K[:, L]
         if config.jitter:
             columns[landmarks, np.arange(rank)] += config.jitter * mean_diag

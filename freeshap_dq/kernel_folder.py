@@ -4,6 +4,7 @@ A kernel folder (any name; ``K.kernel/`` by convention) holds
 
 - ``k_train.npy`` (n x n, float64) and ``k_test.npy`` (m x n, float64), read with ``mmap_mode="r"``;
 - ``y_train.npy``, ``y_test.npy`` (int64) and optionally ``train_ids.npy``, ``test_ids.npy``;
+- ``k_train_diag.npy``: the diagonal of k_train (a strided read of the big file otherwise);
 - ``kernel.json``: format version, shapes, label names and the eNTK manifest when it came from a model.
 
 ``KernelFolderWriter`` fills the two blocks in place (``freeshap-dq kernel --example-block``
@@ -35,6 +36,7 @@ from .kernel import KernelProblem
 FORMAT = "freeshap-dq kernel folder"
 FORMAT_VERSION = 1
 META_NAME = "kernel.json"
+DIAGONAL = "k_train_diag.npy"  # diag(k_train), written with the verdict: reading it from the n x n file is strided
 
 
 class KernelFolderWriter:
@@ -75,7 +77,9 @@ class KernelFolderWriter:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
         try:
-            fingerprint = load_kernel_folder(self.tmp, source=str(self.path)).fingerprint()
+            problem = load_kernel_folder(self.tmp, source=str(self.path))
+            fingerprint = problem.fingerprint()
+            np.save(self.tmp / DIAGONAL, problem.diagonal(), allow_pickle=False)
         except BaseException:
             shutil.rmtree(self.tmp, ignore_errors=True)
             raise
@@ -128,9 +132,12 @@ def load_kernel_folder(path: str | os.PathLike, source: str | None = None) -> Ke
     for name in ("k_train", "k_test"):
         if arrays[name].dtype != np.float64:  # type: ignore[union-attr]
             raise KernelError(f"{path / (name + '.npy')}: dtype {arrays[name].dtype} (float64 expected).")  # type: ignore[union-attr]
-    return KernelProblem(arrays["k_train"], arrays["k_test"], arrays["y_train"], arrays["y_test"],
-                         tuple(meta.get("label_names", ())), arrays["train_ids"], arrays["test_ids"],
-                         source=source or str(path), verified_fingerprint=trusted)
+    problem = KernelProblem(arrays["k_train"], arrays["k_test"], arrays["y_train"], arrays["y_test"],
+                            tuple(meta.get("label_names", ())), arrays["train_ids"], arrays["test_ids"],
+                            source=source or str(path), verified_fingerprint=trusted)
+    if trusted and (path / DIAGONAL).exists():
+        object.__setattr__(problem, "_diagonal", np.load(path / DIAGONAL, allow_pickle=False))
+    return problem
 
 
 def _file_stats(path: Path) -> dict[str, list[int]]:
