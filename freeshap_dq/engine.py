@@ -106,14 +106,22 @@ class PrefixEngine:
         return PermutationMarginals(out_acc, out_ce, point_acc, point_ce, evaluated)
 
     def _prefix_scores(self, perms: torch.Tensor):
-        """Yield (start, F) with F (B, b, m, C) the scores of prefixes start+1 .. start+b."""
+        """Yield (start, F) with F (B, b, m, C) the scores of prefixes start+1 .. start+b.
+
+        Per-class kernels add a class axis after the batch axis: one factor per class kernel, and class c's
+        scores come from kernel c alone."""
         u = self.u
         batch, n = perms.shape
         block = n if self.tolerance == 0 else min(self.block_size, n)
-        a_perm = u.k_train[perms.unsqueeze(-1), perms.unsqueeze(-2)]  # (B, n, n)
+        if u.per_class:
+            a_perm = u.k_train[:, perms.unsqueeze(-1), perms.unsqueeze(-2)].movedim(0, 1).contiguous()  # (B, C, n, n)
+            k_perm = u.k_test.transpose(-1, -2)[:, perms].movedim(0, 1)  # (B, C, n, m)
+            y_perm = u.targets[perms].transpose(-1, -2).unsqueeze(-1)  # (B, C, n, 1)
+        else:
+            a_perm = u.k_train[perms.unsqueeze(-1), perms.unsqueeze(-2)]  # (B, n, n)
+            k_perm = u.k_test.T[perms]  # (B, n, m)
+            y_perm = u.targets[perms]  # (B, n, C)
         a_perm.diagonal(dim1=-2, dim2=-1).add_(u.ridge)
-        k_perm = u.k_test.T[perms]  # (B, n, m)
-        y_perm = u.targets[perms]  # (B, n, C)
         blocked = block < n
         chol = torch.zeros_like(a_perm) if blocked else None
         w_all = torch.zeros_like(k_perm) if blocked else None
@@ -121,25 +129,29 @@ class PrefixEngine:
         scores = torch.zeros(batch, u.problem.n_test, u.n_classes, dtype=DTYPE, device=u.device)
         for start in range(0, n, block):
             end = min(start + block, n)
-            a_bb = a_perm[:, start:end, start:end]
-            k_b, y_b = k_perm[:, start:end], y_perm[:, start:end]
+            a_bb = a_perm[..., start:end, start:end]
+            k_b, y_b = k_perm[..., start:end, :], y_perm[..., start:end, :]
             if start > 0:
-                r = torch.linalg.solve_triangular(chol[:, :start, :start], a_perm[:, :start, start:end], upper=False)
-                a_bb = a_bb - r.transpose(-1, -2) @ r
-                k_b = k_b - r.transpose(-1, -2) @ w_all[:, :start]
-                y_b = y_b - r.transpose(-1, -2) @ z_all[:, :start]
-                chol[:, start:end, :start] = r.transpose(-1, -2)
+                r = torch.linalg.solve_triangular(chol[..., :start, :start], a_perm[..., :start, start:end], upper=False)
+                r_t = r.transpose(-1, -2)
+                a_bb = a_bb - r_t @ r
+                k_b = k_b - r_t @ w_all[..., :start, :]
+                y_b = y_b - r_t @ z_all[..., :start, :]
+                chol[..., start:end, :start] = r_t
             l_bb = self._factor(a_bb, perms, start)
             w_b = torch.linalg.solve_triangular(l_bb, k_b, upper=False)
             z_b = torch.linalg.solve_triangular(l_bb, y_b, upper=False)
             if blocked:
-                chol[:, start:end, start:end] = l_bb
-                w_all[:, start:end] = w_b
-                z_all[:, start:end] = z_b
+                chol[..., start:end, start:end] = l_bb
+                w_all[..., start:end, :] = w_b
+                z_all[..., start:end, :] = z_b
             step = max(1, CHUNK_ELEMENTS // max(1, batch * u.problem.n_test * u.n_classes))
             for lo in range(0, end - start, step):
                 hi = min(lo + step, end - start)
-                contrib = w_b[:, lo:hi, :, None] * z_b[:, lo:hi, None, :]
+                if u.per_class:  # (B, C, b, m) * (B, C, b, 1) -> (B, b, m, C)
+                    contrib = (w_b[..., lo:hi, :] * z_b[..., lo:hi, :]).permute(0, 2, 3, 1)
+                else:
+                    contrib = w_b[:, lo:hi, :, None] * z_b[:, lo:hi, None, :]
                 prefix = scores.unsqueeze(1) + torch.cumsum(contrib, dim=1)
                 scores = prefix[:, -1]
                 yield start + lo, prefix

@@ -2,6 +2,8 @@
 
 ``KernelProblem`` holds the two kernel blocks FreeShap needs, train x train ``k_train`` (n x n)
 and test x train ``k_test`` (m x n), with integer labels ``y_train`` (n,) and ``y_test`` (m,).
+Per-class kernels (the eNTK of each class logit, class c regressed on kernel c) stack them:
+``k_train`` (C x n x n), ``k_test`` (C x m x n).
 It validates them once (shapes, finite values, symmetry, labels in range, at least two
 training classes) so every later stage can trust them.
 
@@ -49,33 +51,38 @@ class KernelProblem:
             raise KernelError(f"{self.source}: the training set is empty (y_train has no entries).")
         if y_test.shape[0] == 0:
             raise KernelError(f"{self.source}: the test set is empty (y_test has no entries).")
-        if k_train.shape != (n, n):
+        stack = k_train.shape[:-2]  # () for one kernel, (C,) for per-class kernels
+        if k_train.shape[-2:] != (n, n):
             raise KernelError(
                 f"{self.source}: k_train has shape {k_train.shape} but y_train has {n} labels; "
-                f"k_train must be n x n = {n} x {n}."
+                f"k_train must be n x n = {n} x {n} (or C x n x n for per-class kernels)."
             )
-        if k_test.shape != (y_test.shape[0], n):
+        if k_test.shape != (*stack, y_test.shape[0], n):
             raise KernelError(
                 f"{self.source}: k_test has shape {k_test.shape}; it must be "
-                f"(number of test labels, number of train labels) = ({y_test.shape[0]}, {n})."
+                f"(number of test labels, number of train labels) = ({y_test.shape[0]}, {n})"
+                + (f", one per class kernel: {(*stack, y_test.shape[0], n)}." if stack else ".")
             )
         if isinstance(k_train, np.memmap):  # on disk: checked block by block (once, when written), used as is
+            if stack:
+                raise KernelError(f"{self.source}: a kernel folder holds one kernel (n x n), not per-class kernels.")
             if not trusted:
                 _check_symmetric_by_blocks(k_train, self.source)
-            diag = np.diagonal(k_train)
+            diag = np.zeros(0) if trusted else np.diagonal(k_train)
         else:
             scale = max(float(np.max(np.abs(k_train))), np.finfo(np.float64).tiny)
-            asym = float(np.max(np.abs(k_train - k_train.T)))
-            if asym > SYMMETRY_RTOL * scale:
-                i, j = np.unravel_index(np.argmax(np.abs(k_train - k_train.T)), k_train.shape)
-                _raise_asymmetric(self.source, i, j, asym, scale)
-            k_train = (k_train + k_train.T) / 2.0
-            diag = np.diag(k_train)
+            gap = np.abs(k_train - np.swapaxes(k_train, -1, -2))
+            if float(gap.max()) > SYMMETRY_RTOL * scale:
+                *_, i, j = np.unravel_index(np.argmax(gap), k_train.shape)
+                _raise_asymmetric(self.source, i, j, float(gap.max()), scale)
+            k_train = (k_train + np.swapaxes(k_train, -1, -2)) / 2.0
+            diag = np.diagonal(k_train, axis1=-2, axis2=-1).reshape(-1, n)
         if np.any(diag < 0):
-            i = int(np.argmin(diag))
+            c, i = np.unravel_index(int(np.argmin(diag)), np.shape(diag)) if np.ndim(diag) == 2 else (0, int(np.argmin(diag)))
             raise KernelError(
-                f"{self.source}: k_train has a negative diagonal entry K[{i},{i}] = {diag[i]:.3g}; "
-                f"a kernel's diagonal is a squared norm and cannot be negative."
+                f"{self.source}: k_train has a negative diagonal entry K[{i},{i}] = {np.min(diag):.3g}"
+                + (f" (class kernel {c})" if stack else "")
+                + "; a kernel's diagonal is a squared norm and cannot be negative."
             )
         names = tuple(str(x) for x in self.label_names)
         n_classes = len(names) if names else int(max(y_train.max(), y_test.max())) + 1
@@ -87,6 +94,9 @@ class KernelProblem:
                     f"labels must be integers in 0..{n_classes - 1}"
                     + (f" (label_names has {n_classes} entries)." if names else ".")
                 )
+        if stack and stack[0] != n_classes:
+            raise KernelError(f"{self.source}: {stack[0]} per-class kernels for {n_classes} classes; give one n x n "
+                              f"kernel per class (C x n x n), or a single n x n kernel.")
         if np.unique(y_train).size < 2:
             raise KernelError(
                 f"{self.source}: the training set has a single class ({int(y_train[0])}); "
@@ -123,6 +133,11 @@ class KernelProblem:
         return self._n_classes  # type: ignore[attr-defined]
 
     @property
+    def per_class(self) -> bool:
+        """True for per-class kernels (C x n x n): class c's scores are regressed on kernel c."""
+        return self.k_train.ndim == 3
+
+    @property
     def on_disk(self) -> bool:
         """True when the kernel blocks are memory-mapped files (a kernel folder), not arrays in RAM."""
         return isinstance(self.k_train, np.memmap)
@@ -142,8 +157,16 @@ class KernelProblem:
         object.__setattr__(self, "_fingerprint", h.hexdigest()[:32])
         return self._fingerprint  # type: ignore[attr-defined]
 
+    def diagonal(self) -> np.ndarray:
+        """diag(k_train), (n,) or (C, n) — a kernel folder stores it beside the blocks, so no strided read of them."""
+        cached = getattr(self, "_diagonal", None)
+        if cached is None:
+            cached = np.array(np.diagonal(self.k_train, axis1=-2, axis2=-1))
+            object.__setattr__(self, "_diagonal", cached)
+        return cached
+
     def mean_diag(self) -> float:
-        return float(np.mean(np.diagonal(self.k_train)))
+        return float(np.mean(self.diagonal()))
 
     def save(self, path: str | os.PathLike) -> None:
         arrays = {
@@ -215,15 +238,17 @@ def _as_float_matrix(value, key: str, source: str, scan: bool = True) -> np.ndar
             arr = np.asarray(value, dtype=np.float64)
         except (TypeError, ValueError):
             raise KernelError(f"{source}: {key} must be a numeric matrix.") from None
-    if arr.ndim != 2:
-        raise KernelError(f"{source}: {key} must be 2-dimensional, got shape {arr.shape}.")
+    if arr.ndim not in (2, 3):
+        raise KernelError(f"{source}: {key} must be 2-dimensional (3 for per-class kernels), got shape {arr.shape}.")
     for lo, hi in row_blocks(arr) if scan else ():
         bad = ~np.isfinite(arr[lo:hi])
         if bad.any():
-            i, j = np.argwhere(bad)[0]
+            where = np.argwhere(bad)[0]
+            where[0] += lo
+            where = tuple(int(x) for x in where)
             total = sum(int((~np.isfinite(arr[a:b])).sum()) for a, b in row_blocks(arr))
             raise KernelError(
-                f"{source}: {key} has {total} non-finite entries (first at [{lo + i},{j}] = {arr[lo + i, j]}); "
+                f"{source}: {key} has {total} non-finite entries (first at [{','.join(map(str, where))}] = {arr[where]}); "
                 f"recompute the kernel (fp32 overflow?) or drop the examples involved."
             )
     return arr

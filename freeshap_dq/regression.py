@@ -15,6 +15,10 @@ Closed-form leave-one-out from one factorisation, with :math:`G = (K + \lambda I
 - on training points, the LOO score of i is :math:`Y_i - \alpha_i / G_{ii}`; the ``auto`` ridge
   minimises the mean squared LOO residual (PRESS) on the training labels;
 - on a test point x, :math:`f_{-i}(x) = f(x) - (k(x)^\top G e_i)\, \alpha_i / G_{ii}`.
+
+Per-class kernels (K of shape C x n x n): column c of F is regressed on kernel c,
+:math:`F_{:,c} = K^c_{TS} (K^c_{SS} + \lambda I)^{-1} Y_{S,c}`, and every formula above holds per class.
+Internally kernels are handled as stacks (K, ., .) with K = 1 (one kernel for all classes) or K = C.
 """
 
 from __future__ import annotations
@@ -62,12 +66,34 @@ def point_utilities(scores: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor
     return acc, neg_ce
 
 
+def as_stack(k: torch.Tensor) -> torch.Tensor:
+    """(K, ., .) view of one kernel (K = 1) or of per-class kernels (K = C)."""
+    return k if k.dim() == 3 else k.unsqueeze(0)
+
+
+def solve_scores(k_ss: torch.Tensor, k_ts: torch.Tensor, y_s: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Kernel regression scores (..., m, C) from kernel stacks k_ss (..., K, s, s), k_ts (..., K, m, s) and
+    targets y_s (..., s, C): one kernel for every class (K = 1) or class c on kernel c (K = C)."""
+    chol = _cholesky(k_ss, ridge)
+    if k_ss.shape[-3] == 1:
+        return (k_ts @ torch.cholesky_solve(y_s.unsqueeze(-3), chol)).squeeze(-3)
+    coef = torch.cholesky_solve(y_s.transpose(-1, -2).unsqueeze(-1), chol)  # (..., C, s, 1)
+    return (k_ts @ coef).squeeze(-1).transpose(-1, -2)
+
+
+def per_class_product(stack: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """Column c of the result is ``stack[c] @ columns[:, c]`` (or ``stack[0] @ columns`` for one kernel)."""
+    if stack.shape[0] == 1:
+        return stack[0] @ columns
+    return torch.einsum("cij,jc->ic", stack, columns)
+
+
 def loo_train_scores(k_train: torch.Tensor, targets: torch.Tensor, ridge: float) -> torch.Tensor:
     """Leave-one-out regression scores on the training points themselves (n x C)."""
-    chol = _cholesky(k_train, ridge)
-    inverse = torch.cholesky_inverse(chol)
-    alpha = inverse @ targets
-    return targets - alpha / torch.diagonal(inverse).unsqueeze(-1)
+    inverse = torch.cholesky_inverse(_cholesky(as_stack(k_train), ridge))
+    alpha = per_class_product(inverse, targets)
+    diag = torch.diagonal(inverse, dim1=-2, dim2=-1).T  # (n, K)
+    return targets - alpha / diag
 
 
 def loo_probabilities(problem, ridge: float, kernel_scale: float = 1.0) -> np.ndarray:
@@ -83,7 +109,7 @@ def loo_probabilities(problem, ridge: float, kernel_scale: float = 1.0) -> np.nd
 def _cholesky(k: torch.Tensor, ridge: float) -> torch.Tensor:
     eye = torch.eye(k.shape[-1], dtype=k.dtype, device=k.device)
     chol, info = torch.linalg.cholesky_ex(k + ridge * eye)
-    if int(info.max()) > 0:
+    if info.numel() and int(info.max()) > 0:
         raise KernelError(
             f"the kernel plus ridge {ridge:.3g} is not positive definite; raise the ridge or pass a jitter."
         )
@@ -100,7 +126,7 @@ class RidgeChoice:
 def choose_ridge(k_train: torch.Tensor, targets: torch.Tensor, y: torch.Tensor, spec: str) -> RidgeChoice:
     """Resolve the ridge spec (see :mod:`freeshap_dq.config`) for an already-scaled kernel."""
     mode, value = parse_ridge(spec)
-    mean_diag = float(torch.diagonal(k_train).mean())
+    mean_diag = float(torch.diagonal(k_train, dim1=-2, dim2=-1).mean())
     if mode == "absolute":
         return RidgeChoice(value, mode)
     if mode == "relative":
@@ -115,14 +141,14 @@ def choose_ridge(k_train: torch.Tensor, targets: torch.Tensor, y: torch.Tensor, 
 
 
 def check_positive_semidefinite(k_train: torch.Tensor, source: str) -> None:
-    """Raise a clear error if K has an eigenvalue below -PSD_RTOL * mean(diag K)."""
-    mean_diag = float(torch.diagonal(k_train).mean())
+    """Raise a clear error if K (each class kernel) has an eigenvalue below -PSD_RTOL * mean(diag K)."""
+    mean_diag = float(torch.diagonal(k_train, dim1=-2, dim2=-1).mean())
     tol = PSD_RTOL * max(mean_diag, 1e-300)
-    eye = torch.eye(k_train.shape[0], dtype=k_train.dtype, device=k_train.device)
+    eye = torch.eye(k_train.shape[-1], dtype=k_train.dtype, device=k_train.device)
     _, info = torch.linalg.cholesky_ex(k_train + tol * eye)
-    if int(info) == 0:
+    if int(info.max()) == 0:
         return
-    smallest = float(torch.linalg.eigvalsh(k_train)[0])
+    smallest = float(torch.linalg.eigvalsh(k_train).min())
     if smallest >= -tol:
         return
     raise KernelError(
@@ -142,10 +168,13 @@ class KernelRegressionUtility:
         scale = config.kernel_scale
         self.k_train = device_tensor(problem.k_train, self.device) * scale
         if config.jitter:
-            self.k_train = self.k_train + config.jitter * float(torch.diagonal(self.k_train).mean()) * torch.eye(
+            self.k_train = self.k_train + config.jitter * float(
+                torch.diagonal(self.k_train, dim1=-2, dim2=-1).mean()) * torch.eye(
                 problem.n_train, dtype=DTYPE, device=self.device)
         check_positive_semidefinite(self.k_train, problem.source)
         self.k_test = device_tensor(problem.k_test, self.device) * scale
+        self.per_class = problem.per_class
+        self.k_stack, self.k_test_stack = as_stack(self.k_train), as_stack(self.k_test)
         self.y_train = torch.as_tensor(problem.y_train, device=self.device)
         self.y_test = torch.as_tensor(problem.y_test, device=self.device)
         self.n_classes = problem.n_classes
@@ -168,12 +197,10 @@ class KernelRegressionUtility:
         if subset.numel() == 0:
             return torch.zeros(self.problem.n_test, self.n_classes, dtype=DTYPE, device=self.device)
         if subset.numel() == self.problem.n_train and bool((subset == torch.arange(
-                subset.numel(), device=subset.device)).all()):
-            chol = _cholesky(self.k_train, self.ridge)  # the full set: no n x n gathered copy
-            return self.k_test @ torch.cholesky_solve(self.targets, chol)
-        chol = _cholesky(self.k_train[subset][:, subset], self.ridge)
-        coef = torch.cholesky_solve(self.targets[subset], chol)
-        return self.k_test[:, subset] @ coef
+                subset.numel(), device=subset.device)).all()):  # the full set: no n x n gathered copy
+            return solve_scores(self.k_stack, self.k_test_stack, self.targets, self.ridge)
+        return solve_scores(self.k_stack[:, subset][:, :, subset], self.k_test_stack[:, :, subset],
+                            self.targets[subset], self.ridge)
 
     def point_utilities_of(self, subset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if subset.numel() == 0:
@@ -195,19 +222,19 @@ class KernelRegressionUtility:
 
     def leave_one_out_point_values(self, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
         """U(N) - U(N \\ {i}) per training point i and test point t: two n x m tensors."""
-        chol = _cholesky(self.k_train, self.ridge)
-        inverse = torch.cholesky_inverse(chol)
-        alpha = inverse @ self.targets
-        scores = self.k_test @ alpha
-        influence = self.k_test @ inverse
-        diag = torch.diagonal(inverse)
+        inverse = torch.cholesky_inverse(_cholesky(self.k_stack, self.ridge))  # (K, n, n)
+        alpha = per_class_product(inverse, self.targets)  # (n, C)
+        scores = per_class_product(self.k_test_stack, alpha)  # (m, C)
+        influence = self.k_test_stack @ inverse  # (K, m, n)
+        diag = torch.diagonal(inverse, dim1=-2, dim2=-1).T  # (n, K)
         full_acc, full_ce = self.full_point
         n = self.problem.n_train
         acc_values = torch.empty(n, self.problem.n_test, dtype=DTYPE, device=self.device)
         ce_values = torch.empty_like(acc_values)
         for lo in range(0, n, chunk):
             hi = min(lo + chunk, n)
-            shift = influence[:, lo:hi].T.unsqueeze(-1) * (alpha[lo:hi] / diag[lo:hi, None]).unsqueeze(1)
+            # shift[i, t, c] = influence[c, t, i] alpha[i, c] / G^c_ii (K = 1: influence[0] for every class)
+            shift = influence[:, :, lo:hi].permute(2, 1, 0) * (alpha[lo:hi] / diag[lo:hi]).unsqueeze(1)
             acc, neg_ce = point_utilities(scores.unsqueeze(0) - shift, self.y_test)
             acc_values[lo:hi] = full_acc - acc
             ce_values[lo:hi] = full_ce - neg_ce

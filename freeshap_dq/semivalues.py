@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .errors import InputError
-from .regression import DTYPE, KernelRegressionUtility, point_utilities
+from .regression import DTYPE, KernelRegressionUtility, point_utilities, solve_scores
 
 MAX_EXACT_N = 16
 
@@ -63,11 +63,9 @@ def exact_semivalues(utility: KernelRegressionUtility, probabilities: np.ndarray
     for size in range(1, n + 1):
         subsets = torch.tensor(list(itertools.combinations(range(n), size)), device=utility.device)
         masks = (2 ** subsets).sum(dim=1)
-        k_ss = utility.k_train[subsets.unsqueeze(-1), subsets.unsqueeze(-2)]
-        k_ss.diagonal(dim1=-2, dim2=-1).add_(utility.ridge)
-        chol = torch.linalg.cholesky(k_ss)
-        coef = torch.cholesky_solve(utility.targets[subsets], chol)
-        scores = utility.k_test.T[subsets].transpose(-1, -2) @ coef  # (count, m, C)
+        k_ss = utility.k_stack[:, subsets.unsqueeze(-1), subsets.unsqueeze(-2)].movedim(0, 1)  # (count, K, s, s)
+        k_ts = utility.k_test_stack[:, :, subsets].permute(2, 0, 1, 3)  # (count, K, m, s)
+        scores = solve_scores(k_ss, k_ts, utility.targets[subsets], utility.ridge)  # (count, m, C)
         table_acc[masks], table_ce[masks] = point_utilities(scores, utility.y_test)
 
     all_masks = torch.arange(2**n, device=utility.device)

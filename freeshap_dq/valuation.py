@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .config import METRICS, ValuationConfig
 from .engine import PermutationMarginals, PrefixEngine
-from .errors import CheckpointError
+from .errors import CheckpointError, InputError
 from .kernel import KernelProblem
 from .regression import DTYPE, KernelRegressionUtility
 from .result import ValuationResult
@@ -145,7 +145,8 @@ def _sample_permutations(problem, config, utility, manifest, stopping, checkpoin
     criterion = stopping or default_stopping(config)
     criterion.reset()
     cap = config.permutations if stopping is None else None
-    batch = config.batch_size or (16 if config.low_rank else _auto_batch_size(n, problem.n_test, utility.device))
+    batch = config.batch_size or (16 if config.low_rank else _auto_batch_size(
+        n, problem.n_test, utility.device, problem.k_train.shape[0] if problem.per_class else 1))
     bar = tqdm(total=cap, initial=result.count, unit="perm", file=sys.stderr, dynamic_ncols=True,
                disable=(not sys.stderr.isatty()) if progress is None else not progress,
                desc=f"{method_name(config)} n={n} m={problem.n_test}")
@@ -225,6 +226,9 @@ def _engine(problem: KernelProblem, config: ValuationConfig, utility: KernelRegr
                             block_size=config.block_size)
     from .lowrank import LowRankPrefixEngine, low_rank_features
 
+    if problem.per_class:
+        raise InputError("--low-rank approximates one kernel; these are per-class kernels (C x n x n). Use a single "
+                         "kernel (eNTK --kernel class0 or sum) or the exact engine.")
     rank = min(config.low_rank, problem.n_train)
     features = getattr(utility, "features", None) or low_rank_features(
         utility.k_train, utility.k_test, rank, config.low_rank_method, config.seed)
@@ -361,11 +365,11 @@ def load_partial(path: Path) -> dict[str, Any] | None:
         return out
 
 
-def _auto_batch_size(n: int, m: int, device: torch.device) -> int:
+def _auto_batch_size(n: int, m: int, device: torch.device, kernels: int = 1) -> int:
     if device.type != "cuda":
         return 1
     free, _ = torch.cuda.mem_get_info(device)
-    per_perm = 8 * (3 * n * n + 4 * n * m)
+    per_perm = 8 * (3 * n * n + 4 * n * m) * kernels
     return int(max(1, min(64, (free // 4) // per_perm)))
 
 

@@ -160,7 +160,8 @@ def combined_audit(problem: KernelProblem, result: ValuationResult, data: pd.Dat
     if data_valuation:
         check_knn_shapley_memory(problem.n_train, force)
         issue_types["data_valuation"] = {}
-        kwargs["knn_graph"] = knn_graph_from_kernel(problem.k_train, knn)
+        kernel = problem.k_train.sum(0) if problem.per_class else problem.k_train  # per-class: their sum kernel
+        kwargs["knn_graph"] = knn_graph_from_kernel(kernel, knn)
     lab.find_issues(issue_types=issue_types, **kwargs)
     add_freeshap_issues(lab, result, metric=metric, z=z, threshold=threshold)
     issues = lab.get_issues()

@@ -114,3 +114,19 @@ def test_kernel_folder_usage_errors(tmp_path, data_files, tiny_bert_path, extra,
     res = run(["kernel", "--train", train, "--test", test, "--model", tiny_bert_path, *extra])
     assert res.exit_code == 2 and message in res.output, res.output
     assert not (tmp_path / "K.kernel").exists()
+
+
+def test_per_class_kernel_through_the_cli(tmp_path, data_files, tiny_bert_path):
+    train, test = data_files
+    common = ["--train", train, "--test", test, "--model", tiny_bert_path, "--trainable", "top:1",
+              "--kernel-mode", "per-class", "--no-progress"]
+    res = run(["kernel", *common, "-o", tmp_path / "K.npz"])
+    assert res.exit_code == 0, res.output
+    problem = KernelProblem.load(tmp_path / "K.npz")
+    assert problem.per_class and problem.k_train.shape == (2, 8, 8)
+    res = run(["value", "--kernel", tmp_path / "K.npz", "--permutations", 3, "-o", tmp_path / "v.csv"])
+    assert res.exit_code == 0, res.output
+    res = run(["kernel", *common, "-o", tmp_path / "K.kernel"])
+    assert res.exit_code == 2 and "a kernel folder holds one kernel" in res.output
+    res = run(["value", "--kernel", tmp_path / "K.npz", "--low-rank", 3, "-o", tmp_path / "w.csv"])
+    assert res.exit_code == 2 and "--low-rank approximates one kernel" in res.output

@@ -29,7 +29,7 @@ import torch
 
 from ..config import ValuationConfig
 from ..kernel import KernelProblem
-from ..regression import DTYPE, _cholesky, loo_probabilities, one_hot
+from ..regression import DTYPE, as_stack, loo_probabilities, one_hot, solve_scores
 from ..result import ValuationResult
 from ..valuation import compute_values
 
@@ -67,14 +67,13 @@ def calibrated_self_confidence(probs: np.ndarray, y: np.ndarray) -> np.ndarray:
 def cv_kernel_probabilities(problem: KernelProblem, ridge: float, kernel_scale: float = 1.0, folds: int = 5,
                             seed: int = 0) -> np.ndarray:
     """Out-of-fold class probabilities from kernel regression fitted on the other folds."""
-    k = torch.as_tensor(problem.k_train, dtype=DTYPE) * kernel_scale
+    k = as_stack(torch.as_tensor(problem.k_train, dtype=DTYPE) * kernel_scale)
     targets = one_hot(torch.as_tensor(problem.y_train), problem.n_classes)
     fold = np.random.default_rng(seed).permutation(problem.n_train) % folds
     scores = torch.zeros_like(targets)
     for f in range(folds):
         held, fit = np.flatnonzero(fold == f), np.flatnonzero(fold != f)
-        coef = torch.cholesky_solve(targets[fit], _cholesky(k[fit][:, fit], ridge))
-        scores[held] = k[held][:, fit] @ coef
+        scores[held] = solve_scores(k[:, fit][:, :, fit], k[:, held][:, :, fit], targets[fit], ridge)
     probs = np.clip(scores.numpy(), 1e-6, None)
     return probs / probs.sum(1, keepdims=True)
 

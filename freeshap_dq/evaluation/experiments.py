@@ -39,7 +39,7 @@ def detection(run: DetectorRun, flipped: np.ndarray, extra: dict[str, np.ndarray
 
 def subproblem(problem: KernelProblem, rows: np.ndarray) -> KernelProblem:
     rows = np.asarray(rows)
-    return replace(problem, k_train=problem.k_train[np.ix_(rows, rows)], k_test=problem.k_test[:, rows],
+    return replace(problem, k_train=problem.k_train[..., rows[:, None], rows], k_test=problem.k_test[..., rows],
                    y_train=problem.y_train[rows],
                    train_ids=None if problem.train_ids is None else np.asarray(problem.train_ids)[rows])
 

@@ -45,6 +45,9 @@ def compute_ntk_blocks(adapter, train_examples: list[dict], test_examples: list[
     Returns the run's facts (trainable names and count, chunks, block size)."""
     if kernel not in KERNEL_MODES:
         raise InputError(f"kernel {kernel!r} is unknown; choose one of {', '.join(KERNEL_MODES)}.")
+    if kernel == "per-class":
+        raise InputError("a kernel folder holds one kernel; per-class kernels (C x n x n) are computed in memory "
+                         "(-o NAME.npz). Use --kernel class0 or sum for a kernel folder.")
     device = torch.device(device)
     budget = parse_memory(max_memory, device)
     names = select_trainable(adapter, trainable)

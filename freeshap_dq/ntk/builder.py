@@ -46,7 +46,8 @@ class NTKConfig:
     pooling: str = option("mean", "encoder-head pooling: mean or cls.")
     head_seed: int = option(0, "Seed of the linear head's initialisation.")
     kernel: str = option("class0", "class0: eNTK of the class-0 logit (the paper's single kernel); sum: summed "
-                                 "over the classes' logits.")
+                                 "over the classes' logits; per-class: one kernel per class logit, class c "
+                                 "regressed on kernel c (C x the memory and engine work).")
     max_length: int = option(128, "Maximum tokens per example (texts are truncated; never the template or mask).")
     template: str = option("", "prompt-mlm / causal-lm template with {text} (and {pair}; {mask} for prompt-mlm); "
                              "empty = the adapter's default.")

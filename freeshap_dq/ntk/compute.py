@@ -2,7 +2,8 @@ r"""The empirical NTK of an adapter, streamed under a memory budget.
 
 :math:`K[a,b] = \langle \partial f(x_a)/\partial\theta, \partial f(x_b)/\partial\theta \rangle` over the
 trainable parameters :math:`\theta`, with f the class-0 logit ("single kernel", the paper's
-default) or summed over classes (:math:`\sum_c \langle \nabla f_c(x_a), \nabla f_c(x_b)\rangle`).
+default), summed over classes (:math:`\sum_c \langle \nabla f_c(x_a), \nabla f_c(x_b)\rangle`), or one
+kernel per class (``per-class``: :math:`K^c[a,b] = \langle \nabla f_c(x_a), \nabla f_c(x_b)\rangle`, C x n x n).
 
 Per-example gradients come from ``torch.func.vmap(grad(...))`` over batches of similar-length
 examples (little padding). The trainable parameters are split into chunks (slices of flattened
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..errors import InputError
 
-KERNEL_MODES = ("class0", "sum")
+KERNEL_MODES = ("class0", "sum", "per-class")
 GRAM_COLUMNS = 16384  # Jacobian columns per fp32 Gram product; products are summed in fp64
 GRAM_ROWS = 512  # train rows per block of the (block-triangular) train Gram
 MEMORY_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
@@ -138,7 +139,8 @@ def compute_ntk(adapter, train_examples: list[dict], test_examples: list[dict], 
     word_table = getattr(adapter, "word_table_name", None)
     sparse_table = word_table in names  # its rows get the exact sparse path, not dense Jacobian columns
     dense_names = [k for k in names if not (sparse_table and k == word_table)]
-    chunk_capacity, batch = _plan(budget, total, n, dense_names, params, batch_size)
+    kernels = adapter.head.out_features if kernel == "per-class" else 1
+    chunk_capacity, batch = _plan(budget, total, n, dense_names, params, batch_size, kernels)
     rank, world = shard
     if world > 1:  # at least one chunk per rank
         chunk_capacity = min(chunk_capacity, max(1, math.ceil(sum(params[k].numel() for k in dense_names) / world)))
@@ -153,8 +155,10 @@ def compute_ntk(adapter, train_examples: list[dict], test_examples: list[dict], 
                 for lo, hi in spans]
     classes = [0] if kernel == "class0" else list(range(adapter.head.out_features))
 
-    k_rows = torch.zeros(total, n, dtype=torch.float64, device=device)
-    diag = torch.zeros(total - n, dtype=torch.float64, device=device) if test_diagonal else None
+    stack = (len(classes),) if kernel == "per-class" else ()
+    k_rows = torch.zeros(*stack, total, n, dtype=torch.float64, device=device)
+    diag = torch.zeros(*stack, total - n, dtype=torch.float64, device=device) if test_diagonal else None
+    target = (lambda c: (k_rows[c], None if diag is None else diag[c])) if stack else (lambda c: (k_rows, diag))
     bar = tqdm(total=sum(mine) * len(classes) * total, unit="ex", file=sys.stderr, dynamic_ncols=True,
                disable=rank > 0 or ((not sys.stderr.isatty()) if progress is None else not progress),
                desc=f"eNTK {adapter.adapter_name} ({n_trainable:,} trainable params, {len(chunks)} chunk(s))")
@@ -176,11 +180,11 @@ def compute_ntk(adapter, train_examples: list[dict], test_examples: list[dict], 
                     col += b - a
                 del grads
                 bar.update(hi - lo)
-            _accumulate_gram(jac, n, k_rows, diag)
+            _accumulate_gram(jac, n, *target(c))
         del jac
     if sparse_table and mine[-1]:
         for c in classes:
-            _accumulate_word_table_gram(adapter, prefixes, c, n, params[word_table].shape[0], k_rows, diag, bar)
+            _accumulate_word_table_gram(adapter, prefixes, c, n, params[word_table].shape[0], *target(c), bar)
     bar.close()
     if world > 1:
         import torch.distributed as dist
@@ -190,12 +194,12 @@ def compute_ntk(adapter, train_examples: list[dict], test_examples: list[dict], 
             dist.all_reduce(diag)
     inverse = torch.empty(total, dtype=torch.long)
     inverse[torch.as_tensor(order)] = torch.arange(total)
-    k_rows = _mirror_lower(k_rows, n).cpu()[inverse][:, inverse[:n]]
+    k_rows = _mirror_lower(k_rows, n).cpu()[..., inverse, :][..., inverse[:n]]
     if diag is not None:
-        diag = diag.cpu()[inverse[n:] - n]
+        diag = diag.cpu()[..., inverse[n:] - n]
     k_rows = k_rows.cpu().numpy()
-    k_train = k_rows[:n]
-    return KernelOutput(k_train, k_rows[n:], None if diag is None else diag.cpu().numpy(), names, n_trainable,
+    return KernelOutput(k_rows[..., :n, :], k_rows[..., n:, :], None if diag is None else diag.cpu().numpy(), names,
+                        n_trainable,
                         {"chunks": len(chunks), "batch_size": batch, "chunk_capacity": chunk_capacity, "world": world,
                          "kernel": kernel, "trainable": trainable, "max_memory_bytes": budget})
 
@@ -281,16 +285,17 @@ def _accumulate_gram(jac: torch.Tensor, n: int, k_rows: torch.Tensor, diag: torc
 
 def _mirror_lower(k_rows: torch.Tensor, n: int) -> torch.Tensor:
     """Fill the train block's upper triangle from its lower one (the diagonal blocks are full)."""
-    train = k_rows[:n]
-    lower = torch.tril(train) + torch.tril(train, -1).T
-    return torch.cat([lower, k_rows[n:]])
+    train = k_rows[..., :n, :]
+    lower = torch.tril(train) + torch.tril(train, -1).transpose(-1, -2)
+    return torch.cat([lower, k_rows[..., n:, :]], dim=-2)
 
 
-def _plan(budget: int, total: int, n: int, names: list[str], params: dict, batch_size: int) -> tuple[int, int]:
-    """Params per chunk and examples per batch so that the Gram rows (fp64), J (fp32), the fp64
+def _plan(budget: int, total: int, n: int, names: list[str], params: dict, batch_size: int,
+          kernels: int = 1) -> tuple[int, int]:
+    """Params per chunk and examples per batch so that the Gram rows (fp64, one set per kernel), J (fp32), the fp64
     column block and one batch of per-example gradients fit in ``budget`` bytes."""
     biggest = max(params[k].numel() for k in names)
-    fixed = 8 * total * n + 4 * total * GRAM_COLUMNS
+    fixed = 8 * total * n * kernels + 4 * total * GRAM_COLUMNS
     capacity = (int(budget * 0.7) - fixed) // (4 * total)
     grads_room = int(budget * 0.3)
     if capacity < 1 or 4 * 3 * biggest > grads_room:

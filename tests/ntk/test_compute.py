@@ -57,6 +57,20 @@ def test_sum_kernel_and_sentence_pairs_and_cls_pooling(tiny_bert_path):
     assert relative_error(out, reference) < 1e-5
 
 
+def test_per_class_kernels_equal_autograd_grams_per_logit_and_sum_to_the_sum_kernel(adapter):
+    ex = adapter.tokenize(TEXTS)
+    out = compute_ntk(adapter, ex[:5], ex[5:], trainable="all", kernel="per-class", max_memory="1MiB",
+                      progress=False, test_diagonal=True)  # several chunks and the word table's sparse share
+    assert out.k_train.shape == (3, 5, 5) and out.k_test.shape == (3, 3, 5) and out.test_diag.shape == (3, 3)
+    for c in range(3):
+        reference = autograd_kernel(adapter, TEXTS, None, out.trainable_names, 5, classes=(c,))
+        full = np.vstack([out.k_train[c], out.k_test[c]])
+        assert np.abs(full - reference).max() / np.abs(reference).max() < 1e-5
+        np.testing.assert_array_equal(out.k_train[c], out.k_train[c].T)
+    summed = compute_ntk(adapter, ex[:5], ex[5:], trainable="all", kernel="sum", max_memory="256MiB", progress=False)
+    np.testing.assert_allclose(out.k_train.sum(0), summed.k_train, rtol=1e-5, atol=1e-6 * np.abs(summed.k_train).max())
+
+
 def test_chunking_and_batching_do_not_change_the_kernel(adapter):
     ex = adapter.tokenize(TEXTS)
     big = compute_ntk(adapter, ex[:5], ex[5:], trainable="all", max_memory="256MiB", progress=False,
