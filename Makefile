@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-.PHONY: setup labelstudio-server demo test bench bench-ntk bench-scaling clean
+.PHONY: setup labelstudio-server demo test bench bench-ntk bench-scaling bench-out-of-core clean
 
 setup: $(VENV)/.installed
 
@@ -33,6 +33,9 @@ bench: setup
 
 bench-scaling: setup
 	$(BIN)/python benchmarks/bench_scaling.py --sizes 1000,2000,5000,10000
+
+bench-out-of-core: setup
+	$(OFFLINE) $(BIN)/python benchmarks/bench_out_of_core.py
 
 bench-ntk: setup
 	$(OFFLINE) $(BIN)/python benchmarks/bench_ntk.py --quality

@@ -114,8 +114,9 @@ def ray_rows(sizes, m, perms, workers):
     all_threads = torch.get_num_threads()
     threads = max(1, all_threads // workers)
     print(f"\n| n | T | one process, {all_threads} threads | one process, {threads} thread | Ray, {workers} workers x "
-          f"{threads} thread | Ray speed-up (vs {all_threads} threads) | bit-identical to {threads}-thread run |")
-    print("|---|---|---|---|---|---|---|")
+          f"{threads} thread | Ray speed-up (vs {all_threads} threads) | Ray speed-up (vs {threads} thread) | "
+          f"bit-identical to {threads}-thread run | peak RSS per worker |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for n in sizes:
         problem = make_problem(n, m)
         config = ValuationConfig(permutations=perms, ridge="rel:1", tolerance=0.0, reduce_every=max(1, perms // 8))
@@ -128,8 +129,9 @@ def ray_rows(sizes, m, perms, workers):
         remote = compute_values_ray(problem, config, threads=threads)
         t_ray = time.perf_counter() - started
         same = all(np.array_equal(local.sums[k], remote.sums[k]) for k in local.sums)
-        print(f"| {n} | {perms} | {t_all:.1f} s | {t_local:.1f} s | {t_ray:.1f} s | {t_all / t_ray:.2f}x | {same} |",
-              flush=True)
+        worker_gib = remote.manifest.get("worker_peak_rss_bytes", 0) / 2**30
+        print(f"| {n} | {perms} | {t_all:.1f} s | {t_local:.1f} s | {t_ray:.1f} s | {t_all / t_ray:.2f}x | "
+              f"{t_local / t_ray:.2f}x | {same} | {worker_gib:.2f} GiB |", flush=True)
     ray.shutdown()
 
 
@@ -147,8 +149,9 @@ def main() -> None:
     args = parser.parse_args()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads\n")
-    engine_rows([int(s) for s in args.sizes.split(",")], args.m, [int(r) for r in args.ranks.split(",")], args.perms,
-                args.batch_perms, args.skip_exact)
+    if args.sizes:
+        engine_rows([int(s) for s in args.sizes.split(",")], args.m, [int(r) for r in args.ranks.split(",")],
+                    args.perms, args.batch_perms, args.skip_exact)
     if args.ray_sizes:
         ray_rows([int(s) for s in args.ray_sizes.split(",")], args.m, args.ray_perms, args.workers)
     print(f"\npeak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")

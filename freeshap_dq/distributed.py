@@ -18,6 +18,7 @@ its groups are recomputed from their seeds. With ``checkpoint_dir``, every finis
 from __future__ import annotations
 
 import dataclasses
+import resource
 import sys
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,9 @@ class GroupRunner:
 
     def run(self, first: int, count: int) -> ValuationResult:
         group = dataclasses.replace(self.config, start=first, permutations=count)
-        return sample_group(self.problem, group, self.utility, self.manifest, self.engine)
+        part = sample_group(self.problem, group, self.utility, self.manifest, self.engine)
+        part.manifest["worker_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return part
 
 def merge_groups(parts: list[ValuationResult], config: ValuationConfig) -> ValuationResult:
     """Add groups in index order onto zero totals, as the single-process accumulator does."""
@@ -78,6 +81,7 @@ def merge_groups(parts: list[ValuationResult], config: ValuationConfig) -> Valua
     count = sum(p.count for p in parts)
     manifest = dict(first.manifest)
     manifest.pop("elapsed_seconds", None)
+    manifest["worker_peak_rss_bytes"] = max(int(p.manifest.get("worker_peak_rss_bytes", 0)) for p in parts)
     return ValuationResult(first.method, sums, sq_sums, count, points,
                            np.concatenate([p.evaluated for p in parts]).astype(np.int64),
                            [{"seed": config.seed, "start": config.start, "count": count}], False, manifest,
@@ -114,8 +118,8 @@ def compute_values_ray(problem: KernelProblem, config: ValuationConfig | None = 
         ray.init(address=address, num_cpus=None if address else workers, include_dashboard=False,
                  log_to_driver=False, ignore_reinit_error=True, configure_logging=False)
     todo = [(first, count) for first, count in groups if first not in done]
-    n_workers = max(1, min(len(todo), workers or int(ray.available_resources().get("CPU", 1))))
-    runner = ray.remote(num_cpus=1, max_restarts=max_retries, max_task_retries=max_retries)(GroupRunner)
+    n_workers, resources = actor_plan(ray.available_resources(), config.device, workers, len(todo))
+    runner = ray.remote(**resources, max_restarts=max_retries, max_task_retries=max_retries)(GroupRunner)
     problem_ref = ray.put(problem)
     actors = [runner.remote(problem_ref, config, threads) for _ in range(n_workers)] if todo else []
     pending: dict[Any, tuple[int, Any]] = {}
@@ -144,8 +148,19 @@ def compute_values_ray(problem: KernelProblem, config: ValuationConfig | None = 
         for actor in actors:
             ray.kill(actor)
     result = merge_groups([done[first] for first, _ in groups], config)
-    result.manifest.update({"executor": "ray", "groups": len(groups), "worker_threads": threads})
+    result.manifest.update({"executor": "ray", "groups": len(groups), "worker_threads": threads,
+                            "workers": n_workers, "worker_resources": resources})
     return result
+
+def actor_plan(available: dict[str, float], device: str, workers: int | None, groups: int
+               ) -> tuple[int, dict[str, float]]:
+    """(number of actors, resources of each): one actor per GPU when the cluster has GPUs and the device is not
+    forced to the CPU (Ray sets each actor's CUDA_VISIBLE_DEVICES, so ``auto`` finds its GPU), else one per CPU."""
+    gpus = int(available.get("GPU", 0)) if device != "cpu" else 0
+    if gpus:
+        return max(1, min(groups, workers or gpus)), {"num_cpus": 1, "num_gpus": 1}
+    return max(1, min(groups, workers or int(available.get("CPU", 1)))), {"num_cpus": 1}
+
 
 class _GroupStore:
     """Finished groups on disk (``groups/group-<first>.npz``), checked against the run's settings."""

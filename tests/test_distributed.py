@@ -30,6 +30,16 @@ def problem():
     return noisy_problem(n_train=60, n_test=20, noise=0.1, seed=0).problem
 
 
+def test_one_actor_per_gpu_when_the_cluster_has_gpus():
+    from freeshap_dq.distributed import actor_plan
+
+    assert actor_plan({"CPU": 16, "GPU": 4}, "auto", None, 10) == (4, {"num_cpus": 1, "num_gpus": 1})
+    assert actor_plan({"CPU": 16, "GPU": 4}, "auto", None, 2) == (2, {"num_cpus": 1, "num_gpus": 1})
+    assert actor_plan({"CPU": 16, "GPU": 4}, "cpu", None, 10) == (10, {"num_cpus": 1})
+    assert actor_plan({"CPU": 2}, "auto", None, 10) == (2, {"num_cpus": 1})
+    assert actor_plan({"CPU": 2}, "auto", 5, 10) == (5, {"num_cpus": 1})
+
+
 def test_groups_are_cut_at_multiples_of_the_group_size():
     assert permutation_groups(3, 24, 5) == [(3, 2), (5, 5), (10, 5), (15, 5), (20, 5), (25, 2)]
     assert permutation_groups(0, 10, 5) == [(0, 5), (5, 5)]
@@ -63,6 +73,7 @@ def test_ray_with_two_workers_equals_one_process(problem, local_ray):
     result = compute_values_ray(problem, CONFIG, threads=threads)
     assert_identical(result, compute_values(problem, CONFIG))
     assert result.manifest["executor"] == "ray" and result.manifest["groups"] == 6
+    assert result.manifest["worker_resources"] == {"num_cpus": 1}
 
 
 def test_a_killed_worker_is_replaced_and_its_group_recomputed(local_ray):

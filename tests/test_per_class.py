@@ -111,3 +111,19 @@ def test_per_class_shape_errors_and_unsupported_options(problem):
         KernelProblem(asym, problem.k_test, problem.y_train, problem.y_test)
     with pytest.raises(InputError, match="--low-rank approximates one kernel"):
         compute_values(problem, ValuationConfig(permutations=2, low_rank=4))
+
+
+def test_detectors_accept_per_class_kernels():
+    from freeshap_dq.evaluation.detectors import cv_kernel_probabilities
+    from freeshap_dq.evaluation.experiments import subproblem
+    from freeshap_dq.regression import loo_probabilities
+
+    stacked = per_class_problem(same=True)
+    single = class_kernel(stacked, 0)
+    np.testing.assert_allclose(cv_kernel_probabilities(stacked, 0.1, folds=3), cv_kernel_probabilities(single, 0.1, folds=3),
+                               atol=1e-12)
+    np.testing.assert_allclose(loo_probabilities(stacked, 0.1), loo_probabilities(single, 0.1), atol=1e-12)
+    rows = np.array([0, 1, 2, 5, 7])
+    part = subproblem(per_class_problem(), rows)
+    assert part.k_train.shape == (C, 5, 5) and part.k_test.shape == (C, M, 5)
+    np.testing.assert_array_equal(part.k_train[2], per_class_problem().k_train[2][np.ix_(rows, rows)])
