@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -38,36 +37,41 @@ WORDS = ("good bad great dull movie film plot cast funny boring clever mess movi
          "actors wonderful terrible brilliant sincere long every minute very not indeed").split()
 
 
-class AnonymousPeak:
-    """Peak anonymous memory (RssAnon, sampled every 50 ms): what the process allocates. ``ru_maxrss`` would also
-    count the pages of memory-mapped files it wrote or read, which the kernel can drop or write back at will."""
+class MemoryPeaks:
+    """Peak anonymous memory (RssAnon: what the process allocates) and peak resident set (VmRSS: also the pages
+    of memory-mapped files it touched, which the kernel can drop or write back), sampled every 50 ms.
+    ``ru_maxrss`` is not used: Linux carries it over fork and exec, so a child would report its parent's peak."""
 
     def __init__(self) -> None:
-        self.peak, self._stop = 0, threading.Event()
+        self.anon = self.rss = 0
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_anon())
+            self._take()
             time.sleep(0.05)
 
-    def stop(self) -> float:
+    def _take(self) -> None:
+        fields = _status(("RssAnon", "VmRSS"))
+        self.anon, self.rss = max(self.anon, fields["RssAnon"]), max(self.rss, fields["VmRSS"])
+
+    def stop(self) -> dict[str, float]:
         self._stop.set()
         self._thread.join()
-        return max(self.peak, _rss_anon()) / 2**30
+        self._take()
+        return {"peak_anon_gib": self.anon / 2**30, "peak_rss_gib": self.rss / 2**30}
 
 
-def _rss_anon() -> int:
+def _status(keys: tuple[str, ...]) -> dict[str, int]:
+    out = dict.fromkeys(keys, 0)
     with open("/proc/self/status") as fh:
         for line in fh:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+            key = line.split(":")[0]
+            if key in out:
+                out[key] = int(line.split()[1]) * 1024
+    return out
 
 
 def texts(count: int, seed: int) -> list[str]:
@@ -90,27 +94,27 @@ def child_ntk(args) -> dict:
     adapter = EncoderHead(model, tokenizer, n_classes=2, head_seed=0)
     train, test = adapter.tokenize(texts(args.ntk_n, 1)), adapter.tokenize(texts(args.ntk_m, 2))
     y_train, y_test = np.arange(args.ntk_n) % 2, np.arange(args.ntk_m) % 2
-    sampler = AnonymousPeak()
+    sampler = MemoryPeaks()
     started = time.perf_counter()
     if args.mode == "one-pass":
         out = compute_ntk(adapter, train, test, trainable="top:1", max_memory="16GiB", progress=False)
         seconds = time.perf_counter() - started
-        anon = sampler.stop()
+        peaks = sampler.stop()
         save_kernel_folder(KernelProblem(out.k_train, out.k_test, y_train, y_test), args.out)
     else:
         with KernelFolderWriter(args.out, args.ntk_n, args.ntk_m) as writer:
             compute_ntk_blocks(adapter, train, test, writer.k_train, writer.k_test, trainable="top:1",
                                max_memory="2GiB", example_block=args.ntk_block, progress=False)
             seconds = time.perf_counter() - started  # the eNTK, before the folder's one-off validation
-            anon = sampler.stop()
+            peaks = sampler.stop()
             writer.finish(y_train, y_test)
-    return {"seconds": seconds, "peak_rss_gib": peak_rss_gib(), "peak_anon_gib": anon}
+    return {"seconds": seconds, **peaks}
 
 
 def child_value(args) -> dict:
     from freeshap_dq import KernelProblem, ValuationConfig, compute_values
 
-    sampler = AnonymousPeak()
+    sampler = MemoryPeaks()
     started = time.perf_counter()
     problem = KernelProblem.load(args.kernel)
     loaded = time.perf_counter() - started
@@ -121,7 +125,7 @@ def child_value(args) -> dict:
     total = time.perf_counter() - started
     if args.mode != "aggregate":
         result.save(args.out)
-    return {"load_seconds": loaded, "seconds": total, "peak_rss_gib": peak_rss_gib(), "peak_anon_gib": sampler.stop(),
+    return {"load_seconds": loaded, "seconds": total, **sampler.stop(),
             "value_checksum": float(np.sum(result.values("ce")))}
 
 

@@ -16,8 +16,6 @@ O(n r) per candidate. Memory is O((n + m) r); the kernel is read once, in blocks
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
@@ -25,10 +23,12 @@ from .config import ValuationConfig, parse_ridge
 from .errors import InputError
 from .kernel import KernelProblem, row_blocks
 from .lowrank import LowRankKernel, nystrom_landmarks
-from .regression import AUTO_RIDGE_GRID, DTYPE, RidgeChoice, one_hot, point_utilities, resolve_device
+from .regression import (
+    AUTO_RIDGE_GRID, DTYPE, RidgeChoice, UtilityEnds, empty_point_utilities, one_hot, point_utilities, resolve_device,
+)
 
 
-class FeatureSpaceUtility:
+class FeatureSpaceUtility(UtilityEnds):
     """What the low-rank engine needs of a utility (targets, ridge, U(N), U(empty)), from features only."""
 
     def __init__(self, problem: KernelProblem, config: ValuationConfig, device: torch.device | None = None):
@@ -62,12 +62,7 @@ class FeatureSpaceUtility:
         self.ridge_choice = self._choose_ridge(config.ridge, mean_diag)
         self.ridge = self.ridge_choice.value
         self.empty_mode = config.empty_utility
-        m, c = problem.n_test, self.n_classes
-        if self.empty_mode == "zero":
-            self.empty_point = point_utilities(torch.zeros(m, c, dtype=DTYPE, device=self.device), self.y_test)
-        else:
-            self.empty_point = (torch.full((m,), 1.0 / c, dtype=DTYPE, device=self.device),
-                                torch.full((m,), -math.log(c), dtype=DTYPE, device=self.device))
+        self.empty_point = empty_point_utilities(self.empty_mode, self.y_test, self.n_classes)
         a = phi.T @ phi + self.ridge * torch.eye(phi.shape[1], dtype=DTYPE, device=self.device)
         self.full_point = point_utilities(psi @ torch.linalg.solve(a, phi.T @ self.targets), self.y_test)
 
@@ -89,11 +84,3 @@ class FeatureSpaceUtility:
             grid.append((lam, float((residual**2).sum(-1).mean())))
         best = min(grid, key=lambda item: item[1])
         return RidgeChoice(best[0], "auto", tuple(grid))
-
-    @property
-    def full(self) -> tuple[float, float]:
-        return float(self.full_point[0].mean()), float(self.full_point[1].mean())
-
-    @property
-    def empty(self) -> tuple[float, float]:
-        return float(self.empty_point[0].mean()), float(self.empty_point[1].mean())

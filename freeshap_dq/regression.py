@@ -159,7 +159,31 @@ def check_positive_semidefinite(k_train: torch.Tensor, source: str) -> None:
     )
 
 
-class KernelRegressionUtility:
+def empty_point_utilities(mode: str, y_test: torch.Tensor, n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-point (accuracy, -CE) of the empty coalition: random guessing, or the all-zero predictor (``zero``)."""
+    m, device = y_test.shape[0], y_test.device
+    if mode == "zero":
+        return point_utilities(torch.zeros(m, n_classes, dtype=DTYPE, device=device), y_test)
+    return (torch.full((m,), 1.0 / n_classes, dtype=DTYPE, device=device),
+            torch.full((m,), -math.log(n_classes), dtype=DTYPE, device=device))
+
+
+class UtilityEnds:
+    """U(N) and U(empty) as (accuracy, -CE) means of ``full_point`` and ``empty_point``."""
+
+    full_point: tuple[torch.Tensor, torch.Tensor]
+    empty_point: tuple[torch.Tensor, torch.Tensor]
+
+    @property
+    def full(self) -> tuple[float, float]:
+        return float(self.full_point[0].mean()), float(self.full_point[1].mean())
+
+    @property
+    def empty(self) -> tuple[float, float]:
+        return float(self.empty_point[0].mean()), float(self.empty_point[1].mean())
+
+
+class KernelRegressionUtility(UtilityEnds):
     """U(S) for one valuation problem, with tensors on one device; ``ridge`` in scaled-kernel units."""
 
     def __init__(self, problem: KernelProblem, config: ValuationConfig, device: torch.device | None = None):
@@ -182,15 +206,8 @@ class KernelRegressionUtility:
         self.ridge_choice = choose_ridge(self.k_train, self.targets, self.y_train, config.ridge)
         self.ridge = self.ridge_choice.value
         self.empty_mode = config.empty_utility
-        self.empty_point = self._empty_point_utilities()
+        self.empty_point = empty_point_utilities(self.empty_mode, self.y_test, self.n_classes)
         self.full_point = self.point_utilities_of(torch.arange(problem.n_train, device=self.device))
-
-    def _empty_point_utilities(self) -> tuple[torch.Tensor, torch.Tensor]:
-        m, c = self.problem.n_test, self.n_classes
-        if self.empty_mode == "zero":
-            return point_utilities(torch.zeros(m, c, dtype=DTYPE, device=self.device), self.y_test)
-        return (torch.full((m,), 1.0 / c, dtype=DTYPE, device=self.device),
-                torch.full((m,), -math.log(c), dtype=DTYPE, device=self.device))
 
     def predict(self, subset: torch.Tensor) -> torch.Tensor:
         """Scores F (m x C) of the regression fitted on ``subset`` (direct solve)."""
@@ -211,14 +228,6 @@ class KernelRegressionUtility:
         """Aggregate (accuracy, -cross-entropy) of the subset of training indices."""
         acc, neg_ce = self.point_utilities_of(torch.as_tensor(np.asarray(subset, dtype=np.int64), device=self.device))
         return float(acc.mean()), float(neg_ce.mean())
-
-    @property
-    def full(self) -> tuple[float, float]:
-        return float(self.full_point[0].mean()), float(self.full_point[1].mean())
-
-    @property
-    def empty(self) -> tuple[float, float]:
-        return float(self.empty_point[0].mean()), float(self.empty_point[1].mean())
 
     def leave_one_out_point_values(self, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
         """U(N) - U(N \\ {i}) per training point i and test point t: two n x m tensors."""

@@ -15,7 +15,6 @@ sparse share (``trainable=all``) is computed the same way, block against block.
 
 from __future__ import annotations
 
-import math
 import sys
 
 import torch
@@ -24,8 +23,8 @@ from tqdm.auto import tqdm
 
 from ..errors import InputError
 from .compute import (
-    GRAM_COLUMNS, KERNEL_MODES, _chunks, _length_order, _mask, _pad, parse_memory, select_trainable, token_gram,
-    word_table_vectors,
+    GRAM_COLUMNS, KERNEL_MODES, _chunks, _length_order, _mask, _pad, parse_memory, plan_chunks, select_trainable,
+    token_gram, word_table_vectors,
 )
 
 
@@ -150,15 +149,5 @@ def _jacobian(adapter, theta: dict, chunk, c: int, batches: list, lo: int, hi: i
 def _plan_blocks(budget: int, block: int, n: int, names: list[str], params: dict, batch_size: int) -> tuple[int, int]:
     """Params per chunk and examples per gradient batch so that one panel (fp64), two blocks' Jacobian chunks
     (fp32), the fp64 column product and a batch of per-example gradients fit in ``budget`` bytes."""
-    biggest = max((params[k].numel() for k in names), default=1)
-    fixed = 8 * block * n + 8 * block * block
-    capacity = (int(budget * 0.7) - fixed) // (8 * block)
-    grads_room = int(budget * 0.3)
-    if capacity < 1 or 4 * 3 * biggest > grads_room:
-        need = max(fixed + 8 * block * 1024, 40 * biggest) / 0.7
-        raise InputError(f"memory budget {budget / 2**20:.0f} MiB is too small for example blocks of {block} with "
-                         f"n = {n} and the largest trainable tensor ({biggest:,} values); raise --max-memory to at "
-                         f"least {math.ceil(need / 2**20)} MiB or use smaller --example-block.")
-    capacity = min(capacity, max(1, sum(params[k].numel() for k in names)))
-    batch = batch_size or max(1, min(8, grads_room // (4 * 3 * max(biggest, capacity))))
-    return capacity, batch
+    return plan_chunks(budget, 8 * block * n + 8 * block * block, 8 * block, names, params, batch_size,
+                       f"example blocks of {block} with n = {n}", "use smaller --example-block")

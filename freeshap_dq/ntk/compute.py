@@ -294,16 +294,23 @@ def _plan(budget: int, total: int, n: int, names: list[str], params: dict, batch
           kernels: int = 1) -> tuple[int, int]:
     """Params per chunk and examples per batch so that the Gram rows (fp64, one set per kernel), J (fp32), the fp64
     column block and one batch of per-example gradients fit in ``budget`` bytes."""
-    biggest = max(params[k].numel() for k in names)
-    fixed = 8 * total * n * kernels + 4 * total * GRAM_COLUMNS
-    capacity = (int(budget * 0.7) - fixed) // (4 * total)
+    return plan_chunks(budget, 8 * total * n * kernels + 4 * total * GRAM_COLUMNS, 4 * total, names, params,
+                       batch_size, f"{total} examples", "train fewer parameters")
+
+
+def plan_chunks(budget: int, fixed: int, bytes_per_param: int, names: list[str], params: dict, batch_size: int,
+                what: str, remedy: str) -> tuple[int, int]:
+    """(params per chunk, examples per gradient batch): 70% of the budget for ``fixed`` bytes plus
+    ``bytes_per_param`` per chunk column, 30% for a batch of per-example gradients."""
+    biggest = max((params[k].numel() for k in names), default=1)
+    capacity = (int(budget * 0.7) - fixed) // bytes_per_param
     grads_room = int(budget * 0.3)
     if capacity < 1 or 4 * 3 * biggest > grads_room:
-        need = max(fixed + 4 * total * 1024, 40 * biggest) / 0.7
-        raise InputError(f"memory budget {budget / 2**20:.0f} MiB is too small for {total} examples and the "
-                         f"largest trainable tensor ({biggest:,} values); raise --max-memory to at least "
-                         f"{math.ceil(need / 2**20)} MiB or train fewer parameters.")
-    capacity = min(capacity, sum(params[k].numel() for k in names))
+        need = max(fixed + bytes_per_param * 1024, 40 * biggest) / 0.7
+        raise InputError(f"memory budget {budget / 2**20:.0f} MiB is too small for {what} and the largest trainable "
+                         f"tensor ({biggest:,} values); raise --max-memory to at least {math.ceil(need / 2**20)} MiB "
+                         f"or {remedy}.")
+    capacity = min(capacity, max(1, sum(params[k].numel() for k in names)))
     batch = batch_size or max(1, min(8, grads_room // (4 * 3 * max(biggest, capacity))))
     return capacity, batch
 
