@@ -53,9 +53,16 @@ def run_group(problem: KernelProblem, config: ValuationConfig, first: int, count
 class GroupRunner:
     """A worker's state: the utility (factorisations, ridge) and engine built once, then any number of groups."""
 
-    def __init__(self, problem: KernelProblem, config: ValuationConfig, threads: int | None = None):
+    def __init__(self, problem: KernelProblem | tuple[str, str], config: ValuationConfig, threads: int | None = None):
         if threads:
             torch.set_num_threads(threads)
+        if isinstance(problem, tuple):  # a kernel folder, opened by path (memory-mapped) on the worker's machine
+            path, fingerprint = problem
+            problem = KernelProblem.load(path)
+            if problem.fingerprint() != fingerprint:
+                raise CheckpointError(f"{path}: the kernel folder seen by this Ray worker differs from the driver's "
+                                      f"(fingerprint {problem.fingerprint()} vs {fingerprint}); workers need the "
+                                      f"same folder on a shared file system.")
         self.problem, self.config = problem, config
         self.utility = make_utility(problem, config)
         self.engine, self.manifest = make_engine(problem, config, self.utility)
@@ -120,7 +127,9 @@ def compute_values_ray(problem: KernelProblem, config: ValuationConfig | None = 
     todo = [(first, count) for first, count in groups if first not in done]
     n_workers, resources = actor_plan(ray.available_resources(), config.device, workers, len(todo))
     runner = ray.remote(**resources, max_restarts=max_retries, max_task_retries=max_retries)(GroupRunner)
-    problem_ref = ray.put(problem)
+    # a kernel folder travels as its path (workers memory-map it; it must be on a shared file system on a
+    # cluster), an in-memory problem through the object store, once
+    problem_ref = (str(Path(problem.source).resolve()), problem.fingerprint()) if problem.on_disk else ray.put(problem)
     actors = [runner.remote(problem_ref, config, threads) for _ in range(n_workers)] if todo else []
     pending: dict[Any, tuple[int, Any]] = {}
     bar = tqdm(total=config.permutations, initial=sum(done[f].count for f in done), unit="perm", file=sys.stderr,

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 import signal
 import sys
@@ -103,7 +104,27 @@ def make_utility(problem: KernelProblem, config: ValuationConfig, device: torch.
         from .feature_utility import FeatureSpaceUtility
 
         return FeatureSpaceUtility(problem, config, device)
+    if problem.on_disk:
+        _check_room_for(problem, config)
     return KernelRegressionUtility(problem, config, device)
+
+
+IN_MEMORY_COPIES = 4  # the kernel, its scaled copy, a factorisation and the engine's permuted copy
+
+
+def _check_room_for(problem: KernelProblem, config: ValuationConfig) -> None:
+    """Refuse, with what to do instead, to load a kernel folder that cannot fit in this machine's memory."""
+    need = IN_MEMORY_COPIES * 8 * problem.n_train * (problem.n_train + problem.n_test)
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return
+    if need > free:
+        raise InputError(
+            f"{problem.source}: valuing this kernel (n = {problem.n_train:,}) with "
+            f"{'the exact engine' if not config.low_rank else 'the ' + config.low_rank_method + ' low-rank set-up'} "
+            f"needs about {need / 2**30:.1f} GiB in memory and {free / 2**30:.1f} GiB are free. Use --low-rank r with "
+            f"--low-rank-method nystrom (it reads only r landmark rows of the folder), or a machine with more memory.")
 
 
 def default_stopping(config: ValuationConfig) -> StoppingCriterion:

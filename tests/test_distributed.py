@@ -76,6 +76,17 @@ def test_ray_with_two_workers_equals_one_process(problem, local_ray):
     assert result.manifest["worker_resources"] == {"num_cpus": 1}
 
 
+def test_ray_workers_open_a_kernel_folder_by_path(problem, local_ray, tmp_path):
+    from freeshap_dq import KernelProblem
+    from freeshap_dq.distributed import compute_values_ray
+    from freeshap_dq.kernel_folder import save_kernel_folder
+
+    save_kernel_folder(problem, tmp_path / "K.kernel")
+    folder = KernelProblem.load(tmp_path / "K.kernel")
+    config = ValuationConfig(permutations=6, reduce_every=2, low_rank=20, per_point=True, ridge="0.1")
+    assert_identical(compute_values_ray(folder, config, threads=torch.get_num_threads()), compute_values(folder, config))
+
+
 def test_a_killed_worker_is_replaced_and_its_group_recomputed(local_ray):
     from freeshap_dq.distributed import compute_values_ray
 

@@ -50,3 +50,18 @@ def test_on_disk_low_rank_values_never_build_the_kernel_utility(problems, monkey
     np.testing.assert_array_equal(from_disk.evaluated, in_memory.evaluated)
     assert from_disk.manifest["low_rank"]["rank"] == 25
     assert from_disk.manifest["kernel_fingerprint"] == in_memory.manifest["kernel_fingerprint"]
+
+
+def test_a_kernel_folder_too_big_for_memory_is_refused_unless_nystrom(problems, monkeypatch):
+    import os
+
+    _, on_disk = problems
+    real = os.sysconf
+    monkeypatch.setattr(os, "sysconf", lambda name: 1 if name == "SC_AVPHYS_PAGES" else real(name))  # 1 free page
+    from freeshap_dq import InputError
+
+    with pytest.raises(InputError, match="needs about 0.0 GiB in memory.*--low-rank r with --low-rank-method nystrom"):
+        compute_values(on_disk, ValuationConfig(permutations=2))
+    with pytest.raises(InputError, match="the eigen low-rank set-up"):
+        compute_values(on_disk, ValuationConfig(permutations=2, low_rank=5, low_rank_method="eigen"))
+    assert compute_values(on_disk, ValuationConfig(permutations=2, low_rank=5)).count == 2
