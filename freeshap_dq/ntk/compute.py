@@ -29,7 +29,7 @@ from ..errors import InputError
 
 KERNEL_MODES = ("class0", "sum", "per-class")
 GRAM_COLUMNS = 16384  # Jacobian columns per fp32 Gram product; products are summed in fp64
-GRAM_ROWS = 512  # train rows per block of the (block-triangular) train Gram
+GRAM_ROWS = 256  # train rows per block of the (block-triangular) train Gram
 MEMORY_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
                 "g": 2**30, "gb": 2**30, "gib": 2**30}
 
@@ -162,11 +162,12 @@ def compute_ntk(adapter, train_examples: list[dict], test_examples: list[dict], 
     bar = tqdm(total=sum(mine) * len(classes) * total, unit="ex", file=sys.stderr, dynamic_ncols=True,
                disable=rank > 0 or ((not sys.stderr.isatty()) if progress is None else not progress),
                desc=f"eNTK {adapter.adapter_name} ({n_trainable:,} trainable params, {len(chunks)} chunk(s))")
-    for chunk in (c for c, is_mine in zip(chunks, mine) if is_mine):
-        chunk_names = sorted({name for name, _, _ in chunk})
-        width = sum(hi - lo for _, lo, hi in chunk)
-        theta = {k: params[k] for k in chunk_names}
-        jac = torch.empty(total, width, dtype=torch.float32, device=device)
+    my_chunks = [c for c, is_mine in zip(chunks, mine) if is_mine]
+    widths = [sum(hi - lo for _, lo, hi in chunk) for chunk in my_chunks]
+    buffer = torch.empty(total, max(widths, default=0), dtype=torch.float32, device=device)  # reused: touched once
+    for chunk, width in zip(my_chunks, widths):
+        theta = {k: params[k] for k in sorted({name for name, _, _ in chunk})}
+        jac = buffer[:, :width]
         for c in classes:
             def logit(theta, prefix, mask, c=c):
                 return functional_call(adapter, theta, (prefix.unsqueeze(0), mask.unsqueeze(0)))[0, c]
@@ -181,7 +182,7 @@ def compute_ntk(adapter, train_examples: list[dict], test_examples: list[dict], 
                 del grads
                 bar.update(hi - lo)
             _accumulate_gram(jac, n, *target(c))
-        del jac
+    del buffer
     if sparse_table and mine[-1]:
         for c in classes:
             _accumulate_word_table_gram(adapter, prefixes, c, n, params[word_table].shape[0], *target(c), bar)
