@@ -160,7 +160,8 @@ def _finish_value(result, config, output, fmt, kernel_path, train_path, test_pat
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr [default: when a terminal].")
 @click.option("--distributed", is_flag=True,
               help="Run under torchrun: each process computes a share of the parameter chunks, an all-reduce sums "
-                   "the Grams (gloo on CPU, NCCL on GPUs), rank 0 writes the kernel.")
+                   "the Grams (gloo on CPU, NCCL on GPUs), rank 0 writes the kernel. With -o NAME.kernel the "
+                   "processes share the row blocks instead and write them into the folder.")
 @ntk_options
 @friendly_errors
 def kernel_command(train_path, test_path, output, device, progress, distributed, cache_dir, **options):
@@ -201,15 +202,19 @@ def _kernel_folder(train_path, test_path, output: Path, ntk, data: dict, progres
     from ..data import load_dataset
     from ..ntk.builder import build_kernel_folder
 
-    if distributed:
-        raise click.UsageError("--distributed shards parameter chunks of an in-memory kernel; a kernel folder is "
-                               "computed by example blocks in one process. Write .npz/.safetensors, or drop "
-                               "--distributed.")
     if cache_dir is not None:
         raise click.UsageError("--cache-dir holds in-memory kernels; a kernel folder is its own cache (value it "
                                "with --kernel NAME.kernel). Drop --cache-dir.")
     train, test = load_dataset(train_path, **data), load_dataset(test_path, **data)
-    build_kernel_folder(train, test, output, ntk, progress=progress, log=log)
+    if not distributed:
+        build_kernel_folder(train, test, output, ntk, progress=progress, log=log)
+        return
+    from ..ntk.sharding import distributed_kernel
+
+    with distributed_kernel(ntk) as (shard, ntk):  # the ranks share the row blocks of one folder
+        if shard[0] > 0:
+            VERBOSITY["level"] = 0
+        build_kernel_folder(train, test, output, ntk, progress=progress, log=log, shard=shard)
 
 
 def _log_summary(result: ValuationResult, config: ValuationConfig) -> None:

@@ -105,7 +105,7 @@ def test_kernel_folder_by_blocks_then_low_rank_value(tmp_path, data_files, tiny_
 @pytest.mark.parametrize("extra, message", [
     (["-o", "K.npz", "--example-block", "3"], "writes a kernel folder by blocks: give -o NAME.kernel"),
     (["-o", "K.kernel", "--cache-dir", "cache"], "a kernel folder is its own cache"),
-    (["-o", "K.kernel", "--distributed"], "computed by example blocks in one process"),
+    (["-o", "K.kernel", "--distributed"], "runs under torchrun"),
     (["-o", "K.txt"], "ending in .kernel"),
 ])
 def test_kernel_folder_usage_errors(tmp_path, data_files, tiny_bert_path, extra, message):

@@ -39,9 +39,13 @@ def auto_example_block(total: int, n: int, budget: int) -> int:
 def compute_ntk_blocks(adapter, train_examples: list[dict], test_examples: list[dict], k_train_out, k_test_out, *,
                        trainable: str = "head-only", kernel: str = "class0", max_memory: str | int = "2GiB",
                        example_block: int = 0, batch_size: int = 0, device: str | torch.device = "cpu",
-                       progress: bool | None = None) -> dict:
+                       progress: bool | None = None, shard: tuple[int, int] = (0, 1)) -> dict:
     """Fill ``k_train_out`` (n x n) and ``k_test_out`` (m x n), array-likes such as memory maps, block by block.
-    Returns the run's facts (trainable names and count, chunks, block size)."""
+    Returns the run's facts (trainable names and count, chunks, block size).
+
+    ``shard=(rank, world)`` (under torchrun, the process group initialised): this process computes its share of
+    the row blocks (balanced by their cost) into memory maps of the same files that every rank opened; after a
+    barrier, rank 0 mirrors the upper triangle."""
     if kernel not in KERNEL_MODES:
         raise InputError(f"kernel {kernel!r} is unknown; choose one of {', '.join(KERNEL_MODES)}.")
     if kernel == "per-class":
@@ -70,13 +74,15 @@ def compute_ntk_blocks(adapter, train_examples: list[dict], test_examples: list[
     train_blocks = [b for b in blocks if b[0] < n]
     columns_of = {(lo, hi): [(c0, c1) for c0, c1 in train_blocks if c0 < min(hi, n)] for lo, hi in blocks}
     passes = (len(chunks) + sparse_table) * len(classes)  # train rows: only the lower column blocks
-    work = passes * sum(hi - lo + sum(c1 - c0 for c0, c1 in cols if (c0, c1) != (lo, hi))
-                        for (lo, hi), cols in columns_of.items())
-    bar = tqdm(total=work, unit="ex",
-               file=sys.stderr, dynamic_ncols=True, disable=(not sys.stderr.isatty()) if progress is None else not progress,
+    cost = {(lo, hi): passes * (hi - lo + sum(c1 - c0 for c0, c1 in cols if (c0, c1) != (lo, hi)))
+            for (lo, hi), cols in columns_of.items()}
+    rank, world = shard
+    mine = assign_blocks(cost, world)[rank]
+    bar = tqdm(total=sum(cost[b] for b in mine), unit="ex", file=sys.stderr, dynamic_ncols=True,
+               disable=rank > 0 or ((not sys.stderr.isatty()) if progress is None else not progress),
                desc=f"eNTK {adapter.adapter_name} by blocks of {block} ({len(blocks)} blocks, {len(chunks)} chunk(s))")
     vocab = params[word_table].shape[0] if sparse_table else 0
-    for lo, hi in blocks:
+    for lo, hi in mine:
         columns = columns_of[(lo, hi)]
         width = columns[-1][1]
         panel = torch.zeros(hi - lo, width, dtype=torch.float64, device=device)
@@ -107,13 +113,30 @@ def compute_ntk_blocks(adapter, train_examples: list[dict], test_examples: list[
         else:
             k_test_out[lo - n:hi - n] = panel
     bar.close()
-    for lo, hi in train_blocks:  # the upper triangle of the train block, from the lower one
+    if world > 1:
+        import torch.distributed as dist
+
+        for out in (k_train_out, k_test_out):
+            if hasattr(out, "flush"):
+                out.flush()
+        dist.barrier()
+    for lo, hi in train_blocks if rank == 0 else ():  # the upper triangle of the train block, from the lower one
         for c0, c1 in train_blocks:
             if c0 > lo:
                 k_train_out[lo:hi, c0:c1] = k_train_out[c0:c1, lo:hi].T
     return {"trainable_names": names, "n_trainable": sum(params[k].numel() for k in names), "chunks": len(chunks),
             "example_block": block, "blocks": len(blocks), "batch_size": batch, "chunk_capacity": capacity,
             "max_memory_bytes": budget, "kernel": kernel, "trainable": trainable}
+
+
+def assign_blocks(cost: dict[tuple[int, int], int], world: int) -> list[list[tuple[int, int]]]:
+    """Row blocks per rank: the costliest first, each to the least loaded rank (deterministic); each rank's in order."""
+    loads, shares = [0] * world, [[] for _ in range(world)]
+    for block in sorted(cost, key=lambda b: (-cost[b], b)):
+        r = min(range(world), key=lambda i: (loads[i], i))
+        loads[r] += cost[block]
+        shares[r].append(block)
+    return [sorted(share) for share in shares]
 
 
 def _batches(adapter, examples: list[dict], lo: int, hi: int, batch: int, device) -> list:

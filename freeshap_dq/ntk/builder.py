@@ -166,9 +166,13 @@ def build_kernel(train: TextDataset, test: TextDataset, config: NTKConfig | None
 
 
 def build_kernel_folder(train: TextDataset, test: TextDataset, path: str | Path, config: NTKConfig | None = None, *,
-                        progress: bool | None = None, log=None) -> dict[str, Any]:
+                        progress: bool | None = None, log=None, shard: tuple[int, int] = (0, 1)) -> dict[str, Any]:
     """The eNTK written into a kernel folder by example blocks (memory: one row panel, not n x (n + m));
-    returns the manifest stored in the folder's kernel.json."""
+    returns the manifest stored in the folder's kernel.json.
+
+    ``shard=(rank, world)`` under torchrun: rank 0 creates the folder's files, every rank fills its share of the
+    row blocks through its own memory maps of them (the folder's parent must be on a file system all ranks see),
+    and rank 0 mirrors, checks and renames the folder."""
     from ..kernel_folder import KernelFolderWriter
     from ..regression import resolve_device
     from .blocked import compute_ntk_blocks
@@ -181,12 +185,18 @@ def build_kernel_folder(train: TextDataset, test: TextDataset, path: str | Path,
     manifest = kernel_manifest(config, folder_fingerprint(resolve_model_path(config.model)), train, test, names)
     adapter, _ = build_adapter(config, names)
     started = time.monotonic()
+    compute = lambda k_train, k_test: compute_ntk_blocks(  # noqa: E731
+        adapter, adapter.tokenize(train.texts, train.pairs), adapter.tokenize(test.texts, test.pairs), k_train, k_test,
+        trainable=config.trainable, kernel=config.kernel, max_memory=config.max_memory,
+        example_block=config.example_block, batch_size=config.grad_batch_size, device=resolve_device(config.device),
+        progress=progress, shard=shard)
+    if shard[0] > 0:
+        _fill_shared_folder(compute)
+        return manifest
     with KernelFolderWriter(path, len(train), len(test)) as writer:
-        info = compute_ntk_blocks(adapter, adapter.tokenize(train.texts, train.pairs),
-                                  adapter.tokenize(test.texts, test.pairs), writer.k_train, writer.k_test,
-                                  trainable=config.trainable, kernel=config.kernel, max_memory=config.max_memory,
-                                  example_block=config.example_block, batch_size=config.grad_batch_size,
-                                  device=resolve_device(config.device), progress=progress)
+        if shard[1] > 1:
+            _share_folder(writer.tmp)
+        info = compute(writer.k_train, writer.k_test)
         elapsed = time.monotonic() - started
         manifest = {**manifest, "n_trainable": info["n_trainable"], "trainable_names": info["trainable_names"],
                     "example_block": info["example_block"], "seconds": round(elapsed, 2), "freeshap_dq": __version__}
@@ -195,6 +205,22 @@ def build_kernel_folder(train: TextDataset, test: TextDataset, path: str | Path,
         f"parameters in {elapsed:.1f} s ({info['blocks']} example block(s) of {info['example_block']}, "
         f"{info['chunks']} chunk(s)) written to {path}")
     return manifest
+
+
+def _share_folder(tmp: Path) -> None:
+    import torch.distributed as dist
+
+    dist.broadcast_object_list([str(tmp)], src=0)
+
+
+def _fill_shared_folder(compute) -> None:
+    """A rank > 0: learn rank 0's temporary folder, then fill this rank's row blocks through memory maps of it."""
+    import torch.distributed as dist
+
+    holder = [None]
+    dist.broadcast_object_list(holder, src=0)
+    tmp = Path(holder[0])
+    compute(np.load(tmp / "k_train.npy", mmap_mode="r+"), np.load(tmp / "k_test.npy", mmap_mode="r+"))
 
 
 def build_representations(datasets: list[TextDataset], config: NTKConfig | None = None,

@@ -44,6 +44,35 @@ def test_two_gloo_ranks_give_the_one_process_kernel(data, tiny_bert_path, tmp_pa
     np.testing.assert_allclose(two["k_test"], one["k_test"], rtol=1e-5)
 
 
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed beside this Python")
+def test_two_gloo_ranks_share_the_row_blocks_of_a_kernel_folder(data, tiny_bert_path, tmp_path):
+    from freeshap_dq import KernelProblem
+
+    args = ["kernel", "--train", str(data / "train.csv"), "--test", str(data / "test.csv"), "--model",
+            str(tiny_bert_path), "--trainable", "top:2", "--example-block", "4", "--device", "cpu"]
+    res = CliRunner().invoke(cli, args + ["-o", str(tmp_path / "one.kernel")])
+    assert res.exit_code == 0, res.output
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "freeshap_dq.cli", *args,
+                          "-o", str(tmp_path / "two.kernel"), "--distributed"], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    one, two = KernelProblem.load(tmp_path / "one.kernel"), KernelProblem.load(tmp_path / "two.kernel")
+    np.testing.assert_allclose(two.k_train, one.k_train, rtol=1e-5)
+    np.testing.assert_allclose(two.k_test, one.k_test, rtol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.kernel", "two.kernel"]  # no temporary left
+
+
+def test_row_blocks_are_balanced_over_ranks():
+    from freeshap_dq.ntk.blocked import assign_blocks
+
+    cost = {(0, 4): 4, (4, 8): 8, (8, 12): 12, (12, 16): 16, (16, 20): 16}
+    shares = assign_blocks(cost, 2)
+    assert sorted(b for share in shares for b in share) == sorted(cost)
+    assert [sum(cost[b] for b in share) for share in shares] == [28, 28]
+    assert assign_blocks(cost, 1) == [sorted(cost)]
+
+
 def test_distributed_outside_torchrun_says_how(data, tiny_bert_path, tmp_path, monkeypatch):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
