@@ -38,7 +38,7 @@ class PointStore:
         self._remove_other_files(keep=completed_count)
         self.completed = self._open(completed_count) if completed_count else None
         self.open = self._fresh(OPEN)
-        self.open_dirty = False
+        self.previous = 0  # the completed count replaced by the last close_group, deleted by forget_previous
 
     def _paths(self, tag: int | str) -> dict[str, Path]:
         return {metric: self.dir / f"points-{tag}-{metric}.npy" for metric in METRICS}
@@ -55,21 +55,18 @@ class PointStore:
     def add(self, metric: str, rows: np.ndarray, values: np.ndarray) -> None:
         """Open group: ``sums[rows] += values`` (rows distinct: one block of one permutation)."""
         self.open[metric][rows] += values
-        self.open_dirty = True
 
     def close_group(self, new_count: int) -> None:
         """completed <- completed + open, as a new file set for ``new_count`` permutations; the open group restarts."""
-        old = self.count
+        self.previous = self.count
         self._write_sum(new_count)
         self.completed, self.count = self._open(new_count), new_count
-        self.open, self.open_dirty = self._fresh(OPEN), False
-        self._old = old
+        self.open = self._fresh(OPEN)
 
     def forget_previous(self) -> None:
         """Delete the file set replaced by the last ``close_group`` (call once the checkpoint names the new one)."""
-        old = getattr(self, "_old", 0)
-        if old and old != self.count:
-            for path in self._paths(old).values():
+        if self.previous and self.previous != self.count:
+            for path in self._paths(self.previous).values():
                 path.unlink(missing_ok=True)
 
     def totals(self, count: int) -> dict[str, np.ndarray]:
