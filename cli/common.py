@@ -55,8 +55,8 @@ def friendly_errors(func):
             click.echo(f"error: {exc}", err=True)
             sys.exit(EXIT_USAGE)
         except KeyboardInterrupt:
-            click.echo("interrupted. With --checkpoint-dir, rerun the same command to resume where it stopped.",
-                       err=True)
+            click.echo("interrupted. With --checkpoint-dir (values) or -o NAME.kernel (kernel folders), rerun the "
+                       "same command to resume where it stopped.", err=True)
             sys.exit(EXIT_INTERRUPTED)
         except (click.ClickException, click.exceptions.Exit, SystemExit):
             raise

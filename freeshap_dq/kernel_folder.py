@@ -36,27 +36,61 @@ from .kernel import KernelProblem
 FORMAT = "freeshap-dq kernel folder"
 FORMAT_VERSION = 1
 META_NAME = "kernel.json"
+RESUME_NAME = "resume.json"
 DIAGONAL = "k_train_diag.npy"  # diag(k_train), written with the verdict: reading it from the n x n file is strided
 
 
 class KernelFolderWriter:
-    """``with KernelFolderWriter(path, n, m) as w: w.k_train[...] = ...; w.k_test[...] = ...; w.finish(...)``."""
+    """``with KernelFolderWriter(path, n, m) as w: w.k_train[...] = ...; w.k_test[...] = ...; w.finish(...)``.
 
-    def __init__(self, path: str | os.PathLike, n_train: int, n_test: int):
+    With ``resume_key`` (what determines the blocks' values, e.g. the eNTK manifest and block size) the work
+    folder is ``.NAME.partial`` beside the target and survives an interruption: blocks recorded with
+    ``mark_done`` are listed in ``done`` when the same target is written again with the same key, and are
+    not recomputed. A different key starts over."""
+
+    def __init__(self, path: str | os.PathLike, n_train: int, n_test: int, resume_key: dict[str, Any] | None = None):
         self.path = Path(path)
         if self.path.exists() and not (self.path / META_NAME).exists():
             raise KernelError(f"{self.path}: exists and is not a kernel folder; choose another output path.")
         if not self.path.parent.exists():
             raise KernelError(f"{self.path}: the folder {self.path.parent} does not exist; create it first.")
         self.n_train, self.n_test = n_train, n_test
+        self.resume_key = None if resume_key is None else json.loads(json.dumps(resume_key, sort_keys=True, default=str))
+        self.done: set[tuple[int, int]] = set()
+        self.resumed = False
         self._finished = False
 
     def __enter__(self) -> "KernelFolderWriter":
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent))
         open_memmap = np.lib.format.open_memmap
-        self.k_train = open_memmap(self.tmp / "k_train.npy", "w+", np.float64, (self.n_train, self.n_train))
-        self.k_test = open_memmap(self.tmp / "k_test.npy", "w+", np.float64, (self.n_test, self.n_train))
+        shapes = {"k_train": (self.n_train, self.n_train), "k_test": (self.n_test, self.n_train)}
+        if self.resume_key is None:
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent))
+        else:
+            self.tmp = self.path.with_name(f".{self.path.name}.partial")
+            if self._resumable(shapes):
+                self.resumed = True
+                self.done = {tuple(int(x) for x in p.name.split("-")) for p in (self.tmp / "done").iterdir()}  # type: ignore[misc]
+                self.k_train, self.k_test = (np.load(self.tmp / f"{name}.npy", mmap_mode="r+") for name in shapes)
+                return self
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            (self.tmp / "done").mkdir(parents=True)
+            (self.tmp / RESUME_NAME).write_text(json.dumps(self.resume_key, sort_keys=True))
+        self.k_train, self.k_test = (open_memmap(self.tmp / f"{name}.npy", "w+", np.float64, shape)
+                                     for name, shape in shapes.items())
         return self
+
+    def _resumable(self, shapes: dict[str, tuple[int, int]]) -> bool:
+        try:
+            if json.loads((self.tmp / RESUME_NAME).read_text()) != self.resume_key:
+                return False
+            return all(np.load(self.tmp / f"{name}.npy", mmap_mode="r").shape == shape for name, shape in shapes.items())
+        except (OSError, ValueError):
+            return False
+
+    def mark_done(self, lo: int, hi: int) -> None:
+        """Record that rows lo..hi are written (flushed first), so that an interrupted run resumes after them."""
+        if self.resume_key is not None:
+            mark_block_done(self.tmp, lo, hi, self.k_train, self.k_test)
 
     def finish(self, y_train, y_test, label_names=(), train_ids=None, test_ids=None,
                manifest: dict[str, Any] | None = None) -> None:
@@ -74,7 +108,8 @@ class KernelFolderWriter:
             block.flush()
         del self.k_train, self.k_test
         if exc_type is not None or not self._finished:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            if self.resume_key is None or not any((self.tmp / "done").iterdir()):
+                shutil.rmtree(self.tmp, ignore_errors=True)  # else kept: the same command resumes from it
             return
         try:
             problem = load_kernel_folder(self.tmp, source=str(self.path))
@@ -86,6 +121,8 @@ class KernelFolderWriter:
         meta = json.loads((self.tmp / META_NAME).read_text())
         meta["verified"] = {"fingerprint": fingerprint, "files": _file_stats(self.tmp)}
         (self.tmp / META_NAME).write_text(json.dumps(meta, indent=1, sort_keys=True, default=str) + "\n")
+        shutil.rmtree(self.tmp / "done", ignore_errors=True)
+        (self.tmp / RESUME_NAME).unlink(missing_ok=True)
         for item in self.tmp.iterdir():
             os.chmod(item, 0o666 & ~_umask())
         os.chmod(self.tmp, 0o777 & ~_umask())
@@ -97,6 +134,13 @@ class KernelFolderWriter:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(self.tmp, self.path)
+
+
+def mark_block_done(work_folder: Path, lo: int, hi: int, *maps: np.memmap) -> None:
+    """Flush the memory maps, then leave the marker that rows lo..hi of the work folder are complete."""
+    for array in maps:
+        array.flush()
+    (Path(work_folder) / "done" / f"{lo}-{hi}").touch()
 
 
 def save_kernel_folder(problem: KernelProblem, path: str | os.PathLike, manifest: dict[str, Any] | None = None) -> None:

@@ -130,3 +130,29 @@ def test_per_class_kernel_through_the_cli(tmp_path, data_files, tiny_bert_path):
     assert res.exit_code == 2 and "a kernel folder holds one kernel" in res.output
     res = run(["value", "--kernel", tmp_path / "K.npz", "--low-rank", 3, "-o", tmp_path / "w.csv"])
     assert res.exit_code == 2 and "--low-rank approximates one kernel" in res.output
+
+
+def test_an_interrupted_kernel_folder_command_resumes(tmp_path, data_files, tiny_bert_path, monkeypatch):
+    """The interruption (Ctrl-C after the second row block) is simulated; the rerun is the real command."""
+    from freeshap_dq.kernel_folder import KernelFolderWriter
+
+    train, test = data_files
+    args = ["kernel", "--train", train, "--test", test, "--model", tiny_bert_path, "--trainable", "top:1",
+            "--example-block", 3, "--no-progress", "-o"]
+    assert run([*args, tmp_path / "ref.kernel"]).exit_code == 0
+    original = KernelFolderWriter.mark_done
+
+    def interrupt_on_second(self, lo, hi):
+        original(self, lo, hi)
+        if len(list((self.tmp / "done").iterdir())) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(KernelFolderWriter, "mark_done", interrupt_on_second)
+    res = run([*args, tmp_path / "K.kernel"])
+    assert res.exit_code == 130 and "rerun the same command to resume" in res.output
+    monkeypatch.setattr(KernelFolderWriter, "mark_done", original)
+    res = run([*args, tmp_path / "K.kernel"])
+    assert res.exit_code == 0 and "resuming" in res.output and "from 2 finished row block(s)" in res.output
+    a, b = KernelProblem.load(tmp_path / "ref.kernel"), KernelProblem.load(tmp_path / "K.kernel")
+    assert (a.k_train == b.k_train).all() and (a.k_test == b.k_test).all()
+    assert a.fingerprint() == b.fingerprint()

@@ -39,13 +39,15 @@ def auto_example_block(total: int, n: int, budget: int) -> int:
 def compute_ntk_blocks(adapter, train_examples: list[dict], test_examples: list[dict], k_train_out, k_test_out, *,
                        trainable: str = "head-only", kernel: str = "class0", max_memory: str | int = "2GiB",
                        example_block: int = 0, batch_size: int = 0, device: str | torch.device = "cpu",
-                       progress: bool | None = None, shard: tuple[int, int] = (0, 1)) -> dict:
+                       progress: bool | None = None, shard: tuple[int, int] = (0, 1),
+                       done: frozenset | set = frozenset(), on_block_done=None) -> dict:
     """Fill ``k_train_out`` (n x n) and ``k_test_out`` (m x n), array-likes such as memory maps, block by block.
     Returns the run's facts (trainable names and count, chunks, block size).
 
     ``shard=(rank, world)`` (under torchrun, the process group initialised): this process computes its share of
     the row blocks (balanced by their cost) into memory maps of the same files that every rank opened; after a
-    barrier, rank 0 mirrors the upper triangle."""
+    barrier, rank 0 mirrors the upper triangle. Row blocks (lo, hi) in ``done`` are already written (a resumed
+    run) and skipped; ``on_block_done(lo, hi)`` is called after each block is written."""
     if kernel not in KERNEL_MODES:
         raise InputError(f"kernel {kernel!r} is unknown; choose one of {', '.join(KERNEL_MODES)}.")
     if kernel == "per-class":
@@ -77,7 +79,7 @@ def compute_ntk_blocks(adapter, train_examples: list[dict], test_examples: list[
     cost = {(lo, hi): passes * (hi - lo + sum(c1 - c0 for c0, c1 in cols if (c0, c1) != (lo, hi)))
             for (lo, hi), cols in columns_of.items()}
     rank, world = shard
-    mine = assign_blocks(cost, world)[rank]
+    mine = assign_blocks({b: c for b, c in cost.items() if b not in done}, world)[rank]
     bar = tqdm(total=sum(cost[b] for b in mine), unit="ex", file=sys.stderr, dynamic_ncols=True,
                disable=rank > 0 or ((not sys.stderr.isatty()) if progress is None else not progress),
                desc=f"eNTK {adapter.adapter_name} by blocks of {block} ({len(blocks)} blocks, {len(chunks)} chunk(s))")
@@ -112,6 +114,8 @@ def compute_ntk_blocks(adapter, train_examples: list[dict], test_examples: list[
             k_train_out[lo:hi, :width] = panel
         else:
             k_test_out[lo - n:hi - n] = panel
+        if on_block_done is not None:
+            on_block_done(lo, hi)
     bar.close()
     if world > 1:
         import torch.distributed as dist
@@ -125,7 +129,8 @@ def compute_ntk_blocks(adapter, train_examples: list[dict], test_examples: list[
             if c0 > lo:
                 k_train_out[lo:hi, c0:c1] = k_train_out[c0:c1, lo:hi].T
     return {"trainable_names": names, "n_trainable": sum(params[k].numel() for k in names), "chunks": len(chunks),
-            "example_block": block, "blocks": len(blocks), "batch_size": batch, "chunk_capacity": capacity,
+            "example_block": block, "blocks": len(blocks), "blocks_resumed": len(set(blocks) & set(done)),
+            "batch_size": batch, "chunk_capacity": capacity,
             "max_memory_bytes": budget, "kernel": kernel, "trainable": trainable}
 
 

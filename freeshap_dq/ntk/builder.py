@@ -175,7 +175,8 @@ def build_kernel_folder(train: TextDataset, test: TextDataset, path: str | Path,
     and rank 0 mirrors, checks and renames the folder."""
     from ..kernel_folder import KernelFolderWriter
     from ..regression import resolve_device
-    from .blocked import compute_ntk_blocks
+    from .blocked import auto_example_block, compute_ntk_blocks
+    from .compute import parse_memory
     from .models import folder_fingerprint, resolve_model_path
 
     config = config or NTKConfig()
@@ -184,19 +185,29 @@ def build_kernel_folder(train: TextDataset, test: TextDataset, path: str | Path,
     y_train, y_test = encode_labels(train, names), encode_labels(test, names)
     manifest = kernel_manifest(config, folder_fingerprint(resolve_model_path(config.model)), train, test, names)
     adapter, _ = build_adapter(config, names)
+    device = resolve_device(config.device)
+    budget = parse_memory(config.max_memory, device)
+    block = config.example_block or auto_example_block(len(train) + len(test), len(train), budget)
     started = time.monotonic()
-    compute = lambda k_train, k_test: compute_ntk_blocks(  # noqa: E731
+    compute = lambda k_train, k_test, done, on_block_done: compute_ntk_blocks(  # noqa: E731
         adapter, adapter.tokenize(train.texts, train.pairs), adapter.tokenize(test.texts, test.pairs), k_train, k_test,
-        trainable=config.trainable, kernel=config.kernel, max_memory=config.max_memory,
-        example_block=config.example_block, batch_size=config.grad_batch_size, device=resolve_device(config.device),
-        progress=progress, shard=shard)
+        trainable=config.trainable, kernel=config.kernel, max_memory=budget, example_block=block,
+        batch_size=config.grad_batch_size, device=device, progress=progress, shard=shard, done=done,
+        on_block_done=on_block_done)
     if shard[0] > 0:
         _fill_shared_folder(compute)
         return manifest
-    with KernelFolderWriter(path, len(train), len(test)) as writer:
+    with KernelFolderWriter(path, len(train), len(test), resume_key={**manifest, "example_block": block}) as writer:
+        if writer.resumed:
+            log(f"eNTK: resuming {path} from {len(writer.done)} finished row block(s) in {writer.tmp}")
         if shard[1] > 1:
-            _share_folder(writer.tmp)
-        info = compute(writer.k_train, writer.k_test)
+            _share_folder(writer.tmp, writer.done)
+        try:
+            info = compute(writer.k_train, writer.k_test, writer.done, writer.mark_done)
+        except KeyboardInterrupt:
+            log(f"eNTK: interrupted; the finished row blocks are kept in {writer.tmp}: rerun the same command to "
+                f"resume.")
+            raise
         elapsed = time.monotonic() - started
         manifest = {**manifest, "n_trainable": info["n_trainable"], "trainable_names": info["trainable_names"],
                     "example_block": info["example_block"], "seconds": round(elapsed, 2), "freeshap_dq": __version__}
@@ -207,20 +218,24 @@ def build_kernel_folder(train: TextDataset, test: TextDataset, path: str | Path,
     return manifest
 
 
-def _share_folder(tmp: Path) -> None:
+def _share_folder(tmp: Path, done: set) -> None:
     import torch.distributed as dist
 
-    dist.broadcast_object_list([str(tmp)], src=0)
+    dist.broadcast_object_list([str(tmp), sorted(done)], src=0)
 
 
 def _fill_shared_folder(compute) -> None:
-    """A rank > 0: learn rank 0's temporary folder, then fill this rank's row blocks through memory maps of it."""
+    """A rank > 0: learn rank 0's work folder and finished blocks, then fill this rank's row blocks through
+    memory maps of it."""
     import torch.distributed as dist
 
-    holder = [None]
+    from ..kernel_folder import mark_block_done
+
+    holder = [None, None]
     dist.broadcast_object_list(holder, src=0)
-    tmp = Path(holder[0])
-    compute(np.load(tmp / "k_train.npy", mmap_mode="r+"), np.load(tmp / "k_test.npy", mmap_mode="r+"))
+    tmp, done = Path(holder[0]), {tuple(b) for b in holder[1]}
+    k_train, k_test = np.load(tmp / "k_train.npy", mmap_mode="r+"), np.load(tmp / "k_test.npy", mmap_mode="r+")
+    compute(k_train, k_test, done, lambda lo, hi: mark_block_done(tmp, lo, hi, k_train, k_test))
 
 
 def build_representations(datasets: list[TextDataset], config: NTKConfig | None = None,

@@ -59,3 +59,46 @@ def test_auto_block_and_budget_errors(adapter):
     with pytest.raises(InputError, match="too small for example blocks of 5.*--example-block"):
         compute_ntk_blocks(adapter, ex[:7], ex[7:], np.zeros((7, 7)), np.zeros((3, 7)), trainable="all",
                            max_memory="10KiB", example_block=5, progress=False)
+
+
+def test_an_interrupted_kernel_folder_resumes_from_its_finished_blocks(adapter, tmp_path):
+    ex = adapter.tokenize(TEXTS)
+    train, test = ex[:7], ex[7:]
+    key = {"model": "tiny", "example_block": 2}
+    reference = np.full((7, 7), np.nan), np.full((3, 7), np.nan)
+    compute_ntk_blocks(adapter, train, test, *reference, trainable="top:1", max_memory="64MiB", example_block=2,
+                       progress=False)
+    calls = []
+
+    def interrupt_after_two(lo, hi):
+        calls.append((lo, hi))
+        writer.mark_done(lo, hi)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        with KernelFolderWriter(tmp_path / "K.kernel", 7, 3, resume_key=key) as writer:
+            compute_ntk_blocks(adapter, train, test, writer.k_train, writer.k_test, trainable="top:1",
+                               max_memory="64MiB", example_block=2, progress=False, on_block_done=interrupt_after_two)
+    assert not (tmp_path / "K.kernel").exists() and (tmp_path / ".K.kernel.partial").is_dir()
+    seen = []
+    with KernelFolderWriter(tmp_path / "K.kernel", 7, 3, resume_key=key) as writer:
+        assert writer.resumed and writer.done == set(calls)
+        info = compute_ntk_blocks(adapter, train, test, writer.k_train, writer.k_test, trainable="top:1",
+                                  max_memory="64MiB", example_block=2, progress=False, done=writer.done,
+                                  on_block_done=lambda lo, hi: seen.append((lo, hi)) or writer.mark_done(lo, hi))
+        writer.finish([0, 1] * 3 + [0], [0, 1, 0])
+    assert info["blocks_resumed"] == 2 and not set(seen) & set(calls) and len(seen) + 2 == info["blocks"]
+    problem = KernelProblem.load(tmp_path / "K.kernel")
+    np.testing.assert_array_equal(problem.k_train, reference[0])
+    np.testing.assert_array_equal(problem.k_test, reference[1])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["K.kernel"]
+    assert not (tmp_path / "K.kernel" / "done").exists()
+    with pytest.raises(KeyboardInterrupt):
+        with KernelFolderWriter(tmp_path / "K2.kernel", 7, 3, resume_key=key) as writer:
+            writer.mark_done(0, 2)
+            raise KeyboardInterrupt
+    with KernelFolderWriter(tmp_path / "K2.kernel", 7, 3, resume_key={**key, "example_block": 3}) as writer:
+        assert not writer.resumed and writer.done == set()  # other settings: started over
+        writer.finish([0, 1] * 3 + [0], [0, 1, 0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["K.kernel", "K2.kernel"]
