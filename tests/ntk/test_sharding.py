@@ -27,17 +27,25 @@ def data(tmp_path_factory):
     return d
 
 
-@pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed beside this Python")
-def test_two_gloo_ranks_give_the_one_process_kernel(data, tiny_bert_path, tmp_path):
-    args = ["kernel", "--train", str(data / "train.csv"), "--test", str(data / "test.csv"), "--model",
-            str(tiny_bert_path), "--trainable", "all", "--max-memory", "64MiB", "--grad-batch-size", "4", "--device", "cpu"]
-    res = CliRunner().invoke(cli, args + ["-o", str(tmp_path / "one.npz")])
+def one_process_then_two_ranks(args: list[str], one, two) -> None:
+    """``freeshap-dq kernel ARGS -o one`` in this process, then the same under torchrun with 2 gloo ranks."""
+    res = CliRunner().invoke(cli, args + ["-o", str(one)])
     assert res.exit_code == 0, res.output
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "freeshap_dq.cli", *args,
-                          "-o", str(tmp_path / "two.npz"), "--distributed"], env=env, capture_output=True, text=True,
-                         timeout=120)
+                          "-o", str(two), "--distributed"], env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+def kernel_args(data, model, *extra: str) -> list[str]:
+    return ["kernel", "--train", str(data / "train.csv"), "--test", str(data / "test.csv"), "--model", str(model),
+            "--device", "cpu", *extra]
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed beside this Python")
+def test_two_gloo_ranks_give_the_one_process_kernel(data, tiny_bert_path, tmp_path):
+    one_process_then_two_ranks(kernel_args(data, tiny_bert_path, "--trainable", "all", "--max-memory", "64MiB",
+                                           "--grad-batch-size", "4"), tmp_path / "one.npz", tmp_path / "two.npz")
     # fp32 gradients (1 thread per rank vs 2 here): the same tolerance as every eNTK-vs-autograd test
     one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
     np.testing.assert_allclose(two["k_train"], one["k_train"], rtol=1e-5)
@@ -48,15 +56,8 @@ def test_two_gloo_ranks_give_the_one_process_kernel(data, tiny_bert_path, tmp_pa
 def test_two_gloo_ranks_share_the_row_blocks_of_a_kernel_folder(data, tiny_bert_path, tmp_path):
     from freeshap_dq import KernelProblem
 
-    args = ["kernel", "--train", str(data / "train.csv"), "--test", str(data / "test.csv"), "--model",
-            str(tiny_bert_path), "--trainable", "top:2", "--example-block", "4", "--device", "cpu"]
-    res = CliRunner().invoke(cli, args + ["-o", str(tmp_path / "one.kernel")])
-    assert res.exit_code == 0, res.output
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "freeshap_dq.cli", *args,
-                          "-o", str(tmp_path / "two.kernel"), "--distributed"], env=env, capture_output=True, text=True,
-                         timeout=120)
-    assert run.returncode == 0, run.stdout + run.stderr
+    one_process_then_two_ranks(kernel_args(data, tiny_bert_path, "--trainable", "top:2", "--example-block", "4"),
+                               tmp_path / "one.kernel", tmp_path / "two.kernel")
     one, two = KernelProblem.load(tmp_path / "one.kernel"), KernelProblem.load(tmp_path / "two.kernel")
     np.testing.assert_allclose(two.k_train, one.k_train, rtol=1e-5)
     np.testing.assert_allclose(two.k_test, one.k_test, rtol=1e-5)
