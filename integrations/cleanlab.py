@@ -109,17 +109,24 @@ def add_freeshap_issues(lab: Datalab, result: ValuationResult, metric: str = "ce
         raise RuntimeError("cleanlab dropped the freeshap issue type (it prints the error above); nothing was added.")
 
 
-def knn_graph_from_kernel(k_train: np.ndarray, k: int = 10):
-    """Sparse k-nearest-neighbour graph under the kernel distance sqrt(K_aa + K_bb - 2 K_ab)."""
+def knn_graph_from_kernel(k_train: np.ndarray, k: int = 10, block_rows: int = 1024):
+    """Sparse k-nearest-neighbour graph under the kernel distance sqrt(K_aa + K_bb - 2 K_ab), computed in row
+    blocks (memory O(block_rows x n): a memory-mapped kernel folder is read, never copied whole)."""
     from scipy.sparse import csr_matrix
 
-    diag = np.diag(k_train)
-    dist = np.sqrt(np.maximum(diag[:, None] + diag[None, :] - 2 * k_train, 0.0))
-    np.fill_diagonal(dist, np.inf)
-    k = min(k, len(diag) - 1)
-    neighbours = np.argsort(dist, axis=1, kind="stable")[:, :k]
-    rows = np.repeat(np.arange(len(diag)), k)
-    return csr_matrix((dist[rows, neighbours.ravel()], (rows, neighbours.ravel())), shape=dist.shape)
+    n = k_train.shape[0]
+    diag = np.array(np.diagonal(k_train), dtype=float)
+    k = min(k, n - 1)
+    neighbours = np.empty((n, k), dtype=np.int64)
+    distances = np.empty((n, k))
+    for lo in range(0, n, block_rows):
+        hi = min(lo + block_rows, n)
+        dist = np.sqrt(np.maximum(diag[lo:hi, None] + diag[None, :] - 2 * np.asarray(k_train[lo:hi]), 0.0))
+        dist[np.arange(hi - lo), np.arange(lo, hi)] = np.inf
+        order = np.argsort(dist, axis=1, kind="stable")[:, :k]
+        neighbours[lo:hi], distances[lo:hi] = order, np.take_along_axis(dist, order, axis=1)
+    rows = np.repeat(np.arange(n), k)
+    return csr_matrix((distances.ravel(), (rows, neighbours.ravel())), shape=(n, n))
 
 
 def check_knn_shapley_memory(n: int, force: bool = False) -> None:

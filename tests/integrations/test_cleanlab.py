@@ -107,6 +107,20 @@ def test_combined_audit_finds_flipped_labels_with_both_signals(noisy):
     assert set(table.columns) >= {"given_label", "predicted_label", "label_score", "is_label_issue"}
 
 
+def test_knn_graph_in_row_blocks_equals_the_dense_one():
+    from freeshap_dq.integrations.cleanlab import knn_graph_from_kernel
+
+    x = np.random.default_rng(0).normal(size=(23, 4))
+    kernel = x @ x.T
+    dist = np.sqrt(np.maximum(np.diag(kernel)[:, None] + np.diag(kernel)[None, :] - 2 * kernel, 0.0))
+    np.fill_diagonal(dist, np.inf)
+    graph = knn_graph_from_kernel(kernel, k=5, block_rows=4).toarray()
+    for i in range(23):
+        expected = np.argsort(dist[i], kind="stable")[:5]
+        assert set(np.flatnonzero(graph[i])) == set(expected)
+        np.testing.assert_allclose(graph[i, expected], dist[i, expected])
+
+
 def test_knn_shapley_memory_guard():
     with pytest.raises(InputError, match="dense 10000000 x 10000000"):
         check_knn_shapley_memory(10_000_000)
