@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -39,6 +40,21 @@ def atomic_write(path: str | os.PathLike) -> Iterator[str]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def replace_folder(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Move the finished folder ``tmp`` to ``path`` (same file system), replacing a folder already there;
+    permissions follow the umask (mkdtemp makes 0700)."""
+    tmp, path = Path(tmp), Path(path)
+    os.chmod(tmp, 0o777 & ~_umask())
+    if path.exists():
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
 
 
 def _umask() -> int:

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from .errors import KernelError
-from .io import _umask
+from .io import _umask, replace_folder
 from .kernel import KernelProblem
 
 FORMAT = "freeshap-dq kernel folder"
@@ -125,15 +125,7 @@ class KernelFolderWriter:
         (self.tmp / RESUME_NAME).unlink(missing_ok=True)
         for item in self.tmp.iterdir():
             os.chmod(item, 0o666 & ~_umask())
-        os.chmod(self.tmp, 0o777 & ~_umask())
-        if self.path.exists():
-            old = self.path.with_name(f".{self.path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(self.path, old)
-            os.replace(self.tmp, self.path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.path)
+        replace_folder(self.tmp, self.path)
 
 
 def mark_block_done(work_folder: Path, lo: int, hi: int, *maps: np.memmap) -> None:

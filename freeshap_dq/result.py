@@ -34,7 +34,7 @@ import pandas as pd
 
 from .config import METRICS
 from .errors import CheckpointError, InputError
-from .io import _umask, atomic_write
+from .io import atomic_write, replace_folder
 
 FORMAT_VERSION = 1
 FOLDER_RESULT = "result.npz"
@@ -198,15 +198,7 @@ class ValuationResult:
                     shutil.copyfile(source, target)
                 else:
                     np.save(target, np.asarray(sums), allow_pickle=False)
-            os.chmod(tmp, 0o777 & ~_umask())
-            if path.exists():
-                old = path.with_name(f".{path.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
+            replace_folder(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
