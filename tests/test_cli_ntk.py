@@ -97,6 +97,12 @@ def test_kernel_folder_by_blocks_then_low_rank_value(tmp_path, data_files, tiny_
     scale = abs(in_memory.k_train).max()
     assert abs(folder.k_train - in_memory.k_train).max() < 1e-5 * scale
     assert abs(folder.k_test - in_memory.k_test).max() < 1e-5 * scale
+    before = (tmp_path / "K.kernel" / "k_train.npy").stat().st_mtime_ns
+    res = run(["kernel", *common, "-o", tmp_path / "K.kernel", "--example-block", 3])
+    assert res.exit_code == 0 and "is up to date" in res.output  # nothing recomputed
+    assert (tmp_path / "K.kernel" / "k_train.npy").stat().st_mtime_ns == before
+    res = run(["kernel", *common, "-o", tmp_path / "K2.kernel", "--example-block", 3, "--head-seed", 1])
+    assert res.exit_code == 0 and "up to date" not in res.output
     res = run(["value", "--kernel", tmp_path / "K.kernel", "--low-rank", 4, "--permutations", 3, "-o", tmp_path / "v.csv"])
     assert res.exit_code == 0, res.output
     assert list(pd.read_csv(tmp_path / "v.csv")["example_id"][:2]) == ["r0", "r1"]

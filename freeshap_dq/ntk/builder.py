@@ -184,6 +184,10 @@ def build_kernel_folder(train: TextDataset, test: TextDataset, path: str | Path,
     names = label_mapping(train, test)
     y_train, y_test = encode_labels(train, names), encode_labels(test, names)
     manifest = kernel_manifest(config, folder_fingerprint(resolve_model_path(config.model)), train, test, names)
+    existing = _folder_manifest(path)
+    if existing is not None and all(existing.get(k) == v for k, v in manifest.items()):
+        log(f"eNTK: {path} is up to date (same model, data and settings); nothing to compute. Delete it to recompute.")
+        return existing
     adapter, _ = build_adapter(config, names)
     device = resolve_device(config.device)
     budget = parse_memory(config.max_memory, device)
@@ -216,6 +220,19 @@ def build_kernel_folder(train: TextDataset, test: TextDataset, path: str | Path,
         f"parameters in {elapsed:.1f} s ({info['blocks']} example block(s) of {info['example_block']}, "
         f"{info['chunks']} chunk(s)) written to {path}")
     return manifest
+
+
+def _folder_manifest(path: str | Path) -> dict[str, Any] | None:
+    """The eNTK manifest of an existing kernel folder at ``path`` (None when there is none)."""
+    from ..errors import KernelError
+    from ..kernel_folder import read_folder_manifest
+
+    if not Path(path).is_dir():
+        return None
+    try:
+        return read_folder_manifest(path)
+    except KernelError:
+        return None  # not a kernel folder: the writer refuses it with its own message
 
 
 def _share_folder(tmp: Path, done: set) -> None:
