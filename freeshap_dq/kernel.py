@@ -44,13 +44,8 @@ class KernelProblem:
         trusted = self.verified_fingerprint is not None and isinstance(self.k_train, np.memmap)
         k_train = _as_float_matrix(self.k_train, "k_train", self.source, scan=not trusted)
         k_test = _as_float_matrix(self.k_test, "k_test", self.source, scan=not trusted)
-        y_train = _as_labels(self.y_train, "y_train", self.source)
-        y_test = _as_labels(self.y_test, "y_test", self.source)
+        y_train, y_test, names, n_classes = check_labels(self.y_train, self.y_test, self.label_names, self.source)
         n = y_train.shape[0]
-        if n == 0:
-            raise KernelError(f"{self.source}: the training set is empty (y_train has no entries).")
-        if y_test.shape[0] == 0:
-            raise KernelError(f"{self.source}: the test set is empty (y_test has no entries).")
         stack = k_train.shape[:-2]  # () for one kernel, (C,) for per-class kernels
         if k_train.shape[-2:] != (n, n):
             raise KernelError(
@@ -84,31 +79,9 @@ class KernelProblem:
                 + (f" (class kernel {c})" if stack else "")
                 + "; a kernel's diagonal is a squared norm and cannot be negative."
             )
-        names = tuple(str(x) for x in self.label_names)
-        n_classes = len(names) if names else int(max(y_train.max(), y_test.max())) + 1
-        for arr, key in ((y_train, "y_train"), (y_test, "y_test")):
-            bad = np.flatnonzero((arr < 0) | (arr >= n_classes))
-            if bad.size:
-                raise KernelError(
-                    f"{self.source}: {key}[{bad[0]}] = {arr[bad[0]]} is not a valid class id; "
-                    f"labels must be integers in 0..{n_classes - 1}"
-                    + (f" (label_names has {n_classes} entries)." if names else ".")
-                )
         if stack and stack[0] != n_classes:
             raise KernelError(f"{self.source}: {stack[0]} per-class kernels for {n_classes} classes; give one n x n "
                               f"kernel per class (C x n x n), or a single n x n kernel.")
-        if np.unique(y_train).size < 2:
-            raise KernelError(
-                f"{self.source}: the training set has a single class ({int(y_train[0])}); "
-                f"Shapley values of a one-class problem are meaningless. Add examples of another class."
-            )
-        unseen = np.setdiff1d(y_test, y_train)
-        if unseen.size:
-            row = int(np.flatnonzero(y_test == unseen[0])[0])
-            raise KernelError(
-                f"{self.source}: y_test[{row}] = {unseen[0]} is a class that never occurs in y_train; "
-                f"the regression cannot predict it. Drop those test examples or add training examples."
-            )
         train_ids = _as_ids(self.train_ids, n, "train_ids", self.source)
         test_ids = _as_ids(self.test_ids, y_test.shape[0], "test_ids", self.source)
         for name, value in (
@@ -272,6 +245,38 @@ def _raise_asymmetric(source: str, i: int, j: int, asym: float, scale: float) ->
         f"(largest entry {scale:.3g}). Pass the train x train block of a kernel, or "
         f"symmetrise it with (K + K.T) / 2 if the difference is rounding."
     )
+
+
+def check_labels(y_train, y_test, label_names, source: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...], int]:
+    """(y_train, y_test as int64, label names, number of classes), or a KernelError saying what is wrong."""
+    y_train, y_test = _as_labels(y_train, "y_train", source), _as_labels(y_test, "y_test", source)
+    if y_train.shape[0] == 0:
+        raise KernelError(f"{source}: the training set is empty (y_train has no entries).")
+    if y_test.shape[0] == 0:
+        raise KernelError(f"{source}: the test set is empty (y_test has no entries).")
+    names = tuple(str(x) for x in label_names)
+    n_classes = len(names) if names else int(max(y_train.max(), y_test.max())) + 1
+    for arr, key in ((y_train, "y_train"), (y_test, "y_test")):
+        bad = np.flatnonzero((arr < 0) | (arr >= n_classes))
+        if bad.size:
+            raise KernelError(
+                f"{source}: {key}[{bad[0]}] = {arr[bad[0]]} is not a valid class id; "
+                f"labels must be integers in 0..{n_classes - 1}"
+                + (f" (label_names has {n_classes} entries)." if names else ".")
+            )
+    if np.unique(y_train).size < 2:
+        raise KernelError(
+            f"{source}: the training set has a single class ({int(y_train[0])}); "
+            f"Shapley values of a one-class problem are meaningless. Add examples of another class."
+        )
+    unseen = np.setdiff1d(y_test, y_train)
+    if unseen.size:
+        row = int(np.flatnonzero(y_test == unseen[0])[0])
+        raise KernelError(
+            f"{source}: y_test[{row}] = {unseen[0]} is a class that never occurs in y_train; "
+            f"the regression cannot predict it. Drop those test examples or add training examples."
+        )
+    return y_train, y_test, names, n_classes
 
 
 def _as_labels(value, key: str, source: str) -> np.ndarray:
