@@ -32,7 +32,7 @@ from .errors import CheckpointError, InputError
 from .kernel import KernelProblem
 
 from .result import ValuationResult
-from .valuation import RESUME_KEYS, compute_values, make_engine, make_utility, method_name, sample_group
+from .valuation import RESUME_KEYS, compute_values, fit_config, make_engine, make_utility, method_name, sample_group
 
 EXECUTORS = ("local", "ray")
 
@@ -108,7 +108,7 @@ def compute_values_ray(problem: KernelProblem, config: ValuationConfig | None = 
         import ray
     except ImportError:
         raise InputError("the Ray executor needs Ray: pip install 'freeshap-dq[ray]'") from None
-    config = config or ValuationConfig()
+    config = fit_config(problem, config or ValuationConfig())
     config.validate()
     if config.method not in ("tmc", "beta", "banzhaf"):
         return compute_values(problem, config, progress=progress)  # exact / loo: nothing to spread

@@ -28,25 +28,40 @@ from .regression import (
 )
 
 
+def landmark_columns(problem, config: ValuationConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(landmarks L, K[:, L] (n x r), K[T, L] (m x r)) as float64 arrays in memory, unscaled: stored columns of a
+    ``LandmarkKernel``, or for a kernel folder r = ``config.low_rank`` seeded landmarks whose rows are read."""
+    from .landmark_kernel import LandmarkKernel
+
+    if isinstance(problem, LandmarkKernel):
+        if config.low_rank not in (0, problem.rank):
+            raise InputError(f"{problem.source} holds {problem.rank} landmark columns; --low-rank must be "
+                             f"{problem.rank} (or left out), not {config.low_rank}.")
+        return (problem.landmarks, np.array(problem.k_train_landmarks, dtype=np.float64),
+                np.array(problem.k_test_landmarks, dtype=np.float64))
+    landmarks = nystrom_landmarks(problem.n_train, min(config.low_rank, problem.n_train), config.seed)
+    columns = np.ascontiguousarray(problem.k_train[landmarks].T, dtype=np.float64)  # K[:, L] = K[L, :]' by symmetry
+    test_columns = np.concatenate([problem.k_test[lo:hi][:, landmarks] for lo, hi in row_blocks(problem.k_test)])
+    return landmarks, columns, np.asarray(test_columns, dtype=np.float64)
+
+
 class FeatureSpaceUtility(UtilityEnds):
     """What the low-rank engine needs of a utility (targets, ridge, U(N), U(empty)), from features only."""
 
     def __init__(self, problem: KernelProblem, config: ValuationConfig, device: torch.device | None = None):
-        if not config.low_rank or config.low_rank_method != "nystrom":
+        if config.low_rank_method != "nystrom":
             raise InputError("the feature-space utility serves --low-rank with the nystrom method.")
         self.problem = problem
         self.device = device or resolve_device(config.device)
         n = problem.n_train
-        rank = min(config.low_rank, n)
-        landmarks = nystrom_landmarks(n, rank, config.seed)
+        landmarks, columns, test_columns = landmark_columns(problem, config)
         scale = config.kernel_scale
         mean_diag = problem.mean_diag() * scale
-        columns = np.ascontiguousarray(problem.k_train[landmarks].T) * scale  # K[:, L]
+        columns *= scale
+        test_columns *= scale
         if config.jitter:
-            columns[landmarks, np.arange(rank)] += config.jitter * mean_diag
+            columns[landmarks, np.arange(len(landmarks))] += config.jitter * mean_diag
             mean_diag *= 1 + config.jitter
-        test_columns = np.concatenate([problem.k_test[lo:hi][:, landmarks] for lo, hi in row_blocks(problem.k_test)]
-                                      ) * scale
         k_cols = torch.as_tensor(columns, dtype=DTYPE, device=self.device)
         values, vectors = torch.linalg.eigh(k_cols[torch.as_tensor(landmarks, device=self.device)])
         keep = values > values.max() * 1e-12

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import platform
 import signal
@@ -75,7 +76,7 @@ def compute_values(problem: KernelProblem, config: ValuationConfig | None = None
     ``point_dir``: with ``per_point``, the n x m per-point sums are accumulated on disk there (memory-mapped,
     :mod:`freeshap_dq.point_store`) instead of in memory, and the result's per-point matrices are memory maps.
     """
-    config = config or ValuationConfig()
+    config = fit_config(problem, config or ValuationConfig())
     config.validate()
     started = time.monotonic()
     utility = make_utility(problem, config)
@@ -97,9 +98,33 @@ def compute_values(problem: KernelProblem, config: ValuationConfig | None = None
     return result
 
 
+def fit_config(problem, config: ValuationConfig) -> ValuationConfig:
+    """A landmark kernel is valued by its Nystrom features: the configuration says so (rank r, nystrom), and
+    methods that need the whole kernel are refused."""
+    from .landmark_kernel import LandmarkKernel
+
+    if not isinstance(problem, LandmarkKernel):
+        return config
+    if config.method not in ("tmc", "beta", "banzhaf"):
+        raise InputError(f"{problem.source} holds only {problem.rank} landmark columns of the kernel; method "
+                         f"{config.method!r} needs the whole kernel. Use tmc, beta or banzhaf (permutations on the "
+                         f"Nystrom kernel), or compute a full kernel.")
+    if config.low_rank not in (0, problem.rank) or config.low_rank_method != "nystrom":
+        raise InputError(f"{problem.source} holds {problem.rank} landmark columns: it is valued with the Nystrom "
+                         f"kernel of exactly those (--low-rank {problem.rank} --low-rank-method nystrom, or leave "
+                         f"both out), not --low-rank {config.low_rank} {config.low_rank_method}.")
+    return dataclasses.replace(config, low_rank=problem.rank, low_rank_method="nystrom")
+
+
 def make_utility(problem: KernelProblem, config: ValuationConfig, device: torch.device | None = None):
-    """The kernel-regression utility; for a kernel folder valued with a Nystrom low-rank kernel, its
-    feature-space set-up, which never holds an n x n matrix (:mod:`freeshap_dq.feature_utility`)."""
+    """The kernel-regression utility; for a kernel folder valued with a Nystrom low-rank kernel, or a landmark
+    kernel, its feature-space set-up, which never holds an n x n matrix (:mod:`freeshap_dq.feature_utility`)."""
+    from .landmark_kernel import LandmarkKernel
+
+    if isinstance(problem, LandmarkKernel):
+        from .feature_utility import FeatureSpaceUtility
+
+        return FeatureSpaceUtility(problem, fit_config(problem, config), device)
     if problem.on_disk and config.low_rank and config.low_rank_method == "nystrom" and config.method not in ("exact", "loo"):
         from .feature_utility import FeatureSpaceUtility
 

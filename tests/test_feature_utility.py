@@ -65,3 +65,48 @@ def test_a_kernel_folder_too_big_for_memory_is_refused_unless_nystrom(problems, 
     with pytest.raises(InputError, match="the eigen low-rank set-up"):
         compute_values(on_disk, ValuationConfig(permutations=2, low_rank=5, low_rank_method="eigen"))
     assert compute_values(on_disk, ValuationConfig(permutations=2, low_rank=5)).count == 2
+
+
+def test_a_landmark_kernel_gives_the_nystrom_values_of_the_full_kernel(problems, tmp_path):
+    from freeshap_dq import InputError
+    from freeshap_dq.kernel_folder import save_landmark_folder
+    from freeshap_dq.landmark_kernel import LandmarkKernel
+    from freeshap_dq.lowrank import nystrom_landmarks
+
+    problem, on_disk = problems
+    config = ValuationConfig(permutations=5, low_rank=20, tolerance=0.05, per_point=True, block_size=8, seed=4)
+    reference = compute_values(on_disk, config)
+    landmark = LandmarkKernel.from_problem(problem, nystrom_landmarks(problem.n_train, 20, 4))
+    save_landmark_folder(landmark, tmp_path / "L.kernel", manifest={"model": "none"})
+    stored = KernelProblem.load(tmp_path / "L.kernel")
+    assert isinstance(stored, LandmarkKernel) and stored.on_disk and stored.rank == 20
+    assert stored.fingerprint() == landmark.fingerprint()
+    for candidate in (landmark, stored):
+        result = compute_values(candidate, ValuationConfig(**{**config.to_dict(), "low_rank": 0}))
+        assert result.manifest["config"]["low_rank"] == 20 and result.manifest["low_rank"]["rank"] == 20
+        for m in ("accuracy", "ce"):
+            np.testing.assert_allclose(result.sums[m], reference.sums[m], atol=1e-10)
+            np.testing.assert_allclose(result.point_sums[m], reference.point_sums[m], atol=1e-10)
+    assert reference.manifest["ridge"] == pytest.approx(compute_values(stored, config).manifest["ridge"])
+    for bad, message in ((dict(method="exact"), "needs the whole kernel"), (dict(method="loo"), "needs the whole kernel"),
+                         (dict(low_rank=7), "must be 20|exactly those"), (dict(low_rank_method="eigen"), "exactly those")):
+        with pytest.raises(InputError, match=message):
+            compute_values(stored, ValuationConfig(permutations=2, **bad))
+
+
+def test_landmark_kernel_validation(problems):
+    from freeshap_dq import KernelError
+    from freeshap_dq.landmark_kernel import LandmarkKernel
+
+    problem, _ = problems
+    good = LandmarkKernel.from_problem(problem, [1, 5, 9, 30])
+    cols = good.k_train_landmarks.copy()
+    cols[5, 2] += 1.0  # K[L, L] no longer symmetric
+    for changes, message in ((dict(k_train_landmarks=cols), "not symmetric"),
+                             (dict(k_test_landmarks=good.k_test_landmarks[:, :3]), "expected"),
+                             (dict(landmarks=np.array([5, 1, 9, 30])), "distinct sorted"),
+                             (dict(diagonal_values=good.diagonal_values * 2), "disagrees with the stored diagonal")):
+        fields = {k: getattr(good, k) for k in ("k_train_landmarks", "k_test_landmarks", "landmarks", "diagonal_values",
+                                                 "y_train", "y_test")}
+        with pytest.raises(KernelError, match=message):
+            LandmarkKernel(**{**fields, **changes})
