@@ -102,3 +102,27 @@ def test_an_interrupted_kernel_folder_resumes_from_its_finished_blocks(adapter, 
         assert not writer.resumed and writer.done == set()  # other settings: started over
         writer.finish([0, 1] * 3 + [0], [0, 1, 0])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["K.kernel", "K2.kernel"]
+
+
+@pytest.mark.parametrize("trainable, kernel, block, memory", [
+    ("top:2", "class0", 3, "256MiB"),
+    ("all", "sum", 4, "256MiB"),  # the word table's sparse share against the landmarks
+    ("freeze:1", "class0", 2, "200KiB"),  # several parameter chunks
+])
+def test_landmark_columns_and_diagonal_equal_the_full_kernel(adapter, trainable, kernel, block, memory):
+    from freeshap_dq.ntk.blocked import compute_ntk_landmarks
+
+    ex = adapter.tokenize(TEXTS)
+    train, test = ex[:7], ex[7:]
+    whole = compute_ntk(adapter, train, test, trainable=trainable, kernel=kernel, max_memory="256MiB", progress=False)
+    landmarks = [1, 4, 6]
+    cols, test_cols, diag = np.full((7, 3), np.nan), np.full((3, 3), np.nan), np.full(7, np.nan)
+    info = compute_ntk_landmarks(adapter, train, test, landmarks, cols, test_cols, diag, trainable=trainable,
+                                 kernel=kernel, max_memory=memory, example_block=block, progress=False)
+    assert info["landmarks"] == 3 and (memory != "200KiB" or info["chunks"] > 1)
+    scale = np.abs(whole.k_train).max()
+    np.testing.assert_allclose(cols, whole.k_train[:, landmarks], rtol=1e-5, atol=1e-6 * scale)
+    np.testing.assert_allclose(test_cols, whole.k_test[:, landmarks], rtol=1e-5, atol=1e-6 * scale)
+    np.testing.assert_allclose(diag, np.diag(whole.k_train), rtol=1e-5, atol=1e-6 * scale)
+    with pytest.raises(InputError, match="distinct sorted training indices"):
+        compute_ntk_landmarks(adapter, train, test, [4, 1], cols, test_cols, diag, trainable=trainable, progress=False)
