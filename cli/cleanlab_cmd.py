@@ -50,6 +50,10 @@ def audit_command(kernel_path, train_path, test_path, result_path, permutations,
     data = pop_data_options(options)
     problem, _ = load_problem(kernel_path, train_path, test_path, data, build_ntk_config(options, None), cache_dir,
                               progress)
+    if not hasattr(problem, "k_train"):
+        raise InputError(f"{kernel_path}: a landmark kernel holds only some columns of the kernel; the audit's "
+                         f"out-of-sample probabilities and KNN graph need the whole kernel (freeshap-dq kernel without "
+                         f"--landmarks).")
     if result_path is not None:
         result = ValuationResult.load(result_path)
         if result.manifest.get("kernel_fingerprint") not in (None, problem.fingerprint()):

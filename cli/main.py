@@ -174,8 +174,9 @@ def kernel_command(train_path, test_path, output, device, progress, distributed,
     if output.suffix == ".kernel":
         _kernel_folder(train_path, test_path, output, ntk, data, progress, distributed, cache_dir)
         return
-    if ntk.example_block:
-        raise click.UsageError("--example-block writes a kernel folder by blocks: give -o NAME.kernel.")
+    if ntk.example_block or ntk.landmarks:
+        raise click.UsageError(f"{'--landmarks' if ntk.landmarks else '--example-block'} writes a kernel folder by "
+                               f"blocks: give -o NAME.kernel.")
     if distributed:
         from ..ntk.sharding import distributed_kernel
 

@@ -162,3 +162,29 @@ def test_an_interrupted_kernel_folder_command_resumes(tmp_path, data_files, tiny
     a, b = KernelProblem.load(tmp_path / "ref.kernel"), KernelProblem.load(tmp_path / "K.kernel")
     assert (a.k_train == b.k_train).all() and (a.k_test == b.k_test).all()
     assert a.fingerprint() == b.fingerprint()
+
+
+def test_landmark_kernel_folder_through_the_cli(tmp_path, data_files, tiny_bert_path):
+    from freeshap_dq.landmark_kernel import LandmarkKernel
+
+    train, test = data_files
+    common = ["--train", train, "--test", test, "--model", tiny_bert_path, "--trainable", "top:1", "--no-progress"]
+    res = run(["kernel", *common, "-o", tmp_path / "L.kernel", "--landmarks", 4, "--example-block", 3])
+    assert res.exit_code == 0 and "8 x 4 landmark + 3 x 4 landmark kernel" in res.output, res.output
+    kernel = KernelProblem.load(tmp_path / "L.kernel")
+    assert isinstance(kernel, LandmarkKernel) and kernel.rank == 4 and list(kernel.train_ids[:2]) == ["r0", "r1"]
+    assert run(["kernel", *common, "-o", tmp_path / "K.npz"]).exit_code == 0
+    full = KernelProblem.load(tmp_path / "K.npz")
+    scale = abs(full.k_train).max()
+    assert abs(kernel.k_train_landmarks - full.k_train[:, kernel.landmarks]).max() < 1e-5 * scale
+    assert abs(kernel.diagonal() - full.k_train.diagonal()).max() < 1e-5 * scale
+    res = run(["value", "--kernel", tmp_path / "L.kernel", "--permutations", 3, "-o", tmp_path / "v.csv"])
+    assert res.exit_code == 0, res.output
+    assert list(pd.read_csv(tmp_path / "v.csv")["example_id"][:2]) == ["r0", "r1"]
+    for args, message in ((["value", "--kernel", tmp_path / "L.kernel", "--method", "loo"], "needs the whole kernel"),
+                          (["cleanlab", "audit", "--kernel", tmp_path / "L.kernel", "--lab-dir", tmp_path / "lab"],
+                           "need the whole kernel"),
+                          (["kernel", *common, "-o", tmp_path / "L.npz", "--landmarks", 4], "give -o NAME.kernel"),
+                          (["kernel", *common, "-o", tmp_path / "M.kernel", "--landmarks", 9], "more than the 8")):
+        res = run(args)
+        assert res.exit_code == 2 and message in res.output, res.output

@@ -59,7 +59,11 @@ class NTKConfig:
     grad_batch_size: int = option(0, "Examples per vmap batch of per-example gradients (0 = from the memory budget).")
     example_block: int = option(0, "Kernel folders (-o NAME.kernel): examples per block of the eNTK written to disk "
                                  "panel by panel (0 = all at once when the Gram fits half of --max-memory, else "
-                                 "from the budget).")
+                                 "from the budget; 2048 with --landmarks).")
+    landmarks: int = option(0, "Kernel folders: compute only the columns of r landmark training examples (a "
+                             "Nystrom kernel: n x r instead of n x n; value it with freeshap-dq value --kernel). "
+                             "0 = the whole kernel.")
+    landmark_seed: int = option(0, "Seed of the landmarks' random choice (with --landmarks).")
     device: str = option("auto", "auto (CUDA when present), cpu, cuda or cuda:N.")
 
     def __post_init__(self) -> None:
@@ -71,6 +75,8 @@ class NTKConfig:
             raise InputError(f"max_length must be at least 8, got {self.max_length}.")
         if self.adapter != "encoder-head" and not self.label_words:
             raise InputError(f"adapter {self.adapter} needs label words (--label-words), one per class.")
+        if self.landmarks < 0:
+            raise InputError(f"--landmarks must be 0 (the whole kernel) or a positive count, got {self.landmarks}.")
         if self.lora_rank and self.adapter != "causal-lm":
             raise InputError("LoRA (--lora-rank) is only offered for the causal-lm adapter.")
 
@@ -175,7 +181,8 @@ def build_kernel_folder(train: TextDataset, test: TextDataset, path: str | Path,
     and rank 0 mirrors, checks and renames the folder."""
     from ..kernel_folder import KernelFolderWriter
     from ..regression import resolve_device
-    from .blocked import auto_example_block, compute_ntk_blocks
+    from ..lowrank import nystrom_landmarks
+    from .blocked import auto_example_block, compute_ntk_blocks, compute_ntk_landmarks
     from .compute import parse_memory
     from .models import folder_fingerprint, resolve_model_path
 
@@ -188,26 +195,41 @@ def build_kernel_folder(train: TextDataset, test: TextDataset, path: str | Path,
     if existing is not None and all(existing.get(k) == v for k, v in manifest.items()):
         log(f"eNTK: {path} is up to date (same model, data and settings); nothing to compute. Delete it to recompute.")
         return existing
+    n, total = len(train), len(train) + len(test)
+    if config.landmarks > n:
+        raise InputError(f"--landmarks {config.landmarks} is more than the {n} training examples.")
+    landmarks = nystrom_landmarks(n, config.landmarks, config.landmark_seed) if config.landmarks else None
     adapter, _ = build_adapter(config, names)
     device = resolve_device(config.device)
     budget = parse_memory(config.max_memory, device)
-    block = config.example_block or auto_example_block(len(train) + len(test), len(train), budget)
+    if landmarks is None:
+        block = config.example_block or auto_example_block(total, n, budget)
+    else:
+        block = config.example_block or min(total, 2048)
+    train_ex, test_ex = adapter.tokenize(train.texts, train.pairs), adapter.tokenize(test.texts, test.pairs)
+    common = dict(trainable=config.trainable, kernel=config.kernel, max_memory=budget, example_block=block,
+                  batch_size=config.grad_batch_size, device=device, progress=progress, shard=shard)
+
+    def compute(maps: dict, done, on_block_done) -> dict:
+        if landmarks is None:
+            return compute_ntk_blocks(adapter, train_ex, test_ex, maps["k_train"], maps["k_test"], done=done,
+                                      on_block_done=on_block_done, **common)
+        return compute_ntk_landmarks(adapter, train_ex, test_ex, landmarks, maps["k_train_landmarks"],
+                                     maps["k_test_landmarks"], maps["k_train_diag"], done=done,
+                                     on_block_done=on_block_done, **common)
+
     started = time.monotonic()
-    compute = lambda k_train, k_test, done, on_block_done: compute_ntk_blocks(  # noqa: E731
-        adapter, adapter.tokenize(train.texts, train.pairs), adapter.tokenize(test.texts, test.pairs), k_train, k_test,
-        trainable=config.trainable, kernel=config.kernel, max_memory=budget, example_block=block,
-        batch_size=config.grad_batch_size, device=device, progress=progress, shard=shard, done=done,
-        on_block_done=on_block_done)
     if shard[0] > 0:
         _fill_shared_folder(compute)
         return manifest
-    with KernelFolderWriter(path, len(train), len(test), resume_key={**manifest, "example_block": block}) as writer:
+    with KernelFolderWriter(path, n, len(test), resume_key={**manifest, "example_block": block},
+                            landmarks=landmarks) as writer:
         if writer.resumed:
             log(f"eNTK: resuming {path} from {len(writer.done)} finished row block(s) in {writer.tmp}")
         if shard[1] > 1:
-            _share_folder(writer.tmp, writer.done)
+            _share_folder(writer.tmp, writer.done, list(writer.maps))
         try:
-            info = compute(writer.k_train, writer.k_test, writer.done, writer.mark_done)
+            info = compute(writer.maps, writer.done, writer.mark_done)
         except KeyboardInterrupt:
             log(f"eNTK: interrupted; the finished row blocks are kept in {writer.tmp}: rerun the same command to "
                 f"resume.")
@@ -216,7 +238,8 @@ def build_kernel_folder(train: TextDataset, test: TextDataset, path: str | Path,
         manifest = {**manifest, "n_trainable": info["n_trainable"], "trainable_names": info["trainable_names"],
                     "example_block": info["example_block"], "seconds": round(elapsed, 2), "freeshap_dq": __version__}
         writer.finish(y_train, y_test, names, np.array(train.ids), np.array(test.ids), manifest)
-    log(f"eNTK: {len(train)} x {len(train)} + {len(test)} x {len(train)} kernel over {info['n_trainable']:,} trainable "
+    columns = len(train) if landmarks is None else f"{len(landmarks)} landmark"
+    log(f"eNTK: {len(train)} x {columns} + {len(test)} x {columns} kernel over {info['n_trainable']:,} trainable "
         f"parameters in {elapsed:.1f} s ({info['blocks']} example block(s) of {info['example_block']}, "
         f"{info['chunks']} chunk(s)) written to {path}")
     return manifest
@@ -235,24 +258,24 @@ def _folder_manifest(path: str | Path) -> dict[str, Any] | None:
         return None  # not a kernel folder: the writer refuses it with its own message
 
 
-def _share_folder(tmp: Path, done: set) -> None:
+def _share_folder(tmp: Path, done: set, arrays: list[str]) -> None:
     import torch.distributed as dist
 
-    dist.broadcast_object_list([str(tmp), sorted(done)], src=0)
+    dist.broadcast_object_list([str(tmp), sorted(done), arrays], src=0)
 
 
 def _fill_shared_folder(compute) -> None:
-    """A rank > 0: learn rank 0's work folder and finished blocks, then fill this rank's row blocks through
-    memory maps of it."""
+    """A rank > 0: learn rank 0's work folder, its arrays and finished blocks, then fill this rank's row blocks
+    through memory maps of them."""
     import torch.distributed as dist
 
     from ..kernel_folder import mark_block_done
 
-    holder = [None, None]
+    holder = [None, None, None]
     dist.broadcast_object_list(holder, src=0)
     tmp, done = Path(holder[0]), {tuple(b) for b in holder[1]}
-    k_train, k_test = np.load(tmp / "k_train.npy", mmap_mode="r+"), np.load(tmp / "k_test.npy", mmap_mode="r+")
-    compute(k_train, k_test, done, lambda lo, hi: mark_block_done(tmp, lo, hi, k_train, k_test))
+    maps = {name: np.load(tmp / f"{name}.npy", mmap_mode="r+") for name in holder[2]}
+    compute(maps, done, lambda lo, hi: mark_block_done(tmp, lo, hi, *maps.values()))
 
 
 def build_representations(datasets: list[TextDataset], config: NTKConfig | None = None,

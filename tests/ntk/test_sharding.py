@@ -64,6 +64,18 @@ def test_two_gloo_ranks_share_the_row_blocks_of_a_kernel_folder(data, tiny_bert_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.kernel", "two.kernel"]  # no temporary left
 
 
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed beside this Python")
+def test_two_gloo_ranks_share_the_row_blocks_of_a_landmark_kernel(data, tiny_bert_path, tmp_path):
+    from freeshap_dq import KernelProblem
+
+    one_process_then_two_ranks(kernel_args(data, tiny_bert_path, "--trainable", "top:1", "--example-block", "3",
+                                           "--landmarks", "4"), tmp_path / "one.kernel", tmp_path / "two.kernel")
+    one, two = KernelProblem.load(tmp_path / "one.kernel"), KernelProblem.load(tmp_path / "two.kernel")
+    np.testing.assert_array_equal(one.landmarks, two.landmarks)
+    for name in ("k_train_landmarks", "k_test_landmarks", "diagonal_values"):
+        np.testing.assert_allclose(getattr(two, name), getattr(one, name), rtol=1e-5)
+
+
 def test_row_blocks_are_balanced_over_ranks():
     from freeshap_dq.ntk.blocked import assign_blocks
 
