@@ -7,9 +7,13 @@
    in-memory path could hold three copies of (synthetic RBF kernel written by row blocks): set-up and
    engine time, peak RSS.
 3. Per-point values on that folder: per-point sums in memory (baseline) vs streamed to disk.
+4. The landmark (Nyström) eNTK at a size whose full kernel could not be stored here (n = 100,000:
+   80 GB as float64): only K[:, L], K[T, L] and diag(K), then its values. Baseline in the same run:
+   the blocked full eNTK on a 5,000-example slice, extrapolated by its n² cost.
 
 Usage:  python benchmarks/bench_out_of_core.py [--ntk-n 20000] [--ntk-m 2000] [--ntk-block 5000]
-        [--n 40000] [--m 5000] [--rank 128] [--perms 4] [--workdir DIR]
+        [--n 40000] [--m 5000] [--rank 128] [--perms 4] [--landmark-n 100000] [--landmarks 256]
+        [--slice-n 5000] [--parts 1,2,4] [--workdir DIR]
 Prints Markdown tables; docs/scaling.md records a run with the machine it ran on.
 """
 
@@ -111,6 +115,44 @@ def child_ntk(args) -> dict:
     return {"seconds": seconds, **peaks}
 
 
+def child_landmarks(args) -> dict:
+    import torch
+
+    from freeshap_dq import KernelProblem, ValuationConfig, compute_values
+    from freeshap_dq.kernel_folder import KernelFolderWriter
+    from freeshap_dq.lowrank import nystrom_landmarks
+    from freeshap_dq.ntk.adapters import EncoderHead
+    from freeshap_dq.ntk.blocked import compute_ntk_blocks, compute_ntk_landmarks
+    from freeshap_dq.ntk.models import load_model_and_tokenizer
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model, tokenizer, _ = load_model_and_tokenizer(args.model_dir, "encoder")
+    adapter = EncoderHead(model, tokenizer, n_classes=2, head_seed=0)
+    n, m = args.landmark_n, args.ntk_m
+    train, test = adapter.tokenize(texts(n, 1)), adapter.tokenize(texts(m, 2))
+    y_train, y_test = np.arange(n) % 2, np.arange(m) % 2
+    sampler = MemoryPeaks()
+    started = time.perf_counter()
+    if args.mode == "full-slice":  # the baseline: the whole kernel of a slice, to extrapolate by n^2
+        with KernelFolderWriter(args.out, args.slice_n, m) as writer:
+            compute_ntk_blocks(adapter, train[:args.slice_n], test, writer.k_train, writer.k_test, trainable="top:1",
+                               max_memory="2GiB", example_block=2048, progress=False)
+            seconds = time.perf_counter() - started
+            writer.finish(y_train[:args.slice_n], y_test)
+        return {"seconds": seconds, **sampler.stop()}
+    landmarks = nystrom_landmarks(n, args.landmarks, 0)
+    with KernelFolderWriter(args.out, n, m, landmarks=landmarks) as writer:
+        compute_ntk_landmarks(adapter, train, test, landmarks, writer.k_train, writer.k_test, writer.diagonal,
+                              trainable="top:1", max_memory="2GiB", example_block=2048, progress=False)
+        seconds = time.perf_counter() - started
+        writer.finish(y_train, y_test)
+    started = time.perf_counter()
+    result = compute_values(KernelProblem.load(args.out), ValuationConfig(permutations=args.perms, ridge="auto"),
+                            progress=False)
+    return {"seconds": seconds, "value_seconds": time.perf_counter() - started, "rank": len(landmarks),
+            "finite": bool(np.isfinite(result.values("ce")).all()), **sampler.stop()}
+
+
 def child_value(args) -> dict:
     from freeshap_dq import KernelProblem, ValuationConfig, compute_values
 
@@ -164,6 +206,28 @@ def max_relative_difference(a: Path, b: Path) -> float:
     return diff / scale
 
 
+def landmark_part(args, work: Path, model_dir: Path) -> None:
+    common = dict(model_dir=model_dir, landmark_n=args.landmark_n, ntk_m=args.ntk_m, landmarks=args.landmarks,
+                  perms=args.perms)
+    full = run_child("landmarks", mode="full-slice", out=work / "slice.kernel", slice_n=args.slice_n, **common)
+    shutil.rmtree(work / "slice.kernel")
+    ours = run_child("landmarks", mode="landmarks", out=work / "landmarks.kernel", **common)
+    size = sum(f.stat().st_size for f in (work / "landmarks.kernel").iterdir()) / 2**30
+    shutil.rmtree(work / "landmarks.kernel")
+    n, m = args.landmark_n, args.ntk_m
+    scaled = full["seconds"] * (n * (n + m)) / (args.slice_n * (args.slice_n + m))
+    print(f"## 4. The landmark eNTK, n = {n:,}, m = {m:,}, r = {ours['rank']} (tiny BERT, top:1)\n")
+    print("| method | seconds | peak allocated GiB | on disk |")
+    print("|---|---|---|---|")
+    print(f"| full eNTK by blocks, n = {args.slice_n:,} slice (baseline) | {full['seconds']:.1f} | "
+          f"{full['peak_anon_gib']:.2f} | {8 * args.slice_n * (args.slice_n + m) / 2**30:.2f} GiB |")
+    print(f"| full eNTK at n = {n:,}, extrapolated by n (n + m) | ≈ {scaled:.0f} | — | "
+          f"{8 * n * (n + m) / 2**30:.0f} GiB |")
+    print(f"| landmark eNTK, r = {ours['rank']} | {ours['seconds']:.1f} | {ours['peak_anon_gib']:.2f} | {size:.2f} GiB |")
+    print(f"\nthen {args.perms} permutations on it (auto ridge, set-up included): {ours['value_seconds']:.1f} s; "
+          f"values finite: {ours['finite']}\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ntk-n", type=int, default=20000)
@@ -173,6 +237,10 @@ def main() -> None:
     p.add_argument("--m", type=int, default=5000)
     p.add_argument("--rank", type=int, default=128)
     p.add_argument("--perms", type=int, default=4)
+    p.add_argument("--landmark-n", type=int, default=100000)
+    p.add_argument("--landmarks", type=int, default=256)
+    p.add_argument("--slice-n", type=int, default=5000)
+    p.add_argument("--parts", default="1,2,4", help="Which parts to run (2 includes 3).")
     p.add_argument("--workdir", default=None, help="Where the kernel folders go (default: a temporary folder).")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--mode", default=None, help=argparse.SUPPRESS)
@@ -180,7 +248,7 @@ def main() -> None:
         p.add_argument(f"--{hidden}", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps({"ntk": child_ntk, "value": child_value}[args.child](args)))
+        print(json.dumps({"ntk": child_ntk, "value": child_value, "landmarks": child_landmarks}[args.child](args)))
         return
 
     os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
@@ -192,6 +260,11 @@ def main() -> None:
         from tiny_models import tiny_bert
 
         model_dir = tiny_bert(work / "tiny-bert")
+        parts = args.parts.split(",")
+        if "4" in parts:
+            landmark_part(args, work, model_dir)
+        if "1" not in parts and "2" not in parts:
+            return
         base = dict(model_dir=model_dir, ntk_n=args.ntk_n, ntk_m=args.ntk_m, ntk_block=args.ntk_block)
         one = run_child("ntk", mode="one-pass", out=work / "one.kernel", **base)
         blocks = run_child("ntk", mode="blocks", out=work / "blocks.kernel", **base)

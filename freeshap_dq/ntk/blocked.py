@@ -11,6 +11,10 @@ Memory is one panel plus two blocks' Jacobian chunks, whatever n is; the price i
 column blocks' gradients once per row block, about (B + 1) / 2 gradient passes for B train blocks
 instead of one (the Gram product, usually the larger cost, is the same). The word table's exact
 sparse share (``trainable=all``) is computed the same way, block against block.
+
+``compute_ntk_landmarks`` is the same loop against one fixed column block, the r landmark examples
+L: it writes :math:`K[:, L]`, :math:`K[T, L]` and :math:`\operatorname{diag}(K)` (the Nyström kernel's
+inputs, :mod:`freeshap_dq.landmark_kernel`), N r P work instead of N n P.
 """
 
 from __future__ import annotations
