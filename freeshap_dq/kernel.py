@@ -28,8 +28,27 @@ SYMMETRY_RTOL = 1e-6
 BLOCK_BYTES = 64 * 2**20  # validation and hashing read large matrices in blocks of this size
 
 
+class LabelledExamples:
+    """Counts shared by the problem types: ``y_train``, ``y_test`` and the validated number of classes."""
+
+    y_train: np.ndarray
+    y_test: np.ndarray
+
+    @property
+    def n_train(self) -> int:
+        return int(self.y_train.shape[0])
+
+    @property
+    def n_test(self) -> int:
+        return int(self.y_test.shape[0])
+
+    @property
+    def n_classes(self) -> int:
+        return self._n_classes  # type: ignore[attr-defined]
+
+
 @dataclass(frozen=True)
-class KernelProblem:
+class KernelProblem(LabelledExamples):
     k_train: np.ndarray
     k_test: np.ndarray
     y_train: np.ndarray
@@ -92,18 +111,6 @@ class KernelProblem:
         object.__setattr__(self, "_n_classes", n_classes)
         if trusted:
             object.__setattr__(self, "_fingerprint", self.verified_fingerprint)
-
-    @property
-    def n_train(self) -> int:
-        return int(self.y_train.shape[0])
-
-    @property
-    def n_test(self) -> int:
-        return int(self.y_test.shape[0])
-
-    @property
-    def n_classes(self) -> int:
-        return self._n_classes  # type: ignore[attr-defined]
 
     @property
     def per_class(self) -> bool:

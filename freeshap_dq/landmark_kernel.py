@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import KernelError
-from .kernel import SYMMETRY_RTOL, _as_ids, check_labels, row_blocks
+from .kernel import SYMMETRY_RTOL, LabelledExamples, _as_ids, check_labels, row_blocks
 
 
 @dataclass(frozen=True)
-class LandmarkKernel:
+class LandmarkKernel(LabelledExamples):
     k_train_landmarks: np.ndarray  # (n, r): K[:, L]
     k_test_landmarks: np.ndarray  # (m, r): K[T, L]
     landmarks: np.ndarray  # (r,) training indices, sorted
@@ -79,18 +79,6 @@ class LandmarkKernel:
         if not np.allclose(np.diagonal(k_ll), np.asarray(self.diagonal_values)[landmarks], rtol=1e-5,
                            atol=1e-12 * scale):
             raise KernelError(f"{self.source}: K[L, L]'s diagonal disagrees with the stored diagonal at the landmarks.")
-
-    @property
-    def n_train(self) -> int:
-        return int(self.y_train.shape[0])
-
-    @property
-    def n_test(self) -> int:
-        return int(self.y_test.shape[0])
-
-    @property
-    def n_classes(self) -> int:
-        return self._n_classes  # type: ignore[attr-defined]
 
     @property
     def on_disk(self) -> bool:

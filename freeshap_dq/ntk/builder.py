@@ -138,13 +138,8 @@ def build_kernel(train: TextDataset, test: TextDataset, config: NTKConfig | None
     """The eNTK valuation problem for ``train`` and ``test`` (from the cache when it matches);
     with ``return_manifest``, also the kernel's manifest."""
     from ..regression import resolve_device
-    from .models import folder_fingerprint, resolve_model_path
 
-    config = config or NTKConfig()
-    log = log or (lambda message: print(message, file=sys.stderr))
-    names = label_mapping(train, test)
-    y_train, y_test = encode_labels(train, names), encode_labels(test, names)
-    manifest = kernel_manifest(config, folder_fingerprint(resolve_model_path(config.model)), train, test, names)
+    config, log, names, y_train, y_test, manifest = _begin(train, test, config, log)
     key = cache_key(manifest)
     cached = Path(cache_dir) / f"{key}.safetensors" if cache_dir else None
     if cached is not None and cached.exists():
@@ -184,13 +179,8 @@ def build_kernel_folder(train: TextDataset, test: TextDataset, path: str | Path,
     from ..lowrank import nystrom_landmarks
     from .blocked import auto_example_block, compute_ntk_blocks, compute_ntk_landmarks
     from .compute import parse_memory
-    from .models import folder_fingerprint, resolve_model_path
 
-    config = config or NTKConfig()
-    log = log or (lambda message: print(message, file=sys.stderr))
-    names = label_mapping(train, test)
-    y_train, y_test = encode_labels(train, names), encode_labels(test, names)
-    manifest = kernel_manifest(config, folder_fingerprint(resolve_model_path(config.model)), train, test, names)
+    config, log, names, y_train, y_test, manifest = _begin(train, test, config, log)
     existing = _folder_manifest(path)
     if existing is not None and all(existing.get(k) == v for k, v in manifest.items()):
         log(f"eNTK: {path} is up to date (same model, data and settings); nothing to compute. Delete it to recompute.")
@@ -243,6 +233,18 @@ def build_kernel_folder(train: TextDataset, test: TextDataset, path: str | Path,
         f"parameters in {elapsed:.1f} s ({info['blocks']} example block(s) of {info['example_block']}, "
         f"{info['chunks']} chunk(s)) written to {path}")
     return manifest
+
+
+def _begin(train: TextDataset, test: TextDataset, config: NTKConfig | None, log):
+    """(config, log, label names, y_train, y_test, kernel manifest) for a kernel of ``train`` x ``test``."""
+    from .models import folder_fingerprint, resolve_model_path
+
+    config = config or NTKConfig()
+    log = log or (lambda message: print(message, file=sys.stderr))
+    names = label_mapping(train, test)
+    y_train, y_test = encode_labels(train, names), encode_labels(test, names)
+    manifest = kernel_manifest(config, folder_fingerprint(resolve_model_path(config.model)), train, test, names)
+    return config, log, names, y_train, y_test, manifest
 
 
 def _folder_manifest(path: str | Path) -> dict[str, Any] | None:
