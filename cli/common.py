@@ -142,6 +142,10 @@ def load_problem(kernel_path, train_path, test_path, data: dict, ntk: NTKConfig,
         return KernelProblem.load(kernel_path), {"kernel_file": str(kernel_path)}
     if train_path is None or test_path is None:
         raise click.UsageError("give --kernel K.npz, or both --train and --test data files.")
+    if ntk.landmarks or ntk.example_block:
+        flag = "--landmarks" if ntk.landmarks else "--example-block"
+        raise click.UsageError(f"{flag} builds a kernel folder on disk: run freeshap-dq kernel --train ... --test ... "
+                               f"-o NAME.kernel {flag} ..., then give --kernel NAME.kernel here.")
     from ..data import load_dataset
     from ..ntk.builder import build_kernel
 

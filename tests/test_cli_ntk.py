@@ -188,3 +188,10 @@ def test_landmark_kernel_folder_through_the_cli(tmp_path, data_files, tiny_bert_
                           (["kernel", *common, "-o", tmp_path / "M.kernel", "--landmarks", 9], "more than the 8")):
         res = run(args)
         assert res.exit_code == 2 and message in res.output, res.output
+
+
+def test_folder_only_options_are_not_ignored_by_value(tmp_path, data_files, tiny_bert_path):
+    train, test = data_files
+    for flag in ("--landmarks", "--example-block"):
+        res = run(["value", "--train", train, "--test", test, "--model", tiny_bert_path, flag, 3, "-o", tmp_path / "v.csv"])
+        assert res.exit_code == 2 and f"{flag} builds a kernel folder" in res.output and not (tmp_path / "v.csv").exists()
