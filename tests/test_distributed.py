@@ -81,10 +81,18 @@ def test_ray_workers_open_a_kernel_folder_by_path(problem, local_ray, tmp_path):
     from freeshap_dq.distributed import compute_values_ray
     from freeshap_dq.kernel_folder import save_kernel_folder
 
+    from freeshap_dq.kernel_folder import save_landmark_folder
+    from freeshap_dq.landmark_kernel import LandmarkKernel
+
     save_kernel_folder(problem, tmp_path / "K.kernel")
     folder = KernelProblem.load(tmp_path / "K.kernel")
     config = ValuationConfig(permutations=6, reduce_every=2, low_rank=20, per_point=True, ridge="0.1")
     assert_identical(compute_values_ray(folder, config, threads=torch.get_num_threads()), compute_values(folder, config))
+    save_landmark_folder(LandmarkKernel.from_problem(problem, [2, 7, 11, 30, 41]), tmp_path / "L.kernel")
+    landmarks = KernelProblem.load(tmp_path / "L.kernel")  # a landmark kernel: --low-rank comes from the folder
+    config = ValuationConfig(permutations=4, reduce_every=2, ridge="0.1")
+    assert_identical(compute_values_ray(landmarks, config, threads=torch.get_num_threads()),
+                     compute_values(landmarks, config))
 
 
 def test_a_killed_worker_is_replaced_and_its_group_recomputed(local_ray):
