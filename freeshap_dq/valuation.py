@@ -176,13 +176,8 @@ def _sample_permutations(problem, config, utility, manifest, stopping, checkpoin
                                        sources=[{"seed": config.seed, "start": config.start, "count": 0}],
                                        manifest=manifest, train_ids=problem.train_ids)
     result.manifest.update(manifest)
-    points = None
-    if point_dir is None and saved is not None and "point_store" in result.manifest:
-        raise CheckpointError(f"{checkpoint}: this checkpoint keeps its per-point sums on disk "
-                              f"({result.manifest['point_store']['directory']}); resume it with the same per-point "
-                              f"folder (--save-result NAME.result), or start over with --no-resume.")
-    if point_dir is not None:
-        points = _point_store(point_dir, result, saved is not None, checkpoint, problem)
+    points = _point_store(point_dir, result, saved is not None, checkpoint, problem)
+    if points is not None:
         partial = None  # the open group is recomputed: its per-point sums were never saved
     acc = _Accumulator(result, utility.device, config.start, config.reduce_every, partial, points)
     probs = coalition_size_probabilities(config, n)
@@ -230,8 +225,15 @@ def _sample_permutations(problem, config, utility, manifest, stopping, checkpoin
 
 
 def _point_store(point_dir, result: ValuationResult, resumed: bool, checkpoint, problem: KernelProblem):
+    """The on-disk per-point store (None without ``point_dir``); a checkpoint of the other kind is refused."""
     from .point_store import PointStore
 
+    if point_dir is None:
+        if resumed and "point_store" in result.manifest:
+            raise CheckpointError(f"{checkpoint}: this checkpoint keeps its per-point sums on disk "
+                                  f"({result.manifest['point_store']['directory']}); resume it with the same "
+                                  f"per-point folder (--save-result NAME.result), or start over with --no-resume.")
+        return None
     if resumed and result.point_sums is not None:
         raise CheckpointError(f"{checkpoint}: this checkpoint keeps its per-point sums in memory; resume it with "
                               f"--save-result NAME.npz, or start over with --no-resume.")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from freeshap_dq import KernelError, KernelProblem, ValuationConfig, kernel
-from freeshap_dq.kernel_folder import KernelFolderWriter, load_kernel_folder, save_kernel_folder
+from freeshap_dq.kernel_folder import KernelFolderWriter, save_kernel_folder
 from freeshap_dq.valuation import compute_values
 
 from problems import random_problem
