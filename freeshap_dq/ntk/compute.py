@@ -26,8 +26,11 @@ from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
 from ..errors import InputError
+from .factors import FactorStore, NotFactorable, factor_sites
 
 KERNEL_MODES = ("class0", "sum", "per-class")
+GRADIENT_PATHS = ("auto", "factors", "vmap")
+FACTOR_SHARE = 0.5  # at most this part of the memory budget holds factors (auto); else vmap(grad) per chunk
 GRAM_COLUMNS = 16384  # Jacobian columns per fp32 Gram product; products are summed in fp64
 GRAM_ROWS = 256  # train rows per block of the (block-triangular) train Gram
 MEMORY_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
@@ -115,8 +118,13 @@ class KernelOutput:
 def compute_ntk(adapter, train_examples: list[dict], test_examples: list[dict], *, trainable: str = "head-only",
                 kernel: str = "class0", max_memory: str | int = "2GiB", batch_size: int = 0,
                 test_diagonal: bool = False, device: str | torch.device = "cpu",
-                progress: bool | None = None, shard: tuple[int, int] = (0, 1)) -> KernelOutput:
+                progress: bool | None = None, shard: tuple[int, int] = (0, 1), gradients: str = "auto") -> KernelOutput:
     """The eNTK rows (train + test) x columns (train).
+
+    ``gradients``: where per-example gradients come from. ``factors`` (see ``factors.py``): one forward and
+    backward per class for the whole set, Jacobian columns formed from the kept factors; ``vmap``: one
+    ``vmap(grad)`` pass per parameter chunk; ``auto``: factors when they take at most FACTOR_SHARE of the
+    memory budget. Parameters no factor rule covers always use vmap.
 
     ``shard=(rank, world)``: this process computes every world-th unit of work (a parameter chunk, or the
     word table's sparse share) and the partial Grams are summed with ``torch.distributed.all_reduce``
@@ -142,10 +150,6 @@ def compute_ntk(adapter, train_examples: list[dict], test_examples: list[dict], 
     kernels = adapter.head.out_features if kernel == "per-class" else 1
     chunk_capacity, batch = _plan(budget, total, n, dense_names, params, batch_size, kernels)
     rank, world = shard
-    if world > 1:  # at least one chunk per rank
-        chunk_capacity = min(chunk_capacity, max(1, math.ceil(sum(params[k].numel() for k in dense_names) / world)))
-    chunks = _chunks(dense_names, params, chunk_capacity)
-    mine = [u % world == rank for u in range(len(chunks) + sparse_table)]
     # rows of J: training examples by length, then test examples by length (batches never mix them,
     # so the training rows are J[:n]); ``order`` maps those rows back to the caller's order
     order = _length_order(train_examples) + [n + i for i in _length_order(test_examples)]
@@ -154,31 +158,41 @@ def compute_ntk(adapter, train_examples: list[dict], test_examples: list[dict], 
     prefixes = [(lo, hi, adapter.prefix(_pad(examples[lo:hi], adapter, device)), _mask(examples[lo:hi], device))
                 for lo, hi in spans]
     classes = [0] if kernel == "class0" else list(range(adapter.head.out_features))
+    progress_off = rank > 0 or ((not sys.stderr.isatty()) if progress is None else not progress)
+    store = _collect_factors(adapter, dense_names, prefixes, classes, gradients, budget, progress_off)
+    if store is not None:
+        chunk_capacity, batch = _plan(budget - store.nbytes, total, n, dense_names, params, batch, kernels)
+    if world > 1:  # at least one chunk per rank
+        chunk_capacity = min(chunk_capacity, max(1, math.ceil(sum(params[k].numel() for k in dense_names) / world)))
+    chunks = _chunks(dense_names, params, chunk_capacity)
+    mine = [u % world == rank for u in range(len(chunks) + sparse_table)]
 
     stack = (len(classes),) if kernel == "per-class" else ()
     k_rows = torch.zeros(*stack, total, n, dtype=torch.float64, device=device)
     diag = torch.zeros(*stack, total - n, dtype=torch.float64, device=device) if test_diagonal else None
     target = (lambda c: (k_rows[c], None if diag is None else diag[c])) if stack else (lambda c: (k_rows, diag))
     bar = tqdm(total=sum(mine) * len(classes) * total, unit="ex", file=sys.stderr, dynamic_ncols=True,
-               disable=rank > 0 or ((not sys.stderr.isatty()) if progress is None else not progress),
+               disable=progress_off,
                desc=f"eNTK {adapter.adapter_name} ({n_trainable:,} trainable params, {len(chunks)} chunk(s))")
     my_chunks = [c for c, is_mine in zip(chunks, mine) if is_mine]
     widths = [sum(hi - lo for _, lo, hi in chunk) for chunk in my_chunks]
     buffer = torch.empty(total, max(widths, default=0), dtype=torch.float32, device=device)  # reused: touched once
+    factored = store.sites if store is not None else {}
     for chunk, width in zip(my_chunks, widths):
-        theta = {k: params[k] for k in sorted({name for name, _, _ in chunk})}
+        theta = {k: params[k] for k in sorted({name for name, _, _ in chunk}) if k not in factored}
         jac = buffer[:, :width]
-        for c in classes:
+        for ci, c in enumerate(classes):
             def logit(theta, prefix, mask, c=c):
                 return functional_call(adapter, theta, (prefix.unsqueeze(0), mask.unsqueeze(0)))[0, c]
 
             per_example = vmap(grad(logit), in_dims=(None, 0, 0))
-            for lo, hi, prefix, mask in prefixes:
-                grads = per_example(theta, prefix, mask)
+            for b, (lo, hi, prefix, mask) in enumerate(prefixes):
+                grads = per_example(theta, prefix, mask) if theta else {}
                 col = 0
-                for name, a, b in chunk:
-                    jac[lo:hi, col:col + b - a] = grads[name].reshape(hi - lo, -1)[:, a:b]
-                    col += b - a
+                for name, a, z in chunk:
+                    jac[lo:hi, col:col + z - a] = (store.piece(b, name, ci, a, z) if name in factored
+                                                   else grads[name].reshape(hi - lo, -1)[:, a:z])
+                    col += z - a
                 del grads
                 bar.update(hi - lo)
             _accumulate_gram(jac, n, *target(c))
@@ -202,7 +216,38 @@ def compute_ntk(adapter, train_examples: list[dict], test_examples: list[dict], 
     return KernelOutput(k_rows[..., :n, :], k_rows[..., n:, :], None if diag is None else diag.cpu().numpy(), names,
                         n_trainable,
                         {"chunks": len(chunks), "batch_size": batch, "chunk_capacity": chunk_capacity, "world": world,
-                         "kernel": kernel, "trainable": trainable, "max_memory_bytes": budget})
+                         "kernel": kernel, "trainable": trainable, "max_memory_bytes": budget,
+                         "gradients": "vmap" if store is None else "factors",
+                         "factor_bytes": 0 if store is None else store.nbytes})
+
+
+def _collect_factors(adapter, names: list[str], prefixes: list, classes: list[int], gradients: str, budget: int,
+                     progress_off: bool) -> FactorStore | None:
+    """The factors of the covered parameters for every batch; None (vmap per chunk) when no parameter is
+    covered, with ``gradients='vmap'``, or when (``auto``) they would take more than FACTOR_SHARE of the budget:
+    checked as they are collected, extrapolated by tokens (batches come shortest first)."""
+    if gradients not in GRADIENT_PATHS:
+        raise InputError(f"gradients {gradients!r} is unknown; choose one of {', '.join(GRADIENT_PATHS)}.")
+    sites = factor_sites(adapter, names) if gradients != "vmap" else {}
+    if not sites:
+        return None
+    store = FactorStore(adapter, sites)
+    tokens = [mask.numel() for _, _, _, mask in prefixes]
+    limit = FACTOR_SHARE * budget if gradients == "auto" else math.inf
+    seen = 0
+    with tqdm(total=sum(hi - lo for lo, hi, _, _ in prefixes) * len(classes), unit="ex", file=sys.stderr,
+              dynamic_ncols=True, disable=progress_off,
+              desc=f"eNTK factors ({len(sites)} tensors, one forward + backward per class)") as bar:
+        for (lo, hi, prefix, mask), count in zip(prefixes, tokens):
+            try:
+                store.collect(adapter, prefix, mask, classes)
+            except NotFactorable:
+                return None
+            seen += count
+            if store.nbytes * sum(tokens) / seen > limit:
+                return None
+            bar.update((hi - lo) * len(classes))
+    return store
 
 
 def _accumulate_word_table_gram(adapter, prefixes, c: int, n: int, vocab: int, k_rows: torch.Tensor,

@@ -39,10 +39,13 @@ def relative_error(out, reference):
     return np.abs(full - reference).max() / np.abs(reference).max()
 
 
+@pytest.mark.parametrize("gradients", ["auto", "vmap"])
 @pytest.mark.parametrize("trainable", ["head-only", "top:1", "freeze:1", "all", "regex:attention"])
-def test_kernel_equals_gram_of_autograd_gradients(adapter, trainable):
+def test_kernel_equals_gram_of_autograd_gradients(adapter, trainable, gradients):
     ex = adapter.tokenize(TEXTS)
-    out = compute_ntk(adapter, ex[:5], ex[5:], trainable=trainable, max_memory="256MiB", progress=False)
+    out = compute_ntk(adapter, ex[:5], ex[5:], trainable=trainable, max_memory="256MiB", progress=False,
+                      gradients=gradients)
+    assert out.info["gradients"] == ("factors" if gradients == "auto" else "vmap")
     reference = autograd_kernel(adapter, TEXTS, None, out.trainable_names, 5)
     assert relative_error(out, reference) < 1e-5
 
@@ -71,18 +74,35 @@ def test_per_class_kernels_equal_autograd_grams_per_logit_and_sum_to_the_sum_ker
     np.testing.assert_allclose(out.k_train.sum(0), summed.k_train, rtol=1e-5, atol=1e-6 * np.abs(summed.k_train).max())
 
 
-def test_chunking_and_batching_do_not_change_the_kernel(adapter):
+@pytest.mark.parametrize("gradients", ["factors", "vmap"])
+def test_chunking_and_batching_do_not_change_the_kernel(adapter, gradients):
     ex = adapter.tokenize(TEXTS)
     big = compute_ntk(adapter, ex[:5], ex[5:], trainable="all", max_memory="256MiB", progress=False,
                       test_diagonal=True)
-    small = compute_ntk(adapter, ex[:5], ex[5:], trainable="all", max_memory="1MiB", batch_size=3, progress=False,
-                        test_diagonal=True)
-    assert small.info["chunks"] > 1 and big.info["chunks"] == 1
+    factors = big.info["factor_bytes"] if gradients == "factors" else 0  # the factors take their part of the budget
+    small = compute_ntk(adapter, ex[:5], ex[5:], trainable="all", max_memory=2**20 + factors, batch_size=3,
+                        progress=False, test_diagonal=True, gradients=gradients)
+    assert small.info["chunks"] > 1 and big.info["chunks"] == 1 and small.info["gradients"] == gradients
     np.testing.assert_allclose(small.k_train, big.k_train, rtol=1e-5, atol=1e-7 * np.abs(big.k_train).max())
     np.testing.assert_allclose(small.k_test, big.k_test, rtol=1e-5, atol=1e-7 * np.abs(big.k_train).max())
     np.testing.assert_allclose(small.test_diag, big.test_diag, rtol=1e-5)
     again = compute_ntk(adapter, ex[:5], ex[5:], trainable="all", max_memory="256MiB", progress=False)
     np.testing.assert_array_equal(again.k_train, big.k_train)  # deterministic
+
+
+def test_factors_are_kept_only_within_their_share_of_the_budget(adapter, monkeypatch):
+    from freeshap_dq.ntk import compute
+
+    ex = adapter.tokenize(TEXTS)
+    roomy = compute_ntk(adapter, ex[:5], ex[5:], trainable="top:2", max_memory="256MiB", batch_size=4, progress=False)
+    assert roomy.info["gradients"] == "factors"
+    assert 0 < roomy.info["factor_bytes"] <= compute.FACTOR_SHARE * 256 * 2**20
+    monkeypatch.setattr(compute, "FACTOR_SHARE", 0.9 * roomy.info["factor_bytes"] / (256 * 2**20))
+    out = compute_ntk(adapter, ex[:5], ex[5:], trainable="top:2", max_memory="256MiB", batch_size=4, progress=False)
+    assert out.info["gradients"] == "vmap" and out.info["factor_bytes"] == 0
+    np.testing.assert_allclose(out.k_train, roomy.k_train, rtol=1e-5, atol=1e-7 * np.abs(roomy.k_train).max())
+    with pytest.raises(InputError, match="gradients 'jvp' is unknown"):
+        compute_ntk(adapter, ex[:5], ex[5:], trainable="top:2", progress=False, gradients="jvp")
 
 
 def test_train_block_is_symmetric_psd_and_test_diagonal_matches(adapter):

@@ -34,9 +34,11 @@ def reference_kernel(adapter, examples, names, n_train, logits_of):
                  for ex in examples], n_train)
 
 
-def check(adapter, trainable, logits_of):
+def check(adapter, trainable, logits_of, gradients="auto"):
     ex = adapter.tokenize(TEXTS)
-    out = compute_ntk(adapter, ex[:4], ex[4:], trainable=trainable, max_memory="256MiB", progress=False)
+    out = compute_ntk(adapter, ex[:4], ex[4:], trainable=trainable, max_memory="256MiB", progress=False,
+                      gradients=gradients)
+    assert out.info["gradients"] == ("factors" if gradients == "auto" else "vmap")
     adapter.set_trainable(set())
     reference = reference_kernel(adapter, ex, out.trainable_names, 4, logits_of)
     full = np.vstack([out.k_train, out.k_test])
@@ -44,12 +46,13 @@ def check(adapter, trainable, logits_of):
     return out
 
 
+@pytest.mark.parametrize("gradients", ["auto", "vmap"])
 @pytest.mark.parametrize("trainable", ["head-only", "top:1", "freeze:1"])
-def test_prompt_mlm_kernel_equals_autograd(mlm, trainable):
+def test_prompt_mlm_kernel_equals_autograd(mlm, trainable, gradients):
     def logits_of(ids, at):
         hidden = mlm.bert(ids).last_hidden_state[0, at]
         return mlm.head(mlm.transform(hidden))
-    check(mlm, trainable, logits_of)
+    check(mlm, trainable, logits_of, gradients)
 
 
 def test_prompt_mlm_output_layer_is_the_label_word_rows(mlm, tiny_bert_path):
@@ -79,11 +82,12 @@ def test_truncation_never_cuts_the_mask(mlm):
     assert ex["input_ids"][-1] == mlm.tokenizer.sep_token_id
 
 
+@pytest.mark.parametrize("gradients", ["auto", "vmap"])
 @pytest.mark.parametrize("trainable", ["head-only", "top:1", "all"])
-def test_causal_lm_kernel_equals_autograd(causal, trainable):
+def test_causal_lm_kernel_equals_autograd(causal, trainable, gradients):
     def logits_of(ids, at):
         return causal.head(causal.decoder(ids).last_hidden_state[0, at])
-    out = check(causal, trainable, logits_of)
+    out = check(causal, trainable, logits_of, gradients)
     assert all(not n.startswith("decoder.embed_tokens") or trainable == "all" for n in out.trainable_names)
 
 
@@ -113,8 +117,11 @@ def test_lora_a_gradients_are_exactly_zero_and_skipped(tiny_llama_path):
     for k in lora_a:
         params[k].requires_grad_(False)
     assert all(g is None or torch.count_nonzero(g) == 0 for g in grads)
-    ex = adapter.tokenize(TEXTS)
-    kernel = compute_ntk(adapter, ex[:4], ex[4:], trainable="all", max_memory="256MiB", progress=False)
+    adapter.set_trainable(set())
+
+    def logits_of(ids, at):
+        return adapter.head(adapter.decoder(ids).last_hidden_state[0, at])
+    kernel = check(adapter, "all", logits_of)  # LoRA-B (zero at the start) gets its gradients from factors too
     assert kernel.n_trainable == sum(params[k].numel() for k in names)
 
 
