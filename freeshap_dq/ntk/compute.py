@@ -32,7 +32,7 @@ KERNEL_MODES = ("class0", "sum", "per-class")
 GRADIENT_PATHS = ("auto", "factors", "vmap")
 FACTOR_SHARE = 0.5  # at most this part of the memory budget holds factors (auto); else vmap(grad) per chunk
 GRAM_COLUMNS = 16384  # Jacobian columns per fp32 Gram product; products are summed in fp64
-GRAM_ROWS = 256  # train rows per block of the (block-triangular) train Gram
+GRAM_ROWS = 128  # train rows per block of the (block-triangular) train Gram
 MEMORY_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
                 "g": 2**30, "gb": 2**30, "gib": 2**30}
 
@@ -159,7 +159,7 @@ def compute_ntk(adapter, train_examples: list[dict], test_examples: list[dict], 
                 for lo, hi in spans]
     classes = [0] if kernel == "class0" else list(range(adapter.head.out_features))
     progress_off = rank > 0 or ((not sys.stderr.isatty()) if progress is None else not progress)
-    store = _collect_factors(adapter, dense_names, prefixes, classes, gradients, budget, progress_off)
+    store = _collect_factors(adapter, names, prefixes, classes, gradients, budget, progress_off)
     if store is not None:
         chunk_capacity, batch = _plan(budget - store.nbytes, total, n, dense_names, params, batch, kernels)
     if world > 1:  # at least one chunk per rank
@@ -177,7 +177,7 @@ def compute_ntk(adapter, train_examples: list[dict], test_examples: list[dict], 
     my_chunks = [c for c, is_mine in zip(chunks, mine) if is_mine]
     widths = [sum(hi - lo for _, lo, hi in chunk) for chunk in my_chunks]
     buffer = torch.empty(total, max(widths, default=0), dtype=torch.float32, device=device)  # reused: touched once
-    factored = store.sites if store is not None else {}
+    factored = {k: v for k, v in store.sites.items() if k != word_table} if store is not None else {}
     for chunk, width in zip(my_chunks, widths):
         theta = {k: params[k] for k in sorted({name for name, _, _ in chunk}) if k not in factored}
         jac = buffer[:, :width]
@@ -198,8 +198,15 @@ def compute_ntk(adapter, train_examples: list[dict], test_examples: list[dict], 
             _accumulate_gram(jac, n, *target(c))
     del buffer
     if sparse_table and mine[-1]:
-        for c in classes:
-            _accumulate_word_table_gram(adapter, prefixes, c, n, params[word_table].shape[0], *target(c), bar)
+        vocab = params[word_table].shape[0]
+        for ci, c in enumerate(classes):
+            if store is not None and word_table in store.sites:
+                vectors = _factored_word_table_vectors(store, word_table, prefixes, ci, vocab)
+                bar.update(total)
+            else:
+                batches = [(torch.arange(lo, hi, device=device), prefix, mask) for lo, hi, prefix, mask in prefixes]
+                vectors = word_table_vectors(adapter, batches, c, vocab, bar)
+            _accumulate_word_table_gram(vectors, n, *target(c))
     bar.close()
     if world > 1:
         import torch.distributed as dist
@@ -250,11 +257,8 @@ def _collect_factors(adapter, names: list[str], prefixes: list, classes: list[in
     return store
 
 
-def _accumulate_word_table_gram(adapter, prefixes, c: int, n: int, vocab: int, k_rows: torch.Tensor,
-                                diag: torch.Tensor | None, bar) -> None:
-    """The word table's share of rows (train + test) x train columns (see ``word_table_vectors``)."""
-    batches = [(torch.arange(lo, hi, device=prefix.device), prefix, mask) for lo, hi, prefix, mask in prefixes]
-    vectors = word_table_vectors(adapter, batches, c, vocab, bar)
+def _accumulate_word_table_gram(vectors, n: int, k_rows: torch.Tensor, diag: torch.Tensor | None) -> None:
+    """The word table's share of rows (train + test) x train columns, from ``word_table_vectors``."""
     rows, _, summed = vectors
     train = rows < n
     token_gram(vectors, tuple(v[train] for v in vectors), k_rows)  # type: ignore[arg-type]
@@ -268,26 +272,43 @@ def word_table_vectors(adapter, batches, c: int, vocab: int, bar=None
 
     The gradient of f(x_a) with respect to the table has one non-zero row per distinct token v of x_a,
     :math:`G_a[v] = \sum_{t: x_a(t) = v} g_a(t)` with :math:`g_a(t)` the gradient with respect to the row looked
-    up at position t. Returns (row, token, :math:`G_{row}[token]`) for every distinct (row, token) pair of the
-    examples in ``batches`` ((row numbers, prefix, mask) each).
+    up at position t (none for the table's padding row). Returns (row, token, :math:`G_{row}[token]`) for every
+    distinct (row, token) pair of the examples in ``batches`` ((row numbers, prefix, mask) each).
     """
     def logit(vectors, prefix, mask):
         return functional_call(adapter, {}, (prefix.unsqueeze(0), mask.unsqueeze(0)),
                                {"word_vectors": vectors.unsqueeze(0)})[0, c]
 
     per_example = vmap(grad(logit), in_dims=(0, 0, 0))
-    rows, tokens, vectors = [], [], []
+    pieces = []
     for row_ids, prefix, mask in batches:
         ids = prefix[..., 0]
         with torch.no_grad():
             looked_up = adapter.lookup(ids)
-        g = per_example(looked_up, prefix, mask)
+        pieces.append((row_ids, ids, per_example(looked_up, prefix, mask), mask))
+        if bar is not None:
+            bar.update(len(row_ids))
+    table = adapter.get_submodule(adapter.word_table_name.rpartition(".")[0])
+    return _by_token(pieces, vocab, getattr(table, "padding_idx", None))
+
+
+def _factored_word_table_vectors(store: FactorStore, name: str, prefixes: list, class_index: int, vocab: int):
+    """``word_table_vectors`` from the factors kept for the word table (its lookups' output gradients)."""
+    pieces = [(torch.arange(lo, hi, device=mask.device), ids, gs[class_index], mask)
+              for b, (lo, hi, _, mask) in enumerate(prefixes) for ids, gs in store.calls(b, name)]
+    return _by_token(pieces, vocab, store.modules[store.sites[name][0].module].padding_idx)
+
+
+def _by_token(pieces, vocab: int, padding_idx: int | None):
+    """(row, token, summed gradient) per distinct (row, token) from (row ids, token ids, g, mask) batches."""
+    rows, tokens, vectors = [], [], []
+    for row_ids, ids, g, mask in pieces:
         keep = mask > 0
+        if padding_idx is not None:
+            keep &= ids != padding_idx
         rows.append(row_ids[:, None].expand_as(ids)[keep])
         tokens.append(ids[keep])
         vectors.append(g[keep].double())
-        if bar is not None:
-            bar.update(len(row_ids))
     rows, tokens, vectors = torch.cat(rows), torch.cat(tokens), torch.cat(vectors)
     keys, inverse = torch.unique(rows * vocab + tokens, return_inverse=True)
     summed = torch.zeros(len(keys), vectors.shape[1], dtype=torch.float64, device=vectors.device)

@@ -122,29 +122,36 @@ class FactorStore:
     def _hook(self, site: Site, batch: int, sink: list, unfit: set):
         def hook(module, inputs, output):
             x = inputs[0] if inputs else None
-            if not (isinstance(output, torch.Tensor) and isinstance(x, torch.Tensor) and output.dim() >= 2
-                    and output.shape[0] == batch):
+            if not (isinstance(output, torch.Tensor) and isinstance(x, torch.Tensor) and output.dim() >= 2):
                 unfit.add(site)
-                return
+                return None
+            shared = None
+            if site.rule == "embedding" and batch > 1 and output.shape[0] == 1 == x.shape[0]:
+                # one lookup broadcast over the batch (position ids are (1, L)): each example gets its own
+                # copy, so that the backward keeps the examples' gradients apart
+                output = shared = output.expand(batch, *output.shape[1:])
+                x = x.expand(batch, *x.shape[1:])
+            if output.shape[0] != batch or x.shape[0] != batch:
+                unfit.add(site)
+                return None
             with torch.no_grad():
                 if site.rule == "embedding":
-                    if x.shape[0] != batch:
-                        unfit.add(site)
-                        return
-                    sink.append((x.reshape(batch, -1), output))
-                    return
-                if site.rule == "linear":
-                    a = x.detach()
+                    a = x.reshape(batch, -1)
+                elif site.rule == "linear":
+                    a = _tokens(x.detach(), batch)
                 elif site.rule == "norm":
-                    a = F.layer_norm(x.detach(), module.normalized_shape, None, None, module.eps)
+                    a = _tokens(F.layer_norm(x.detach(), module.normalized_shape, None, None, module.eps), batch)
                 else:
                     h = x.detach().to(torch.float32)
                     a = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)).to(x.dtype)
-            if a.shape[0] != batch:
-                unfit.add(site)
-                return
-            sink.append((_tokens(a, batch), output))
+                    a = _tokens(a, batch)
+            sink.append((a, output))
+            return shared
         return hook
+
+    def calls(self, batch: int, name: str) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+        """(a, g per class) of each call of the module that owns ``name``, for one batch."""
+        return self.batches[batch][self.sites[name][0]]
 
     def piece(self, batch: int, name: str, class_index: int, lo: int, hi: int) -> torch.Tensor:
         """Columns lo..hi of the flattened per-example gradient of ``name`` for one batch: (B, hi - lo)."""
@@ -170,8 +177,6 @@ class FactorStore:
 
 def _tokens(t: torch.Tensor, batch: int) -> torch.Tensor:
     """(B, ..., d) -> (B, T, d): one row per position the module was applied at."""
-    if t.shape[0] != batch:
-        raise NotFactorable(f"a factored module was called on a batch of {t.shape[0]}, not {batch}")
     return t.reshape(batch, -1, t.shape[-1])
 
 
