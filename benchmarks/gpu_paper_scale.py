@@ -81,7 +81,8 @@ def ntk_run(args, device: torch.device) -> dict:
     seconds = time.perf_counter() - started
     finite = bool(np.isfinite(out.k_train).all() and np.isfinite(out.k_test).all())
     return {"seconds": seconds, "examples_per_second": (args.n + args.m) / seconds, "n_trainable": out.n_trainable,
-            "chunks": out.info["chunks"], "batch_size": out.info["batch_size"], "finite": finite,
+            "chunks": out.info["chunks"], "batch_size": out.info["batch_size"], "gradients": out.info["gradients"],
+            "factor_gib": out.info["factor_bytes"] / 2**30, "finite": finite,
             "peak_gpu_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
 
 

@@ -23,13 +23,12 @@ import sys
 from dataclasses import dataclass
 
 import torch
-from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
 from ..errors import InputError
 from .compute import (
-    GRAM_COLUMNS, KERNEL_MODES, _chunks, _length_order, _mask, _pad, parse_memory, plan_chunks, select_trainable,
-    token_gram, word_table_vectors,
+    FACTOR_SHARE, GRADIENT_PATHS, GRAM_COLUMNS, KERNEL_MODES, _chunks, _length_order, _mask, _pad, collect_factors,
+    fill_jacobian, parse_memory, plan_chunks, select_trainable, token_gram, word_table_share,
 )
 
 
@@ -45,56 +44,60 @@ def compute_ntk_blocks(adapter, train_examples: list[dict], test_examples: list[
                        trainable: str = "head-only", kernel: str = "class0", max_memory: str | int = "2GiB",
                        example_block: int = 0, batch_size: int = 0, device: str | torch.device = "cpu",
                        progress: bool | None = None, shard: tuple[int, int] = (0, 1),
-                       done: frozenset | set = frozenset(), on_block_done=None) -> dict:
+                       done: frozenset | set = frozenset(), on_block_done=None, gradients: str = "auto") -> dict:
     """Fill ``k_train_out`` (n x n) and ``k_test_out`` (m x n), array-likes such as memory maps, block by block.
     Returns the run's facts (trainable names and count, chunks, block size).
 
     ``shard=(rank, world)`` (under torchrun, the process group initialised): this process computes its share of
     the row blocks (balanced by their cost) into memory maps of the same files that every rank opened; after a
     barrier, rank 0 mirrors the upper triangle. Row blocks (lo, hi) in ``done`` are already written (a resumed
-    run) and skipped; ``on_block_done(lo, hi)`` is called after each block is written."""
+    run) and skipped; ``on_block_done(lo, hi)`` is called after each block is written. ``gradients`` as in
+    ``compute_ntk``: with factors, each block's are collected once per visit (not once per chunk) and the
+    column blocks are taken one at a time."""
     s = _prepare(adapter, train_examples, trainable, kernel, max_memory, device)
-    device, budget, names, params, sparse_table, classes, vocab = (
-        s.device, s.budget, s.names, s.params, s.sparse_table, s.classes, s.vocab)
+    device, budget, names, params, sparse_table, classes = (
+        s.device, s.budget, s.names, s.params, s.sparse_table, s.classes)
     examples = list(train_examples) + list(test_examples)
     n, total = len(train_examples), len(examples)
     block = example_block or auto_example_block(total, n, budget)
-    capacity, batch = _plan_blocks(budget, block, n, s.dense_names, params, batch_size)
-    chunks = _chunks(s.dense_names, params, capacity) if s.dense_names else []
     blocks = _row_blocks(n, total, block)
+    factor_room = _factor_room(adapter, s, [(examples, blocks, 2)], batch_size, gradients)
+    capacity, batch = _plan_blocks(budget - factor_room, block, n, s.dense_names, params, batch_size)
+    chunks = _chunks(s.dense_names, params, capacity) if s.dense_names else []
     train_blocks = [b for b in blocks if b[0] < n]
     columns_of = {(lo, hi): [(c0, c1) for c0, c1 in train_blocks if c0 < min(hi, n)] for lo, hi in blocks}
-    passes = (len(chunks) + sparse_table) * len(classes)  # train rows: only the lower column blocks
+    passes = len(classes) * (1 if factor_room else len(chunks) + sparse_table)  # train rows: lower column blocks
     cost = {(lo, hi): passes * (hi - lo + sum(c1 - c0 for c0, c1 in cols if (c0, c1) != (lo, hi)))
             for (lo, hi), cols in columns_of.items()}
     rank, world = shard
     mine = assign_blocks({b: c for b, c in cost.items() if b not in done}, world)[rank]
     bar = tqdm(total=sum(cost[b] for b in mine), unit="ex", file=sys.stderr, dynamic_ncols=True,
                disable=rank > 0 or ((not sys.stderr.isatty()) if progress is None else not progress),
-               desc=f"eNTK {adapter.adapter_name} by blocks of {block} ({len(blocks)} blocks, {len(chunks)} chunk(s))")
+               desc=f"eNTK {adapter.adapter_name} by blocks of {block} ({len(blocks)} blocks, {len(chunks)} chunk(s)"
+                    f"{', factors' if factor_room else ''})")
     for lo, hi in mine:
         columns = columns_of[(lo, hi)]
         width = columns[-1][1]
         panel = torch.zeros(hi - lo, width, dtype=torch.float64, device=device)
-        rows = _batches(adapter, examples, lo, hi, batch, device)
-        for chunk in chunks:
-            theta = {k: params[k] for k in sorted({name for name, _, _ in chunk})}
-            for c in classes:
-                jac_rows = _jacobian(adapter, theta, chunk, c, rows, lo, hi, device, bar)
-                for c0, c1 in columns:
-                    jac_cols = jac_rows if (c0, c1) == (lo, hi) else _jacobian(
-                        adapter, theta, chunk, c, _batches(adapter, examples, c0, c1, batch, device), c0, c1, device, bar)
-                    for col in range(0, jac_rows.shape[1], GRAM_COLUMNS):
-                        panel[:, c0:c1] += (jac_rows[:, col:col + GRAM_COLUMNS]
-                                            @ jac_cols[:, col:col + GRAM_COLUMNS].T).double()
-                del jac_rows
-        if sparse_table:
-            for c in classes:
-                mine = word_table_vectors(adapter, rows, c, vocab, bar)
-                for c0, c1 in columns:
-                    theirs = mine if (c0, c1) == (lo, hi) else word_table_vectors(
-                        adapter, _batches(adapter, examples, c0, c1, batch, device), c, vocab, bar)
-                    token_gram(mine, theirs, panel, row_offset=lo)
+        rows = _Block(adapter, s, examples, lo, hi, batch, bool(factor_room), bar)
+        # with factors, one column block at a time (each collected once); else all of them per chunk pass
+        for group in ([[c] for c in columns] if factor_room else [columns]):
+            sources = {c: rows if c == (lo, hi) else _Block(adapter, s, examples, *c, batch, bool(factor_room), bar,
+                                                             kept=False) for c in group}
+            for chunk in chunks:
+                for ci, c in enumerate(classes):
+                    jac_rows = rows.jacobian(chunk, c, ci)
+                    for (c0, c1), source in sources.items():
+                        jac_cols = jac_rows if source is rows else source.jacobian(chunk, c, ci)
+                        for col in range(0, jac_rows.shape[1], GRAM_COLUMNS):
+                            panel[:, c0:c1] += (jac_rows[:, col:col + GRAM_COLUMNS]
+                                                @ jac_cols[:, col:col + GRAM_COLUMNS].T).double()
+                    del jac_rows
+            for ci, c in enumerate(classes) if sparse_table else ():
+                mine_vectors = rows.word_table(c, ci)
+                for source in sources.values():
+                    token_gram(mine_vectors, mine_vectors if source is rows else source.word_table(c, ci), panel,
+                               row_offset=lo)
         panel = panel.cpu().numpy()
         if lo < n:
             diagonal = panel[:, lo:hi]
@@ -112,7 +115,8 @@ def compute_ntk_blocks(adapter, train_examples: list[dict], test_examples: list[
                 k_train_out[lo:hi, c0:c1] = k_train_out[c0:c1, lo:hi].T
     return {"trainable_names": names, "n_trainable": sum(params[k].numel() for k in names), "chunks": len(chunks),
             "example_block": block, "blocks": len(blocks), "blocks_resumed": len(set(blocks) & set(done)),
-            "batch_size": batch, "chunk_capacity": capacity,
+            "batch_size": batch, "chunk_capacity": capacity, "gradients": "factors" if factor_room else "vmap",
+            "factor_bytes": factor_room,
             "max_memory_bytes": budget, "kernel": kernel, "trainable": trainable}
 
 
@@ -121,10 +125,11 @@ def compute_ntk_landmarks(adapter, train_examples: list[dict], test_examples: li
                           max_memory: str | int = "2GiB", example_block: int = 0, batch_size: int = 0,
                           device: str | torch.device = "cpu", progress: bool | None = None,
                           shard: tuple[int, int] = (0, 1), done: frozenset | set = frozenset(),
-                          on_block_done=None) -> dict:
+                          on_block_done=None, gradients: str = "auto") -> dict:
     """The landmark columns of the eNTK: ``k_train_out`` (n x r) = K[:, L], ``k_test_out`` (m x r) = K[T, L] and
     ``diag_out`` (n) = diag(K), by row blocks: N (r + block) / block gradient work and N r P Gram work instead of
-    N n P. ``landmarks``: sorted training indices. Shards, resume and progress as ``compute_ntk_blocks``."""
+    N n P. ``landmarks``: sorted training indices. Shards, resume, progress and ``gradients`` as
+    ``compute_ntk_blocks``; with factors, the landmarks' are collected once for the whole run."""
     s = _prepare(adapter, train_examples, trainable, kernel, max_memory, device)
     examples = list(train_examples) + list(test_examples)
     n, total = len(train_examples), len(examples)
@@ -134,33 +139,37 @@ def compute_ntk_landmarks(adapter, train_examples: list[dict], test_examples: li
         raise InputError(f"landmarks must be distinct sorted training indices in 0..{n - 1}.")
     landmark_examples = [train_examples[i] for i in landmarks]
     block = example_block or min(total, 2048)
-    capacity, batch = plan_chunks(s.budget, 16 * block * r, 4 * (block + r), s.dense_names, s.params, batch_size,
-                                  f"example blocks of {block} against {r} landmarks",
+    blocks = _row_blocks(n, total, block)
+    factor_room = _factor_room(adapter, s, [(examples, blocks, 1), (landmark_examples, [(0, r)], 1)], batch_size,
+                               gradients)
+    capacity, batch = plan_chunks(s.budget - factor_room, 16 * block * r, 4 * (block + r), s.dense_names, s.params,
+                                  batch_size, f"example blocks of {block} against {r} landmarks",
                                   "use smaller --example-block or fewer --landmarks")
     chunks = _chunks(s.dense_names, s.params, capacity) if s.dense_names else []
-    blocks = _row_blocks(n, total, block)
-    passes = (len(chunks) + s.sparse_table) * len(s.classes)
+    passes = len(s.classes) * (1 if factor_room else len(chunks) + s.sparse_table)
     rank, world = shard
     mine = assign_blocks({b: passes * (b[1] - b[0] + r) for b in blocks if b not in done}, world)[rank]
     bar = tqdm(total=sum(passes * (hi - lo + r) for lo, hi in mine), unit="ex", file=sys.stderr, dynamic_ncols=True,
                disable=rank > 0 or ((not sys.stderr.isatty()) if progress is None else not progress),
-               desc=f"eNTK {adapter.adapter_name} against {r} landmarks ({len(blocks)} blocks, {len(chunks)} chunk(s))")
+               desc=f"eNTK {adapter.adapter_name} against {r} landmarks ({len(blocks)} blocks, {len(chunks)} chunk(s)"
+                    f"{', factors' if factor_room else ''})")
+    columns = _Block(adapter, s, landmark_examples, 0, r, batch, bool(factor_room), bar) if mine else None
     for lo, hi in mine:
         panel = torch.zeros(hi - lo, r, dtype=torch.float64, device=s.device)
         diag = torch.zeros(hi - lo, dtype=torch.float64, device=s.device)
-        rows = _batches(adapter, examples, lo, hi, batch, s.device)
-        columns = _batches(adapter, landmark_examples, 0, r, batch, s.device)
+        rows = _Block(adapter, s, examples, lo, hi, batch, bool(factor_room), bar)
+        if factor_room and lo != mine[0][0]:
+            bar.update(len(s.classes) * r)  # the landmarks' factors were collected once
         for chunk in chunks:
-            theta = {k: s.params[k] for k in sorted({name for name, _, _ in chunk})}
-            for c in s.classes:
-                jac_rows = _jacobian(adapter, theta, chunk, c, rows, lo, hi, s.device, bar)
-                jac_cols = _jacobian(adapter, theta, chunk, c, columns, 0, r, s.device, bar)
+            for ci, c in enumerate(s.classes):
+                jac_rows = rows.jacobian(chunk, c, ci)
+                jac_cols = columns.jacobian(chunk, c, ci)
                 for col in range(0, jac_rows.shape[1], GRAM_COLUMNS):
                     panel += (jac_rows[:, col:col + GRAM_COLUMNS] @ jac_cols[:, col:col + GRAM_COLUMNS].T).double()
                 diag += (jac_rows.double() ** 2).sum(1)
-        for c in s.classes if s.sparse_table else ():
-            mine_vectors = word_table_vectors(adapter, rows, c, s.vocab, bar)
-            token_gram(mine_vectors, word_table_vectors(adapter, columns, c, s.vocab, bar), panel, row_offset=lo)
+        for ci, c in enumerate(s.classes) if s.sparse_table else ():
+            mine_vectors = rows.word_table(c, ci)
+            token_gram(mine_vectors, columns.word_table(c, ci), panel, row_offset=lo)
             diag.index_add_(0, mine_vectors[0] - lo, (mine_vectors[2] ** 2).sum(1))
         if lo < n:
             k_train_out[lo:hi] = panel.cpu().numpy()
@@ -174,7 +183,70 @@ def compute_ntk_landmarks(adapter, train_examples: list[dict], test_examples: li
     return {"trainable_names": s.names, "n_trainable": sum(s.params[k].numel() for k in s.names),
             "chunks": len(chunks), "example_block": block, "blocks": len(blocks),
             "blocks_resumed": len(set(blocks) & set(done)), "landmarks": r, "batch_size": batch,
-            "chunk_capacity": capacity, "max_memory_bytes": s.budget, "kernel": kernel, "trainable": trainable}
+            "chunk_capacity": capacity, "gradients": "factors" if factor_room else "vmap",
+            "factor_bytes": factor_room,
+            "max_memory_bytes": s.budget, "kernel": kernel, "trainable": trainable}
+
+
+class _Block:
+    """The examples lo..hi as gradient batches (rows numbered from lo): their factors collected once when
+    ``factored``, or ``vmap(grad)`` per chunk; ``jacobian`` / ``word_table`` give their gradients. Without
+    factors, a block that is not ``kept`` forms its batches (the frozen bottom's output) anew at each use."""
+
+    def __init__(self, adapter, s: "_Setup", examples: list[dict], lo: int, hi: int, batch: int, factored: bool, bar,
+                 kept: bool = True):
+        self.adapter, self.s, self.lo, self.hi, self.bar = adapter, s, lo, hi, bar
+        self.form = lambda: _batches(adapter, examples, lo, hi, batch, s.device)  # noqa: E731
+        self.kept = self.form() if kept or factored else None
+        self.store = collect_factors(adapter, s.names, self.kept, s.classes) if factored else None
+        if factored:
+            bar.update((hi - lo) * len(s.classes))
+
+    @property
+    def batches(self) -> list:
+        return self.kept if self.kept is not None else self.form()
+
+    def jacobian(self, chunk, c: int, ci: int) -> torch.Tensor:
+        """The ((hi - lo) x chunk width) fp32 Jacobian of logit c for the block's examples, in their order."""
+        jac = torch.empty(self.hi - self.lo, sum(b - a for _, a, b in chunk), dtype=torch.float32,
+                          device=self.s.device)
+        fill_jacobian(jac, self.adapter, self.s.params, chunk, c, ci,
+                      [(idx - self.lo, prefix, mask) for idx, prefix, mask in self.batches], self.store,
+                      None if self.store is not None else self.bar)
+        return jac
+
+    def word_table(self, c: int, ci: int):
+        return word_table_share(self.adapter, self.batches, c, ci, self.store,
+                                None if self.store is not None else self.bar)
+
+
+def _factor_room(adapter, s: "_Setup", groups: list, batch_size: int, gradients: str) -> int:
+    """Bytes to set aside for factors: for each (examples, blocks, count) of ``groups``, ``count`` of its largest
+    blocks held at once, at the bytes per padded token of one probe batch of the shortest examples; 0 (vmap)
+    when no factor rule applies, with ``gradients='vmap'``, or (``auto``) when that is more than FACTOR_SHARE
+    of the budget."""
+    if gradients not in GRADIENT_PATHS:
+        raise InputError(f"gradients {gradients!r} is unknown; choose one of {', '.join(GRADIENT_PATHS)}.")
+    if gradients == "vmap":
+        return 0
+    batch = max(8, batch_size)
+    examples = groups[0][0]
+    probe = [examples[i] for i in _length_order(examples)[:batch]]
+    mask = _mask(probe, s.device)
+    store = collect_factors(adapter, s.names, [(None, adapter.prefix(_pad(probe, adapter, s.device)), mask)],
+                            s.classes)
+    if store is None:
+        return 0
+    per_token = store.nbytes / mask.numel()
+    need = int(sum(count * per_token * max(_padded_tokens(group, lo, hi, batch) for lo, hi in blocks)
+                   for group, blocks, count in groups))
+    return need if gradients == "factors" or need <= FACTOR_SHARE * s.budget else 0
+
+
+def _padded_tokens(examples: list[dict], lo: int, hi: int, batch: int) -> int:
+    """Positions in the length-sorted batches of examples lo..hi (as ``_batches`` forms them)."""
+    lengths = sorted(len(e["input_ids"]) for e in examples[lo:hi])
+    return sum(len(lengths[i:i + batch]) * lengths[i:i + batch][-1] for i in range(0, len(lengths), batch))
 
 
 @dataclass
@@ -250,24 +322,6 @@ def _batches(adapter, examples: list[dict], lo: int, hi: int, batch: int, device
         out.append((torch.as_tensor(idx, device=device), adapter.prefix(_pad(chosen, adapter, device)),
                     _mask(chosen, device)))
     return out
-
-
-def _jacobian(adapter, theta: dict, chunk, c: int, batches: list, lo: int, hi: int, device, bar) -> torch.Tensor:
-    """The ((hi - lo) x chunk width) fp32 Jacobian of logit c for examples lo..hi, in their order."""
-    def logit(theta, prefix, mask):
-        return functional_call(adapter, theta, (prefix.unsqueeze(0), mask.unsqueeze(0)))[0, c]
-
-    per_example = vmap(grad(logit), in_dims=(None, 0, 0))
-    width = sum(b - a for _, a, b in chunk)
-    jac = torch.empty(hi - lo, width, dtype=torch.float32, device=device)
-    for idx, prefix, mask in batches:
-        grads = per_example(theta, prefix, mask)
-        col = 0
-        for name, a, b in chunk:
-            jac[idx - lo, col:col + b - a] = grads[name].reshape(len(idx), -1)[:, a:b]
-            col += b - a
-        bar.update(len(idx))
-    return jac
 
 
 def _plan_blocks(budget: int, block: int, n: int, names: list[str], params: dict, batch_size: int) -> tuple[int, int]:

@@ -155,9 +155,10 @@ def build_kernel(train: TextDataset, test: TextDataset, config: NTKConfig | None
                       shard=shard)
     elapsed = time.monotonic() - started
     log(f"eNTK: {len(train)} x {len(train)} + {len(test)} x {len(train)} kernel over {out.n_trainable:,} trainable "
-        f"parameters in {elapsed:.1f} s ({out.info['chunks']} chunk(s))")
+        f"parameters in {elapsed:.1f} s ({out.info['chunks']} chunk(s), per-example gradients by "
+        f"{out.info['gradients']})")
     manifest = {**manifest, "n_trainable": out.n_trainable, "trainable_names": out.trainable_names,
-                "seconds": round(elapsed, 2), "freeshap_dq": __version__}
+                "gradients": out.info["gradients"], "seconds": round(elapsed, 2), "freeshap_dq": __version__}
     problem = KernelProblem(out.k_train, out.k_test, y_train, y_test, names, np.array(train.ids),
                             np.array(test.ids), source=f"eNTK of {config.model}")
     if cached is not None and shard[0] == 0:
@@ -226,12 +227,13 @@ def build_kernel_folder(train: TextDataset, test: TextDataset, path: str | Path,
             raise
         elapsed = time.monotonic() - started
         manifest = {**manifest, "n_trainable": info["n_trainable"], "trainable_names": info["trainable_names"],
-                    "example_block": info["example_block"], "seconds": round(elapsed, 2), "freeshap_dq": __version__}
+                    "example_block": info["example_block"], "gradients": info["gradients"],
+                    "seconds": round(elapsed, 2), "freeshap_dq": __version__}
         writer.finish(y_train, y_test, names, np.array(train.ids), np.array(test.ids), manifest)
     columns = len(train) if landmarks is None else f"{len(landmarks)} landmark"
     log(f"eNTK: {len(train)} x {columns} + {len(test)} x {columns} kernel over {info['n_trainable']:,} trainable "
         f"parameters in {elapsed:.1f} s ({info['blocks']} example block(s) of {info['example_block']}, "
-        f"{info['chunks']} chunk(s)) written to {path}")
+        f"{info['chunks']} chunk(s), gradients by {info['gradients']}) written to {path}")
     return manifest
 
 

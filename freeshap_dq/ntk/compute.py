@@ -177,35 +177,17 @@ def compute_ntk(adapter, train_examples: list[dict], test_examples: list[dict], 
     my_chunks = [c for c, is_mine in zip(chunks, mine) if is_mine]
     widths = [sum(hi - lo for _, lo, hi in chunk) for chunk in my_chunks]
     buffer = torch.empty(total, max(widths, default=0), dtype=torch.float32, device=device)  # reused: touched once
-    factored = {k: v for k, v in store.sites.items() if k != word_table} if store is not None else {}
+    batches = [(slice(lo, hi), prefix, mask) for lo, hi, prefix, mask in prefixes]
     for chunk, width in zip(my_chunks, widths):
-        theta = {k: params[k] for k in sorted({name for name, _, _ in chunk}) if k not in factored}
         jac = buffer[:, :width]
         for ci, c in enumerate(classes):
-            def logit(theta, prefix, mask, c=c):
-                return functional_call(adapter, theta, (prefix.unsqueeze(0), mask.unsqueeze(0)))[0, c]
-
-            per_example = vmap(grad(logit), in_dims=(None, 0, 0))
-            for b, (lo, hi, prefix, mask) in enumerate(prefixes):
-                grads = per_example(theta, prefix, mask) if theta else {}
-                col = 0
-                for name, a, z in chunk:
-                    jac[lo:hi, col:col + z - a] = (store.piece(b, name, ci, a, z) if name in factored
-                                                   else grads[name].reshape(hi - lo, -1)[:, a:z])
-                    col += z - a
-                del grads
-                bar.update(hi - lo)
+            fill_jacobian(jac, adapter, params, chunk, c, ci, batches, store, bar)
             _accumulate_gram(jac, n, *target(c))
     del buffer
     if sparse_table and mine[-1]:
-        vocab = params[word_table].shape[0]
+        rows = [(torch.arange(lo, hi, device=device), prefix, mask) for lo, hi, prefix, mask in prefixes]
         for ci, c in enumerate(classes):
-            if store is not None and word_table in store.sites:
-                vectors = _factored_word_table_vectors(store, word_table, prefixes, ci, vocab)
-                bar.update(total)
-            else:
-                batches = [(torch.arange(lo, hi, device=device), prefix, mask) for lo, hi, prefix, mask in prefixes]
-                vectors = word_table_vectors(adapter, batches, c, vocab, bar)
+            vectors = word_table_share(adapter, rows, c, ci, store, bar)
             _accumulate_word_table_gram(vectors, n, *target(c))
     bar.close()
     if world > 1:
@@ -226,6 +208,61 @@ def compute_ntk(adapter, train_examples: list[dict], test_examples: list[dict], 
                          "kernel": kernel, "trainable": trainable, "max_memory_bytes": budget,
                          "gradients": "vmap" if store is None else "factors",
                          "factor_bytes": 0 if store is None else store.nbytes})
+
+
+def fill_jacobian(jac: torch.Tensor, adapter, params: dict, chunk, c: int, ci: int, batches: list,
+                  store: FactorStore | None, bar=None) -> None:
+    """``jac[rows]`` = the per-example gradient columns of ``chunk`` (logit c, the store's class ci) for
+    (rows, prefix, mask) batches: from the factors in ``store`` (its batch b is batch b here) for the tensors
+    they cover, from ``vmap(grad)`` for the rest."""
+    factored = store.sites if store is not None else {}
+    theta = {k: params[k] for k in sorted({name for name, _, _ in chunk}) if k not in factored}
+
+    def logit(theta, prefix, mask):
+        return functional_call(adapter, theta, (prefix.unsqueeze(0), mask.unsqueeze(0)))[0, c]
+
+    per_example = vmap(grad(logit), in_dims=(None, 0, 0))
+    for b, (rows, prefix, mask) in enumerate(batches):
+        grads = per_example(theta, prefix, mask) if theta else {}
+        col = 0
+        for name, lo, hi in chunk:
+            jac[rows, col:col + hi - lo] = (store.piece(b, name, ci, lo, hi) if name in factored
+                                            else grads[name].reshape(len(mask), -1)[:, lo:hi])
+            col += hi - lo
+        del grads
+        if bar is not None:
+            bar.update(len(mask))
+
+
+def word_table_share(adapter, batches: list, c: int, ci: int, store: FactorStore | None, bar=None):
+    """``word_table_vectors`` for (row ids, prefix, mask) batches: from the store's factors when it holds the
+    word table (the bar then moves by the examples at once), else by vmap."""
+    name = adapter.word_table_name
+    if store is None or name not in store.sites:
+        return word_table_vectors(adapter, batches, c, _vocab(adapter), bar)
+    pieces = [(row_ids, ids, gs[ci], mask) for b, (row_ids, _, mask) in enumerate(batches)
+              for ids, gs in store.calls(b, name)]
+    if bar is not None:
+        bar.update(sum(len(mask) for _, _, mask in batches))
+    return _by_token(pieces, _vocab(adapter), store.modules[store.sites[name][0].module].padding_idx)
+
+
+def _vocab(adapter) -> int:
+    return dict(adapter.named_parameters())[adapter.word_table_name].shape[0]
+
+
+def collect_factors(adapter, names: list[str], batches: list, classes: list[int]) -> FactorStore | None:
+    """The factors of ``names`` for (rows, prefix, mask) batches; None when no factor rule covers any."""
+    sites = factor_sites(adapter, names)
+    if not sites:
+        return None
+    store = FactorStore(adapter, sites)
+    try:
+        for _, prefix, mask in batches:
+            store.collect(adapter, prefix, mask, classes)
+    except NotFactorable:
+        return None
+    return store if store.sites else None
 
 
 def _collect_factors(adapter, names: list[str], prefixes: list, classes: list[int], gradients: str, budget: int,
@@ -290,13 +327,6 @@ def word_table_vectors(adapter, batches, c: int, vocab: int, bar=None
             bar.update(len(row_ids))
     table = adapter.get_submodule(adapter.word_table_name.rpartition(".")[0])
     return _by_token(pieces, vocab, getattr(table, "padding_idx", None))
-
-
-def _factored_word_table_vectors(store: FactorStore, name: str, prefixes: list, class_index: int, vocab: int):
-    """``word_table_vectors`` from the factors kept for the word table (its lookups' output gradients)."""
-    pieces = [(torch.arange(lo, hi, device=mask.device), ids, gs[class_index], mask)
-              for b, (lo, hi, _, mask) in enumerate(prefixes) for ids, gs in store.calls(b, name)]
-    return _by_token(pieces, vocab, store.modules[store.sites[name][0].module].padding_idx)
 
 
 def _by_token(pieces, vocab: int, padding_idx: int | None):

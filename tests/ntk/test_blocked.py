@@ -19,25 +19,40 @@ def adapter(tiny_bert_path):
     return EncoderHead(model, tokenizer, n_classes=2, head_seed=2)
 
 
+@pytest.mark.parametrize("gradients", ["factors", "vmap"])
 @pytest.mark.parametrize("trainable, kernel, block, memory", [
     ("top:2", "class0", 3, "256MiB"),  # blocks 0-3, 3-6, 6-7 | test 7-10
     ("all", "sum", 4, "256MiB"),  # the word table's sparse share, block against block
-    ("freeze:1", "class0", 2, "200KiB"),  # several parameter chunks per block
+    ("freeze:1", "class0", 2, "200KiB"),  # several parameter chunks per block (besides the factors' room)
 ])
-def test_blocks_give_the_one_pass_kernel(adapter, trainable, kernel, block, memory):
+def test_blocks_give_the_one_pass_kernel(adapter, trainable, kernel, block, memory, gradients):
     ex = adapter.tokenize(TEXTS)
     train, test = ex[:7], ex[7:]
-    whole = compute_ntk(adapter, train, test, trainable=trainable, kernel=kernel, max_memory="256MiB", progress=False)
+    whole = compute_ntk(adapter, train, test, trainable=trainable, kernel=kernel, max_memory="256MiB", progress=False,
+                        gradients="vmap")
     k_train, k_test = np.full((7, 7), np.nan), np.full((3, 7), np.nan)
-    info = compute_ntk_blocks(adapter, train, test, k_train, k_test, trainable=trainable, kernel=kernel,
-                              max_memory=memory, example_block=block, progress=False)
+
+    def run(memory):
+        k_train[:], k_test[:] = np.nan, np.nan
+        return compute_ntk_blocks(adapter, train, test, k_train, k_test, trainable=trainable, kernel=kernel,
+                                  max_memory=memory, example_block=block, progress=False, gradients=gradients)
+
+    info = run(memory if gradients == "vmap" else 2**18 * 1024 + 1)  # first learn the factors' room
+    info = run(_budget(memory) + info["factor_bytes"])
     assert info["example_block"] == block and info["n_trainable"] == whole.n_trainable
+    assert info["gradients"] == gradients and (info["factor_bytes"] > 0) == (gradients == "factors")
     if memory == "200KiB":
         assert info["chunks"] > 1
     scale = np.abs(whole.k_train).max()
     np.testing.assert_allclose(k_train, whole.k_train, rtol=1e-5, atol=1e-6 * scale)
     np.testing.assert_allclose(k_test, whole.k_test, rtol=1e-5, atol=1e-6 * scale)
     np.testing.assert_array_equal(k_train, k_train.T)
+
+
+def _budget(spec: str) -> int:
+    from freeshap_dq.ntk.compute import parse_memory
+
+    return parse_memory(spec)
 
 
 def test_blocks_fill_a_memory_mapped_kernel_folder(adapter, tmp_path):
@@ -104,22 +119,31 @@ def test_an_interrupted_kernel_folder_resumes_from_its_finished_blocks(adapter, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["K.kernel", "K2.kernel"]
 
 
+@pytest.mark.parametrize("gradients", ["factors", "vmap"])
 @pytest.mark.parametrize("trainable, kernel, block, memory", [
     ("top:2", "class0", 3, "256MiB"),
     ("all", "sum", 4, "256MiB"),  # the word table's sparse share against the landmarks
-    ("freeze:1", "class0", 2, "200KiB"),  # several parameter chunks
+    ("freeze:1", "class0", 2, "200KiB"),  # several parameter chunks (besides the factors' room)
 ])
-def test_landmark_columns_and_diagonal_equal_the_full_kernel(adapter, trainable, kernel, block, memory):
+def test_landmark_columns_and_diagonal_equal_the_full_kernel(adapter, trainable, kernel, block, memory, gradients):
     from freeshap_dq.ntk.blocked import compute_ntk_landmarks
 
     ex = adapter.tokenize(TEXTS)
     train, test = ex[:7], ex[7:]
-    whole = compute_ntk(adapter, train, test, trainable=trainable, kernel=kernel, max_memory="256MiB", progress=False)
+    whole = compute_ntk(adapter, train, test, trainable=trainable, kernel=kernel, max_memory="256MiB", progress=False,
+                        gradients="vmap")
     landmarks = [1, 4, 6]
     cols, test_cols, diag = np.full((7, 3), np.nan), np.full((3, 3), np.nan), np.full(7, np.nan)
-    info = compute_ntk_landmarks(adapter, train, test, landmarks, cols, test_cols, diag, trainable=trainable,
-                                 kernel=kernel, max_memory=memory, example_block=block, progress=False)
-    assert info["landmarks"] == 3 and (memory != "200KiB" or info["chunks"] > 1)
+
+    def run(memory):
+        cols[:], test_cols[:], diag[:] = np.nan, np.nan, np.nan
+        return compute_ntk_landmarks(adapter, train, test, landmarks, cols, test_cols, diag, trainable=trainable,
+                                     kernel=kernel, max_memory=memory, example_block=block, progress=False,
+                                     gradients=gradients)
+
+    info = run(memory if gradients == "vmap" else 2**18 * 1024 + 1)  # first learn the factors' room
+    info = run(_budget(memory) + info["factor_bytes"])
+    assert info["landmarks"] == 3 and (memory != "200KiB" or info["chunks"] > 1) and info["gradients"] == gradients
     scale = np.abs(whole.k_train).max()
     np.testing.assert_allclose(cols, whole.k_train[:, landmarks], rtol=1e-5, atol=1e-6 * scale)
     np.testing.assert_allclose(test_cols, whole.k_test[:, landmarks], rtol=1e-5, atol=1e-6 * scale)
