@@ -228,6 +228,50 @@ def landmark_part(args, work: Path, model_dir: Path) -> None:
           f"values finite: {ours['finite']}\n")
 
 
+def ntk_part(args, work, model_dir) -> None:
+    """Part 1: the blocked eNTK into a kernel folder against the one-pass eNTK."""
+    base = dict(model_dir=model_dir, ntk_n=args.ntk_n, ntk_m=args.ntk_m, ntk_block=args.ntk_block)
+    one = run_child("ntk", mode="one-pass", out=work / "one.kernel", **base)
+    blocks = run_child("ntk", mode="blocks", out=work / "blocks.kernel", **base)
+    gram_gib = 8 * (args.ntk_n + args.ntk_m) * args.ntk_n / 2**30
+    print(f"## 1. eNTK, n = {args.ntk_n:,}, m = {args.ntk_m:,} (the fp64 Gram alone: {gram_gib:.1f} GiB)\n")
+    print("| method | seconds | peak allocated GiB | peak RSS GiB (incl. mapped file pages) | vs one pass |")
+    print("|---|---|---|---|---|")
+    print(f"| one pass in memory (baseline) | {one['seconds']:.1f} | {one['peak_anon_gib']:.2f} | "
+          f"{one['peak_rss_gib']:.2f} | 1.00× time |")
+    print(f"| example blocks of {args.ntk_block:,} into a kernel folder | {blocks['seconds']:.1f} | "
+          f"{blocks['peak_anon_gib']:.2f} | {blocks['peak_rss_gib']:.2f} | {blocks['seconds'] / one['seconds']:.2f}× "
+          f"time, {blocks['peak_anon_gib'] / one['peak_anon_gib']:.2f}× allocated memory |")
+    print(f"\nmax |difference| / max |K|: {max_relative_difference(work / 'one.kernel', work / 'blocks.kernel'):.1e}\n")
+    shutil.rmtree(work / "one.kernel")
+    shutil.rmtree(work / "blocks.kernel")
+
+
+def folder_part(args, work) -> None:
+    """Parts 2-3: Nystrom values and streamed per-point sums of a large RBF kernel folder."""
+    folder = work / "rbf.kernel"
+    written = write_rbf_folder(folder, args.n, args.m)
+    size = sum(f.stat().st_size for f in folder.iterdir()) / 2**30
+    print(f"## 2–3. Nyström r = {args.rank} on a kernel folder, n = {args.n:,}, m = {args.m:,} "
+          f"({size:.1f} GiB on disk, written in {written:.0f} s), T = {args.perms}\n")
+    print("| run | load s | total s | peak allocated GiB | peak RSS GiB (incl. mapped file pages) |")
+    print("|---|---|---|---|---|")
+    common = dict(kernel=folder, rank=args.rank, perms=args.perms)
+    rows = [("values only", run_child("value", mode="aggregate", out=work / "a.npz", **common)),
+            ("per point, sums in memory (baseline)", run_child("value", mode="memory", out=work / "r.npz", **common)),
+            ("per point, streamed to disk", run_child("value", mode="streamed", out=work / "r.result",
+                                                      points=work / "points", **common))]
+    for name, r in rows:
+        print(f"| {name} | {r['load_seconds']:.1f} | {r['seconds']:.1f} | {r['peak_anon_gib']:.2f} | "
+              f"{r['peak_rss_gib']:.2f} |")
+    from freeshap_dq import ValuationResult
+
+    a, b = ValuationResult.load(work / "r.npz"), ValuationResult.load(work / "r.result")
+    same = all(np.array_equal(a.point_sums[k], b.point_sums[k]) for k in ("accuracy", "ce"))
+    print(f"\nper-point sums streamed == in memory (bit for bit): {same}; "
+          f"allocated memory saved: {rows[1][1]['peak_anon_gib'] - rows[2][1]['peak_anon_gib']:.2f} GiB")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ntk-n", type=int, default=20000)
@@ -263,45 +307,10 @@ def main() -> None:
         parts = args.parts.split(",")
         if "4" in parts:
             landmark_part(args, work, model_dir)
-        if "1" not in parts and "2" not in parts:
-            return
-        base = dict(model_dir=model_dir, ntk_n=args.ntk_n, ntk_m=args.ntk_m, ntk_block=args.ntk_block)
-        one = run_child("ntk", mode="one-pass", out=work / "one.kernel", **base)
-        blocks = run_child("ntk", mode="blocks", out=work / "blocks.kernel", **base)
-        gram_gib = 8 * (args.ntk_n + args.ntk_m) * args.ntk_n / 2**30
-        print(f"## 1. eNTK, n = {args.ntk_n:,}, m = {args.ntk_m:,} (the fp64 Gram alone: {gram_gib:.1f} GiB)\n")
-        print("| method | seconds | peak allocated GiB | peak RSS GiB (incl. mapped file pages) | vs one pass |")
-        print("|---|---|---|---|---|")
-        print(f"| one pass in memory (baseline) | {one['seconds']:.1f} | {one['peak_anon_gib']:.2f} | "
-              f"{one['peak_rss_gib']:.2f} | 1.00× time |")
-        print(f"| example blocks of {args.ntk_block:,} into a kernel folder | {blocks['seconds']:.1f} | "
-              f"{blocks['peak_anon_gib']:.2f} | {blocks['peak_rss_gib']:.2f} | {blocks['seconds'] / one['seconds']:.2f}× "
-              f"time, {blocks['peak_anon_gib'] / one['peak_anon_gib']:.2f}× allocated memory |")
-        print(f"\nmax |difference| / max |K|: {max_relative_difference(work / 'one.kernel', work / 'blocks.kernel'):.1e}\n")
-        shutil.rmtree(work / "one.kernel")
-        shutil.rmtree(work / "blocks.kernel")
-
-        folder = work / "rbf.kernel"
-        written = write_rbf_folder(folder, args.n, args.m)
-        size = sum(f.stat().st_size for f in folder.iterdir()) / 2**30
-        print(f"## 2–3. Nyström r = {args.rank} on a kernel folder, n = {args.n:,}, m = {args.m:,} "
-              f"({size:.1f} GiB on disk, written in {written:.0f} s), T = {args.perms}\n")
-        print("| run | load s | total s | peak allocated GiB | peak RSS GiB (incl. mapped file pages) |")
-        print("|---|---|---|---|---|")
-        common = dict(kernel=folder, rank=args.rank, perms=args.perms)
-        rows = [("values only", run_child("value", mode="aggregate", out=work / "a.npz", **common)),
-                ("per point, sums in memory (baseline)", run_child("value", mode="memory", out=work / "r.npz", **common)),
-                ("per point, streamed to disk", run_child("value", mode="streamed", out=work / "r.result",
-                                                          points=work / "points", **common))]
-        for name, r in rows:
-            print(f"| {name} | {r['load_seconds']:.1f} | {r['seconds']:.1f} | {r['peak_anon_gib']:.2f} | "
-                  f"{r['peak_rss_gib']:.2f} |")
-        from freeshap_dq import ValuationResult
-
-        a, b = ValuationResult.load(work / "r.npz"), ValuationResult.load(work / "r.result")
-        same = all(np.array_equal(a.point_sums[k], b.point_sums[k]) for k in ("accuracy", "ce"))
-        print(f"\nper-point sums streamed == in memory (bit for bit): {same}; "
-              f"allocated memory saved: {rows[1][1]['peak_anon_gib'] - rows[2][1]['peak_anon_gib']:.2f} GiB")
+        if "1" in parts:
+            ntk_part(args, work, model_dir)
+        if "2" in parts:
+            folder_part(args, work)
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)

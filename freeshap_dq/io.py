@@ -109,3 +109,20 @@ def write_json(data: dict, path: str | os.PathLike) -> None:
 
     with atomic_write(path) as tmp:
         Path(tmp).write_text(json.dumps(data, indent=1, default=str, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def available_memory(meminfo: str | os.PathLike = "/proc/meminfo") -> int | None:
+    """Bytes of memory available to a new allocation: Linux's MemAvailable (free memory plus the page
+    cache and other memory the kernel can reclaim, such as a kernel folder just written), else the
+    free pages; None when neither is known."""
+    try:
+        with open(meminfo) as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return None

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import platform
 import signal
 import sys
@@ -33,6 +32,7 @@ from . import __version__
 from .config import METRICS, ValuationConfig
 from .engine import PermutationMarginals, PrefixEngine
 from .errors import CheckpointError, InputError
+from .io import available_memory
 from .kernel import KernelProblem
 from .regression import DTYPE, KernelRegressionUtility
 from .result import ValuationResult
@@ -140,15 +140,14 @@ IN_MEMORY_COPIES = 4  # the kernel, its scaled copy, a factorisation and the eng
 def _check_room_for(problem: KernelProblem, config: ValuationConfig) -> None:
     """Refuse, with what to do instead, to load a kernel folder that cannot fit in this machine's memory."""
     need = IN_MEMORY_COPIES * 8 * problem.n_train * (problem.n_train + problem.n_test)
-    try:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+    free = available_memory()
+    if free is None:  # pragma: no cover - no way to tell
         return
     if need > free:
         raise InputError(
             f"{problem.source}: valuing this kernel (n = {problem.n_train:,}) with "
             f"{'the exact engine' if not config.low_rank else 'the ' + config.low_rank_method + ' low-rank set-up'} "
-            f"needs about {need / 2**30:.1f} GiB in memory and {free / 2**30:.1f} GiB are free. Use --low-rank r with "
+            f"needs about {need / 2**30:.1f} GiB in memory and {free / 2**30:.1f} GiB are available. Use --low-rank r with "
             f"--low-rank-method nystrom (it reads only r landmark rows of the folder), or a machine with more memory.")
 
 

@@ -16,7 +16,6 @@ probabilities; they are clipped at 1e-6 and renormalised per row.
 
 from __future__ import annotations
 
-import os
 import warnings
 from typing import Any
 
@@ -24,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError
+from ..io import available_memory
 from ..kernel import KernelProblem
 from ..regression import loo_probabilities as loo_pred_probs
 from ..result import ValuationResult, value_to_score
@@ -132,13 +132,12 @@ def knn_graph_from_kernel(k_train: np.ndarray, k: int = 10, block_rows: int = 10
 def check_knn_shapley_memory(n: int, force: bool = False) -> None:
     """cleanlab's KNN-Shapley allocates a dense n x n float64 matrix: refuse when it would not fit."""
     needed = 8 * n * n
-    try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover
+    available = available_memory()
+    if available is None:  # pragma: no cover - no way to tell
         return
     if needed > 0.5 * available and not force:
         raise InputError(f"cleanlab's data_valuation (KNN-Shapley) needs a dense {n} x {n} matrix "
-                         f"({needed / 2**30:.1f} GiB) and {available / 2**30:.1f} GiB are free; leave it out or "
+                         f"({needed / 2**30:.1f} GiB) and {available / 2**30:.1f} GiB are available; leave it out or "
                          f"pass force (--force-data-valuation) if you know better.")
 
 

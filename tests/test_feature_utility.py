@@ -53,12 +53,10 @@ def test_on_disk_low_rank_values_never_build_the_kernel_utility(problems, monkey
 
 
 def test_a_kernel_folder_too_big_for_memory_is_refused_unless_nystrom(problems, monkeypatch):
-    import os
+    from freeshap_dq import InputError, valuation
 
     _, on_disk = problems
-    real = os.sysconf
-    monkeypatch.setattr(os, "sysconf", lambda name: 1 if name == "SC_AVPHYS_PAGES" else real(name))  # 1 free page
-    from freeshap_dq import InputError
+    monkeypatch.setattr(valuation, "available_memory", lambda: 4096)
 
     with pytest.raises(InputError, match="needs about 0.0 GiB in memory.*--low-rank r with --low-rank-method nystrom"):
         compute_values(on_disk, ValuationConfig(permutations=2))

@@ -55,7 +55,7 @@ class NTKConfig:
                                 "pos=great' or 'terrible,great' in the order of the sorted label names.")
     lora_rank: int = option(0, "causal-lm: LoRA rank (0 = no LoRA); with LoRA only LoRA-B and the head are trainable.")
     max_memory: str = option("auto", "Memory budget for gradients and the Gram accumulation, e.g. 4GiB; auto = 40% "
-                                   "of the free RAM, at most 16 GiB.")
+                                   "of the available RAM (page cache included), at most 16 GiB.")
     grad_batch_size: int = option(0, "Examples per vmap batch of per-example gradients (0 = from the memory budget).")
     example_block: int = option(0, "Kernel folders (-o NAME.kernel): examples per block of the eNTK written to disk "
                                  "panel by panel (0 = all at once when the Gram fits half of --max-memory, else "

@@ -15,7 +15,6 @@ n x n and m x n blocks are formed (plus the test diagonal on request).
 from __future__ import annotations
 
 import math
-import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
 from ..errors import InputError
+from ..io import available_memory
 from .factors import FactorStore, NotFactorable, factor_sites
 
 KERNEL_MODES = ("class0", "sum", "per-class")
@@ -41,18 +41,15 @@ AUTO_MEMORY_FRACTION, AUTO_MEMORY_CAP = 0.4, 16 * 2**30
 
 
 def parse_memory(spec: str | int, device: torch.device | None = None) -> int:
-    """Bytes for '512MiB', '4GiB', '1000' ...; 'auto' = 40% of the free memory of the device that holds
-    the Jacobian (RAM, or the GPU's memory on CUDA), at most 16 GiB."""
+    """Bytes for '512MiB', '4GiB', '1000' ...; 'auto' = 40% of the available memory of the device that holds
+    the Jacobian (RAM, page cache included, or the GPU's free memory on CUDA), at most 16 GiB."""
     if isinstance(spec, int):
         return spec
     if str(spec).strip().lower() == "auto":
-        try:
-            if device is not None and device.type == "cuda":
-                free = torch.cuda.mem_get_info(device)[0]
-            else:
-                free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
-            free = 10 * 2**30
+        if device is not None and device.type == "cuda":
+            free = torch.cuda.mem_get_info(device)[0]
+        else:
+            free = available_memory() or 10 * 2**30
         return int(min(AUTO_MEMORY_CAP, max(2**30, AUTO_MEMORY_FRACTION * free)))
     m = re.fullmatch(r"\s*([\d.]+)\s*([a-zA-Z]*)\s*", str(spec))
     if not m or m.group(2).lower() not in MEMORY_UNITS:
