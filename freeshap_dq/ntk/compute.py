@@ -156,36 +156,54 @@ def compute_ntk(adapter, train_examples: list[dict], test_examples: list[dict], 
                 for lo, hi in spans]
     classes = [0] if kernel == "class0" else list(range(adapter.head.out_features))
     progress_off = rank > 0 or ((not sys.stderr.isatty()) if progress is None else not progress)
-    store = _collect_factors(adapter, names, prefixes, classes, gradients, budget, progress_off)
-    if store is not None:
-        chunk_capacity, batch = _plan(budget - store.nbytes, total, n, dense_names, params, batch, kernels)
+    estimate = _factor_estimate(adapter, names, prefixes, classes, gradients)
+    room = 0
+    if estimate:
+        whole = sum(estimate.values())
+        room = whole if gradients == "factors" else min(whole, int(FACTOR_SHARE * budget))
+        try:
+            chunk_capacity, batch = _plan(budget - room, total, n, dense_names, params, batch, kernels)
+        except InputError:
+            if gradients == "factors":
+                raise
+            estimate, room = None, 0  # the rest of a small budget is too small: vmap, the whole budget for chunks
     if world > 1:  # at least one chunk per rank
         chunk_capacity = min(chunk_capacity, max(1, math.ceil(sum(params[k].numel() for k in dense_names) / world)))
     chunks = _chunks(dense_names, params, chunk_capacity)
     mine = [u % world == rank for u in range(len(chunks) + sparse_table)]
+    # units of work: my parameter chunks, then (as a chunk of its own) the word table's sparse share
+    units = [c for c, is_mine in zip(chunks, mine) if is_mine] + ([[(word_table, 0, 0)]] if sparse_table and mine[-1]
+                                                                   else [])
+    groups = _factor_passes(units, factor_sites(adapter, names), estimate, room) if estimate else [units]
 
     stack = (len(classes),) if kernel == "per-class" else ()
     k_rows = torch.zeros(*stack, total, n, dtype=torch.float64, device=device)
     diag = torch.zeros(*stack, total - n, dtype=torch.float64, device=device) if test_diagonal else None
     target = (lambda c: (k_rows[c], None if diag is None else diag[c])) if stack else (lambda c: (k_rows, diag))
-    bar = tqdm(total=sum(mine) * len(classes) * total, unit="ex", file=sys.stderr, dynamic_ncols=True,
-               disable=progress_off,
-               desc=f"eNTK {adapter.adapter_name} ({n_trainable:,} trainable params, {len(chunks)} chunk(s))")
-    my_chunks = [c for c, is_mine in zip(chunks, mine) if is_mine]
-    widths = [sum(hi - lo for _, lo, hi in chunk) for chunk in my_chunks]
+    bar = tqdm(total=(len(units) + len(groups) * bool(estimate)) * len(classes) * total, unit="ex", file=sys.stderr,
+               dynamic_ncols=True, disable=progress_off,
+               desc=f"eNTK {adapter.adapter_name} ({n_trainable:,} trainable params, {len(chunks)} chunk(s), "
+                    + (f"{len(groups)} factor pass(es))" if estimate else "vmap)"))
+    widths = [sum(hi - lo for _, lo, hi in unit) for unit in units]
     buffer = torch.empty(total, max(widths, default=0), dtype=torch.float32, device=device)  # reused: touched once
     batches = [(slice(lo, hi), prefix, mask) for lo, hi, prefix, mask in prefixes]
-    for chunk, width in zip(my_chunks, widths):
-        jac = buffer[:, :width]
-        for ci, c in enumerate(classes):
-            fill_jacobian(jac, adapter, params, chunk, c, ci, batches, store, bar)
-            _accumulate_gram(jac, n, *target(c))
+    rows = [(torch.arange(lo, hi, device=device), prefix, mask) for lo, hi, prefix, mask in prefixes]
+    passes = []
+    for group in groups:
+        store = collect_factors(adapter, sorted({name for unit in group for name, _, _ in unit}), batches, classes,
+                                bar) if estimate else None
+        passes.append("vmap" if store is None else "factors")
+        for unit in group:
+            if unit[0][0] == word_table and sparse_table:
+                for ci, c in enumerate(classes):
+                    _accumulate_word_table_gram(word_table_share(adapter, rows, c, ci, store, bar), n, *target(c))
+                continue
+            jac = buffer[:, :sum(hi - lo for _, lo, hi in unit)]
+            for ci, c in enumerate(classes):
+                fill_jacobian(jac, adapter, params, unit, c, ci, batches, store, bar)
+                _accumulate_gram(jac, n, *target(c))
+        del store
     del buffer
-    if sparse_table and mine[-1]:
-        rows = [(torch.arange(lo, hi, device=device), prefix, mask) for lo, hi, prefix, mask in prefixes]
-        for ci, c in enumerate(classes):
-            vectors = word_table_share(adapter, rows, c, ci, store, bar)
-            _accumulate_word_table_gram(vectors, n, *target(c))
     bar.close()
     if world > 1:
         import torch.distributed as dist
@@ -203,8 +221,8 @@ def compute_ntk(adapter, train_examples: list[dict], test_examples: list[dict], 
                         n_trainable,
                         {"chunks": len(chunks), "batch_size": batch, "chunk_capacity": chunk_capacity, "world": world,
                          "kernel": kernel, "trainable": trainable, "max_memory_bytes": budget,
-                         "gradients": "vmap" if store is None else "factors",
-                         "factor_bytes": 0 if store is None else store.nbytes})
+                         "gradients": "factors" if passes and set(passes) == {"factors"} else "vmap",
+                         "factor_passes": passes.count("factors"), "factor_bytes": room})
 
 
 def fill_jacobian(jac: torch.Tensor, adapter, params: dict, chunk, c: int, ci: int, batches: list,
@@ -248,7 +266,7 @@ def _vocab(adapter) -> int:
     return dict(adapter.named_parameters())[adapter.word_table_name].shape[0]
 
 
-def collect_factors(adapter, names: list[str], batches: list, classes: list[int]) -> FactorStore | None:
+def collect_factors(adapter, names: list[str], batches: list, classes: list[int], bar=None) -> FactorStore | None:
     """The factors of ``names`` for (rows, prefix, mask) batches; None when no factor rule covers any."""
     sites = factor_sites(adapter, names)
     if not sites:
@@ -257,38 +275,42 @@ def collect_factors(adapter, names: list[str], batches: list, classes: list[int]
     try:
         for _, prefix, mask in batches:
             store.collect(adapter, prefix, mask, classes)
+            if bar is not None:
+                bar.update(len(mask) * len(classes))
     except NotFactorable:
         return None
     return store if store.sites else None
 
 
-def _collect_factors(adapter, names: list[str], prefixes: list, classes: list[int], gradients: str, budget: int,
-                     progress_off: bool) -> FactorStore | None:
-    """The factors of the covered parameters for every batch; None (vmap per chunk) when no parameter is
-    covered, with ``gradients='vmap'``, or when (``auto``) they would take more than FACTOR_SHARE of the budget:
-    checked as they are collected, extrapolated by tokens (batches come shortest first)."""
+def _factor_estimate(adapter, names: list[str], prefixes: list, classes: list[int], gradients: str
+                     ) -> dict | None:
+    """Bytes of each factored module's factors for the whole set (Site -> bytes), extrapolated by positions from
+    the first batch (the shortest examples: per-example factors such as the head's are over-counted); None for
+    vmap: ``gradients='vmap'`` or no factor rule covers any parameter."""
     if gradients not in GRADIENT_PATHS:
         raise InputError(f"gradients {gradients!r} is unknown; choose one of {', '.join(GRADIENT_PATHS)}.")
-    sites = factor_sites(adapter, names) if gradients != "vmap" else {}
-    if not sites:
+    if gradients == "vmap":
         return None
-    store = FactorStore(adapter, sites)
-    tokens = [mask.numel() for _, _, _, mask in prefixes]
-    limit = FACTOR_SHARE * budget if gradients == "auto" else math.inf
-    seen = 0
-    with tqdm(total=sum(hi - lo for lo, hi, _, _ in prefixes) * len(classes), unit="ex", file=sys.stderr,
-              dynamic_ncols=True, disable=progress_off,
-              desc=f"eNTK factors ({len(sites)} tensors, one forward + backward per class)") as bar:
-        for (lo, hi, prefix, mask), count in zip(prefixes, tokens):
-            try:
-                store.collect(adapter, prefix, mask, classes)
-            except NotFactorable:
-                return None
-            seen += count
-            if store.nbytes * sum(tokens) / seen > limit:
-                return None
-            bar.update((hi - lo) * len(classes))
-    return store
+    lo, hi, prefix, mask = prefixes[0]
+    probe = collect_factors(adapter, names, [(None, prefix, mask)], classes)
+    if probe is None:
+        return None
+    scale = sum(m.numel() for _, _, _, m in prefixes) / mask.numel()
+    return {site: int(size * scale) for site, size in probe.site_bytes.items()}
+
+
+def _factor_passes(units: list, sites: dict, estimate: dict, room: int) -> list[list]:
+    """Consecutive units of work grouped so that each group's factors (its modules') fit ``room`` bytes: one
+    forward + backward per group. A unit that alone exceeds it is a group of its own."""
+    groups, current, held = [], [], set()
+    for unit in units:
+        wanted = held | {sites[name][0] for name, _, _ in unit if name in sites and sites[name][0] in estimate}
+        if current and sum(estimate[site] for site in wanted) > room:
+            groups.append(current)
+            current, wanted = [], {sites[name][0] for name, _, _ in unit if name in sites and sites[name][0] in estimate}
+        current.append(unit)
+        held = wanted
+    return groups + ([current] if current else [])
 
 
 def _accumulate_word_table_gram(vectors, n: int, k_rows: torch.Tensor, diag: torch.Tensor | None) -> None:

@@ -69,6 +69,7 @@ class FactorStore:
         self.modules = dict(adapter.named_modules())
         self.sites = sites
         self.nbytes = 0  # kept tensors' bytes, a storage shared by several sites (q, k, v inputs) counted once
+        self.site_bytes: dict[Site, int] = {}  # per site, shared storages counted for each (planning)
         self._storages: set[int] = set()
         self.batches: list[dict[Site, list[tuple[torch.Tensor, list[torch.Tensor]]]]] = []
 
@@ -112,6 +113,8 @@ class FactorStore:
                     g = g * keep[:, :, None]
                 gs.append(g)
             batch[site].append((a, gs))
+            self.site_bytes[site] = (self.site_bytes.get(site, 0) + a.numel() * a.element_size()
+                                     + sum(g.numel() * g.element_size() for g in gs))
             storage = a.untyped_storage()
             if storage.data_ptr() not in self._storages:
                 self._storages.add(storage.data_ptr())

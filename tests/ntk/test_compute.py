@@ -90,17 +90,26 @@ def test_chunking_and_batching_do_not_change_the_kernel(adapter, gradients):
     np.testing.assert_array_equal(again.k_train, big.k_train)  # deterministic
 
 
-def test_factors_are_kept_only_within_their_share_of_the_budget(adapter, monkeypatch):
+def test_factors_beyond_their_share_of_the_budget_take_several_passes(adapter, monkeypatch):
     from freeshap_dq.ntk import compute
 
     ex = adapter.tokenize(TEXTS)
-    roomy = compute_ntk(adapter, ex[:5], ex[5:], trainable="top:2", max_memory="256MiB", batch_size=4, progress=False)
-    assert roomy.info["gradients"] == "factors"
-    assert 0 < roomy.info["factor_bytes"] <= compute.FACTOR_SHARE * 256 * 2**20
-    monkeypatch.setattr(compute, "FACTOR_SHARE", 0.9 * roomy.info["factor_bytes"] / (256 * 2**20))
-    out = compute_ntk(adapter, ex[:5], ex[5:], trainable="top:2", max_memory="256MiB", batch_size=4, progress=False)
-    assert out.info["gradients"] == "vmap" and out.info["factor_bytes"] == 0
-    np.testing.assert_allclose(out.k_train, roomy.k_train, rtol=1e-5, atol=1e-7 * np.abs(roomy.k_train).max())
+    run = lambda: compute_ntk(adapter, ex[:5], ex[5:], trainable="all", max_memory="1500KiB", batch_size=4,  # noqa: E731
+                              progress=False, test_diagonal=True)
+    whole = run()
+    assert whole.info["gradients"] == "factors" and whole.info["factor_passes"] == 1 and whole.info["chunks"] > 1
+    assert 0 < whole.info["factor_bytes"] <= compute.FACTOR_SHARE * 1500 * 1024
+    monkeypatch.setattr(compute, "FACTOR_SHARE", 0.15)  # a third of the factors' size: groups of chunks
+    out = run()
+    assert out.info["gradients"] == "factors" and out.info["factor_passes"] >= 2
+    assert out.info["factor_bytes"] <= 0.15 * 1500 * 1024
+    reference = compute_ntk(adapter, ex[:5], ex[5:], trainable="all", max_memory="256MiB", progress=False,
+                            test_diagonal=True, gradients="vmap")
+    scale = np.abs(reference.k_train).max()
+    for k in (whole, out):
+        np.testing.assert_allclose(k.k_train, reference.k_train, rtol=1e-5, atol=1e-7 * scale)
+        np.testing.assert_allclose(k.k_test, reference.k_test, rtol=1e-5, atol=1e-7 * scale)
+        np.testing.assert_allclose(k.test_diag, reference.test_diag, rtol=1e-5)
     with pytest.raises(InputError, match="gradients 'jvp' is unknown"):
         compute_ntk(adapter, ex[:5], ex[5:], trainable="top:2", progress=False, gradients="jvp")
 
