@@ -28,8 +28,9 @@ from tqdm.auto import tqdm
 from ..errors import InputError
 from .compute import (
     FACTOR_SHARE, GRADIENT_PATHS, GRAM_COLUMNS, KERNEL_MODES, _chunks, _length_order, _mask, _pad, collect_factors,
-    fill_jacobian, parse_memory, plan_chunks, select_trainable, token_gram, word_table_share,
+    fill_jacobian, parse_memory, plan_chunks, select_trainable,
 )
+from .word_table import token_gram, word_table_share
 
 
 def auto_example_block(total: int, n: int, budget: int) -> int:

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from ..errors import InputError
 from ..io import available_memory
 from .factors import FactorStore, NotFactorable, factor_sites
+from .word_table import accumulate_word_table_gram, word_table_share
 
 KERNEL_MODES = ("class0", "sum", "per-class")
 GRADIENT_PATHS = ("auto", "factors", "vmap")
@@ -119,9 +120,11 @@ def compute_ntk(adapter, train_examples: list[dict], test_examples: list[dict], 
     """The eNTK rows (train + test) x columns (train).
 
     ``gradients``: where per-example gradients come from. ``factors`` (see ``factors.py``): one forward and
-    backward per class for the whole set, Jacobian columns formed from the kept factors; ``vmap``: one
-    ``vmap(grad)`` pass per parameter chunk; ``auto``: factors when they take at most FACTOR_SHARE of the
-    memory budget. Parameters no factor rule covers always use vmap.
+    backward per class for the whole set, the Jacobian columns formed from the kept factors, however much
+    memory they take; ``auto``: the same while the factors take at most FACTOR_SHARE of the memory budget,
+    beyond that one forward + backward per group of parameter chunks whose factors do (vmap when even one
+    chunk would not fit beside them); ``vmap``: one ``vmap(grad)`` pass per parameter chunk. Parameters no
+    factor rule covers always use vmap.
 
     ``shard=(rank, world)``: this process computes every world-th unit of work (a parameter chunk, or the
     word table's sparse share) and the partial Grams are summed with ``torch.distributed.all_reduce``
@@ -134,7 +137,7 @@ def compute_ntk(adapter, train_examples: list[dict], test_examples: list[dict], 
     names = select_trainable(adapter, trainable)
     params = dict(adapter.named_parameters())
     for p in params.values():
-        p.requires_grad_(False)  # gradients come from torch.func only
+        p.requires_grad_(False)  # torch.func and the factor passes switch on what they differentiate
     adapter.set_trainable(set(names))
     adapter.to(device)
     n, total = len(train_examples), len(train_examples) + len(test_examples)
@@ -156,8 +159,7 @@ def compute_ntk(adapter, train_examples: list[dict], test_examples: list[dict], 
                 for lo, hi in spans]
     classes = [0] if kernel == "class0" else list(range(adapter.head.out_features))
     progress_off = rank > 0 or ((not sys.stderr.isatty()) if progress is None else not progress)
-    estimate = _factor_estimate(adapter, names, prefixes, classes, gradients)
-    room = 0
+    estimate, room = _factor_estimate(adapter, names, prefixes, classes, gradients), 0
     if estimate:
         whole = sum(estimate.values())
         room = whole if gradients == "factors" else min(whole, int(FACTOR_SHARE * budget))
@@ -196,7 +198,7 @@ def compute_ntk(adapter, train_examples: list[dict], test_examples: list[dict], 
         for unit in group:
             if unit[0][0] == word_table and sparse_table:
                 for ci, c in enumerate(classes):
-                    _accumulate_word_table_gram(word_table_share(adapter, rows, c, ci, store, bar), n, *target(c))
+                    accumulate_word_table_gram(word_table_share(adapter, rows, c, ci, store, bar), n, *target(c))
                 continue
             jac = buffer[:, :sum(hi - lo for _, lo, hi in unit)]
             for ci, c in enumerate(classes):
@@ -249,23 +251,6 @@ def fill_jacobian(jac: torch.Tensor, adapter, params: dict, chunk, c: int, ci: i
             bar.update(len(mask))
 
 
-def word_table_share(adapter, batches: list, c: int, ci: int, store: FactorStore | None, bar=None):
-    """``word_table_vectors`` for (row ids, prefix, mask) batches: from the store's factors when it holds the
-    word table (the bar then moves by the examples at once), else by vmap."""
-    name = adapter.word_table_name
-    if store is None or name not in store.sites:
-        return word_table_vectors(adapter, batches, c, _vocab(adapter), bar)
-    pieces = [(row_ids, ids, gs[ci], mask) for b, (row_ids, _, mask) in enumerate(batches)
-              for ids, gs in store.calls(b, name)]
-    if bar is not None:
-        bar.update(sum(len(mask) for _, _, mask in batches))
-    return _by_token(pieces, _vocab(adapter), store.modules[store.sites[name][0].module].padding_idx)
-
-
-def _vocab(adapter) -> int:
-    return dict(adapter.named_parameters())[adapter.word_table_name].shape[0]
-
-
 def collect_factors(adapter, names: list[str], batches: list, classes: list[int], bar=None) -> FactorStore | None:
     """The factors of ``names`` for (rows, prefix, mask) batches; None when no factor rule covers any."""
     sites = factor_sites(adapter, names)
@@ -311,77 +296,6 @@ def _factor_passes(units: list, sites: dict, estimate: dict, room: int) -> list[
         current.append(unit)
         held = wanted
     return groups + ([current] if current else [])
-
-
-def _accumulate_word_table_gram(vectors, n: int, k_rows: torch.Tensor, diag: torch.Tensor | None) -> None:
-    """The word table's share of rows (train + test) x train columns, from ``word_table_vectors``."""
-    rows, _, summed = vectors
-    train = rows < n
-    token_gram(vectors, tuple(v[train] for v in vectors), k_rows)  # type: ignore[arg-type]
-    if diag is not None and bool((~train).any()):
-        diag.index_add_(0, rows[~train] - n, (summed[~train] ** 2).sum(1))
-
-
-def word_table_vectors(adapter, batches, c: int, vocab: int, bar=None
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    r"""The word-embedding table's per-example gradients, exactly and without a vocab x H tensor each.
-
-    The gradient of f(x_a) with respect to the table has one non-zero row per distinct token v of x_a,
-    :math:`G_a[v] = \sum_{t: x_a(t) = v} g_a(t)` with :math:`g_a(t)` the gradient with respect to the row looked
-    up at position t (none for the table's padding row). Returns (row, token, :math:`G_{row}[token]`) for every
-    distinct (row, token) pair of the examples in ``batches`` ((row numbers, prefix, mask) each).
-    """
-    def logit(vectors, prefix, mask):
-        return functional_call(adapter, {}, (prefix.unsqueeze(0), mask.unsqueeze(0)),
-                               {"word_vectors": vectors.unsqueeze(0)})[0, c]
-
-    per_example = vmap(grad(logit), in_dims=(0, 0, 0))
-    pieces = []
-    for row_ids, prefix, mask in batches:
-        ids = prefix[..., 0]
-        with torch.no_grad():
-            looked_up = adapter.lookup(ids)
-        pieces.append((row_ids, ids, per_example(looked_up, prefix, mask), mask))
-        if bar is not None:
-            bar.update(len(row_ids))
-    table = adapter.get_submodule(adapter.word_table_name.rpartition(".")[0])
-    return _by_token(pieces, vocab, getattr(table, "padding_idx", None))
-
-
-def _by_token(pieces, vocab: int, padding_idx: int | None):
-    """(row, token, summed gradient) per distinct (row, token) from (row ids, token ids, g, mask) batches."""
-    rows, tokens, vectors = [], [], []
-    for row_ids, ids, g, mask in pieces:
-        keep = mask > 0
-        if padding_idx is not None:
-            keep &= ids != padding_idx
-        rows.append(row_ids[:, None].expand_as(ids)[keep])
-        tokens.append(ids[keep])
-        vectors.append(g[keep].double())
-    rows, tokens, vectors = torch.cat(rows), torch.cat(tokens), torch.cat(vectors)
-    keys, inverse = torch.unique(rows * vocab + tokens, return_inverse=True)
-    summed = torch.zeros(len(keys), vectors.shape[1], dtype=torch.float64, device=vectors.device)
-    summed.index_add_(0, inverse, vectors)
-    return keys // vocab, keys % vocab, summed
-
-
-def token_gram(a, b, out: torch.Tensor, row_offset: int = 0, col_offset: int = 0) -> None:
-    """``out[ra - row_offset, rb - col_offset] += sum over shared tokens v of G_ra[v] . G_rb[v]`` for word-table
-    vectors ``a`` and ``b`` (from ``word_table_vectors``): per token, one small Gram of the examples holding it."""
-    groups = []
-    for rows, tokens, g in (a, b):
-        order = torch.argsort(tokens, stable=True)
-        unique, counts = torch.unique_consecutive(tokens[order], return_counts=True)
-        starts = torch.cumsum(counts, 0) - counts
-        groups.append((rows[order], g[order], dict(zip(unique.tolist(), zip(starts.tolist(), counts.tolist())))))
-    (rows_a, g_a, spans_a), (rows_b, g_b, spans_b) = groups
-    for token, (sa, ca) in spans_a.items():
-        if token not in spans_b:
-            continue
-        sb, cb = spans_b[token]
-        block = g_a[sa:sa + ca] @ g_b[sb:sb + cb].T
-        ia, ib = rows_a[sa:sa + ca] - row_offset, rows_b[sb:sb + cb] - col_offset
-        out.index_put_((ia[:, None].expand(-1, cb), ib[None, :].expand(ca, -1)), block, accumulate=True)
 
 
 def _accumulate_gram(jac: torch.Tensor, n: int, k_rows: torch.Tensor, diag: torch.Tensor | None) -> None:
