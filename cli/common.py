@@ -14,7 +14,7 @@ from ..config import METHODS, PRESETS, ValuationConfig
 from ..errors import FreeShapError
 from ..kernel import KernelProblem
 from ..ntk.builder import ADAPTERS, NTKConfig
-from ..ntk.compute import KERNEL_MODES
+from ..ntk.compute import GRADIENT_PATHS, KERNEL_MODES
 
 DATA_PATH = click.Path(path_type=Path)  # a file, or a folder saved by Hugging Face datasets
 ARTIFACT_PATH = click.Path(path_type=Path)  # a .npz, or a kernel / result folder
@@ -25,7 +25,7 @@ CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(ValuationConfig)}
 NTK_FIELDS = {f.name: f for f in dataclasses.fields(NTKConfig)}
 CHOICES = {"method": METHODS, "empty_utility": ("random", "zero"), "rank_metric": ("ce", "accuracy"),
            "adapter": ADAPTERS, "kernel": KERNEL_MODES, "pooling": ("mean", "cls"),
-           "low_rank_method": ("nystrom", "eigen")}
+           "low_rank_method": ("nystrom", "eigen"), "gradients": GRADIENT_PATHS}
 OPTION_NAMES = {"kernel": "--kernel-mode"}  # --kernel is the precomputed kernel file
 
 

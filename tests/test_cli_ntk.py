@@ -52,6 +52,24 @@ def test_value_from_data_uses_the_cache(tmp_path, data_files, tiny_bert_path):
     assert len(pd.read_parquet(tmp_path / "v.parquet")) == 8
 
 
+def test_the_gradient_path_is_a_choice_recorded_in_the_manifest(tmp_path, data_files, tiny_bert_path):
+    train, test = data_files
+    kernels = {}
+    for path in ("auto", "vmap"):
+        res = run(["kernel", "--train", train, "--test", test, "--model", tiny_bert_path, "--trainable", "top:1",
+                   "--gradients", path, "-o", tmp_path / f"{path}.npz", "--no-progress"])
+        assert res.exit_code == 0, res.output
+        manifest = json.loads((tmp_path / f"{path}.npz.manifest.json").read_text())
+        assert manifest["gradients"] == ("factors" if path == "auto" else "vmap")
+        assert f"per-example gradients by {manifest['gradients']}" in res.output
+        kernels[path] = KernelProblem.load(tmp_path / f"{path}.npz").k_train
+    scale = abs(kernels["vmap"]).max()
+    assert abs(kernels["auto"] - kernels["vmap"]).max() <= 1e-5 * scale
+    res = run(["kernel", "--train", train, "--test", test, "--model", tiny_bert_path, "--gradients", "jvp",
+               "-o", tmp_path / "x.npz"])
+    assert res.exit_code == 2 and "jvp" in res.output and not (tmp_path / "x.npz").exists()
+
+
 def test_kernel_safetensors_output_has_manifest(tmp_path, data_files, tiny_bert_path):
     train, test = data_files
     res = run(["kernel", "--train", train, "--test", test, "--model", tiny_bert_path, "--trainable", "head-only",

@@ -27,7 +27,7 @@ from ..data import TextDataset, encode_labels, label_mapping
 from ..errors import CheckpointError, InputError
 from ..io import atomic_write
 from ..kernel import KernelProblem
-from .compute import KERNEL_MODES, compute_ntk
+from .compute import GRADIENT_PATHS, KERNEL_MODES, compute_ntk
 
 ADAPTERS = ("encoder-head", "prompt-mlm", "causal-lm")
 MODEL_KIND = {"encoder-head": "encoder", "prompt-mlm": "mlm", "causal-lm": "causal"}
@@ -56,7 +56,11 @@ class NTKConfig:
     lora_rank: int = option(0, "causal-lm: LoRA rank (0 = no LoRA); with LoRA only LoRA-B and the head are trainable.")
     max_memory: str = option("auto", "Memory budget for gradients and the Gram accumulation, e.g. 4GiB; auto = 40% "
                                    "of the available RAM (page cache included), at most 16 GiB.")
-    grad_batch_size: int = option(0, "Examples per vmap batch of per-example gradients (0 = from the memory budget).")
+    grad_batch_size: int = option(0, "Examples per batch of per-example gradients (0 = from the memory budget).")
+    gradients: str = option("auto", "Per-example gradients: auto (from the factors of one batched forward + backward, "
+                                  "in groups of parameter chunks when they exceed half of --max-memory), factors "
+                                  "(one pass whatever they take), or vmap (torch.func, one pass per parameter chunk: "
+                                  "for a model whose modules the factor rules misread).")
     example_block: int = option(0, "Kernel folders (-o NAME.kernel): examples per block of the eNTK written to disk "
                                  "panel by panel (0 = all at once when the Gram fits half of --max-memory, else "
                                  "from the budget; 2048 with --landmarks).")
@@ -75,6 +79,8 @@ class NTKConfig:
             raise InputError(f"max_length must be at least 8, got {self.max_length}.")
         if self.adapter != "encoder-head" and not self.label_words:
             raise InputError(f"adapter {self.adapter} needs label words (--label-words), one per class.")
+        if self.gradients not in GRADIENT_PATHS:
+            raise InputError(f"gradients {self.gradients!r} is unknown; choose one of {', '.join(GRADIENT_PATHS)}.")
         if self.landmarks < 0:
             raise InputError(f"--landmarks must be 0 (the whole kernel) or a positive count, got {self.landmarks}.")
         if self.lora_rank and self.adapter != "causal-lm":
@@ -122,7 +128,7 @@ def kernel_manifest(config: NTKConfig, model_fingerprint: str, train: TextDatase
                     label_names: tuple[str, ...]) -> dict[str, Any]:
     """Everything that determines the kernel's values (and nothing that does not)."""
     fields = {k: v for k, v in config.to_dict().items()
-              if k not in ("max_memory", "grad_batch_size", "device", "example_block")}
+              if k not in ("max_memory", "grad_batch_size", "gradients", "device", "example_block")}
     return {**fields, "model_fingerprint": model_fingerprint, "train_fingerprint": train.fingerprint(),
             "test_fingerprint": test.fingerprint(), "label_names": list(label_names), "gradient_dtype": "float32",
             "gram_dtype": "float64", "n_train": len(train), "n_test": len(test)}
@@ -152,7 +158,7 @@ def build_kernel(train: TextDataset, test: TextDataset, config: NTKConfig | None
     out = compute_ntk(adapter, adapter.tokenize(train.texts, train.pairs), adapter.tokenize(test.texts, test.pairs),
                       trainable=config.trainable, kernel=config.kernel, max_memory=config.max_memory,
                       batch_size=config.grad_batch_size, device=resolve_device(config.device), progress=progress,
-                      shard=shard)
+                      shard=shard, gradients=config.gradients)
     elapsed = time.monotonic() - started
     log(f"eNTK: {len(train)} x {len(train)} + {len(test)} x {len(train)} kernel over {out.n_trainable:,} trainable "
         f"parameters in {elapsed:.1f} s ({out.info['chunks']} chunk(s), per-example gradients by "
@@ -199,7 +205,8 @@ def build_kernel_folder(train: TextDataset, test: TextDataset, path: str | Path,
         block = config.example_block or min(total, 2048)
     train_ex, test_ex = adapter.tokenize(train.texts, train.pairs), adapter.tokenize(test.texts, test.pairs)
     common = dict(trainable=config.trainable, kernel=config.kernel, max_memory=budget, example_block=block,
-                  batch_size=config.grad_batch_size, device=device, progress=progress, shard=shard)
+                  batch_size=config.grad_batch_size, device=device, progress=progress, shard=shard,
+                  gradients=config.gradients)
 
     def compute(maps: dict, done, on_block_done) -> dict:
         if landmarks is None:
