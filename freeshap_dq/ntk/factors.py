@@ -75,8 +75,9 @@ class FactorStore:
 
     def collect(self, adapter: nn.Module, prefix: torch.Tensor, mask: torch.Tensor, classes: list[int]) -> None:
         """Run one batch forward, then backward once per class, and keep its factors. On the first batch, a site
-        whose output is not one row per example (a broadcast position table, a flattened batch) is dropped from
-        ``sites`` (its parameters are left to vmap); on a later one it raises ``NotFactorable``."""
+        whose output is not one row per example (say, a module applied to the flattened batch) is dropped from
+        ``sites`` (its parameters are left to vmap); on a later one it raises ``NotFactorable``. An embedding
+        lookup broadcast over the batch (position ids of shape (1, L)) is given one copy per example."""
         sites = sorted({site for site, _ in self.sites.values()}, key=lambda s: s.module)
         captured: dict[Site, list[tuple[torch.Tensor, torch.Tensor]]] = {site: [] for site in sites}
         unfit: set[Site] = set()
