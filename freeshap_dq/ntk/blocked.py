@@ -27,9 +27,10 @@ from tqdm.auto import tqdm
 
 from ..errors import InputError
 from .compute import (
-    FACTOR_SHARE, GRADIENT_PATHS, GRAM_COLUMNS, KERNEL_MODES, _chunks, _length_order, _mask, _pad, collect_factors,
-    fill_jacobian, parse_memory, plan_chunks, select_trainable,
+    FACTOR_SHARE, GRADIENT_PATHS, GRAM_COLUMNS, KERNEL_MODES, _chunks, _factor_passes, _length_order, _mask, _pad,
+    collect_factors, fill_jacobian, parse_memory, plan_chunks, select_trainable,
 )
+from .factors import factor_sites
 from .word_table import token_gram, word_table_share
 
 
@@ -53,8 +54,9 @@ def compute_ntk_blocks(adapter, train_examples: list[dict], test_examples: list[
     the row blocks (balanced by their cost) into memory maps of the same files that every rank opened; after a
     barrier, rank 0 mirrors the upper triangle. Row blocks (lo, hi) in ``done`` are already written (a resumed
     run) and skipped; ``on_block_done(lo, hi)`` is called after each block is written. ``gradients`` as in
-    ``compute_ntk``: with factors, each block's are collected once per visit (not once per chunk) and the
-    column blocks are taken one at a time."""
+    ``compute_ntk``: with factors, a block's are collected once per visit and group of parameter chunks (one
+    group when two blocks' factors fit FACTOR_SHARE of the budget), not once per chunk, and the column blocks
+    are taken one at a time."""
     s = _prepare(adapter, train_examples, trainable, kernel, max_memory, device)
     device, budget, names, params, sparse_table, classes = (
         s.device, s.budget, s.names, s.params, s.sparse_table, s.classes)
@@ -62,12 +64,21 @@ def compute_ntk_blocks(adapter, train_examples: list[dict], test_examples: list[
     n, total = len(train_examples), len(examples)
     block = example_block or auto_example_block(total, n, budget)
     blocks = _row_blocks(n, total, block)
-    factor_room = _factor_room(adapter, s, [(examples, blocks, 2)], batch_size, gradients)
-    capacity, batch = _plan_blocks(budget - factor_room, block, n, s.dense_names, params, batch_size)
+    estimate, room = _factor_plan(adapter, s, [(examples, blocks, 1 if len(blocks) == 1 else 2)], batch_size,
+                                  gradients)
+    try:
+        capacity, batch = _plan_blocks(budget - room, block, n, s.dense_names, params, batch_size)
+    except InputError:
+        if not estimate or gradients == "factors":
+            raise
+        estimate, room = None, 0  # the rest of a small budget is too small: vmap, the whole budget for chunks
+        capacity, batch = _plan_blocks(budget, block, n, s.dense_names, params, batch_size)
     chunks = _chunks(s.dense_names, params, capacity) if s.dense_names else []
+    units = chunks + ([[(adapter.word_table_name, 0, 0)]] if sparse_table else [])
+    groups = _factor_passes(units, factor_sites(adapter, names), estimate, room) if estimate else [units]
     train_blocks = [b for b in blocks if b[0] < n]
     columns_of = {(lo, hi): [(c0, c1) for c0, c1 in train_blocks if c0 < min(hi, n)] for lo, hi in blocks}
-    passes = len(classes) * (1 if factor_room else len(chunks) + sparse_table)  # train rows: lower column blocks
+    passes = len(classes) * (len(groups) if estimate else len(units))  # train rows: only the lower column blocks
     cost = {(lo, hi): passes * (hi - lo + sum(c1 - c0 for c0, c1 in cols if (c0, c1) != (lo, hi)))
             for (lo, hi), cols in columns_of.items()}
     rank, world = shard
@@ -75,30 +86,33 @@ def compute_ntk_blocks(adapter, train_examples: list[dict], test_examples: list[
     bar = tqdm(total=sum(cost[b] for b in mine), unit="ex", file=sys.stderr, dynamic_ncols=True,
                disable=rank > 0 or ((not sys.stderr.isatty()) if progress is None else not progress),
                desc=f"eNTK {adapter.adapter_name} by blocks of {block} ({len(blocks)} blocks, {len(chunks)} chunk(s)"
-                    f"{', factors' if factor_room else ''})")
+                    + (f", {len(groups)} factor pass(es))" if estimate else ", vmap)"))
     for lo, hi in mine:
         columns = columns_of[(lo, hi)]
         width = columns[-1][1]
         panel = torch.zeros(hi - lo, width, dtype=torch.float64, device=device)
-        rows = _Block(adapter, s, examples, lo, hi, batch, bool(factor_room), bar)
-        # with factors, one column block at a time (each collected once); else all of them per chunk pass
-        for group in ([[c] for c in columns] if factor_room else [columns]):
-            sources = {c: rows if c == (lo, hi) else _Block(adapter, s, examples, *c, batch, bool(factor_room), bar,
-                                                             kept=False) for c in group}
-            for chunk in chunks:
-                for ci, c in enumerate(classes):
-                    jac_rows = rows.jacobian(chunk, c, ci)
-                    for (c0, c1), source in sources.items():
-                        jac_cols = jac_rows if source is rows else source.jacobian(chunk, c, ci)
-                        for col in range(0, jac_rows.shape[1], GRAM_COLUMNS):
-                            panel[:, c0:c1] += (jac_rows[:, col:col + GRAM_COLUMNS]
-                                                @ jac_cols[:, col:col + GRAM_COLUMNS].T).double()
-                    del jac_rows
-            for ci, c in enumerate(classes) if sparse_table else ():
-                mine_vectors = rows.word_table(c, ci)
-                for source in sources.values():
-                    token_gram(mine_vectors, mine_vectors if source is rows else source.word_table(c, ci), panel,
-                               row_offset=lo)
+        for group in groups:
+            wanted = sorted({name for unit in group for name, _, _ in unit}) if estimate else None
+            rows = _Block(adapter, s, examples, lo, hi, batch, wanted, bar)
+            # with factors, one column block at a time (each collected once); else all of them per chunk pass
+            for column_group in ([[c] for c in columns] if estimate else [columns]):
+                sources = {c: rows if c == (lo, hi) else _Block(adapter, s, examples, *c, batch, wanted, bar,
+                                                                 kept=False) for c in column_group}
+                for unit in group:
+                    for ci, c in enumerate(classes):
+                        if sparse_table and unit[0][0] == adapter.word_table_name:
+                            mine_vectors = rows.word_table(c, ci)
+                            for source in sources.values():
+                                token_gram(mine_vectors, mine_vectors if source is rows else source.word_table(c, ci),
+                                           panel, row_offset=lo)
+                            continue
+                        jac_rows = rows.jacobian(unit, c, ci)
+                        for (c0, c1), source in sources.items():
+                            jac_cols = jac_rows if source is rows else source.jacobian(unit, c, ci)
+                            for col in range(0, jac_rows.shape[1], GRAM_COLUMNS):
+                                panel[:, c0:c1] += (jac_rows[:, col:col + GRAM_COLUMNS]
+                                                    @ jac_cols[:, col:col + GRAM_COLUMNS].T).double()
+                        del jac_rows
         panel = panel.cpu().numpy()
         if lo < n:
             diagonal = panel[:, lo:hi]
@@ -116,8 +130,8 @@ def compute_ntk_blocks(adapter, train_examples: list[dict], test_examples: list[
                 k_train_out[lo:hi, c0:c1] = k_train_out[c0:c1, lo:hi].T
     return {"trainable_names": names, "n_trainable": sum(params[k].numel() for k in names), "chunks": len(chunks),
             "example_block": block, "blocks": len(blocks), "blocks_resumed": len(set(blocks) & set(done)),
-            "batch_size": batch, "chunk_capacity": capacity, "gradients": "factors" if factor_room else "vmap",
-            "factor_bytes": factor_room,
+            "batch_size": batch, "chunk_capacity": capacity, "gradients": "factors" if estimate else "vmap",
+            "factor_passes": len(groups) if estimate else 0, "factor_bytes": room,
             "max_memory_bytes": budget, "kernel": kernel, "trainable": trainable}
 
 
@@ -141,37 +155,53 @@ def compute_ntk_landmarks(adapter, train_examples: list[dict], test_examples: li
     landmark_examples = [train_examples[i] for i in landmarks]
     block = example_block or min(total, 2048)
     blocks = _row_blocks(n, total, block)
-    factor_room = _factor_room(adapter, s, [(examples, blocks, 1), (landmark_examples, [(0, r)], 1)], batch_size,
-                               gradients)
-    capacity, batch = plan_chunks(s.budget - factor_room, 16 * block * r, 4 * (block + r), s.dense_names, s.params,
-                                  batch_size, f"example blocks of {block} against {r} landmarks",
-                                  "use smaller --example-block or fewer --landmarks")
+    estimate, room = _factor_plan(adapter, s, [(examples, blocks, 1), (landmark_examples, [(0, r)], 1)],
+                                  batch_size, gradients)
+    plan = lambda budget: plan_chunks(  # noqa: E731
+        budget, 16 * block * r, 4 * (block + r), s.dense_names, s.params, batch_size,
+        f"example blocks of {block} against {r} landmarks", "use smaller --example-block or fewer --landmarks")
+    try:
+        capacity, batch = plan(s.budget - room)
+    except InputError:
+        if not estimate or gradients == "factors":
+            raise
+        estimate, room = None, 0
+        capacity, batch = plan(s.budget)
     chunks = _chunks(s.dense_names, s.params, capacity) if s.dense_names else []
-    passes = len(s.classes) * (1 if factor_room else len(chunks) + s.sparse_table)
+    units = chunks + ([[(adapter.word_table_name, 0, 0)]] if s.sparse_table else [])
+    groups = _factor_passes(units, factor_sites(adapter, s.names), estimate, room) if estimate else [units]
+    passes = len(s.classes) * (len(groups) if estimate else len(units))
     rank, world = shard
     mine = assign_blocks({b: passes * (b[1] - b[0] + r) for b in blocks if b not in done}, world)[rank]
     bar = tqdm(total=sum(passes * (hi - lo + r) for lo, hi in mine), unit="ex", file=sys.stderr, dynamic_ncols=True,
                disable=rank > 0 or ((not sys.stderr.isatty()) if progress is None else not progress),
                desc=f"eNTK {adapter.adapter_name} against {r} landmarks ({len(blocks)} blocks, {len(chunks)} chunk(s)"
-                    f"{', factors' if factor_room else ''})")
-    columns = _Block(adapter, s, landmark_examples, 0, r, batch, bool(factor_room), bar) if mine else None
+                    + (f", {len(groups)} factor pass(es))" if estimate else ", vmap)"))
+    wanted_of = lambda group: sorted({name for unit in group for name, _, _ in unit}) if estimate else None  # noqa: E731
+    once = len(groups) == 1  # the landmarks' gradients (factors, or their batches) serve every row block
+    landmark_block = _Block(adapter, s, landmark_examples, 0, r, batch, wanted_of(groups[0]), bar) if once and mine \
+        else None
     for lo, hi in mine:
         panel = torch.zeros(hi - lo, r, dtype=torch.float64, device=s.device)
         diag = torch.zeros(hi - lo, dtype=torch.float64, device=s.device)
-        rows = _Block(adapter, s, examples, lo, hi, batch, bool(factor_room), bar)
-        if factor_room and lo != mine[0][0]:
+        if once and estimate and lo != mine[0][0]:
             bar.update(len(s.classes) * r)  # the landmarks' factors were collected once
-        for chunk in chunks:
-            for ci, c in enumerate(s.classes):
-                jac_rows = rows.jacobian(chunk, c, ci)
-                jac_cols = columns.jacobian(chunk, c, ci)
-                for col in range(0, jac_rows.shape[1], GRAM_COLUMNS):
-                    panel += (jac_rows[:, col:col + GRAM_COLUMNS] @ jac_cols[:, col:col + GRAM_COLUMNS].T).double()
-                diag += (jac_rows.double() ** 2).sum(1)
-        for ci, c in enumerate(s.classes) if s.sparse_table else ():
-            mine_vectors = rows.word_table(c, ci)
-            token_gram(mine_vectors, columns.word_table(c, ci), panel, row_offset=lo)
-            diag.index_add_(0, mine_vectors[0] - lo, (mine_vectors[2] ** 2).sum(1))
+        for group in groups:
+            rows = _Block(adapter, s, examples, lo, hi, batch, wanted_of(group), bar)
+            columns = landmark_block if once else _Block(adapter, s, landmark_examples, 0, r, batch, wanted_of(group),
+                                                         bar)
+            for unit in group:
+                for ci, c in enumerate(s.classes):
+                    if s.sparse_table and unit[0][0] == adapter.word_table_name:
+                        mine_vectors = rows.word_table(c, ci)
+                        token_gram(mine_vectors, columns.word_table(c, ci), panel, row_offset=lo)
+                        diag.index_add_(0, mine_vectors[0] - lo, (mine_vectors[2] ** 2).sum(1))
+                        continue
+                    jac_rows = rows.jacobian(unit, c, ci)
+                    jac_cols = columns.jacobian(unit, c, ci)
+                    for col in range(0, jac_rows.shape[1], GRAM_COLUMNS):
+                        panel += (jac_rows[:, col:col + GRAM_COLUMNS] @ jac_cols[:, col:col + GRAM_COLUMNS].T).double()
+                    diag += (jac_rows.double() ** 2).sum(1)
         if lo < n:
             k_train_out[lo:hi] = panel.cpu().numpy()
             diag_out[lo:hi] = diag.cpu().numpy()
@@ -184,23 +214,24 @@ def compute_ntk_landmarks(adapter, train_examples: list[dict], test_examples: li
     return {"trainable_names": s.names, "n_trainable": sum(s.params[k].numel() for k in s.names),
             "chunks": len(chunks), "example_block": block, "blocks": len(blocks),
             "blocks_resumed": len(set(blocks) & set(done)), "landmarks": r, "batch_size": batch,
-            "chunk_capacity": capacity, "gradients": "factors" if factor_room else "vmap",
-            "factor_bytes": factor_room,
+            "chunk_capacity": capacity, "gradients": "factors" if estimate else "vmap",
+            "factor_passes": len(groups) if estimate else 0, "factor_bytes": room,
             "max_memory_bytes": s.budget, "kernel": kernel, "trainable": trainable}
 
 
 class _Block:
-    """The examples lo..hi as gradient batches (rows numbered from lo): their factors collected once when
-    ``factored``, or ``vmap(grad)`` per chunk; ``jacobian`` / ``word_table`` give their gradients. Without
-    factors, a block that is not ``kept`` forms its batches (the frozen bottom's output) anew at each use."""
+    """The examples lo..hi as gradient batches (rows numbered from lo): with ``names``, the factors of those
+    parameters collected once; else ``vmap(grad)`` per chunk. ``jacobian`` / ``word_table`` give their
+    gradients. Without factors, a block that is not ``kept`` forms its batches (the frozen bottom's output)
+    anew at each use."""
 
-    def __init__(self, adapter, s: "_Setup", examples: list[dict], lo: int, hi: int, batch: int, factored: bool, bar,
-                 kept: bool = True):
+    def __init__(self, adapter, s: "_Setup", examples: list[dict], lo: int, hi: int, batch: int,
+                 names: list[str] | None, bar, kept: bool = True):
         self.adapter, self.s, self.lo, self.hi, self.bar = adapter, s, lo, hi, bar
         self.form = lambda: _batches(adapter, examples, lo, hi, batch, s.device)  # noqa: E731
-        self.kept = self.form() if kept or factored else None
-        self.store = collect_factors(adapter, s.names, self.kept, s.classes) if factored else None
-        if factored:
+        self.kept = self.form() if kept or names is not None else None
+        self.store = collect_factors(adapter, names, self.kept, s.classes) if names is not None else None
+        if names is not None:
             bar.update((hi - lo) * len(s.classes))
 
     @property
@@ -221,15 +252,16 @@ class _Block:
                                 None if self.store is not None else self.bar)
 
 
-def _factor_room(adapter, s: "_Setup", groups: list, batch_size: int, gradients: str) -> int:
-    """Bytes to set aside for factors: for each (examples, blocks, count) of ``groups``, ``count`` of its largest
-    blocks held at once, at the bytes per padded token of one probe batch of the shortest examples; 0 (vmap)
-    when no factor rule applies, with ``gradients='vmap'``, or (``auto``) when that is more than FACTOR_SHARE
-    of the budget."""
+def _factor_plan(adapter, s: "_Setup", groups: list, batch_size: int, gradients: str) -> tuple[dict | None, int]:
+    """(bytes of each factored module's factors, bytes set aside for factors) with, for each (examples, blocks,
+    count) of ``groups``, ``count`` of its largest blocks held at once, at the bytes per padded position of one
+    probe batch of the shortest examples. The room is all of it with ``gradients='factors'``, else at most
+    FACTOR_SHARE of the budget (parameter chunks are then grouped so that each group's factors fit). (None, 0)
+    means vmap: ``gradients='vmap'`` or no factor rule applies."""
     if gradients not in GRADIENT_PATHS:
         raise InputError(f"gradients {gradients!r} is unknown; choose one of {', '.join(GRADIENT_PATHS)}.")
     if gradients == "vmap":
-        return 0
+        return None, 0
     batch = max(8, batch_size)
     examples = groups[0][0]
     probe = [examples[i] for i in _length_order(examples)[:batch]]
@@ -237,11 +269,12 @@ def _factor_room(adapter, s: "_Setup", groups: list, batch_size: int, gradients:
     store = collect_factors(adapter, s.names, [(None, adapter.prefix(_pad(probe, adapter, s.device)), mask)],
                             s.classes)
     if store is None:
-        return 0
-    per_token = store.nbytes / mask.numel()
-    need = int(sum(count * per_token * max(_padded_tokens(group, lo, hi, batch) for lo, hi in blocks)
-                   for group, blocks, count in groups))
-    return need if gradients == "factors" or need <= FACTOR_SHARE * s.budget else 0
+        return None, 0
+    positions = sum(count * max(_padded_tokens(group, lo, hi, batch) for lo, hi in blocks)
+                    for group, blocks, count in groups)
+    estimate = {site: int(size / mask.numel() * positions) for site, size in store.site_bytes.items()}
+    whole = sum(estimate.values())
+    return estimate, whole if gradients == "factors" else min(whole, int(FACTOR_SHARE * s.budget))
 
 
 def _padded_tokens(examples: list[dict], lo: int, hi: int, batch: int) -> int:

@@ -150,3 +150,32 @@ def test_landmark_columns_and_diagonal_equal_the_full_kernel(adapter, trainable,
     np.testing.assert_allclose(diag, np.diag(whole.k_train), rtol=1e-5, atol=1e-6 * scale)
     with pytest.raises(InputError, match="distinct sorted training indices"):
         compute_ntk_landmarks(adapter, train, test, [4, 1], cols, test_cols, diag, trainable=trainable, progress=False)
+
+
+def test_blocks_and_landmarks_group_the_chunks_when_factors_exceed_their_share(adapter, monkeypatch):
+    from freeshap_dq.ntk import blocked
+    from freeshap_dq.ntk.blocked import compute_ntk_landmarks
+
+    ex = adapter.tokenize(TEXTS)
+    train, test = ex[:7], ex[7:]
+    whole = compute_ntk(adapter, train, test, trainable="all", kernel="sum", max_memory="256MiB", progress=False,
+                        gradients="vmap")
+    scale = np.abs(whole.k_train).max()
+    k_train, k_test = np.full((7, 7), np.nan), np.full((3, 7), np.nan)
+    cols, test_cols, diag = np.full((7, 3), np.nan), np.full((3, 3), np.nan), np.full(7, np.nan)
+    common = dict(trainable="all", kernel="sum", example_block=3, progress=False)
+    every = compute_ntk_blocks(adapter, train, test, k_train, k_test, max_memory="256MiB", gradients="factors",
+                               **common)["factor_bytes"]  # all the factors of two blocks
+    budget = 200 * 1024 + int(0.4 * every)  # room for 40% of them beside a budget that needs several chunks
+    monkeypatch.setattr(blocked, "FACTOR_SHARE", 0.4 * every / budget)
+    k_train[:], k_test[:] = np.nan, np.nan
+    info = compute_ntk_blocks(adapter, train, test, k_train, k_test, max_memory=budget, **common)
+    assert info["gradients"] == "factors" and info["factor_passes"] >= 2 and info["chunks"] > 2
+    assert info["factor_bytes"] <= 0.4 * every + 1
+    np.testing.assert_allclose(k_train, whole.k_train, rtol=1e-5, atol=1e-6 * scale)
+    np.testing.assert_allclose(k_test, whole.k_test, rtol=1e-5, atol=1e-6 * scale)
+    info = compute_ntk_landmarks(adapter, train, test, [1, 4, 6], cols, test_cols, diag, max_memory=budget, **common)
+    assert info["gradients"] == "factors" and info["factor_passes"] >= 2 and info["chunks"] > 2
+    np.testing.assert_allclose(cols, whole.k_train[:, [1, 4, 6]], rtol=1e-5, atol=1e-6 * scale)
+    np.testing.assert_allclose(test_cols, whole.k_test[:, [1, 4, 6]], rtol=1e-5, atol=1e-6 * scale)
+    np.testing.assert_allclose(diag, np.diag(whole.k_train), rtol=1e-5, atol=1e-6 * scale)
