@@ -187,7 +187,8 @@ def compute_ntk(adapter, train_examples: list[dict], test_examples: list[dict], 
                desc=f"eNTK {adapter.adapter_name} ({n_trainable:,} trainable params, {len(chunks)} chunk(s), "
                     + (f"{len(groups)} factor pass(es))" if estimate else "vmap)"))
     widths = [sum(hi - lo for _, lo, hi in unit) for unit in units]
-    buffer = torch.empty(total, max(widths, default=0), dtype=torch.float32, device=device)  # reused: touched once
+    buffer = torch.zeros(total, max(widths, default=0), dtype=torch.float32, device=device)  # reused; zeros: its
+    # pages are faulted in by a parallel fill, not one by one by the writes
     batches = [(slice(lo, hi), prefix, mask) for lo, hi, prefix, mask in prefixes]
     rows = [(torch.arange(lo, hi, device=device), prefix, mask) for lo, hi, prefix, mask in prefixes]
     passes = []
@@ -243,8 +244,14 @@ def fill_jacobian(jac: torch.Tensor, adapter, params: dict, chunk, c: int, ci: i
         grads = per_example(theta, prefix, mask) if theta else {}
         col = 0
         for name, lo, hi in chunk:
-            jac[rows, col:col + hi - lo] = (store.piece(b, name, ci, lo, hi) if name in factored
-                                            else grads[name].reshape(len(mask), -1)[:, lo:hi])
+            if name not in factored:
+                jac[rows, col:col + hi - lo] = grads[name].reshape(len(mask), -1)[:, lo:hi]
+            elif isinstance(rows, slice):  # a view of jac: written in place
+                store.piece(b, name, ci, lo, hi, out=jac[rows, col:col + hi - lo])
+            else:
+                piece = torch.empty(len(mask), hi - lo, dtype=jac.dtype, device=jac.device)
+                store.piece(b, name, ci, lo, hi, out=piece)
+                jac[rows, col:col + hi - lo] = piece
             col += hi - lo
         del grads
         if bar is not None:

@@ -157,12 +157,21 @@ class FactorStore:
         """(a, g per class) of each call of the module that owns ``name``, for one batch."""
         return self.batches[batch][self.sites[name][0]]
 
-    def piece(self, batch: int, name: str, class_index: int, lo: int, hi: int) -> torch.Tensor:
-        """Columns lo..hi of the flattened per-example gradient of ``name`` for one batch: (B, hi - lo)."""
+    def piece(self, batch: int, name: str, class_index: int, lo: int, hi: int, out: torch.Tensor) -> None:
+        """Write columns lo..hi of the flattened per-example gradient of ``name`` for one batch into ``out``
+        (B x (hi - lo), a view whose last axis is contiguous). Whole rows of a linear weight are multiplied
+        straight into it (no temporary of the gradient's size)."""
         site, attr = self.sites[name]
         param = getattr(self.modules[site.module], attr)
+        calls = self.batches[batch][site]
+        if site.rule == "linear" and attr == "weight" and lo % param.shape[1] == 0 and hi % param.shape[1] == 0:
+            rows = out.view(len(out), (hi - lo) // param.shape[1], param.shape[1])
+            for i, (a, gs) in enumerate(calls):
+                g = gs[class_index][:, :, lo // param.shape[1]:hi // param.shape[1]].transpose(1, 2)
+                torch.bmm(g, a, out=rows) if i == 0 else rows.baddbmm_(g, a)
+            return
         total = None
-        for a, gs in self.batches[batch][site]:
+        for a, gs in calls:
             g = gs[class_index]
             if attr == "bias":
                 part = g.sum(1)[:, lo:hi]
@@ -176,7 +185,7 @@ class FactorStore:
             else:
                 part = _embedding_rows(param, self.modules[site.module].padding_idx, a, g, lo, hi)
             total = part if total is None else total + part
-        return total
+        out.copy_(total)
 
 
 def _tokens(t: torch.Tensor, batch: int) -> torch.Tensor:
