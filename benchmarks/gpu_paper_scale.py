@@ -134,7 +134,8 @@ def main() -> None:
         report["ntk"] = ntk_run(args, device)
         r = report["ntk"]
         print(f"eNTK: {r['seconds']:.1f} s ({r['examples_per_second']:.0f} examples/s), {r['n_trainable']:,} "
-              f"trainable parameters, {r['chunks']} chunk(s), peak GPU memory {r['peak_gpu_gib']} GiB; "
+              f"trainable parameters, {r['chunks']} chunk(s), gradients by {r['gradients']}, peak GPU memory "
+              f"{r['peak_gpu_gib']} GiB; "
               f"target < 180 s (reference ≈ 2100 s)", flush=True)
     if "engine" in args.parts:
         report["engine"] = engine_run(args, device)

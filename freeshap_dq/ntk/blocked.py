@@ -27,10 +27,9 @@ from tqdm.auto import tqdm
 
 from ..errors import InputError
 from .compute import (
-    FACTOR_SHARE, GRADIENT_PATHS, GRAM_COLUMNS, KERNEL_MODES, _chunks, _factor_passes, _length_order, _mask, _pad,
-    collect_factors, fill_jacobian, parse_memory, plan_chunks, select_trainable,
+    GRADIENT_PATHS, GRAM_COLUMNS, KERNEL_MODES, _chunks, _length_order, _mask, _pad, collect_factors,
+    factor_groups, fill_jacobian, group_names, parse_memory, plan_chunks, plan_with_factors, select_trainable,
 )
-from .factors import factor_sites
 from .word_table import token_gram, word_table_share
 
 
@@ -64,21 +63,15 @@ def compute_ntk_blocks(adapter, train_examples: list[dict], test_examples: list[
     n, total = len(train_examples), len(examples)
     block = example_block or auto_example_block(total, n, budget)
     blocks = _row_blocks(n, total, block)
-    estimate, room = _factor_plan(adapter, s, [(examples, blocks, 1 if len(blocks) == 1 else 2)], batch_size,
-                                  gradients)
-    try:
-        capacity, batch = _plan_blocks(budget - room, block, n, s.dense_names, params, batch_size)
-    except InputError:
-        if not estimate or gradients == "factors":
-            raise
-        estimate, room = None, 0  # the rest of a small budget is too small: vmap, the whole budget for chunks
-        capacity, batch = _plan_blocks(budget, block, n, s.dense_names, params, batch_size)
+    estimate, room, (capacity, batch) = plan_with_factors(
+        _factor_estimate(adapter, s, [(examples, blocks, 1 if len(blocks) == 1 else 2)], batch_size, gradients),
+        gradients, budget, lambda rest: _plan_blocks(rest, block, n, s.dense_names, params, batch_size))
     chunks = _chunks(s.dense_names, params, capacity) if s.dense_names else []
-    units = chunks + ([[(adapter.word_table_name, 0, 0)]] if sparse_table else [])
-    groups = _factor_passes(units, factor_sites(adapter, names), estimate, room) if estimate else [units]
+    groups = factor_groups(adapter, chunks + ([[(adapter.word_table_name, 0, 0)]] if sparse_table else []), names,
+                           estimate, room)
     train_blocks = [b for b in blocks if b[0] < n]
     columns_of = {(lo, hi): [(c0, c1) for c0, c1 in train_blocks if c0 < min(hi, n)] for lo, hi in blocks}
-    passes = len(classes) * (len(groups) if estimate else len(units))  # train rows: only the lower column blocks
+    passes = len(classes) * (len(groups) if estimate else len(groups[0]))  # train rows: the lower column blocks
     cost = {(lo, hi): passes * (hi - lo + sum(c1 - c0 for c0, c1 in cols if (c0, c1) != (lo, hi)))
             for (lo, hi), cols in columns_of.items()}
     rank, world = shard
@@ -92,7 +85,7 @@ def compute_ntk_blocks(adapter, train_examples: list[dict], test_examples: list[
         width = columns[-1][1]
         panel = torch.zeros(hi - lo, width, dtype=torch.float64, device=device)
         for group in groups:
-            wanted = sorted({name for unit in group for name, _, _ in unit}) if estimate else None
+            wanted = group_names(group) if estimate else None
             rows = _Block(adapter, s, examples, lo, hi, batch, wanted, bar)
             # with factors, one column block at a time (each collected once); else all of them per chunk pass
             for column_group in ([[c] for c in columns] if estimate else [columns]):
@@ -108,10 +101,8 @@ def compute_ntk_blocks(adapter, train_examples: list[dict], test_examples: list[
                             continue
                         jac_rows = rows.jacobian(unit, c, ci)
                         for (c0, c1), source in sources.items():
-                            jac_cols = jac_rows if source is rows else source.jacobian(unit, c, ci)
-                            for col in range(0, jac_rows.shape[1], GRAM_COLUMNS):
-                                panel[:, c0:c1] += (jac_rows[:, col:col + GRAM_COLUMNS]
-                                                    @ jac_cols[:, col:col + GRAM_COLUMNS].T).double()
+                            _add_product(panel[:, c0:c1], jac_rows,
+                                         jac_rows if source is rows else source.jacobian(unit, c, ci))
                         del jac_rows
         panel = panel.cpu().numpy()
         if lo < n:
@@ -155,29 +146,23 @@ def compute_ntk_landmarks(adapter, train_examples: list[dict], test_examples: li
     landmark_examples = [train_examples[i] for i in landmarks]
     block = example_block or min(total, 2048)
     blocks = _row_blocks(n, total, block)
-    estimate, room = _factor_plan(adapter, s, [(examples, blocks, 1), (landmark_examples, [(0, r)], 1)],
-                                  batch_size, gradients)
-    plan = lambda budget: plan_chunks(  # noqa: E731
-        budget, 16 * block * r, 4 * (block + r), s.dense_names, s.params, batch_size,
-        f"example blocks of {block} against {r} landmarks", "use smaller --example-block or fewer --landmarks")
-    try:
-        capacity, batch = plan(s.budget - room)
-    except InputError:
-        if not estimate or gradients == "factors":
-            raise
-        estimate, room = None, 0
-        capacity, batch = plan(s.budget)
+    estimate, room, (capacity, batch) = plan_with_factors(
+        _factor_estimate(adapter, s, [(examples, blocks, 1), (landmark_examples, [(0, r)], 1)], batch_size,
+                         gradients),
+        gradients, s.budget, lambda rest: plan_chunks(
+            rest, 16 * block * r, 4 * (block + r), s.dense_names, s.params, batch_size,
+            f"example blocks of {block} against {r} landmarks", "use smaller --example-block or fewer --landmarks"))
     chunks = _chunks(s.dense_names, s.params, capacity) if s.dense_names else []
-    units = chunks + ([[(adapter.word_table_name, 0, 0)]] if s.sparse_table else [])
-    groups = _factor_passes(units, factor_sites(adapter, s.names), estimate, room) if estimate else [units]
-    passes = len(s.classes) * (len(groups) if estimate else len(units))
+    groups = factor_groups(adapter, chunks + ([[(adapter.word_table_name, 0, 0)]] if s.sparse_table else []),
+                           s.names, estimate, room)
+    passes = len(s.classes) * (len(groups) if estimate else len(groups[0]))
     rank, world = shard
     mine = assign_blocks({b: passes * (b[1] - b[0] + r) for b in blocks if b not in done}, world)[rank]
     bar = tqdm(total=sum(passes * (hi - lo + r) for lo, hi in mine), unit="ex", file=sys.stderr, dynamic_ncols=True,
                disable=rank > 0 or ((not sys.stderr.isatty()) if progress is None else not progress),
                desc=f"eNTK {adapter.adapter_name} against {r} landmarks ({len(blocks)} blocks, {len(chunks)} chunk(s)"
                     + (f", {len(groups)} factor pass(es))" if estimate else ", vmap)"))
-    wanted_of = lambda group: sorted({name for unit in group for name, _, _ in unit}) if estimate else None  # noqa: E731
+    wanted_of = lambda group: group_names(group) if estimate else None  # noqa: E731
     once = len(groups) == 1  # the landmarks' gradients (factors, or their batches) serve every row block
     landmark_block = _Block(adapter, s, landmark_examples, 0, r, batch, wanted_of(groups[0]), bar) if once and mine \
         else None
@@ -198,9 +183,7 @@ def compute_ntk_landmarks(adapter, train_examples: list[dict], test_examples: li
                         diag.index_add_(0, mine_vectors[0] - lo, (mine_vectors[2] ** 2).sum(1))
                         continue
                     jac_rows = rows.jacobian(unit, c, ci)
-                    jac_cols = columns.jacobian(unit, c, ci)
-                    for col in range(0, jac_rows.shape[1], GRAM_COLUMNS):
-                        panel += (jac_rows[:, col:col + GRAM_COLUMNS] @ jac_cols[:, col:col + GRAM_COLUMNS].T).double()
+                    _add_product(panel, jac_rows, columns.jacobian(unit, c, ci))
                     diag += (jac_rows.double() ** 2).sum(1)
         if lo < n:
             k_train_out[lo:hi] = panel.cpu().numpy()
@@ -217,6 +200,12 @@ def compute_ntk_landmarks(adapter, train_examples: list[dict], test_examples: li
             "chunk_capacity": capacity, "gradients": "factors" if estimate else "vmap",
             "factor_passes": len(groups) if estimate else 0, "factor_bytes": room,
             "max_memory_bytes": s.budget, "kernel": kernel, "trainable": trainable}
+
+
+def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out += a bᵀ: fp32 products over column blocks, summed in fp64."""
+    for col in range(0, a.shape[1], GRAM_COLUMNS):
+        out += (a[:, col:col + GRAM_COLUMNS] @ b[:, col:col + GRAM_COLUMNS].T).double()
 
 
 class _Block:
@@ -252,16 +241,14 @@ class _Block:
                                 None if self.store is not None else self.bar)
 
 
-def _factor_plan(adapter, s: "_Setup", groups: list, batch_size: int, gradients: str) -> tuple[dict | None, int]:
-    """(bytes of each factored module's factors, bytes set aside for factors) with, for each (examples, blocks,
-    count) of ``groups``, ``count`` of its largest blocks held at once, at the bytes per padded position of one
-    probe batch of the shortest examples. The room is all of it with ``gradients='factors'``, else at most
-    FACTOR_SHARE of the budget (parameter chunks are then grouped so that each group's factors fit). (None, 0)
-    means vmap: ``gradients='vmap'`` or no factor rule applies."""
+def _factor_estimate(adapter, s: "_Setup", groups: list, batch_size: int, gradients: str) -> dict | None:
+    """Bytes of each factored module's factors (Site -> bytes) with, for each (examples, blocks, count) of
+    ``groups``, ``count`` of its largest blocks held at once, at the bytes per padded position of one probe batch
+    of the shortest examples; None (vmap) with ``gradients='vmap'`` or when no factor rule applies."""
     if gradients not in GRADIENT_PATHS:
         raise InputError(f"gradients {gradients!r} is unknown; choose one of {', '.join(GRADIENT_PATHS)}.")
     if gradients == "vmap":
-        return None, 0
+        return None
     batch = max(8, batch_size)
     examples = groups[0][0]
     probe = [examples[i] for i in _length_order(examples)[:batch]]
@@ -269,12 +256,10 @@ def _factor_plan(adapter, s: "_Setup", groups: list, batch_size: int, gradients:
     store = collect_factors(adapter, s.names, [(None, adapter.prefix(_pad(probe, adapter, s.device)), mask)],
                             s.classes)
     if store is None:
-        return None, 0
+        return None
     positions = sum(count * max(_padded_tokens(group, lo, hi, batch) for lo, hi in blocks)
                     for group, blocks, count in groups)
-    estimate = {site: int(size / mask.numel() * positions) for site, size in store.site_bytes.items()}
-    whole = sum(estimate.values())
-    return estimate, whole if gradients == "factors" else min(whole, int(FACTOR_SHARE * s.budget))
+    return {site: int(size / mask.numel() * positions) for site, size in store.site_bytes.items()}
 
 
 def _padded_tokens(examples: list[dict], lo: int, hi: int, batch: int) -> int:

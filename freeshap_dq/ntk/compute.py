@@ -159,16 +159,9 @@ def compute_ntk(adapter, train_examples: list[dict], test_examples: list[dict], 
                 for lo, hi in spans]
     classes = [0] if kernel == "class0" else list(range(adapter.head.out_features))
     progress_off = rank > 0 or ((not sys.stderr.isatty()) if progress is None else not progress)
-    estimate, room = _factor_estimate(adapter, names, prefixes, classes, gradients), 0
-    if estimate:
-        whole = sum(estimate.values())
-        room = whole if gradients == "factors" else min(whole, int(FACTOR_SHARE * budget))
-        try:
-            chunk_capacity, batch = _plan(budget - room, total, n, dense_names, params, batch, kernels)
-        except InputError:
-            if gradients == "factors":
-                raise
-            estimate, room = None, 0  # the rest of a small budget is too small: vmap, the whole budget for chunks
+    estimate, room, (chunk_capacity, batch) = plan_with_factors(
+        _factor_estimate(adapter, names, prefixes, classes, gradients), gradients, budget,
+        lambda rest: _plan(rest, total, n, dense_names, params, batch, kernels))
     if world > 1:  # at least one chunk per rank
         chunk_capacity = min(chunk_capacity, max(1, math.ceil(sum(params[k].numel() for k in dense_names) / world)))
     chunks = _chunks(dense_names, params, chunk_capacity)
@@ -176,7 +169,7 @@ def compute_ntk(adapter, train_examples: list[dict], test_examples: list[dict], 
     # units of work: my parameter chunks, then (as a chunk of its own) the word table's sparse share
     units = [c for c, is_mine in zip(chunks, mine) if is_mine] + ([[(word_table, 0, 0)]] if sparse_table and mine[-1]
                                                                    else [])
-    groups = _factor_passes(units, factor_sites(adapter, names), estimate, room) if estimate else [units]
+    groups = factor_groups(adapter, units, names, estimate, room)
 
     stack = (len(classes),) if kernel == "per-class" else ()
     k_rows = torch.zeros(*stack, total, n, dtype=torch.float64, device=device)
@@ -193,8 +186,7 @@ def compute_ntk(adapter, train_examples: list[dict], test_examples: list[dict], 
     rows = [(torch.arange(lo, hi, device=device), prefix, mask) for lo, hi, prefix, mask in prefixes]
     passes = []
     for group in groups:
-        store = collect_factors(adapter, sorted({name for unit in group for name, _, _ in unit}), batches, classes,
-                                bar) if estimate else None
+        store = collect_factors(adapter, group_names(group), batches, classes, bar) if estimate else None
         passes.append("vmap" if store is None else "factors")
         for unit in group:
             if unit[0][0] == word_table and sparse_table:
@@ -289,6 +281,32 @@ def _factor_estimate(adapter, names: list[str], prefixes: list, classes: list[in
         return None
     scale = sum(m.numel() for _, _, _, m in prefixes) / mask.numel()
     return {site: int(size * scale) for site, size in probe.site_bytes.items()}
+
+
+def plan_with_factors(estimate: dict | None, gradients: str, budget: int, plan) -> tuple[dict | None, int, tuple]:
+    """(estimate, room, plan(budget - room)). The factors' room is all of them with ``gradients='factors'``,
+    else at most FACTOR_SHARE of the budget; when (``auto``) the rest is too small for ``plan``: vmap, with
+    (None, 0, plan(budget))."""
+    if estimate:
+        whole = sum(estimate.values())
+        room = whole if gradients == "factors" else min(whole, int(FACTOR_SHARE * budget))
+        try:
+            return estimate, room, plan(budget - room)
+        except InputError:
+            if gradients == "factors":
+                raise
+    return None, 0, plan(budget)
+
+
+def factor_groups(adapter, units: list, names: list[str], estimate: dict | None, room: int) -> list[list]:
+    """The units of work (parameter chunks, the word table's share) in groups of one forward + backward each;
+    one group without factors (vmap)."""
+    return _factor_passes(units, factor_sites(adapter, names), estimate, room) if estimate else [units]
+
+
+def group_names(group: list) -> list[str]:
+    """The parameter names a group of units of work touches."""
+    return sorted({name for unit in group for name, _, _ in unit})
 
 
 def _factor_passes(units: list, sites: dict, estimate: dict, room: int) -> list[list]:

@@ -68,10 +68,13 @@ class FactorStore:
     def __init__(self, adapter: nn.Module, sites: dict[str, tuple[Site, str]]):
         self.modules = dict(adapter.named_modules())
         self.sites = sites
-        self.nbytes = 0  # kept tensors' bytes, a storage shared by several sites (q, k, v inputs) counted once
-        self.site_bytes: dict[Site, int] = {}  # per site, shared storages counted for each (planning)
-        self._storages: set[int] = set()
+        self.site_bytes: dict[Site, int] = {}  # per site; an input shared by sites (q, k, v) counted for each
         self.batches: list[dict[Site, list[tuple[torch.Tensor, list[torch.Tensor]]]]] = []
+
+    @property
+    def nbytes(self) -> int:
+        """The kept factors' bytes (an upper bound: shared inputs counted once per site)."""
+        return sum(self.site_bytes.values())
 
     def collect(self, adapter: nn.Module, prefix: torch.Tensor, mask: torch.Tensor, classes: list[int]) -> None:
         """Run one batch forward, then backward once per class, and keep its factors. On the first batch, a site
@@ -116,11 +119,6 @@ class FactorStore:
             batch[site].append((a, gs))
             self.site_bytes[site] = (self.site_bytes.get(site, 0) + a.numel() * a.element_size()
                                      + sum(g.numel() * g.element_size() for g in gs))
-            storage = a.untyped_storage()
-            if storage.data_ptr() not in self._storages:
-                self._storages.add(storage.data_ptr())
-                self.nbytes += storage.nbytes()
-            self.nbytes += sum(g.numel() * g.element_size() for g in gs)
         self.batches.append(batch)
 
     def _hook(self, site: Site, batch: int, sink: list, unfit: set):

@@ -153,7 +153,7 @@ def test_landmark_columns_and_diagonal_equal_the_full_kernel(adapter, trainable,
 
 
 def test_blocks_and_landmarks_group_the_chunks_when_factors_exceed_their_share(adapter, monkeypatch):
-    from freeshap_dq.ntk import blocked
+    from freeshap_dq.ntk import compute
     from freeshap_dq.ntk.blocked import compute_ntk_landmarks
 
     ex = adapter.tokenize(TEXTS)
@@ -167,7 +167,7 @@ def test_blocks_and_landmarks_group_the_chunks_when_factors_exceed_their_share(a
     every = compute_ntk_blocks(adapter, train, test, k_train, k_test, max_memory="256MiB", gradients="factors",
                                **common)["factor_bytes"]  # all the factors of two blocks
     budget = 200 * 1024 + int(0.4 * every)  # room for 40% of them beside a budget that needs several chunks
-    monkeypatch.setattr(blocked, "FACTOR_SHARE", 0.4 * every / budget)
+    monkeypatch.setattr(compute, "FACTOR_SHARE", 0.4 * every / budget)
     k_train[:], k_test[:] = np.nan, np.nan
     info = compute_ntk_blocks(adapter, train, test, k_train, k_test, max_memory=budget, **common)
     assert info["gradients"] == "factors" and info["factor_passes"] >= 2 and info["chunks"] > 2
