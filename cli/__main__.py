@@ -1,5 +1,5 @@
 """``python -m freeshap_dq.cli`` = the ``freeshap-dq`` command."""
 
-from .main import main
+from freeshap_dq.cli.main import main
 
 main()

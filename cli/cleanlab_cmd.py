@@ -6,13 +6,13 @@ from pathlib import Path
 
 import click
 
-from ..config import ValuationConfig
-from ..errors import InputError
-from ..io import write_table
-from ..result import ValuationResult
-from ..valuation import compute_values
-from .common import ARTIFACT_PATH, data_options, friendly_errors, optional_adapter, load_problem, log, ntk_options, build_ntk_config, pop_data_options
-from .main import cli
+from freeshap_dq.config import ValuationConfig
+from freeshap_dq.errors import InputError
+from freeshap_dq.io import write_table
+from freeshap_dq.result import ValuationResult
+from freeshap_dq.valuation import compute_values
+from freeshap_dq.cli.common import ARTIFACT_PATH, data_options, friendly_errors, optional_adapter, load_problem, log, ntk_options, build_ntk_config, pop_data_options
+from freeshap_dq.cli.main import cli
 
 
 

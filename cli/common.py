@@ -10,11 +10,11 @@ from pathlib import Path
 
 import click
 
-from ..config import METHODS, PRESETS, ValuationConfig
-from ..errors import FreeShapError
-from ..kernel import KernelProblem
-from ..ntk.builder import ADAPTERS, NTKConfig
-from ..ntk.compute import GRADIENT_PATHS, KERNEL_MODES
+from freeshap_dq.config import METHODS, PRESETS, ValuationConfig
+from freeshap_dq.errors import FreeShapError
+from freeshap_dq.kernel import KernelProblem
+from freeshap_dq.ntk.builder import ADAPTERS, NTKConfig
+from freeshap_dq.ntk.compute import GRADIENT_PATHS, KERNEL_MODES
 
 DATA_PATH = click.Path(path_type=Path)  # a file, or a folder saved by Hugging Face datasets
 ARTIFACT_PATH = click.Path(path_type=Path)  # a .npz, or a kernel / result folder
@@ -146,8 +146,8 @@ def load_problem(kernel_path, train_path, test_path, data: dict, ntk: NTKConfig,
         flag = "--landmarks" if ntk.landmarks else "--example-block"
         raise click.UsageError(f"{flag} builds a kernel folder on disk: run freeshap-dq kernel --train ... --test ... "
                                f"-o NAME.kernel {flag} ..., then give --kernel NAME.kernel here.")
-    from ..data import load_dataset
-    from ..ntk.builder import build_kernel
+    from freeshap_dq.data import load_dataset
+    from freeshap_dq.ntk.builder import build_kernel
 
     train = load_dataset(train_path, **data)
     test = load_dataset(test_path, **data)

@@ -9,14 +9,14 @@ import click
 import numpy as np
 import pandas as pd
 
-from .. import __version__
-from ..data import TextDataset, dataset_from_frame, load_dataset, read_table, write_data_table
-from ..errors import InputError
-from ..io import write_json, write_table
-from ..policies import RemovalPolicy, SelectionPolicy, policy_dict
-from ..result import ValuationResult
-from .common import ARTIFACT_PATH, DATA_PATH, column_options, friendly_errors, log, pop_data_options
-from .main import cli
+from freeshap_dq import __version__
+from freeshap_dq.data import TextDataset, dataset_from_frame, load_dataset, read_table, write_data_table
+from freeshap_dq.errors import InputError
+from freeshap_dq.io import write_json, write_table
+from freeshap_dq.policies import RemovalPolicy, SelectionPolicy, policy_dict
+from freeshap_dq.result import ValuationResult
+from freeshap_dq.cli.common import ARTIFACT_PATH, DATA_PATH, column_options, friendly_errors, log, pop_data_options
+from freeshap_dq.cli.main import cli
 
 PATH = click.Path(dir_okay=False, path_type=Path)
 

@@ -9,16 +9,16 @@ import click
 import numpy as np
 import pandas as pd
 
-from .. import __version__
-from ..config import ValuationConfig
-from ..data import TextDataset, load_dataset, write_data_table
-from ..io import write_json, write_table
-from ..report import html_report, summary_table, text_report
-from ..result import ValuationResult
-from ..synthetic import auroc
-from ..valuation import compute_values
-from .common import ARTIFACT_PATH, DATA_PATH, column_options, friendly_errors, log, pop_data_options
-from .main import cli
+from freeshap_dq import __version__
+from freeshap_dq.config import ValuationConfig
+from freeshap_dq.data import TextDataset, load_dataset, write_data_table
+from freeshap_dq.io import write_json, write_table
+from freeshap_dq.report import html_report, summary_table, text_report
+from freeshap_dq.result import ValuationResult
+from freeshap_dq.synthetic import auroc
+from freeshap_dq.valuation import compute_values
+from freeshap_dq.cli.common import ARTIFACT_PATH, DATA_PATH, column_options, friendly_errors, log, pop_data_options
+from freeshap_dq.cli.main import cli
 
 PATH = click.Path(dir_okay=False, path_type=Path)
 
@@ -64,7 +64,7 @@ def demo_command(output_dir, train_path, test_path, n_train, n_test, noise, mode
                  progress, **columns):
     """The embedded default, end to end and offline: real reviews, 10% flipped labels, MiniLM eNTK,
     FreeShap values, and how many of the flipped labels the most harmful 10% catches."""
-    from ..ntk.builder import NTKConfig, build_kernel
+    from freeshap_dq.ntk.builder import NTKConfig, build_kernel
 
     started = time.monotonic()
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -114,7 +114,7 @@ def demo_command(output_dir, train_path, test_path, n_train, n_test, noise, mode
 
 def _demo_data(train_path, test_path, n_train, n_test, noise, seed, columns):
     if train_path is None and test_path is None:
-        from ..datasets import rotten_tomatoes
+        from freeshap_dq.datasets import rotten_tomatoes
 
         return rotten_tomatoes(n_train, n_test, noise=noise, seed=seed)
     if train_path is None or test_path is None:

@@ -15,12 +15,12 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .. import __version__
-from ..config import ValuationConfig
-from ..io import table_format, write_json, write_table
-from ..result import ValuationResult
-from ..valuation import compute_values
-from .common import (
+from freeshap_dq import __version__
+from freeshap_dq.config import ValuationConfig
+from freeshap_dq.io import table_format, write_json, write_table
+from freeshap_dq.result import ValuationResult
+from freeshap_dq.valuation import compute_values
+from freeshap_dq.cli.common import (
     EXIT_GATE, VERBOSITY, build_config, build_ntk_config, config_options, data_options, friendly_errors, load_problem, log,
     ntk_options, pop_data_options,
 )
@@ -95,7 +95,7 @@ def value_command(kernel_path, train_path, test_path, output, fmt, save_result, 
         if streamed:
             raise click.UsageError("per-point sums streamed to a result folder run in one process; use "
                                    "--executor local, or --save-result NAME.npz.")
-        from ..distributed import compute_values_ray
+        from freeshap_dq.distributed import compute_values_ray
 
         result = compute_values_ray(problem, config, address=ray_address, workers=workers,
                                     checkpoint_dir=checkpoint_dir, resume=resume, progress=progress)
@@ -178,7 +178,7 @@ def kernel_command(train_path, test_path, output, device, progress, distributed,
         raise click.UsageError(f"{'--landmarks' if ntk.landmarks else '--example-block'} writes a kernel folder by "
                                f"blocks: give -o NAME.kernel.")
     if distributed:
-        from ..ntk.sharding import distributed_kernel
+        from freeshap_dq.ntk.sharding import distributed_kernel
 
         with distributed_kernel(ntk) as (shard, ntk):
             if shard[0] > 0:
@@ -192,7 +192,7 @@ def kernel_command(train_path, test_path, output, device, progress, distributed,
         problem.save(output)
         write_json({"command": "kernel", **manifest}, Path(str(output) + ".manifest.json"))
     else:
-        from ..ntk.builder import save_kernel
+        from freeshap_dq.ntk.builder import save_kernel
 
         save_kernel(problem, manifest, output)
     log(f"wrote {output}: k_train {problem.k_train.shape}, k_test {problem.k_test.shape}, "
@@ -200,8 +200,8 @@ def kernel_command(train_path, test_path, output, device, progress, distributed,
 
 
 def _kernel_folder(train_path, test_path, output: Path, ntk, data: dict, progress, distributed: bool, cache_dir) -> None:
-    from ..data import load_dataset
-    from ..ntk.builder import build_kernel_folder
+    from freeshap_dq.data import load_dataset
+    from freeshap_dq.ntk.builder import build_kernel_folder
 
     if cache_dir is not None:
         raise click.UsageError("--cache-dir holds in-memory kernels; a kernel folder is its own cache (value it "
@@ -210,7 +210,7 @@ def _kernel_folder(train_path, test_path, output: Path, ntk, data: dict, progres
     if not distributed:
         build_kernel_folder(train, test, output, ntk, progress=progress, log=log)
         return
-    from ..ntk.sharding import distributed_kernel
+    from freeshap_dq.ntk.sharding import distributed_kernel
 
     with distributed_kernel(ntk) as (shard, ntk):  # the ranks share the row blocks of one folder
         if shard[0] > 0:
@@ -231,7 +231,7 @@ def _log_summary(result: ValuationResult, config: ValuationConfig) -> None:
             f"mean fraction evaluated {trunc['mean_fraction_evaluated']:.2f}")
 
 
-from . import cleanlab_cmd, curate, demo, evaluate_cmd, labelstudio_cmd, relabel_cmd  # noqa: E402,F401
+from freeshap_dq.cli import cleanlab_cmd, curate, demo, evaluate_cmd, labelstudio_cmd, relabel_cmd  # noqa: E402,F401
 
 
 def main() -> None:

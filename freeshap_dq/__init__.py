@@ -2,14 +2,14 @@
 
 __version__ = "0.1.0"
 
-from .config import PRESETS, ValuationConfig  # noqa: E402
-from .errors import CheckpointError, FreeShapError, InputError, KernelError  # noqa: E402
-from .kernel import KernelProblem  # noqa: E402
-from .result import ValuationResult  # noqa: E402
-from .stopping import (  # noqa: E402
+from freeshap_dq.config import PRESETS, ValuationConfig  # noqa: E402
+from freeshap_dq.errors import CheckpointError, FreeShapError, InputError, KernelError  # noqa: E402
+from freeshap_dq.kernel import KernelProblem  # noqa: E402
+from freeshap_dq.result import ValuationResult  # noqa: E402
+from freeshap_dq.stopping import (  # noqa: E402
     MaxPermutations, MaxTime, SignStable, StandardErrorBelow, StoppingCriterion, TopKStable,
 )
-from .valuation import compute_values  # noqa: E402
+from freeshap_dq.valuation import compute_values  # noqa: E402
 
 __all__ = [
     "CheckpointError", "FreeShapError", "InputError", "KernelError", "KernelProblem", "MaxPermutations",

@@ -19,7 +19,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import InputError
+from freeshap_dq.errors import InputError
 
 METHODS = ("tmc", "exact", "loo", "beta", "banzhaf")
 EMPTY_UTILITIES = ("random", "zero")

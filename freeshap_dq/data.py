@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import InputError
+from freeshap_dq.errors import InputError
 
 READERS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
 
@@ -150,7 +150,7 @@ def _natural_key(label: str):
 
 def write_data_table(df: pd.DataFrame, path: str | Path, like: str | Path | None = None) -> None:
     """Write a data table atomically in the format of ``path`` (or of ``like``, the input file)."""
-    from .io import atomic_write
+    from freeshap_dq.io import atomic_write
 
     path = Path(path)
     kind = READERS.get(path.suffix.lower()) or READERS.get(Path(like).suffix.lower() if like else "")

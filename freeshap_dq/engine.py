@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import KernelError
-from .regression import DTYPE, KernelRegressionUtility, point_utilities
+from freeshap_dq.errors import KernelError
+from freeshap_dq.regression import DTYPE, KernelRegressionUtility, point_utilities
 
 CHUNK_ELEMENTS = 4_000_000  # bound on prefix-chunk x m x C scores held at once
 

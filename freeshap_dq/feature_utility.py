@@ -19,11 +19,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .config import ValuationConfig, parse_ridge
-from .errors import InputError
-from .kernel import KernelProblem, row_blocks
-from .lowrank import LowRankKernel, nystrom_landmarks
-from .regression import (
+from freeshap_dq.config import ValuationConfig, parse_ridge
+from freeshap_dq.errors import InputError
+from freeshap_dq.kernel import KernelProblem, row_blocks
+from freeshap_dq.lowrank import LowRankKernel, nystrom_landmarks
+from freeshap_dq.regression import (
     AUTO_RIDGE_GRID, DTYPE, RidgeChoice, UtilityEnds, empty_point_utilities, one_hot, point_utilities, resolve_device,
 )
 
@@ -31,7 +31,7 @@ from .regression import (
 def landmark_columns(problem, config: ValuationConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(landmarks L, K[:, L] (n x r), K[T, L] (m x r)) as float64 arrays in memory, unscaled: stored columns of a
     ``LandmarkKernel``, or for a kernel folder r = ``config.low_rank`` seeded landmarks whose rows are read."""
-    from .landmark_kernel import LandmarkKernel
+    from freeshap_dq.landmark_kernel import LandmarkKernel
 
     if isinstance(problem, LandmarkKernel):
         if config.low_rank not in (0, problem.rank):

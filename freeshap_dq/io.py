@@ -17,7 +17,7 @@ from typing import Iterator
 
 import pandas as pd
 
-from .errors import InputError
+from freeshap_dq.errors import InputError
 
 TABLE_FORMATS = ("csv", "parquet", "json", "jsonl")
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import KernelError
-from .io import atomic_write
+from freeshap_dq.errors import KernelError
+from freeshap_dq.io import atomic_write
 
 REQUIRED_KEYS = ("k_train", "k_test", "y_train", "y_test")
 SYMMETRY_RTOL = 1e-6
@@ -170,7 +170,7 @@ class KernelProblem(LabelledExamples):
         if not path.exists():
             raise KernelError(f"{path}: no such kernel file.")
         if path.is_dir():
-            from .kernel_folder import load_kernel_folder
+            from freeshap_dq.kernel_folder import load_kernel_folder
 
             return load_kernel_folder(path)
         with open(path, "rb") as fh:

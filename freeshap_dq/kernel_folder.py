@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import KernelError
-from .io import _umask, replace_folder
-from .kernel import KernelProblem
+from freeshap_dq.errors import KernelError
+from freeshap_dq.io import _umask, replace_folder
+from freeshap_dq.kernel import KernelProblem
 
 FORMAT = "freeshap-dq kernel folder"
 FORMAT_VERSION = 1
@@ -206,7 +206,7 @@ def load_kernel_folder(path: str | os.PathLike, source: str | None = None):
 
 
 def _load_landmarks(path: Path, meta: dict[str, Any], trusted: str | None, source: str | None):
-    from .landmark_kernel import LandmarkKernel
+    from freeshap_dq.landmark_kernel import LandmarkKernel
 
     arrays = {}
     for name in ("k_train_landmarks", "k_test_landmarks", "k_train_diag", "landmarks", "y_train", "y_test",

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import KernelError
-from .kernel import SYMMETRY_RTOL, LabelledExamples, _as_ids, check_labels, row_blocks
+from freeshap_dq.errors import KernelError
+from freeshap_dq.kernel import SYMMETRY_RTOL, LabelledExamples, _as_ids, check_labels, row_blocks
 
 
 @dataclass(frozen=True)

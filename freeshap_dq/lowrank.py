@@ -39,9 +39,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import InputError
-from .engine import PrefixEngine
-from .regression import DTYPE, KernelRegressionUtility, point_utilities
+from freeshap_dq.errors import InputError
+from freeshap_dq.engine import PrefixEngine
+from freeshap_dq.regression import DTYPE, KernelRegressionUtility, point_utilities
 
 LOW_RANK_METHODS = ("eigen", "nystrom")
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import METRICS
-from .errors import CheckpointError
-from .kernel import row_blocks
+from freeshap_dq.config import METRICS
+from freeshap_dq.errors import CheckpointError
+from freeshap_dq.kernel import row_blocks
 
 OPEN = "open"
 

@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .config import option
-from .errors import InputError
+from freeshap_dq.config import option
+from freeshap_dq.errors import InputError
 
 VALUE_COLUMNS = {"ce": ("value_ce", "stderr_ce"), "accuracy": ("value", "stderr")}
 

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .config import ValuationConfig, parse_ridge
-from .errors import KernelError
-from .kernel import KernelProblem
+from freeshap_dq.config import ValuationConfig, parse_ridge
+from freeshap_dq.errors import KernelError
+from freeshap_dq.kernel import KernelProblem
 
 DTYPE = torch.float64
 AUTO_RIDGE_GRID = tuple(10.0 ** (k / 2) for k in range(-6, 5))  # 1e-3 .. 1e2 x mean(diag K), half-decades

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .data import TextDataset
-from .errors import InputError
+from freeshap_dq.data import TextDataset
+from freeshap_dq.errors import InputError
 
 CONFLICT_ACTIONS = ("error", "skip", "apply")
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .data import TextDataset
-from .io import atomic_write
-from .result import ValuationResult
+from freeshap_dq.data import TextDataset
+from freeshap_dq.io import atomic_write
+from freeshap_dq.result import ValuationResult
 
 Z = 1.96
 

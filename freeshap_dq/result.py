@@ -32,9 +32,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .config import METRICS
-from .errors import CheckpointError, InputError
-from .io import atomic_write, replace_folder
+from freeshap_dq.config import METRICS
+from freeshap_dq.errors import CheckpointError, InputError
+from freeshap_dq.io import atomic_write, replace_folder
 
 FORMAT_VERSION = 1
 FOLDER_RESULT = "result.npz"

@@ -20,8 +20,8 @@ import math
 import numpy as np
 import torch
 
-from .errors import InputError
-from .regression import DTYPE, KernelRegressionUtility, point_utilities, solve_scores
+from freeshap_dq.errors import InputError
+from freeshap_dq.regression import DTYPE, KernelRegressionUtility, point_utilities, solve_scores
 
 MAX_EXACT_N = 16
 

@@ -13,8 +13,8 @@ import time
 
 import numpy as np
 
-from .errors import InputError
-from .result import ValuationResult
+from freeshap_dq.errors import InputError
+from freeshap_dq.result import ValuationResult
 
 
 class StoppingCriterion:

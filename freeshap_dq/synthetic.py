@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .kernel import KernelProblem
+from freeshap_dq.kernel import KernelProblem
 
 
 @dataclass

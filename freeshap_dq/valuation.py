@@ -28,18 +28,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
-from .config import METRICS, ValuationConfig
-from .engine import PermutationMarginals, PrefixEngine
-from .errors import CheckpointError, InputError
-from .io import available_memory
-from .kernel import KernelProblem
-from .regression import DTYPE, KernelRegressionUtility
-from .result import ValuationResult
-from .semivalues import (
+from freeshap_dq import __version__
+from freeshap_dq.config import METRICS, ValuationConfig
+from freeshap_dq.engine import PermutationMarginals, PrefixEngine
+from freeshap_dq.errors import CheckpointError, InputError
+from freeshap_dq.io import available_memory
+from freeshap_dq.kernel import KernelProblem
+from freeshap_dq.regression import DTYPE, KernelRegressionUtility
+from freeshap_dq.result import ValuationResult
+from freeshap_dq.semivalues import (
     banzhaf_probabilities, beta_probabilities, exact_semivalues, position_weights, shapley_probabilities,
 )
-from .stopping import MaxPermutations, MaxTime, StandardErrorBelow, StoppingCriterion
+from freeshap_dq.stopping import MaxPermutations, MaxTime, StandardErrorBelow, StoppingCriterion
 
 CHECKPOINT_NAME = "checkpoint.npz"
 # Fields that change the values: a checkpoint is only resumed when they all match.
@@ -101,7 +101,7 @@ def compute_values(problem: KernelProblem, config: ValuationConfig | None = None
 def fit_config(problem, config: ValuationConfig) -> ValuationConfig:
     """A landmark kernel is valued by its Nystrom features: the configuration says so (rank r, nystrom), and
     methods that need the whole kernel are refused."""
-    from .landmark_kernel import LandmarkKernel
+    from freeshap_dq.landmark_kernel import LandmarkKernel
 
     if not isinstance(problem, LandmarkKernel):
         return config
@@ -119,14 +119,14 @@ def fit_config(problem, config: ValuationConfig) -> ValuationConfig:
 def make_utility(problem: KernelProblem, config: ValuationConfig, device: torch.device | None = None):
     """The kernel-regression utility; for a kernel folder valued with a Nystrom low-rank kernel, or a landmark
     kernel, its feature-space set-up, which never holds an n x n matrix (:mod:`freeshap_dq.feature_utility`)."""
-    from .landmark_kernel import LandmarkKernel
+    from freeshap_dq.landmark_kernel import LandmarkKernel
 
     if isinstance(problem, LandmarkKernel):
-        from .feature_utility import FeatureSpaceUtility
+        from freeshap_dq.feature_utility import FeatureSpaceUtility
 
         return FeatureSpaceUtility(problem, fit_config(problem, config), device)
     if problem.on_disk and config.low_rank and config.low_rank_method == "nystrom" and config.method not in ("exact", "loo"):
-        from .feature_utility import FeatureSpaceUtility
+        from freeshap_dq.feature_utility import FeatureSpaceUtility
 
         return FeatureSpaceUtility(problem, config, device)
     if problem.on_disk:
@@ -225,7 +225,7 @@ def _sample_permutations(problem, config, utility, manifest, stopping, checkpoin
 
 def _point_store(point_dir, result: ValuationResult, resumed: bool, checkpoint, problem: KernelProblem):
     """The on-disk per-point store (None without ``point_dir``); a checkpoint of the other kind is refused."""
-    from .point_store import PointStore
+    from freeshap_dq.point_store import PointStore
 
     if point_dir is None:
         if resumed and "point_store" in result.manifest:
@@ -271,7 +271,7 @@ def _engine(problem: KernelProblem, config: ValuationConfig, utility: KernelRegr
     if not config.low_rank:
         return PrefixEngine(utility, tolerance=config.tolerance, per_point=config.per_point,
                             block_size=config.block_size)
-    from .lowrank import LowRankPrefixEngine, low_rank_features
+    from freeshap_dq.lowrank import LowRankPrefixEngine, low_rank_features
 
     if problem.per_class:
         raise InputError("--low-rank approximates one kernel; these are per-class kernels (C x n x n). Use a single "

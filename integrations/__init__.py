@@ -6,6 +6,6 @@ so ``Datalab.load(...).get_issues("freeshap")`` works in a fresh process after
 """
 
 try:  # registering is a side effect of importing the adapter
-    from . import cleanlab  # noqa: F401
+    from freeshap_dq.integrations import cleanlab  # noqa: F401
 except ImportError:  # cleanlab not installed: the rest of freeshap-dq works without it
     pass

@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..errors import InputError
-from ..io import available_memory
-from ..kernel import KernelProblem
-from ..regression import loo_probabilities as loo_pred_probs
-from ..result import ValuationResult, value_to_score
+from freeshap_dq.errors import InputError
+from freeshap_dq.io import available_memory
+from freeshap_dq.kernel import KernelProblem
+from freeshap_dq.regression import loo_probabilities as loo_pred_probs
+from freeshap_dq.result import ValuationResult, value_to_score
 
 try:
     from cleanlab import Datalab, IssueManager

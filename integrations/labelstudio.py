@@ -28,9 +28,9 @@ from xml.sax.saxutils import quoteattr
 
 import pandas as pd
 
-from ..errors import FreeShapError, InputError
-from ..io import write_json
-from ..result import value_to_score
+from freeshap_dq.errors import FreeShapError, InputError
+from freeshap_dq.io import write_json
+from freeshap_dq.result import value_to_score
 
 try:
     import httpx

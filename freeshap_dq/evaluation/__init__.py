@@ -5,4 +5,4 @@ baselines that need no extra package), ``experiments`` (detection, removal, sele
 robustness, fidelity) and ``harness`` (one seeded run that writes tables, plots and a manifest).
 """
 
-from .harness import EvaluationConfig, run_evaluation  # noqa: F401
+from freeshap_dq.evaluation.harness import EvaluationConfig, run_evaluation  # noqa: F401

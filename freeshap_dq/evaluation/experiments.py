@@ -19,12 +19,12 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from ..config import ValuationConfig
-from ..kernel import KernelProblem
-from ..valuation import compute_values
-from ..regression import KernelRegressionUtility
-from .detectors import DetectorRun
-from .metrics import detection_curve, detection_metrics
+from freeshap_dq.config import ValuationConfig
+from freeshap_dq.kernel import KernelProblem
+from freeshap_dq.valuation import compute_values
+from freeshap_dq.regression import KernelRegressionUtility
+from freeshap_dq.evaluation.detectors import DetectorRun
+from freeshap_dq.evaluation.metrics import detection_curve, detection_metrics
 
 Learner = Callable[[np.ndarray], float]  # training subset (indices) -> test accuracy
 
@@ -137,7 +137,7 @@ def exact_fidelity(problem: KernelProblem, config: ValuationConfig, n: int = 10,
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:
-    from ..synthetic import _average_ranks
+    from freeshap_dq.synthetic import _average_ranks
 
     return _average_ranks(np.asarray(x, dtype=float))
 

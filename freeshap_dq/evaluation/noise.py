@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import InputError
+from freeshap_dq.errors import InputError
 
 NOISE_MODES = ("symmetric", "class-conditional")
 

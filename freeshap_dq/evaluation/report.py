@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..io import atomic_write
+from freeshap_dq.io import atomic_write
 
 DETECTION_COLUMNS = ("auroc", "auprc", "recall@5%", "recall@10%", "recall@20%", "f1_2means", "fnr@noise")
 

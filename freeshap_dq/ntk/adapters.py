@@ -33,7 +33,7 @@ import re
 import torch
 from torch import nn
 
-from ..errors import InputError
+from freeshap_dq.errors import InputError
 
 LAYER_INDEX = re.compile(r"\.layers?\.(\d+)\.")
 SLOT = re.compile(r"\{(text|pair|mask)\}")

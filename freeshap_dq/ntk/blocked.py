@@ -25,12 +25,12 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import InputError
-from .compute import (
+from freeshap_dq.errors import InputError
+from freeshap_dq.ntk.compute import (
     GRADIENT_PATHS, GRAM_COLUMNS, KERNEL_MODES, _chunks, _length_order, _mask, _pad, collect_factors,
     factor_groups, fill_jacobian, group_names, parse_memory, plan_chunks, plan_with_factors, select_trainable,
 )
-from .word_table import token_gram, word_table_share
+from freeshap_dq.ntk.word_table import token_gram, word_table_share
 
 
 def auto_example_block(total: int, n: int, budget: int) -> int:

@@ -21,13 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from .. import __version__
-from ..config import option
-from ..data import TextDataset, encode_labels, label_mapping
-from ..errors import CheckpointError, InputError
-from ..io import atomic_write
-from ..kernel import KernelProblem
-from .compute import GRADIENT_PATHS, KERNEL_MODES, compute_ntk
+from freeshap_dq import __version__
+from freeshap_dq.config import option
+from freeshap_dq.data import TextDataset, encode_labels, label_mapping
+from freeshap_dq.errors import CheckpointError, InputError
+from freeshap_dq.io import atomic_write
+from freeshap_dq.kernel import KernelProblem
+from freeshap_dq.ntk.compute import GRADIENT_PATHS, KERNEL_MODES, compute_ntk
 
 ADAPTERS = ("encoder-head", "prompt-mlm", "causal-lm")
 MODEL_KIND = {"encoder-head": "encoder", "prompt-mlm": "mlm", "causal-lm": "causal"}
@@ -106,8 +106,8 @@ def parse_label_words(spec: str, label_names: tuple[str, ...]) -> list[str]:
 
 
 def build_adapter(config: NTKConfig, label_names: tuple[str, ...]):
-    from .adapters import DEFAULT_CAUSAL_TEMPLATE, DEFAULT_MLM_TEMPLATE, CausalLM, EncoderHead, PromptMLM
-    from .models import load_model_and_tokenizer
+    from freeshap_dq.ntk.adapters import DEFAULT_CAUSAL_TEMPLATE, DEFAULT_MLM_TEMPLATE, CausalLM, EncoderHead, PromptMLM
+    from freeshap_dq.ntk.models import load_model_and_tokenizer
 
     model, tokenizer, path = load_model_and_tokenizer(config.model, MODEL_KIND[config.adapter])
     n_classes = len(label_names)
@@ -143,7 +143,7 @@ def build_kernel(train: TextDataset, test: TextDataset, config: NTKConfig | None
                  return_manifest: bool = False, shard: tuple[int, int] = (0, 1)):
     """The eNTK valuation problem for ``train`` and ``test`` (from the cache when it matches);
     with ``return_manifest``, also the kernel's manifest."""
-    from ..regression import resolve_device
+    from freeshap_dq.regression import resolve_device
 
     config, log, names, y_train, y_test, manifest = _begin(train, test, config, log)
     key = cache_key(manifest)
@@ -181,11 +181,11 @@ def build_kernel_folder(train: TextDataset, test: TextDataset, path: str | Path,
     ``shard=(rank, world)`` under torchrun: rank 0 creates the folder's files, every rank fills its share of the
     row blocks through its own memory maps of them (the folder's parent must be on a file system all ranks see),
     and rank 0 mirrors, checks and renames the folder."""
-    from ..kernel_folder import KernelFolderWriter
-    from ..regression import resolve_device
-    from ..lowrank import nystrom_landmarks
-    from .blocked import auto_example_block, compute_ntk_blocks, compute_ntk_landmarks
-    from .compute import parse_memory
+    from freeshap_dq.kernel_folder import KernelFolderWriter
+    from freeshap_dq.regression import resolve_device
+    from freeshap_dq.lowrank import nystrom_landmarks
+    from freeshap_dq.ntk.blocked import auto_example_block, compute_ntk_blocks, compute_ntk_landmarks
+    from freeshap_dq.ntk.compute import parse_memory
 
     config, log, names, y_train, y_test, manifest = _begin(train, test, config, log)
     existing = _folder_manifest(path)
@@ -246,7 +246,7 @@ def build_kernel_folder(train: TextDataset, test: TextDataset, path: str | Path,
 
 def _begin(train: TextDataset, test: TextDataset, config: NTKConfig | None, log):
     """(config, log, label names, y_train, y_test, kernel manifest) for a kernel of ``train`` x ``test``."""
-    from .models import folder_fingerprint, resolve_model_path
+    from freeshap_dq.ntk.models import folder_fingerprint, resolve_model_path
 
     config = config or NTKConfig()
     log = log or (lambda message: print(message, file=sys.stderr))
@@ -258,8 +258,8 @@ def _begin(train: TextDataset, test: TextDataset, config: NTKConfig | None, log)
 
 def _folder_manifest(path: str | Path) -> dict[str, Any] | None:
     """The eNTK manifest of an existing kernel folder at ``path`` (None when there is none)."""
-    from ..errors import KernelError
-    from ..kernel_folder import read_folder_manifest
+    from freeshap_dq.errors import KernelError
+    from freeshap_dq.kernel_folder import read_folder_manifest
 
     if not Path(path).is_dir():
         return None
@@ -280,7 +280,7 @@ def _fill_shared_folder(compute) -> None:
     through memory maps of them."""
     import torch.distributed as dist
 
-    from ..kernel_folder import mark_block_done
+    from freeshap_dq.kernel_folder import mark_block_done
 
     holder = [None, None, None]
     dist.broadcast_object_list(holder, src=0)
@@ -292,8 +292,8 @@ def _fill_shared_folder(compute) -> None:
 def build_representations(datasets: list[TextDataset], config: NTKConfig | None = None,
                           label_names: tuple[str, ...] | None = None) -> list[np.ndarray]:
     """The frozen model's vectors under the adapter's head for each dataset (embeddings for baselines)."""
-    from ..regression import resolve_device
-    from .compute import representations
+    from freeshap_dq.regression import resolve_device
+    from freeshap_dq.ntk.compute import representations
 
     config = config or NTKConfig()
     names = label_names or tuple(sorted({label for data in datasets for label in data.labels}))

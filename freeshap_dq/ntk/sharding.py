@@ -14,8 +14,8 @@ from typing import Iterator
 
 import torch
 
-from ..errors import InputError
-from .builder import NTKConfig
+from freeshap_dq.errors import InputError
+from freeshap_dq.ntk.builder import NTKConfig
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch.func import functional_call, grad, vmap
 
-from .factors import FactorStore
+from freeshap_dq.ntk.factors import FactorStore
 
 
 def word_table_share(adapter, batches: list, c: int, ci: int, store: FactorStore | None, bar=None):
