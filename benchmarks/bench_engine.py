@@ -26,10 +26,10 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from freeshap_dq import KernelProblem, ValuationConfig  # noqa: E402
-from freeshap_dq.engine import PrefixEngine  # noqa: E402
-from freeshap_dq.regression import DTYPE, KernelRegressionUtility, point_utilities  # noqa: E402
-from freeshap_dq.synthetic import rbf_kernel  # noqa: E402
-from freeshap_dq.valuation import permutation  # noqa: E402
+from freeshap_dq.valuation.prefix_engine import PrefixEngine  # noqa: E402
+from freeshap_dq.valuation.utility import DTYPE, KernelRegressionUtility, point_utilities  # noqa: E402
+from freeshap_dq.data.synthetic import rbf_kernel  # noqa: E402
+from freeshap_dq.valuation.run import permutation  # noqa: E402
 
 REFRESH = 500
 

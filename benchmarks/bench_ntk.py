@@ -40,7 +40,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 def examples(total: int):
-    from freeshap_dq.datasets import rotten_tomatoes
+    from freeshap_dq.data.datasets import rotten_tomatoes
 
     n_test = total // 4
     train, test, _ = rotten_tomatoes(total - n_test, n_test, seed=0)
@@ -168,9 +168,9 @@ def throughput(sizes, trainable, max_memory):
 
 def quality(max_memory):
     from freeshap_dq import ValuationConfig, compute_values
-    from freeshap_dq.datasets import rotten_tomatoes
+    from freeshap_dq.data.datasets import rotten_tomatoes
     from freeshap_dq.ntk.builder import NTKConfig, build_kernel
-    from freeshap_dq.synthetic import auroc
+    from freeshap_dq.data.synthetic import auroc
 
     train, test, flipped = rotten_tomatoes(500, 200, noise=0.1, seed=0)
     print("\n### Kernel choice vs flipped-label detection (n=500, m=200, 10% flips, T=100, auto ridge)\n")

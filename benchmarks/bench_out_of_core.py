@@ -86,8 +86,8 @@ def texts(count: int, seed: int) -> list[str]:
 def child_ntk(args) -> dict:
     import torch
 
-    from freeshap_dq.kernel_folder import KernelFolderWriter, save_kernel_folder
-    from freeshap_dq.kernel import KernelProblem
+    from freeshap_dq.kernels.folder import KernelFolderWriter, save_kernel_folder
+    from freeshap_dq.kernels.problem import KernelProblem
     from freeshap_dq.ntk.adapters import EncoderHead
     from freeshap_dq.ntk.blocked import compute_ntk_blocks
     from freeshap_dq.ntk.compute import compute_ntk
@@ -119,8 +119,8 @@ def child_landmarks(args) -> dict:
     import torch
 
     from freeshap_dq import KernelProblem, ValuationConfig, compute_values
-    from freeshap_dq.kernel_folder import KernelFolderWriter
-    from freeshap_dq.lowrank import nystrom_landmarks
+    from freeshap_dq.kernels.folder import KernelFolderWriter
+    from freeshap_dq.valuation.lowrank_engine import nystrom_landmarks
     from freeshap_dq.ntk.adapters import EncoderHead
     from freeshap_dq.ntk.blocked import compute_ntk_blocks, compute_ntk_landmarks
     from freeshap_dq.ntk.models import load_model_and_tokenizer
@@ -178,8 +178,8 @@ def run_child(kind: str, **options) -> dict:
 
 
 def write_rbf_folder(path: Path, n: int, m: int, seed: int = 0) -> float:
-    from freeshap_dq.kernel_folder import KernelFolderWriter
-    from freeshap_dq.synthetic import rbf_kernel
+    from freeshap_dq.kernels.folder import KernelFolderWriter
+    from freeshap_dq.data.synthetic import rbf_kernel
 
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 2, n + m)

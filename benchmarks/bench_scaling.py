@@ -28,11 +28,11 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from freeshap_dq import KernelProblem, ValuationConfig, compute_values  # noqa: E402
-from freeshap_dq.engine import PrefixEngine  # noqa: E402
-from freeshap_dq.lowrank import LowRankPrefixEngine, low_rank_features  # noqa: E402
-from freeshap_dq.regression import KernelRegressionUtility  # noqa: E402
-from freeshap_dq.synthetic import rbf_kernel  # noqa: E402
-from freeshap_dq.valuation import permutation  # noqa: E402
+from freeshap_dq.valuation.prefix_engine import PrefixEngine  # noqa: E402
+from freeshap_dq.valuation.lowrank_engine import LowRankPrefixEngine, low_rank_features  # noqa: E402
+from freeshap_dq.valuation.utility import KernelRegressionUtility  # noqa: E402
+from freeshap_dq.data.synthetic import rbf_kernel  # noqa: E402
+from freeshap_dq.valuation.run import permutation  # noqa: E402
 
 
 def make_problem(n: int, m: int, seed: int = 0) -> KernelProblem:
@@ -108,7 +108,7 @@ def ray_rows(sizes, m, perms, workers):
     except ImportError:
         print("\n(Ray not installed: pip install 'freeshap-dq[ray]')")
         return
-    from freeshap_dq.distributed import compute_values_ray
+    from freeshap_dq.valuation.ray import compute_values_ray
 
     ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
     all_threads = torch.get_num_threads()

@@ -88,7 +88,7 @@ def ntk_run(args, device: torch.device) -> dict:
 
 def engine_run(args, device: torch.device) -> dict:
     from freeshap_dq import KernelProblem, ValuationConfig, compute_values
-    from freeshap_dq.synthetic import rbf_kernel
+    from freeshap_dq.data.synthetic import rbf_kernel
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, args.n + args.m)

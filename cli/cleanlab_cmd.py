@@ -10,7 +10,7 @@ from freeshap_dq.config import ValuationConfig
 from freeshap_dq.errors import InputError
 from freeshap_dq.io import write_table
 from freeshap_dq.result import ValuationResult
-from freeshap_dq.valuation import compute_values
+from freeshap_dq.valuation.run import compute_values
 from freeshap_dq.cli.common import ARTIFACT_PATH, data_options, friendly_errors, optional_adapter, load_problem, log, ntk_options, build_ntk_config, pop_data_options
 from freeshap_dq.cli.main import cli
 

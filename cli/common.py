@@ -12,7 +12,7 @@ import click
 
 from freeshap_dq.config import METHODS, PRESETS, ValuationConfig
 from freeshap_dq.errors import FreeShapError
-from freeshap_dq.kernel import KernelProblem
+from freeshap_dq.kernels.problem import KernelProblem
 from freeshap_dq.ntk.builder import ADAPTERS, NTKConfig
 from freeshap_dq.ntk.compute import GRADIENT_PATHS, KERNEL_MODES
 
@@ -146,7 +146,7 @@ def load_problem(kernel_path, train_path, test_path, data: dict, ntk: NTKConfig,
         flag = "--landmarks" if ntk.landmarks else "--example-block"
         raise click.UsageError(f"{flag} builds a kernel folder on disk: run freeshap-dq kernel --train ... --test ... "
                                f"-o NAME.kernel {flag} ..., then give --kernel NAME.kernel here.")
-    from freeshap_dq.data import load_dataset
+    from freeshap_dq.data.tables import load_dataset
     from freeshap_dq.ntk.builder import build_kernel
 
     train = load_dataset(train_path, **data)

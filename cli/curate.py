@@ -1,4 +1,4 @@
-"""``prune``, ``select`` and ``explain``: act on values; thin layers over ``freeshap_dq.policies``."""
+"""``prune``, ``select`` and ``explain``: act on values; thin layers over ``freeshap_dq.curation.policies``."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 
 from freeshap_dq import __version__
-from freeshap_dq.data import TextDataset, dataset_from_frame, load_dataset, read_table, write_data_table
+from freeshap_dq.data.tables import TextDataset, dataset_from_frame, load_dataset, read_table, write_data_table
 from freeshap_dq.errors import InputError
 from freeshap_dq.io import write_json, write_table
-from freeshap_dq.policies import RemovalPolicy, SelectionPolicy, policy_dict
+from freeshap_dq.curation.policies import RemovalPolicy, SelectionPolicy, policy_dict
 from freeshap_dq.result import ValuationResult
 from freeshap_dq.cli.common import ARTIFACT_PATH, DATA_PATH, column_options, friendly_errors, log, pop_data_options
 from freeshap_dq.cli.main import cli

@@ -11,12 +11,12 @@ import pandas as pd
 
 from freeshap_dq import __version__
 from freeshap_dq.config import ValuationConfig
-from freeshap_dq.data import TextDataset, load_dataset, write_data_table
+from freeshap_dq.data.tables import TextDataset, load_dataset, write_data_table
 from freeshap_dq.io import write_json, write_table
-from freeshap_dq.report import html_report, summary_table, text_report
+from freeshap_dq.curation.report import html_report, summary_table, text_report
 from freeshap_dq.result import ValuationResult
-from freeshap_dq.synthetic import auroc
-from freeshap_dq.valuation import compute_values
+from freeshap_dq.data.synthetic import auroc
+from freeshap_dq.valuation.run import compute_values
 from freeshap_dq.cli.common import ARTIFACT_PATH, DATA_PATH, column_options, friendly_errors, log, pop_data_options
 from freeshap_dq.cli.main import cli
 
@@ -114,7 +114,7 @@ def demo_command(output_dir, train_path, test_path, n_train, n_test, noise, mode
 
 def _demo_data(train_path, test_path, n_train, n_test, noise, seed, columns):
     if train_path is None and test_path is None:
-        from freeshap_dq.datasets import rotten_tomatoes
+        from freeshap_dq.data.datasets import rotten_tomatoes
 
         return rotten_tomatoes(n_train, n_test, noise=noise, seed=seed)
     if train_path is None or test_path is None:

@@ -19,7 +19,7 @@ from freeshap_dq import __version__
 from freeshap_dq.config import ValuationConfig
 from freeshap_dq.io import table_format, write_json, write_table
 from freeshap_dq.result import ValuationResult
-from freeshap_dq.valuation import compute_values
+from freeshap_dq.valuation.run import compute_values
 from freeshap_dq.cli.common import (
     EXIT_GATE, VERBOSITY, build_config, build_ntk_config, config_options, data_options, friendly_errors, load_problem, log,
     ntk_options, pop_data_options,
@@ -95,7 +95,7 @@ def value_command(kernel_path, train_path, test_path, output, fmt, save_result, 
         if streamed:
             raise click.UsageError("per-point sums streamed to a result folder run in one process; use "
                                    "--executor local, or --save-result NAME.npz.")
-        from freeshap_dq.distributed import compute_values_ray
+        from freeshap_dq.valuation.ray import compute_values_ray
 
         result = compute_values_ray(problem, config, address=ray_address, workers=workers,
                                     checkpoint_dir=checkpoint_dir, resume=resume, progress=progress)
@@ -200,7 +200,7 @@ def kernel_command(train_path, test_path, output, device, progress, distributed,
 
 
 def _kernel_folder(train_path, test_path, output: Path, ntk, data: dict, progress, distributed: bool, cache_dir) -> None:
-    from freeshap_dq.data import load_dataset
+    from freeshap_dq.data.tables import load_dataset
     from freeshap_dq.ntk.builder import build_kernel_folder
 
     if cache_dir is not None:

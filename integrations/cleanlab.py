@@ -24,8 +24,8 @@ import pandas as pd
 
 from freeshap_dq.errors import InputError
 from freeshap_dq.io import available_memory
-from freeshap_dq.kernel import KernelProblem
-from freeshap_dq.regression import loo_probabilities as loo_pred_probs
+from freeshap_dq.kernels.problem import KernelProblem
+from freeshap_dq.valuation.utility import loo_probabilities as loo_pred_probs
 from freeshap_dq.result import ValuationResult, value_to_score
 
 try:

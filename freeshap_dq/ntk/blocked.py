@@ -14,7 +14,7 @@ sparse share (``trainable=all``) is computed the same way, block against block.
 
 ``compute_ntk_landmarks`` is the same loop against one fixed column block, the r landmark examples
 L: it writes :math:`K[:, L]`, :math:`K[T, L]` and :math:`\operatorname{diag}(K)` (the Nyström kernel's
-inputs, :mod:`freeshap_dq.landmark_kernel`), N r P work instead of N n P.
+inputs, :mod:`freeshap_dq.kernels.landmarks`), N r P work instead of N n P.
 """
 
 from __future__ import annotations

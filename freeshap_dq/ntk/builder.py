@@ -23,10 +23,10 @@ import numpy as np
 
 from freeshap_dq import __version__
 from freeshap_dq.config import option
-from freeshap_dq.data import TextDataset, encode_labels, label_mapping
+from freeshap_dq.data.tables import TextDataset, encode_labels, label_mapping
 from freeshap_dq.errors import CheckpointError, InputError
 from freeshap_dq.io import atomic_write
-from freeshap_dq.kernel import KernelProblem
+from freeshap_dq.kernels.problem import KernelProblem
 from freeshap_dq.ntk.compute import GRADIENT_PATHS, KERNEL_MODES, compute_ntk
 
 ADAPTERS = ("encoder-head", "prompt-mlm", "causal-lm")
@@ -143,7 +143,7 @@ def build_kernel(train: TextDataset, test: TextDataset, config: NTKConfig | None
                  return_manifest: bool = False, shard: tuple[int, int] = (0, 1)):
     """The eNTK valuation problem for ``train`` and ``test`` (from the cache when it matches);
     with ``return_manifest``, also the kernel's manifest."""
-    from freeshap_dq.regression import resolve_device
+    from freeshap_dq.valuation.utility import resolve_device
 
     config, log, names, y_train, y_test, manifest = _begin(train, test, config, log)
     key = cache_key(manifest)
@@ -181,9 +181,9 @@ def build_kernel_folder(train: TextDataset, test: TextDataset, path: str | Path,
     ``shard=(rank, world)`` under torchrun: rank 0 creates the folder's files, every rank fills its share of the
     row blocks through its own memory maps of them (the folder's parent must be on a file system all ranks see),
     and rank 0 mirrors, checks and renames the folder."""
-    from freeshap_dq.kernel_folder import KernelFolderWriter
-    from freeshap_dq.regression import resolve_device
-    from freeshap_dq.lowrank import nystrom_landmarks
+    from freeshap_dq.kernels.folder import KernelFolderWriter
+    from freeshap_dq.valuation.utility import resolve_device
+    from freeshap_dq.valuation.lowrank_engine import nystrom_landmarks
     from freeshap_dq.ntk.blocked import auto_example_block, compute_ntk_blocks, compute_ntk_landmarks
     from freeshap_dq.ntk.compute import parse_memory
 
@@ -259,7 +259,7 @@ def _begin(train: TextDataset, test: TextDataset, config: NTKConfig | None, log)
 def _folder_manifest(path: str | Path) -> dict[str, Any] | None:
     """The eNTK manifest of an existing kernel folder at ``path`` (None when there is none)."""
     from freeshap_dq.errors import KernelError
-    from freeshap_dq.kernel_folder import read_folder_manifest
+    from freeshap_dq.kernels.folder import read_folder_manifest
 
     if not Path(path).is_dir():
         return None
@@ -280,7 +280,7 @@ def _fill_shared_folder(compute) -> None:
     through memory maps of them."""
     import torch.distributed as dist
 
-    from freeshap_dq.kernel_folder import mark_block_done
+    from freeshap_dq.kernels.folder import mark_block_done
 
     holder = [None, None, None]
     dist.broadcast_object_list(holder, src=0)
@@ -292,7 +292,7 @@ def _fill_shared_folder(compute) -> None:
 def build_representations(datasets: list[TextDataset], config: NTKConfig | None = None,
                           label_names: tuple[str, ...] | None = None) -> list[np.ndarray]:
     """The frozen model's vectors under the adapter's head for each dataset (embeddings for baselines)."""
-    from freeshap_dq.regression import resolve_device
+    from freeshap_dq.valuation.utility import resolve_device
     from freeshap_dq.ntk.compute import representations
 
     config = config or NTKConfig()

