@@ -170,7 +170,7 @@ def quality(max_memory):
     from freeshap_dq import ValuationConfig, compute_values
     from freeshap_dq.data.datasets import rotten_tomatoes
     from freeshap_dq.ntk.builder import NTKConfig, build_kernel
-    from freeshap_dq.data.synthetic import auroc
+    from freeshap_dq.evaluation.metrics import auroc
 
     train, test, flipped = rotten_tomatoes(500, 200, noise=0.1, seed=0)
     print("\n### Kernel choice vs flipped-label detection (n=500, m=200, 10% flips, T=100, auto ridge)\n")
@@ -183,7 +183,7 @@ def quality(max_memory):
         seconds = time.perf_counter() - started
         result = compute_values(problem, ValuationConfig(permutations=100), progress=False)
         print(f"| {trainable} | {manifest['n_trainable']:,} | {seconds:.1f} | "
-              f"{auroc(result.values('ce'), flipped):.3f} | {auroc(result.values('accuracy'), flipped):.3f} | "
+              f"{auroc(-result.values('ce'), flipped):.3f} | {auroc(-result.values('accuracy'), flipped):.3f} | "
               f"{result.manifest['utility_full']['accuracy']:.3f} |", flush=True)
 
 

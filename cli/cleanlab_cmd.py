@@ -11,7 +11,7 @@ from freeshap_dq.errors import InputError
 from freeshap_dq.io import write_table
 from freeshap_dq.result import ValuationResult
 from freeshap_dq.valuation.run import compute_values
-from freeshap_dq.cli.common import ARTIFACT_PATH, data_options, friendly_errors, optional_adapter, load_problem, log, ntk_options, build_ntk_config, pop_data_options
+from freeshap_dq.cli.common import ARTIFACT_PATH, metric_option, z_option, data_options, friendly_errors, optional_adapter, load_problem, log, ntk_options, build_ntk_config, pop_data_options
 from freeshap_dq.cli.main import cli
 
 
@@ -35,8 +35,8 @@ def cleanlab_group() -> None:
 @click.option("--lab-dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Folder to save the Datalab in (Datalab.load reads it; import freeshap_dq.integrations first).")
 @click.option("-o", "--output", default="-", show_default=True, help="Combined table (.csv/.parquet/.json/.jsonl).")
-@click.option("--metric", type=click.Choice(["ce", "accuracy"]), default="ce", show_default=True)
-@click.option("--z", type=float, default=1.96, show_default=True, help="Flag when value + z*stderr < 0.")
+@metric_option()
+@z_option("Flag when value + z*stderr < 0.")
 @click.option("--threshold", type=float, default=None, help="Flag when value < threshold instead.")
 @click.option("--data-valuation", is_flag=True, help="Also run cleanlab's KNN-Shapley data_valuation.")
 @click.option("--force-data-valuation", is_flag=True, help="Run it even when its dense n x n matrix may not fit.")

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import click
 
-from freeshap_dq.config import METHODS, PRESETS, ValuationConfig
+from freeshap_dq.config import METHODS, METRICS, PRESETS, ValuationConfig
 from freeshap_dq.errors import FreeShapError
 from freeshap_dq.kernels.problem import KernelProblem
 from freeshap_dq.ntk.builder import ADAPTERS, NTKConfig
 from freeshap_dq.ntk.compute import GRADIENT_PATHS, KERNEL_MODES
+from freeshap_dq.scores import DEFAULT_Z
 
 DATA_PATH = click.Path(path_type=Path)  # a file, or a folder saved by Hugging Face datasets
 ARTIFACT_PATH = click.Path(path_type=Path)  # a .npz, or a kernel / result folder
@@ -27,6 +28,14 @@ CHOICES = {"method": METHODS, "empty_utility": ("random", "zero"), "rank_metric"
            "adapter": ADAPTERS, "kernel": KERNEL_MODES, "pooling": ("mean", "cls"),
            "low_rank_method": ("nystrom", "eigen"), "gradients": GRADIENT_PATHS}
 OPTION_NAMES = {"kernel": "--kernel-mode"}  # --kernel is the precomputed kernel file
+
+
+def metric_option(help_text: str = "Value that ranks: ce (-cross-entropy utility) or accuracy."):
+    return click.option("--metric", type=click.Choice(list(METRICS)), default="ce", show_default=True, help=help_text)
+
+
+def z_option(help_text: str):
+    return click.option("--z", type=float, default=DEFAULT_Z, show_default=True, help=help_text)
 
 
 def log(message: str) -> None:

@@ -15,7 +15,10 @@ from freeshap_dq.errors import InputError
 from freeshap_dq.io import write_json, write_table
 from freeshap_dq.curation.policies import RemovalPolicy, SelectionPolicy, policy_dict
 from freeshap_dq.result import ValuationResult
-from freeshap_dq.cli.common import ARTIFACT_PATH, DATA_PATH, column_options, friendly_errors, log, pop_data_options
+from freeshap_dq.scores import harm_order, worth_order
+from freeshap_dq.cli.common import (
+    ARTIFACT_PATH, DATA_PATH, column_options, friendly_errors, log, metric_option, pop_data_options, z_option,
+)
 from freeshap_dq.cli.main import cli
 
 PATH = click.Path(dir_okay=False, path_type=Path)
@@ -35,8 +38,7 @@ def curate_options(kind: str):
                          "extension says otherwise). Required unless --dry-run."),
             click.option("--manifest", "manifest_path", type=PATH, default=None,
                          help=f"Where to write what was {what} and why [default: OUTPUT.manifest.json]."),
-            click.option("--metric", type=click.Choice(["ce", "accuracy"]), default="ce", show_default=True,
-                         help="Value that ranks: ce (-cross-entropy utility) or accuracy."),
+            metric_option(),
             click.option("--dry-run", is_flag=True, help=f"Show what would be {what}; write nothing."),
         ]):
             func = option(func)
@@ -101,7 +103,7 @@ def _report_decisions(decisions: pd.DataFrame, flag: str, verb: str) -> None:
 @click.option("--count", type=int, default=None, help="Remove the lowest-valued COUNT examples.")
 @click.option("--threshold", type=float, default=None, help="Remove examples whose value is below this.")
 @click.option("--confident", is_flag=True, help="Only remove examples with value + z*stderr < 0.")
-@click.option("--z", type=float, default=1.96, show_default=True, help="z for --confident.")
+@z_option("z for --confident.")
 @click.option("--max-class-fraction", type=float, default=1.0, show_default=True,
               help="Never remove more than this fraction of any class.")
 @friendly_errors
@@ -166,8 +168,7 @@ def _curate(kind, policy, values_path, data_path, output, manifest_path, dry_run
 @click.option("--example", "examples", multiple=True, help="Test example id to explain (repeatable).")
 @click.option("--row", "rows", type=int, multiple=True, help="Test example row number, from 1 (repeatable).")
 @click.option("--top-k", type=int, default=5, show_default=True, help="Helpful and harmful examples to show.")
-@click.option("--metric", type=click.Choice(["ce", "accuracy"]), default="ce", show_default=True,
-              help="Per-test-point value to rank by.")
+@metric_option("Per-test-point value to rank by.")
 @click.option("-o", "--output", default="-", show_default=True, help="Table (.csv/.parquet/.json/.jsonl; - = stdout).")
 @friendly_errors
 def explain_command(result_path, train_path, test_path, examples, rows, top_k, metric, output, **columns):
@@ -189,8 +190,7 @@ def explain_command(result_path, train_path, test_path, examples, rows, top_k, m
     records = []
     for t in targets:
         column = result.point_column(t, metric)
-        order = np.argsort(column, kind="stable")
-        for kind, picks in (("helpful", order[::-1][:top_k]), ("harmful", order[:top_k])):
+        for kind, picks in (("helpful", worth_order(column)[:top_k]), ("harmful", harm_order(column)[:top_k])):
             for rank, i in enumerate(picks, 1):
                 records.append({"test_id": test.ids[t], "test_text": test.texts[t], "test_label": test.labels[t],
                                 "kind": kind, "rank": rank, "train_id": train.ids[i], "train_text": train.texts[i],

@@ -15,7 +15,7 @@ from freeshap_dq.data.tables import TextDataset, load_dataset, write_data_table
 from freeshap_dq.io import write_json, write_table
 from freeshap_dq.curation.report import html_report, summary_table, text_report
 from freeshap_dq.result import ValuationResult
-from freeshap_dq.data.synthetic import auroc
+from freeshap_dq.evaluation.metrics import auroc
 from freeshap_dq.valuation.run import compute_values
 from freeshap_dq.cli.common import ARTIFACT_PATH, DATA_PATH, column_options, friendly_errors, log, pop_data_options
 from freeshap_dq.cli.main import cli
@@ -89,8 +89,8 @@ def demo_command(output_dir, train_path, test_path, n_train, n_test, noise, mode
     total = int(flipped.sum())
     summary = {"n_train": len(train), "n_test": len(test), "flipped": total, "bottom_10_percent": k,
                "flipped_in_bottom_10_percent": caught,
-               "auroc_ce": auroc(df["value_ce"].to_numpy(), flipped) if total else None,
-               "auroc_accuracy": auroc(df["value"].to_numpy(), flipped) if total else None,
+               "auroc_ce": auroc(-df["value_ce"].to_numpy(), flipped) if total else None,
+               "auroc_accuracy": auroc(-df["value"].to_numpy(), flipped) if total else None,
                "test_accuracy_kernel_regression": result.manifest["utility_full"]["accuracy"],
                "seconds": round(time.monotonic() - started, 1), "freeshap_dq": __version__}
     write_json({"summary": summary, "ntk": ntk.to_dict(), "valuation": config.to_dict(),

@@ -13,7 +13,9 @@ from freeshap_dq.data.tables import dataset_from_frame, read_table
 from freeshap_dq.errors import InputError
 from freeshap_dq.io import write_table
 from freeshap_dq.curation.policies import RemovalPolicy
-from freeshap_dq.cli.common import DATA_PATH, column_options, friendly_errors, log, optional_adapter, pop_data_options
+from freeshap_dq.cli.common import (
+    DATA_PATH, column_options, friendly_errors, log, metric_option, optional_adapter, pop_data_options, z_option,
+)
 from freeshap_dq.cli.curate import join_values
 from freeshap_dq.cli.main import cli
 
@@ -72,10 +74,9 @@ def labelstudio_group() -> None:
               help="Push the most harmful fraction (0-1) [default: 0.1 when no other rule is given].")
 @click.option("--threshold", type=float, default=None, help="Push examples whose value is below this.")
 @click.option("--confident", is_flag=True, help="Only examples with value + z*stderr < 0.")
-@click.option("--z", type=float, default=1.96, show_default=True, help="z for --confident and the flagged field.")
+@z_option("z for --confident and the flagged field.")
 @click.option("--both", is_flag=True, help="Only examples flagged by both FreeShap and cleanlab (needs --audit).")
-@click.option("--metric", type=click.Choice(["ce", "accuracy"]), default="ce", show_default=True,
-              help="Value that ranks: ce (-cross-entropy utility) or accuracy.")
+@metric_option()
 @click.option("--run-id", default=None, help="Model version of this run's predictions [default: from the values "
               "file's content, so pushing the same values again changes nothing].")
 @click.option("--batch-size", type=int, default=200, show_default=True, help="Tasks per import request.")

@@ -13,12 +13,12 @@ import threading
 from pathlib import Path
 
 import click
-import numpy as np
 
 from freeshap_dq import __version__
 from freeshap_dq.config import ValuationConfig
 from freeshap_dq.io import table_format, write_json, write_table
 from freeshap_dq.result import ValuationResult
+from freeshap_dq.scores import DEFAULT_Z, confidently_harmful
 from freeshap_dq.valuation.run import compute_values
 from freeshap_dq.cli.common import (
     EXIT_GATE, VERBOSITY, build_config, build_ntk_config, config_options, data_options, friendly_errors, load_problem, log,
@@ -62,7 +62,7 @@ def _terminate(signum, frame):
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr [default: when a terminal].")
 @click.option("--fail-on-harmful", type=int, default=None, metavar="N",
               help="CI gate: exit with code 3 (after writing the outputs) when more than N training examples are "
-                   "harmful with confidence (value + 1.96 x stderr < 0 on --rank-metric).")
+                   f"harmful with confidence (value + {DEFAULT_Z} x stderr < 0 on --rank-metric).")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="Where permutations run: this process, or Ray workers (pip install 'freeshap-dq[ray]'); "
                    "results are identical.")
@@ -142,7 +142,7 @@ def _finish_value(result, config, output, fmt, kernel_path, train_path, test_pat
         log(f"wrote {output}, {manifest_path}" + (f" and {save_result}" if save_result else ""))
     if fail_on_harmful is not None:
         metric = config.rank_metric
-        harmful = int(np.sum(result.values(metric) + 1.96 * np.nan_to_num(result.stderr(metric), nan=np.inf) < 0))
+        harmful = int(confidently_harmful(result.values(metric), result.stderr(metric)).sum())
         if harmful > fail_on_harmful:
             click.echo(f"gate: {harmful} training examples are harmful with confidence (limit {fail_on_harmful}).",
                        err=True)

@@ -35,6 +35,7 @@ import pandas as pd
 from freeshap_dq.config import METRICS
 from freeshap_dq.errors import CheckpointError, InputError
 from freeshap_dq.io import atomic_write, replace_folder
+from freeshap_dq.scores import METRIC_COLUMNS, harm_rank
 
 FORMAT_VERSION = 1
 FOLDER_RESULT = "result.npz"
@@ -106,21 +107,18 @@ class ValuationResult:
         return np.asarray(self.point_sums[metric][:, test_index], dtype=float) / max(self.count, 1)
 
     def harm_rank(self, metric: str = "ce") -> np.ndarray:
-        """1 = most harmful (lowest value); ties broken by training index."""
-        order = np.lexsort((np.arange(self.n_train), self.values(metric)))
-        rank = np.empty(self.n_train, dtype=np.int64)
-        rank[order] = np.arange(1, self.n_train + 1)
-        return rank
+        """1 = most harmful (lowest value); ties broken by training index (:func:`freeshap_dq.scores.harm_rank`)."""
+        return harm_rank(self.values(metric))
 
     def to_dataframe(self, rank_metric: str | None = None) -> pd.DataFrame:
         rank_metric = rank_metric or self.manifest.get("config", {}).get("rank_metric", "ce")
         df = pd.DataFrame({"train_index": np.arange(self.n_train)})
         if self.train_ids is not None:
             df["example_id"] = self.train_ids
-        df["value"] = self.values("accuracy")
-        df["value_ce"] = self.values("ce")
-        df["stderr"] = self.stderr("accuracy")
-        df["stderr_ce"] = self.stderr("ce")
+        for metric, (value_column, _) in METRIC_COLUMNS.items():
+            df[value_column] = self.values(metric)
+        for metric, (_, stderr_column) in METRIC_COLUMNS.items():
+            df[stderr_column] = self.stderr(metric)
         df["rank"] = self.harm_rank(rank_metric)
         df["permutations"] = self.count
         return df
@@ -232,19 +230,6 @@ class ValuationResult:
             int(count), {m: arrays[f"point_sum_{m}"] for m in METRICS} if per_point else None,
             arrays["evaluated"], [dict(s) for s in sources], bool(exact), header, arrays.get("train_ids"),
         )
-
-
-def value_to_score(values: np.ndarray, scale: float | None = None) -> tuple[np.ndarray, float]:
-    """Monotone map of values to a [0, 1] quality, 0.5 at zero and lower = more harmful.
-
-    ``0.5 (1 + tanh(v / scale))`` with ``scale`` the median |v| over non-zero values unless given
-    (cleanlab's convention for data valuation scores); returns (scores, scale used).
-    """
-    values = np.asarray(values, dtype=float)
-    if scale is None:
-        nonzero = np.abs(values[values != 0])
-        scale = float(np.median(nonzero)) if nonzero.size else 1.0
-    return 0.5 * (1.0 + np.tanh(values / scale)), scale
 
 
 def _check_metric(metric: str) -> None:

@@ -26,7 +26,8 @@ from freeshap_dq.errors import InputError
 from freeshap_dq.io import available_memory
 from freeshap_dq.kernels.problem import KernelProblem
 from freeshap_dq.valuation.utility import loo_probabilities as loo_pred_probs
-from freeshap_dq.result import ValuationResult, value_to_score
+from freeshap_dq.result import ValuationResult
+from freeshap_dq.scores import DEFAULT_Z, confidently_harmful, harm_rank, value_to_score
 
 try:
     from cleanlab import Datalab, IssueManager
@@ -35,7 +36,6 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise ImportError("the cleanlab integration needs cleanlab: pip install 'freeshap-dq[cleanlab]'") from exc
 
 ISSUE_NAME = "freeshap"
-DEFAULT_Z = 1.96
 
 
 def label_issues_in_process() -> dict:
@@ -62,12 +62,11 @@ class FreeShapIssueManager(IssueManager):
         if values is None:
             raise ValueError("the freeshap issue type needs issue_types={'freeshap': {'values': ..., 'stderr': ...}}")
         values = np.asarray(values, dtype=float)
-        stderr = np.zeros_like(values) if stderr is None else np.nan_to_num(np.asarray(stderr, float), nan=np.inf)
+        stderr = np.zeros_like(values) if stderr is None else np.asarray(stderr, float)
         scores, scale = value_to_score(values)
-        flagged = values < threshold if threshold is not None else values + z * stderr < 0
-        order = np.lexsort((np.arange(len(values)), values))
-        rank = np.empty(len(values), dtype=np.int64)
-        rank[order] = np.arange(1, len(values) + 1)
+        flagged = values < threshold if threshold is not None else confidently_harmful(values, stderr, z)
+        stderr = np.where(np.isnan(stderr), np.inf, stderr)
+        rank = harm_rank(values)
         self.issues = pd.DataFrame({f"is_{ISSUE_NAME}_issue": flagged, f"{ISSUE_NAME}_score": scores,
                                     f"{ISSUE_NAME}_value": values, f"{ISSUE_NAME}_stderr": stderr,
                                     f"{ISSUE_NAME}_rank": rank})

@@ -30,7 +30,7 @@ import pandas as pd
 
 from freeshap_dq.errors import FreeShapError, InputError
 from freeshap_dq.io import write_json
-from freeshap_dq.result import value_to_score
+from freeshap_dq.scores import DEFAULT_Z, confidently_harmful, harm_order, metric_columns, value_to_score
 
 try:
     import httpx
@@ -238,7 +238,7 @@ class ReviewRun:
     provenance: dict[str, Any] = field(default_factory=dict)
 
 
-def review_table(table: pd.DataFrame, metric: str = "ce", z: float = 1.96, audit: pd.DataFrame | None = None
+def review_table(table: pd.DataFrame, metric: str = "ce", z: float = DEFAULT_Z, audit: pd.DataFrame | None = None
                  ) -> pd.DataFrame:
     """Per-example review fields, most harmful first.
 
@@ -246,7 +246,7 @@ def review_table(table: pd.DataFrame, metric: str = "ce", z: float = 1.96, audit
     with the data). ``audit``: the table of ``freeshap-dq cleanlab audit`` (example_id, label_score,
     is_label_issue, predicted_label), optional.
     """
-    value_col, se_col = {"ce": ("value_ce", "stderr_ce"), "accuracy": ("value", "stderr")}[metric]
+    value_col, se_col = metric_columns(metric)
     out = pd.DataFrame({"example_id": table["example_id"].astype(str), TEXT: table[TEXT],
                         "given_label": table["label"].astype(str)})
     if PAIR in table.columns:
@@ -256,12 +256,13 @@ def review_table(table: pd.DataFrame, metric: str = "ce", z: float = 1.96, audit
     out["freeshap_value"] = values
     out["freeshap_stderr"] = stderr
     out["freeshap_score"], _ = value_to_score(values)
-    out["freeshap_flagged"] = (values + z * pd.Series(stderr).fillna(float("inf")).to_numpy()) < 0
+    out["freeshap_flagged"] = confidently_harmful(values, stderr, z)
     out["suggested_label"] = _other_label(out["given_label"])
     out["suggestion_source"] = out["suggested_label"].map(lambda s: "the other class" if s else "")
     if audit is not None:
         out = _join_audit(out, audit)
-    out = out.sort_values(["freeshap_value", "example_id"], kind="stable").reset_index(drop=True)
+    training_index = table["train_index"].to_numpy() if "train_index" in table.columns else None
+    out = out.iloc[harm_order(values, training_index)].reset_index(drop=True)
     out.insert(1, "freeshap_rank", range(1, len(out) + 1))
     out["freeshap_header"] = [_header(row, len(out)) for row in out.itertuples(index=False)]
     return out

@@ -29,8 +29,7 @@ import pandas as pd
 
 from freeshap_dq.config import option
 from freeshap_dq.errors import InputError
-
-VALUE_COLUMNS = {"ce": ("value_ce", "stderr_ce"), "accuracy": ("value", "stderr")}
+from freeshap_dq.scores import DEFAULT_Z, confidently_harmful, harm_order, metric_columns, worth_order
 
 
 @dataclass
@@ -39,7 +38,7 @@ class RemovalPolicy:
     count: int | None = option(None, "Remove the lowest-valued COUNT examples.")
     threshold: float | None = option(None, "Remove every example whose value is below this.")
     confident: bool = option(False, "Only remove examples with value + z * stderr < 0 (harmful with confidence).")
-    z: float = option(1.96, "z for --confident (1.96 ~ 97.5% one-sided).")
+    z: float = option(DEFAULT_Z, f"z for --confident ({DEFAULT_Z} ~ 97.5% one-sided).")
     max_class_fraction: float = option(1.0, "Never remove more than this fraction of any class.")
     metric: str = option("ce", "Value that ranks: ce (-cross-entropy utility) or accuracy.")
 
@@ -58,8 +57,8 @@ class RemovalPolicy:
 
     def apply(self, table: pd.DataFrame) -> pd.DataFrame:
         """``table`` (example_id, label, values...) -> the same rows plus ``removed`` and ``reason``."""
-        value_col, se_col = VALUE_COLUMNS[self.metric]
-        out = _ranked(table, value_col, ascending=True)
+        value_col, se_col = metric_columns(self.metric)
+        out = _ranked(table, value_col, harmful_first=True)
         n = len(out)
         limit = n
         if self.fraction is not None:
@@ -70,7 +69,7 @@ class RemovalPolicy:
         if self.threshold is not None:
             candidate &= out[value_col].to_numpy() < self.threshold
         if self.confident:
-            candidate &= (out[value_col] + self.z * out[se_col].fillna(np.inf)).to_numpy() < 0
+            candidate &= confidently_harmful(out[value_col].to_numpy(), out[se_col].to_numpy(), self.z)
         class_sizes = out["label"].value_counts()
         caps = {label: int(np.floor(self.max_class_fraction * size)) for label, size in class_sizes.items()}
         taken = {label: 0 for label in class_sizes.index}
@@ -122,8 +121,8 @@ class SelectionPolicy:
             raise InputError(f"--budget must be positive, got {self.budget}.")
 
     def apply(self, table: pd.DataFrame, cost: pd.Series | None = None) -> pd.DataFrame:
-        value_col, _ = VALUE_COLUMNS[self.metric]
-        out = _ranked(table, value_col, ascending=False)
+        value_col, _ = metric_columns(self.metric)
+        out = _ranked(table, value_col, harmful_first=False)
         n = len(out)
         limit = n
         if self.fraction is not None:
@@ -160,19 +159,19 @@ def policy_dict(policy: RemovalPolicy | SelectionPolicy) -> dict[str, Any]:
     return {"policy": type(policy).__name__, **asdict(policy)}
 
 
-def _ranked(table: pd.DataFrame, value_col: str, ascending: bool) -> pd.DataFrame:
+def _ranked(table: pd.DataFrame, value_col: str, harmful_first: bool) -> pd.DataFrame:
     missing = [c for c in ("example_id", "label", value_col) if c not in table.columns]
     if missing:
         raise InputError(f"the values table lacks column(s) {', '.join(missing)}; use the table written by "
                          f"freeshap-dq value.")
     if table[value_col].isna().any():
         raise InputError(f"the values table has missing {value_col} entries; recompute the values.")
-    order = np.lexsort((np.arange(len(table)), table[value_col].to_numpy() * (1 if ascending else -1)))
+    training_index = table["train_index"].to_numpy() if "train_index" in table.columns else None
+    order = (harm_order if harmful_first else worth_order)(table[value_col].to_numpy(), training_index)
     out = table.iloc[order].copy()
     out["policy_rank"] = np.arange(1, len(out) + 1)
     return out
 
 
 def _check_metric(metric: str) -> None:
-    if metric not in VALUE_COLUMNS:
-        raise InputError(f"metric {metric!r} is unknown; choose ce or accuracy.")
+    metric_columns(metric)

@@ -20,8 +20,7 @@ import pandas as pd
 from freeshap_dq.data.tables import TextDataset
 from freeshap_dq.io import atomic_write
 from freeshap_dq.result import ValuationResult
-
-Z = 1.96
+from freeshap_dq.scores import DEFAULT_Z, confidently_harmful, confidently_helpful
 
 
 def summary_table(result: ValuationResult, data: TextDataset | None = None,
@@ -42,8 +41,8 @@ def diagnostics(result: ValuationResult, metric: str = "ce") -> dict[str, float]
     finite = np.isfinite(se)
     out = {"permutations": result.count,
            "median_stderr_over_spread": float(np.median(se[finite]) / spread) if finite.any() else float("nan"),
-           "confidently_harmful": int(np.sum(values + Z * np.where(finite, se, np.inf) < 0)),
-           "confidently_helpful": int(np.sum(values - Z * np.where(finite, se, np.inf) > 0))}
+           "confidently_harmful": int(confidently_harmful(values, se).sum()),
+           "confidently_helpful": int(confidently_helpful(values, se).sum())}
     out.update(result.truncation_summary())
     return out
 
@@ -99,7 +98,7 @@ def html_report(result: ValuationResult, df: pd.DataFrame, path: str | Path, top
         images.append(("Per class", _png(fig, plt)))
     fig, ax = plt.subplots(figsize=(6, 3.4))
     ax.scatter(df["value_ce"], df["stderr_ce"], s=6, alpha=0.6, c=df["flipped"] if "flipped" in df else "#4477aa")
-    ax.plot(*_band(df), color="#cc6677", lw=1, label=f"|value| = {Z} × stderr")
+    ax.plot(*_band(df), color="#cc6677", lw=1, label=f"|value| = {DEFAULT_Z} × stderr")
     ax.set_xlabel("value (−CE)")
     ax.set_ylabel("standard error")
     ax.set_title("Convergence: which values are distinguishable from 0"
@@ -130,7 +129,7 @@ def html_report(result: ValuationResult, df: pd.DataFrame, path: str | Path, top
 def _band(df: pd.DataFrame):
     top = float(df["stderr_ce"].max()) if len(df) else 1.0
     se = np.linspace(0, top if np.isfinite(top) else 1.0, 50)
-    return np.concatenate([-Z * se[::-1], Z * se]), np.concatenate([se[::-1], se])
+    return np.concatenate([-DEFAULT_Z * se[::-1], DEFAULT_Z * se]), np.concatenate([se[::-1], se])
 
 
 def _png(fig, plt) -> str:

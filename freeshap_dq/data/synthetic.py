@@ -44,27 +44,3 @@ def noisy_problem(n_train: int = 400, n_test: int = 200, n_classes: int = 2, dim
                             train_ids=np.array([f"train-{i:05d}" for i in range(n_train)]),
                             test_ids=np.array([f"test-{i:05d}" for i in range(n_test)]), source="<synthetic>")
     return NoisyProblem(problem, flipped, y[:n_train])
-
-
-def auroc(scores: np.ndarray, positives: np.ndarray) -> float:
-    """Probability that a random positive scores *lower* than a random negative (ties count 1/2)."""
-    positives = np.asarray(positives, dtype=bool)
-    ranks = _average_ranks(-np.asarray(scores, dtype=float))
-    n_pos, n_neg = positives.sum(), (~positives).sum()
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-    order = np.argsort(x, kind="stable")
-    ranks = np.empty(len(x))
-    sorted_x = x[order]
-    i = 0
-    while i < len(x):
-        j = i
-        while j + 1 < len(x) and sorted_x[j + 1] == sorted_x[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from freeshap_dq.config import ValuationConfig
+from freeshap_dq.evaluation.metrics import average_ranks
 from freeshap_dq.kernels.problem import KernelProblem
 from freeshap_dq.valuation.utility import DTYPE, as_stack, loo_probabilities, one_hot, solve_scores
 from freeshap_dq.result import ValuationResult
@@ -47,10 +48,8 @@ class DetectorRun:
 
 def normalised_rank(x: np.ndarray) -> np.ndarray:
     """Ranks scaled to [0, 1] (average ranks for ties)."""
-    from freeshap_dq.data.synthetic import _average_ranks
-
     x = np.asarray(x, dtype=float)
-    return (_average_ranks(x) - 1) / max(len(x) - 1, 1)
+    return (average_ranks(x) - 1) / max(len(x) - 1, 1)
 
 
 def combine(*suspicions: np.ndarray) -> np.ndarray:

@@ -24,7 +24,8 @@ from freeshap_dq.kernels.problem import KernelProblem
 from freeshap_dq.valuation.run import compute_values
 from freeshap_dq.valuation.utility import KernelRegressionUtility
 from freeshap_dq.evaluation.detectors import DetectorRun
-from freeshap_dq.evaluation.metrics import detection_curve, detection_metrics
+from freeshap_dq.scores import harm_order, worth_order
+from freeshap_dq.evaluation.metrics import average_ranks, detection_curve, detection_metrics
 
 Learner = Callable[[np.ndarray], float]  # training subset (indices) -> test accuracy
 
@@ -53,7 +54,7 @@ def kernel_learner(problem: KernelProblem, config: ValuationConfig, ridge: float
 def removal(values: np.ndarray, learners: dict[str, Learner], seed: int = 0,
             fractions: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)) -> pd.DataFrame:
     n = len(values)
-    order = np.lexsort((np.arange(n), values))  # ascending: most harmful first
+    order = harm_order(values)
     shuffled = np.random.default_rng(seed).permutation(n)
     rows = []
     for fraction in fractions:
@@ -75,7 +76,7 @@ def selection(rankings: dict[str, np.ndarray], learners: dict[str, Learner], y: 
     for fraction in fractions:
         k = max(int(round(fraction * n)), 2)
         for name, worth in rankings.items():
-            subset = _top_with_every_class(np.lexsort((np.arange(n), -np.asarray(worth))), y, k)
+            subset = _top_with_every_class(worth_order(worth), y, k)
             for learner, fit in learners.items():
                 rows.append({"ranking": name, "fraction_kept": fraction, "learner": learner,
                              "accuracy": fit(np.sort(subset))})
@@ -137,9 +138,7 @@ def exact_fidelity(problem: KernelProblem, config: ValuationConfig, n: int = 10,
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:
-    from freeshap_dq.data.synthetic import _average_ranks
-
-    return _average_ranks(np.asarray(x, dtype=float))
+    return average_ranks(np.asarray(x, dtype=float))
 
 
 def _corr(a: np.ndarray, b: np.ndarray) -> float:

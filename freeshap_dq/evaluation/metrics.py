@@ -16,11 +16,30 @@ import math
 
 import numpy as np
 
-from freeshap_dq.data.synthetic import auroc as _auroc_low
+
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..n of ``x`` ascending, tied entries sharing their average rank."""
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    sorted_x = x[order]
+    i = 0
+    while i < len(x):
+        j = i
+        while j + 1 < len(x) and sorted_x[j + 1] == sorted_x[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
 
 
 def auroc(suspicion: np.ndarray, positives: np.ndarray) -> float:
-    return _auroc_low(-np.asarray(suspicion, dtype=float), positives)
+    """Probability that a random positive is *more* suspicious than a random negative (ties count 1/2)."""
+    positives = np.asarray(positives, dtype=bool)
+    ranks = average_ranks(np.asarray(suspicion, dtype=float))
+    n_pos, n_neg = positives.sum(), (~positives).sum()
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def ranking(suspicion: np.ndarray) -> np.ndarray:

@@ -18,9 +18,10 @@ from freeshap_dq import InputError, ValuationConfig, compute_values  # noqa: E40
 from freeshap_dq.cli.main import cli  # noqa: E402
 from freeshap_dq.integrations.cleanlab import (  # noqa: E402
     add_freeshap_issues, check_knn_shapley_memory, combined_audit, label_issues_in_process, loo_pred_probs,
-    value_to_score,
 )
-from freeshap_dq.data.synthetic import auroc, noisy_problem  # noqa: E402
+from freeshap_dq.scores import value_to_score  # noqa: E402
+from freeshap_dq.data.synthetic import noisy_problem  # noqa: E402
+from freeshap_dq.evaluation.metrics import auroc  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -98,9 +99,9 @@ def test_combined_audit_finds_flipped_labels_with_both_signals(noisy):
     data, result = noisy
     lab, table = combined_audit(data.problem, result, data_valuation=True)
     t = table.set_index("example_id").loc[list(data.problem.train_ids)]
-    assert auroc(t["label_score"].to_numpy(), data.flipped) > 0.8
-    assert auroc(t["freeshap_score"].to_numpy(), data.flipped) > 0.8
-    assert 0 <= auroc(t["data_valuation_score"].to_numpy(), data.flipped) <= 1
+    assert auroc(-t["label_score"].to_numpy(), data.flipped) > 0.8
+    assert auroc(-t["freeshap_score"].to_numpy(), data.flipped) > 0.8
+    assert 0 <= auroc(-t["data_valuation_score"].to_numpy(), data.flipped) <= 1
     both = t["flagged_by_both"].to_numpy()
     assert both.sum() > 0 and data.flipped[both].mean() > 0.5  # mostly flipped labels where the signals agree
     assert list(table["freeshap_rank"]) == sorted(table["freeshap_rank"])
@@ -179,7 +180,7 @@ def test_audit_keeps_classes_aligned_when_label_names_are_not_sorted(noisy):
     assert list(t["given_label"][:3]) == [("zzz", "aaa")[c] for c in p.y_train[:3]]
     agree = (t["predicted_label"] == t["given_label"]).mean()
     assert agree > 0.8  # with misaligned columns most predictions would disagree with the given labels
-    assert auroc(t["label_score"].to_numpy(), data.flipped) > 0.8
+    assert auroc(-t["label_score"].to_numpy(), data.flipped) > 0.8
 
 
 def test_label_issues_are_found_without_forking_a_process_pool(noisy, monkeypatch):
