@@ -120,7 +120,7 @@ def child_landmarks(args) -> dict:
 
     from freeshap_dq import KernelProblem, ValuationConfig, compute_values
     from freeshap_dq.kernels.folder import KernelFolderWriter
-    from freeshap_dq.valuation.lowrank_engine import nystrom_landmarks
+    from freeshap_dq.kernels.nystrom import nystrom_landmarks
     from freeshap_dq.ntk.adapters import EncoderHead
     from freeshap_dq.ntk.blocked import compute_ntk_blocks, compute_ntk_landmarks
     from freeshap_dq.ntk.models import load_model_and_tokenizer

@@ -29,7 +29,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from freeshap_dq import KernelProblem, ValuationConfig, compute_values  # noqa: E402
 from freeshap_dq.valuation.prefix_engine import PrefixEngine  # noqa: E402
-from freeshap_dq.valuation.lowrank_engine import LowRankPrefixEngine, low_rank_features  # noqa: E402
+from freeshap_dq.kernels.nystrom import low_rank_features
+from freeshap_dq.valuation.lowrank_engine import LowRankPrefixEngine  # noqa: E402
 from freeshap_dq.valuation.utility import KernelRegressionUtility  # noqa: E402
 from freeshap_dq.data.synthetic import rbf_kernel  # noqa: E402
 from freeshap_dq.valuation.run import permutation  # noqa: E402

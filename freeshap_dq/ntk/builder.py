@@ -183,7 +183,7 @@ def build_kernel_folder(train: TextDataset, test: TextDataset, path: str | Path,
     and rank 0 mirrors, checks and renames the folder."""
     from freeshap_dq.kernels.folder import KernelFolderWriter
     from freeshap_dq.valuation.utility import resolve_device
-    from freeshap_dq.valuation.lowrank_engine import nystrom_landmarks
+    from freeshap_dq.kernels.nystrom import nystrom_landmarks
     from freeshap_dq.ntk.blocked import auto_example_block, compute_ntk_blocks, compute_ntk_landmarks
     from freeshap_dq.ntk.compute import parse_memory
 

@@ -10,7 +10,7 @@ the test block in row blocks, and
 The ``auto`` ridge minimises the closed-form leave-one-out error of the rank-r model: with
 :math:`\Phi = U S V^\top`, the hat matrix is :math:`H_\lambda = U \operatorname{diag}(s^2/(s^2+\lambda)) U^\top`
 and the LOO residual of i is :math:`(Y_i - (H_\lambda Y)_i) / (1 - (H_\lambda)_{ii})` — the same
-criterion as :func:`freeshap_dq.valuation.utility.choose_ridge` applied to :math:`\Phi\Phi^\top`, at
+criterion as the exact kernel's (:mod:`freeshap_dq.valuation.ridge`) applied to :math:`\Phi\Phi^\top`, at
 O(n r) per candidate. Memory is O((n + m) r); the kernel is read once, in blocks.
 """
 
@@ -19,12 +19,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from freeshap_dq.config import ValuationConfig, parse_ridge
+from freeshap_dq.config import ValuationConfig
 from freeshap_dq.errors import InputError
+from freeshap_dq.kernels.nystrom import LowRankKernel, nystrom_features, nystrom_landmarks
 from freeshap_dq.kernels.problem import KernelProblem, row_blocks
-from freeshap_dq.valuation.lowrank_engine import LowRankKernel, nystrom_landmarks
+from freeshap_dq.valuation.ridge import choose_ridge
 from freeshap_dq.valuation.utility import (
-    AUTO_RIDGE_GRID, DTYPE, RidgeChoice, UtilityEnds, empty_point_utilities, one_hot, point_utilities, resolve_device,
+    DTYPE, UtilityEnds, empty_point_utilities, one_hot, point_utilities, resolve_device,
 )
 
 
@@ -62,40 +63,31 @@ class FeatureSpaceUtility(UtilityEnds):
         if config.jitter:
             columns[landmarks, np.arange(len(landmarks))] += config.jitter * mean_diag
             mean_diag *= 1 + config.jitter
-        k_cols = torch.as_tensor(columns, dtype=DTYPE, device=self.device)
-        values, vectors = torch.linalg.eigh(k_cols[torch.as_tensor(landmarks, device=self.device)])
-        keep = values > values.max() * 1e-12
-        inv_sqrt = (vectors[:, keep] / values[keep].sqrt()) @ vectors[:, keep].T
-        phi = k_cols @ inv_sqrt
-        psi = torch.as_tensor(test_columns, dtype=DTYPE, device=self.device) @ inv_sqrt
+        phi, psi = nystrom_features(torch.as_tensor(columns, dtype=DTYPE, device=self.device),
+                                    torch.as_tensor(test_columns, dtype=DTYPE, device=self.device),
+                                    torch.as_tensor(landmarks, device=self.device))
         self.features = LowRankKernel(phi.contiguous(), psi.contiguous(), "nystrom",
                                       float((phi * phi).sum() / (mean_diag * n)))
         self.y_train = torch.as_tensor(problem.y_train, device=self.device)
         self.y_test = torch.as_tensor(problem.y_test, device=self.device)
         self.n_classes = problem.n_classes
         self.targets = one_hot(self.y_train, self.n_classes)
-        self.ridge_choice = self._choose_ridge(config.ridge, mean_diag)
+        self._svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.ridge_choice = choose_ridge(config.ridge, mean_diag, self._loo_squared_error)
         self.ridge = self.ridge_choice.value
         self.empty_mode = config.empty_utility
         self.empty_point = empty_point_utilities(self.empty_mode, self.y_test, self.n_classes)
         a = phi.T @ phi + self.ridge * torch.eye(phi.shape[1], dtype=DTYPE, device=self.device)
         self.full_point = point_utilities(psi @ torch.linalg.solve(a, phi.T @ self.targets), self.y_test)
 
-    def _choose_ridge(self, spec: str, mean_diag: float) -> RidgeChoice:
-        mode, value = parse_ridge(spec)
-        if mode == "absolute":
-            return RidgeChoice(value, mode)
-        if mode == "relative":
-            return RidgeChoice(value * mean_diag, mode)
-        u, s, _ = torch.linalg.svd(self.features.phi, full_matrices=False)
-        projected = u.T @ self.targets
-        grid = []
-        for factor in AUTO_RIDGE_GRID:
-            lam = factor * mean_diag
-            shrink = s**2 / (s**2 + lam)
-            fitted = u @ (shrink.unsqueeze(-1) * projected)
-            leverage = (u * u) @ shrink
-            residual = (self.targets - fitted) / (1.0 - leverage).unsqueeze(-1)
-            grid.append((lam, float((residual**2).sum(-1).mean())))
-        best = min(grid, key=lambda item: item[1])
-        return RidgeChoice(best[0], "auto", tuple(grid))
+    def _loo_squared_error(self, ridge: float) -> float:
+        """The rank-r model's mean squared leave-one-out residual (module docstring), from one SVD of Phi."""
+        if self._svd is None:
+            u, s, _ = torch.linalg.svd(self.features.phi, full_matrices=False)
+            self._svd = u, s, u.T @ self.targets
+        u, s, projected = self._svd
+        shrink = s**2 / (s**2 + ridge)
+        fitted = u @ (shrink.unsqueeze(-1) * projected)
+        leverage = (u * u) @ shrink
+        residual = (self.targets - fitted) / (1.0 - leverage).unsqueeze(-1)
+        return float((residual**2).sum(-1).mean())

@@ -19,13 +19,8 @@ a cumulative sum as in the exact engine; then :math:`G \leftarrow G - V^\top V`,
 round-off). All of it is matrix-matrix work: :math:`O(n (4 r^2 + m r))` per permutation with b = r,
 instead of :math:`O(n^3/3 + n^2 m)`.
 
-Features:
-
-- ``eigen``: the top-r eigenpairs, :math:`\Phi = U_r\Lambda_r^{1/2}`, :math:`\Psi = K_T U_r
-  \Lambda_r^{-1/2}` (the best rank-r approximation; one n x n eigendecomposition). At r = n the
-  kernel is reproduced exactly and so are the values.
-- ``nystrom``: r landmark columns chosen at random (seeded), :math:`\Phi = K_{:,L} K_{LL}^{-1/2}`,
-  :math:`\Psi = K_{T,L} K_{LL}^{-1/2}` — needs only n x r kernel columns.
+The features (``eigen``: exact at r = n, and so are the values; ``nystrom``: r landmark columns) come
+from :mod:`freeshap_dq.kernels.nystrom`.
 
 The utility of the full set and the truncation threshold are those of the low-rank model, so the
 values are FreeShap values of the rank-r kernel (docs/scaling.md measures how far that is from
@@ -34,54 +29,11 @@ the exact ones).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import numpy as np
 import torch
 
-from freeshap_dq.errors import InputError
+from freeshap_dq.kernels.nystrom import LowRankKernel
 from freeshap_dq.valuation.prefix_engine import PrefixEngine
 from freeshap_dq.valuation.utility import DTYPE, KernelRegressionUtility, point_utilities
-
-LOW_RANK_METHODS = ("eigen", "nystrom")
-
-
-@dataclass
-class LowRankKernel:
-    phi: torch.Tensor  # (n, r)
-    psi: torch.Tensor  # (m, r)
-    method: str
-    captured: float  # share of trace(K) the approximation keeps
-
-
-def nystrom_landmarks(n: int, rank: int, seed: int) -> np.ndarray:
-    return np.sort(np.random.default_rng(seed).choice(n, size=rank, replace=False))
-
-
-def low_rank_features(k_train: torch.Tensor, k_test: torch.Tensor, rank: int, method: str = "nystrom",
-                      seed: int = 0) -> LowRankKernel:
-    n = k_train.shape[0]
-    if method not in LOW_RANK_METHODS:
-        raise InputError(f"low-rank method {method!r} is unknown; choose {' or '.join(LOW_RANK_METHODS)}.")
-    if not 1 <= rank <= n:
-        raise InputError(f"the rank must be between 1 and n = {n}, got {rank}.")
-    if method == "eigen":
-        values, vectors = torch.linalg.eigh(k_train)
-        values, vectors = values.flip(0)[:rank], vectors.flip(1)[:, :rank]
-        keep = values > values[0] * 1e-12
-        values, vectors = values[keep], vectors[:, keep]
-        phi = vectors * values.sqrt()
-        psi = (k_test @ vectors) / values.sqrt()
-    else:
-        landmarks = torch.as_tensor(nystrom_landmarks(n, rank, seed), device=k_train.device)
-        values, vectors = torch.linalg.eigh(k_train[landmarks][:, landmarks])
-        keep = values > values.max() * 1e-12
-        inv_sqrt = (vectors[:, keep] / values[keep].sqrt()) @ vectors[:, keep].T
-        phi = k_train[:, landmarks] @ inv_sqrt
-        psi = k_test[:, landmarks] @ inv_sqrt
-    captured = float((phi * phi).sum() / torch.diagonal(k_train).sum())
-    return LowRankKernel(phi.contiguous(), psi.contiguous(), method, captured)
-
 
 class LowRankPrefixEngine(PrefixEngine):
     """The prefix engine on a rank-r kernel: same marginals and truncation, r x r work per block."""

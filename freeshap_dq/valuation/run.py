@@ -271,7 +271,8 @@ def _engine(problem: KernelProblem, config: ValuationConfig, utility: KernelRegr
     if not config.low_rank:
         return PrefixEngine(utility, tolerance=config.tolerance, per_point=config.per_point,
                             block_size=config.block_size)
-    from freeshap_dq.valuation.lowrank_engine import LowRankPrefixEngine, low_rank_features
+    from freeshap_dq.kernels.nystrom import low_rank_features
+    from freeshap_dq.valuation.lowrank_engine import LowRankPrefixEngine
 
     if problem.per_class:
         raise InputError("--low-rank approximates one kernel; these are per-class kernels (C x n x n). Use a single "

@@ -24,17 +24,15 @@ Internally kernels are handled as stacks (K, ., .) with K = 1 (one kernel for al
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
-from freeshap_dq.config import ValuationConfig, parse_ridge
+from freeshap_dq.config import ValuationConfig
 from freeshap_dq.errors import KernelError
 from freeshap_dq.kernels.problem import KernelProblem
+from freeshap_dq.valuation.ridge import choose_ridge
 
 DTYPE = torch.float64
-AUTO_RIDGE_GRID = tuple(10.0 ** (k / 2) for k in range(-6, 5))  # 1e-3 .. 1e2 x mean(diag K), half-decades
 PSD_RTOL = 1e-6
 
 
@@ -116,28 +114,10 @@ def _cholesky(k: torch.Tensor, ridge: float) -> torch.Tensor:
     return chol
 
 
-@dataclass
-class RidgeChoice:
-    value: float
-    mode: str
-    grid: tuple[tuple[float, float], ...] = ()  # (lambda, LOO mean squared error) for auto
-
-
-def choose_ridge(k_train: torch.Tensor, targets: torch.Tensor, y: torch.Tensor, spec: str) -> RidgeChoice:
-    """Resolve the ridge spec (see :mod:`freeshap_dq.config`) for an already-scaled kernel."""
-    mode, value = parse_ridge(spec)
-    mean_diag = float(torch.diagonal(k_train, dim1=-2, dim2=-1).mean())
-    if mode == "absolute":
-        return RidgeChoice(value, mode)
-    if mode == "relative":
-        return RidgeChoice(value * mean_diag, mode)
-    grid = []
-    for factor in AUTO_RIDGE_GRID:
-        lam = factor * mean_diag
-        residual = targets - loo_train_scores(k_train, targets, lam)
-        grid.append((lam, float((residual**2).sum(-1).mean())))
-    best = min(grid, key=lambda item: item[1])
-    return RidgeChoice(best[0], "auto", tuple(grid))
+def loo_squared_error(k_train: torch.Tensor, targets: torch.Tensor, ridge: float) -> float:
+    """Mean squared closed-form leave-one-out residual on the training labels (PRESS / n)."""
+    residual = targets - loo_train_scores(k_train, targets, ridge)
+    return float((residual**2).sum(-1).mean())
 
 
 def check_positive_semidefinite(k_train: torch.Tensor, source: str) -> None:
@@ -203,7 +183,8 @@ class KernelRegressionUtility(UtilityEnds):
         self.y_test = torch.as_tensor(problem.y_test, device=self.device)
         self.n_classes = problem.n_classes
         self.targets = one_hot(self.y_train, self.n_classes)
-        self.ridge_choice = choose_ridge(self.k_train, self.targets, self.y_train, config.ridge)
+        self.ridge_choice = choose_ridge(config.ridge, float(torch.diagonal(self.k_train, dim1=-2, dim2=-1).mean()),
+                                         lambda ridge: loo_squared_error(self.k_train, self.targets, ridge))
         self.ridge = self.ridge_choice.value
         self.empty_mode = config.empty_utility
         self.empty_point = empty_point_utilities(self.empty_mode, self.y_test, self.n_classes)

@@ -70,7 +70,7 @@ def test_a_landmark_kernel_gives_the_nystrom_values_of_the_full_kernel(problems,
     from freeshap_dq import InputError
     from freeshap_dq.kernels.folder import save_landmark_folder
     from freeshap_dq.kernels.landmarks import LandmarkKernel
-    from freeshap_dq.valuation.lowrank_engine import nystrom_landmarks
+    from freeshap_dq.kernels.nystrom import nystrom_landmarks
 
     problem, on_disk = problems
     config = ValuationConfig(permutations=5, low_rank=20, tolerance=0.05, per_point=True, block_size=8, seed=4)
