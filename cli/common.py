@@ -10,11 +10,10 @@ from pathlib import Path
 
 import click
 
-from freeshap_dq.config import METHODS, METRICS, PRESETS, ValuationConfig
+from freeshap_dq.config import METRICS, PRESETS, ValuationConfig, field_choices
 from freeshap_dq.errors import FreeShapError
 from freeshap_dq.kernels.problem import KernelProblem
-from freeshap_dq.ntk.builder import ADAPTERS, NTKConfig
-from freeshap_dq.ntk.compute import GRADIENT_PATHS, KERNEL_MODES
+from freeshap_dq.ntk.builder import NTKConfig
 from freeshap_dq.scores import DEFAULT_Z
 
 DATA_PATH = click.Path(path_type=Path)  # a file, or a folder saved by Hugging Face datasets
@@ -24,9 +23,7 @@ VERBOSITY = {"level": 1}  # 0 = errors only (-q), 1 = normal, 2 = tracebacks on 
 
 CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(ValuationConfig)}
 NTK_FIELDS = {f.name: f for f in dataclasses.fields(NTKConfig)}
-CHOICES = {"method": METHODS, "empty_utility": ("random", "zero"), "rank_metric": ("ce", "accuracy"),
-           "adapter": ADAPTERS, "kernel": KERNEL_MODES, "pooling": ("mean", "cls"),
-           "low_rank_method": ("nystrom", "eigen"), "gradients": GRADIENT_PATHS}
+CHOICES = {**field_choices(ValuationConfig), **field_choices(NTKConfig)}
 OPTION_NAMES = {"kernel": "--kernel-mode"}  # --kernel is the precomputed kernel file
 
 

@@ -1,7 +1,9 @@
 """Typed configuration of a valuation run.
 
 Every field has a default and help text; the CLI maps fields to options and every artifact
-stores ``asdict(config)`` in its manifest so a run can be reproduced.
+stores ``asdict(config)`` in its manifest so a run can be reproduced. A field's metadata declares,
+once, what the rest derives: its ``choices`` (the CLI's choices and :func:`check_choices`) and whether
+it ``changes_values`` (the resume keys of a checkpoint, the kernel cache key of an eNTK).
 
 Ridge (``ridge``), in the units of the kernel after ``kernel_scale`` is applied:
 - ``"auto"`` (default): the value on a grid ``mean(diag K) * 10^(k/2)``, k = -6..4, with the
@@ -24,19 +26,42 @@ from freeshap_dq.errors import InputError
 METHODS = ("tmc", "exact", "loo", "beta", "banzhaf")
 EMPTY_UTILITIES = ("random", "zero")
 METRICS = ("accuracy", "ce")
+LOW_RANK_METHODS = ("nystrom", "eigen")
 
 
-def option(default: Any, help: str) -> Any:
-    """A dataclass field with a default and help text (the CLI turns it into an option)."""
-    return field(default=default, metadata={"help": help})
+def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, changes_values: bool = True) -> Any:
+    """A dataclass field with a default and help text (the CLI turns it into an option).
+
+    ``choices``: the allowed values; ``changes_values``: False for how long, how fast, where and in how much
+    memory a computation runs (permutation count, stopping, batching, device, memory budget) — what a resumed
+    run or a reused kernel may differ in. Every other field must match for a checkpoint or cache to be used."""
+    return field(default=default, metadata={"help": help, "choices": choices, "changes_values": changes_values})
+
+
+def field_choices(config_class: type) -> dict[str, tuple[str, ...]]:
+    """Field name -> allowed values, for the fields that declare them."""
+    return {f.name: f.metadata["choices"] for f in dataclasses.fields(config_class) if f.metadata.get("choices")}
+
+
+def value_fields(config_class: type) -> tuple[str, ...]:
+    """The fields whose values can change the result (declared with ``changes_values``)."""
+    return tuple(f.name for f in dataclasses.fields(config_class) if f.metadata.get("changes_values", True))
+
+
+def check_choices(config: Any) -> None:
+    """Refuse a field value outside its declared choices, naming them."""
+    for name, choices in field_choices(type(config)).items():
+        value = getattr(config, name)
+        if value not in choices:
+            raise InputError(f"{name} {value!r} is unknown; choose one of {', '.join(choices)}.")
 
 
 @dataclass
 class ValuationConfig:
-    method: str = option("tmc", "tmc: truncated Monte-Carlo Shapley; exact: subset enumeration (n <= 16); "
+    method: str = option("tmc", choices=METHODS, help="tmc: truncated Monte-Carlo Shapley; exact: subset enumeration (n <= 16); "
                        "loo: closed-form leave-one-out; beta: Beta(alpha, beta) Shapley and banzhaf: Banzhaf value, "
                        "both from the same permutations by importance weights.")
-    permutations: int = option(200, "Number of permutations T (tmc, beta).")
+    permutations: int = option(200, "Number of permutations T (tmc, beta).", changes_values=False)
     tolerance: float = option(0.0, "Truncation tolerance: stop a permutation when |U(S)-U(N)| <= tol*|U(N)-U(empty)| "
                             "on both metrics for two consecutive prefixes. 0 = no truncation (plain Monte-Carlo).")
     ridge: str = option("auto", "Ridge lambda: 'auto' (leave-one-out on training labels), 'rel:X' (X*mean diag K) "
@@ -44,24 +69,29 @@ class ValuationConfig:
     kernel_scale: float = option(1.0, "Multiply the kernel by this before adding the ridge (the paper uses 1e-4).")
     jitter: float = option(0.0, "Add jitter*mean(diag K) to the train kernel's diagonal to repair a kernel that is "
                          "not positive semidefinite (e.g. fp32 accumulation error).")
-    empty_utility: str = option("random", "Utility of the empty set: 'random' = (-ln C, 1/C) as in the paper; "
+    empty_utility: str = option("random", choices=EMPTY_UTILITIES, help="Utility of the empty set: 'random' = (-ln C, 1/C) as in the paper; "
                               "'zero' = the all-zero predictor.")
-    rank_metric: str = option("ce", "Utility that ranks harm downstream: 'ce' (-cross-entropy, default: finds flipped "
-                            "labels far better) or 'accuracy' (the paper's primary score).")
+    rank_metric: str = option("ce", choices=("ce", "accuracy"), changes_values=False,
+                              help="Utility that ranks harm downstream: 'ce' (-cross-entropy, default: finds flipped "
+                                   "labels far better) or 'accuracy' (the paper's primary score).")
     per_point: bool = option(False, "Also keep one value per (training example, test example): n x m per metric.")
     seed: int = option(0, "Seed; permutation i is drawn from (seed, i), so runs are reproducible and mergeable.")
     start: int = option(0, "Index of the first permutation (to split one long run into mergeable parts).")
     beta_alpha: float = option(16.0, "alpha of Beta Shapley (method beta); Beta(16,1) stresses small subsets.")
     beta_beta: float = option(1.0, "beta of Beta Shapley (method beta).")
-    device: str = option("auto", "auto (CUDA when present), cpu, cuda or cuda:N.")
+    device: str = option("auto", "auto (CUDA when present), cpu, cuda or cuda:N.", changes_values=False)
     block_size: int = option(128, "Rows appended per step of the blocked Cholesky when truncating.")
-    batch_size: int = option(0, "Permutations factorised together (batched Cholesky); 0 = auto (1 on CPU).")
-    max_seconds: float = option(0.0, "Stop after this many seconds (0 = no limit); values stay valid.")
-    stderr_target: float = option(0.0, "Stop when the largest standard error of the ranking metric is below this (0 = off).")
-    checkpoint_every: int = option(10, "Write a checkpoint every this many permutations when a checkpoint dir is set.")
+    batch_size: int = option(0, "Permutations factorised together (batched Cholesky); 0 = auto (1 on CPU).",
+                             changes_values=False)
+    max_seconds: float = option(0.0, "Stop after this many seconds (0 = no limit); values stay valid.",
+                                changes_values=False)
+    stderr_target: float = option(0.0, "Stop when the largest standard error of the ranking metric is below this "
+                                       "(0 = off).", changes_values=False)
+    checkpoint_every: int = option(10, "Write a checkpoint every this many permutations when a checkpoint dir is set.",
+                                   changes_values=False)
     low_rank: int = option(0, "Rank r of a low-rank kernel for large n (0 = exact engine): every prefix from r x r "
                               "updates, O(n (r^2 + m r)) per permutation instead of O(n^3).")
-    low_rank_method: str = option("nystrom", "Low-rank features: nystrom (r random landmark columns) or eigen "
+    low_rank_method: str = option("nystrom", choices=LOW_RANK_METHODS, help="Low-rank features: nystrom (r random landmark columns) or eigen "
                                              "(top-r eigenpairs; exact at r = n).")
     reduce_every: int = option(32, "Permutations summed from zero into one partial sum, which is then added to the "
                                    "totals (groups aligned to the permutation index). Distributed workers compute "
@@ -71,12 +101,7 @@ class ValuationConfig:
         self.validate()
 
     def validate(self) -> None:
-        if self.method not in METHODS:
-            raise InputError(f"method {self.method!r} is unknown; choose one of {', '.join(METHODS)}.")
-        if self.empty_utility not in EMPTY_UTILITIES:
-            raise InputError(f"empty_utility {self.empty_utility!r} is unknown; choose random or zero.")
-        if self.rank_metric not in METRICS:
-            raise InputError(f"rank_metric {self.rank_metric!r} is unknown; choose ce or accuracy.")
+        check_choices(self)
         if self.permutations < 1:
             raise InputError(f"permutations must be at least 1, got {self.permutations}.")
         if not 0.0 <= self.tolerance < 1.0:
@@ -89,8 +114,6 @@ class ValuationConfig:
             raise InputError("beta_alpha and beta_beta must be positive.")
         if self.low_rank < 0:
             raise InputError(f"low_rank must be >= 0, got {self.low_rank}.")
-        if self.low_rank_method not in ("nystrom", "eigen"):
-            raise InputError(f"low_rank_method {self.low_rank_method!r} is unknown; choose nystrom or eigen.")
         if self.reduce_every < 1:
             raise InputError(f"reduce_every must be at least 1, got {self.reduce_every}.")
         if self.block_size < 1 or self.batch_size < 0 or self.checkpoint_every < 1 or self.start < 0:
@@ -111,6 +134,8 @@ class ValuationConfig:
             raise InputError(f"preset {name!r} is unknown; choose one of {', '.join(PRESETS)}.")
         return cls(**{**PRESETS[name], **overrides})
 
+
+VALUE_FIELDS = value_fields(ValuationConfig)  # a checkpoint resumes only when these all match
 
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},

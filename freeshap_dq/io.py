@@ -34,7 +34,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[str]:
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; outputs get the usual permissions
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -46,7 +46,7 @@ def replace_folder(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
     """Move the finished folder ``tmp`` to ``path`` (same file system), replacing a folder already there;
     permissions follow the umask (mkdtemp makes 0700)."""
     tmp, path = Path(tmp), Path(path)
-    os.chmod(tmp, 0o777 & ~_umask())
+    os.chmod(tmp, 0o777 & ~current_umask())
     if path.exists():
         old = path.with_name(f".{path.name}.old")
         shutil.rmtree(old, ignore_errors=True)
@@ -57,7 +57,7 @@ def replace_folder(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
         os.replace(tmp, path)
 
 
-def _umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask

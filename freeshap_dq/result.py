@@ -57,15 +57,16 @@ class ValuationResult:
     @classmethod
     def empty(cls, method: str, n_train: int, n_test: int, per_point: bool, **kw: Any) -> "ValuationResult":
         zeros = lambda *shape: {m: np.zeros(shape) for m in METRICS}  # noqa: E731
-        return cls(method, zeros(n_train), zeros(n_train), 0,
-                   zeros(n_train, n_test) if per_point else None, **kw)
+        return cls(method=method, sums=zeros(n_train), sq_sums=zeros(n_train), count=0,
+                   point_sums=zeros(n_train, n_test) if per_point else None, **kw)
 
     @classmethod
     def from_exact(cls, method: str, values: dict[str, np.ndarray],
                    point_values: dict[str, np.ndarray] | None = None, **kw: Any) -> "ValuationResult":
-        return cls(method, {k: np.asarray(v, float) for k, v in values.items()},
-                   {k: np.asarray(v, float) ** 2 for k, v in values.items()}, 1,
-                   None if point_values is None else {k: np.asarray(v, float) for k, v in point_values.items()},
+        return cls(method=method, sums={k: np.asarray(v, float) for k, v in values.items()},
+                   sq_sums={k: np.asarray(v, float) ** 2 for k, v in values.items()}, count=1,
+                   point_sums=None if point_values is None else {
+                       k: np.asarray(v, float) for k, v in point_values.items()},
                    exact=True, **kw)
 
     @property
@@ -141,16 +142,33 @@ class ValuationResult:
             if a is not None and b is not None and a != b:
                 raise InputError(f"cannot merge results computed with different {key} ({a} vs {b}).")
         _check_disjoint(self.sources, other.sources)
-        if self.per_point != other.per_point:
+        return ValuationResult.sum([self, other], manifest={**self.manifest, "merged": True})
+
+    @classmethod
+    def sum(cls, parts: list["ValuationResult"], *, sources: list[dict[str, int]] | None = None,
+            manifest: dict[str, Any] | None = None) -> "ValuationResult":
+        """The result of all of ``parts``' permutations: sufficient statistics added in the order given (the
+        order is part of bit-identity: the accumulator, ``+`` and Ray all add groups in permutation order).
+        ``sources`` and ``manifest`` default to the parts' concatenated sources and the first part's manifest."""
+        first = parts[0]
+        if any(p.per_point != first.per_point for p in parts):
             raise InputError("cannot merge a per-point result with an aggregate one.")
-        add = lambda a, b: {k: a[k] + b[k] for k in a}  # noqa: E731
-        return ValuationResult(
-            self.method, add(self.sums, other.sums), add(self.sq_sums, other.sq_sums),
-            self.count + other.count,
-            add(self.point_sums, other.point_sums) if self.per_point else None,
-            np.concatenate([self.evaluated, other.evaluated]), self.sources + other.sources,
-            False, {**self.manifest, "merged": True}, self.train_ids,
-        )
+
+        def total(key: str) -> dict[str, np.ndarray] | None:
+            if getattr(first, key) is None:
+                return None
+            out = {m: np.array(v, dtype=np.float64) for m, v in getattr(first, key).items()}
+            for part in parts[1:]:
+                for m in out:
+                    out[m] += getattr(part, key)[m]
+            return out
+
+        return cls(method=first.method, sums=total("sums"), sq_sums=total("sq_sums"),
+                   count=sum(p.count for p in parts), point_sums=total("point_sums"),
+                   evaluated=np.concatenate([p.evaluated for p in parts]).astype(np.int64),
+                   sources=sources if sources is not None else [s for p in parts for s in p.sources],
+                   exact=False, manifest=dict(first.manifest if manifest is None else manifest),
+                   train_ids=first.train_ids)
 
     def save(self, path: str | os.PathLike, extra: dict[str, np.ndarray] | None = None) -> None:
         """A ``.npz`` file, or a result folder for any other path (see the module docstring)."""
@@ -226,9 +244,11 @@ class ValuationResult:
         method, count, exact, sources = (header.pop(k) for k in ("method", "count", "exact", "sources"))
         header.pop("format_version")
         return cls(
-            method, {m: arrays[f"sum_{m}"] for m in METRICS}, {m: arrays[f"sqsum_{m}"] for m in METRICS},
-            int(count), {m: arrays[f"point_sum_{m}"] for m in METRICS} if per_point else None,
-            arrays["evaluated"], [dict(s) for s in sources], bool(exact), header, arrays.get("train_ids"),
+            method=method, sums={m: arrays[f"sum_{m}"] for m in METRICS},
+            sq_sums={m: arrays[f"sqsum_{m}"] for m in METRICS}, count=int(count),
+            point_sums={m: arrays[f"point_sum_{m}"] for m in METRICS} if per_point else None,
+            evaluated=arrays["evaluated"], sources=[dict(s) for s in sources], exact=bool(exact), manifest=header,
+            train_ids=arrays.get("train_ids"),
         )
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from freeshap_dq.errors import KernelError
-from freeshap_dq.io import _umask, replace_folder
+from freeshap_dq.io import current_umask, replace_folder
 from freeshap_dq.kernels.problem import KernelProblem
 
 FORMAT = "freeshap-dq kernel folder"
@@ -150,7 +150,7 @@ class KernelFolderWriter:
         shutil.rmtree(self.tmp / "done", ignore_errors=True)
         (self.tmp / RESUME_NAME).unlink(missing_ok=True)
         for item in self.tmp.iterdir():
-            os.chmod(item, 0o666 & ~_umask())
+            os.chmod(item, 0o666 & ~current_umask())
         replace_folder(self.tmp, self.path)
 
 
@@ -197,12 +197,10 @@ def load_kernel_folder(path: str | os.PathLike, source: str | None = None):
     for name in ("k_train", "k_test"):
         if arrays[name].dtype != np.float64:  # type: ignore[union-attr]
             raise KernelError(f"{path / (name + '.npy')}: dtype {arrays[name].dtype} (float64 expected).")  # type: ignore[union-attr]
-    problem = KernelProblem(arrays["k_train"], arrays["k_test"], arrays["y_train"], arrays["y_test"],
-                            tuple(meta.get("label_names", ())), arrays["train_ids"], arrays["test_ids"],
-                            source=source or str(path), verified_fingerprint=trusted)
-    if trusted and (path / DIAGONAL).exists():
-        object.__setattr__(problem, "_diagonal", np.load(path / DIAGONAL, allow_pickle=False))
-    return problem
+    diagonal = np.load(path / DIAGONAL, allow_pickle=False) if trusted and (path / DIAGONAL).exists() else None
+    return KernelProblem(arrays["k_train"], arrays["k_test"], arrays["y_train"], arrays["y_test"],
+                         tuple(meta.get("label_names", ())), arrays["train_ids"], arrays["test_ids"],
+                         source=source or str(path), verified_fingerprint=trusted, stored_diagonal=diagonal)
 
 
 def _load_landmarks(path: Path, meta: dict[str, Any], trusted: str | None, source: str | None):

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from freeshap_dq.errors import KernelError
-from freeshap_dq.kernels.problem import SYMMETRY_RTOL, LabelledExamples, _as_ids, check_labels, row_blocks
+from freeshap_dq.kernels.problem import SYMMETRY_RTOL, LabelledExamples, check_ids, check_labels, row_blocks
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,8 @@ class LandmarkKernel(LabelledExamples):
         if self.verified_fingerprint is None:
             self._check_values(landmarks)
         for name, value in (("landmarks", landmarks), ("y_train", y_train), ("y_test", y_test), ("label_names", names),
-                            ("train_ids", _as_ids(self.train_ids, n, "train_ids", self.source)),
-                            ("test_ids", _as_ids(self.test_ids, m, "test_ids", self.source))):
+                            ("train_ids", check_ids(self.train_ids, n, "train_ids", self.source)),
+                            ("test_ids", check_ids(self.test_ids, m, "test_ids", self.source))):
             object.__setattr__(self, name, value)
         object.__setattr__(self, "_n_classes", n_classes)
         if self.verified_fingerprint is not None:
@@ -83,6 +83,11 @@ class LandmarkKernel(LabelledExamples):
     @property
     def on_disk(self) -> bool:
         return isinstance(self.k_train_landmarks, np.memmap)
+
+    @property
+    def landmark_rank(self) -> int:
+        """r: only the landmark columns are stored (see :class:`freeshap_dq.contracts.ValuationProblem`)."""
+        return self.rank
 
     @property
     def rank(self) -> int:

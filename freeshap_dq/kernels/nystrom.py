@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from freeshap_dq.config import LOW_RANK_METHODS
 from freeshap_dq.errors import InputError
 
-LOW_RANK_METHODS = ("nystrom", "eigen")
 EIGEN_RTOL = 1e-12
 
 

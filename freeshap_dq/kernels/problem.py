@@ -58,6 +58,9 @@ class KernelProblem(LabelledExamples):
     test_ids: np.ndarray | None = None
     source: str = field(default="<arrays>", compare=False)
     verified_fingerprint: str | None = field(default=None, compare=False, repr=False)
+    stored_diagonal: np.ndarray | None = field(default=None, compare=False, repr=False)  # diag(k_train), if known
+
+    landmark_rank = None  # the whole kernel is stored
 
     def __post_init__(self) -> None:
         trusted = self.verified_fingerprint is not None and isinstance(self.k_train, np.memmap)
@@ -101,8 +104,8 @@ class KernelProblem(LabelledExamples):
         if stack and stack[0] != n_classes:
             raise KernelError(f"{self.source}: {stack[0]} per-class kernels for {n_classes} classes; give one n x n "
                               f"kernel per class (C x n x n), or a single n x n kernel.")
-        train_ids = _as_ids(self.train_ids, n, "train_ids", self.source)
-        test_ids = _as_ids(self.test_ids, y_test.shape[0], "test_ids", self.source)
+        train_ids = check_ids(self.train_ids, n, "train_ids", self.source)
+        test_ids = check_ids(self.test_ids, y_test.shape[0], "test_ids", self.source)
         for name, value in (
             ("k_train", k_train), ("k_test", k_test), ("y_train", y_train), ("y_test", y_test),
             ("label_names", names), ("train_ids", train_ids), ("test_ids", test_ids),
@@ -139,11 +142,9 @@ class KernelProblem(LabelledExamples):
 
     def diagonal(self) -> np.ndarray:
         """diag(k_train), (n,) or (C, n) — a kernel folder stores it beside the blocks, so no strided read of them."""
-        cached = getattr(self, "_diagonal", None)
-        if cached is None:
-            cached = np.array(np.diagonal(self.k_train, axis1=-2, axis2=-1))
-            object.__setattr__(self, "_diagonal", cached)
-        return cached
+        if self.stored_diagonal is None:
+            object.__setattr__(self, "stored_diagonal", np.array(np.diagonal(self.k_train, axis1=-2, axis2=-1)))
+        return self.stored_diagonal
 
     def mean_diag(self) -> float:
         return float(np.mean(self.diagonal()))
@@ -299,7 +300,7 @@ def _as_labels(value, key: str, source: str) -> np.ndarray:
     return arr.astype(np.int64)
 
 
-def _as_ids(value, length: int, key: str, source: str) -> np.ndarray | None:
+def check_ids(value, length: int, key: str, source: str) -> np.ndarray | None:
     if value is None:
         return None
     arr = np.asarray(value)

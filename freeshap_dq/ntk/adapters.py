@@ -39,6 +39,7 @@ LAYER_INDEX = re.compile(r"\.layers?\.(\d+)\.")
 SLOT = re.compile(r"\{(text|pair|mask)\}")
 DEFAULT_MLM_TEMPLATE = "{text} It was {mask} ."
 DEFAULT_CAUSAL_TEMPLATE = "Review: {text}\nSentiment:"
+POOLINGS = ("mean", "cls")
 
 
 def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -71,6 +72,8 @@ class _LayeredAdapter(nn.Module):
     adapter_name = "?"
     embeddings_prefix = "?"  # parameter-name prefix of the embedding tables
     layers_prefix = "?"
+    word_table_name: str | None = None  # the embedding table summed sparsely when trainable
+    lora_rank = 0
 
     def __init__(self, tokenizer, max_length: int):
         super().__init__()
@@ -171,8 +174,8 @@ class EncoderHead(_BertLike):
     def __init__(self, encoder: nn.Module, tokenizer, n_classes: int, pooling: str = "mean",
                  head_seed: int = 0, max_length: int = 128):
         super().__init__(tokenizer, max_length)
-        if pooling not in ("mean", "cls"):
-            raise InputError(f"pooling {pooling!r} is unknown; choose mean or cls.")
+        if pooling not in POOLINGS:
+            raise InputError(f"pooling {pooling!r} is unknown; choose one of {', '.join(POOLINGS)}.")
         self.bert = encoder
         self._bind_bert(encoder, "bert")
         self.pooling = pooling

@@ -296,7 +296,7 @@ def _prepare(adapter, train_examples, trainable: str, kernel: str, max_memory, d
         p.requires_grad_(False)
     adapter.set_trainable(set(names))
     adapter.to(device)
-    word_table = getattr(adapter, "word_table_name", None)
+    word_table = adapter.word_table_name
     sparse_table = word_table in names
     return _Setup(device, parse_memory(max_memory, device), names, params,
                   [k for k in names if not (sparse_table and k == word_table)], sparse_table,

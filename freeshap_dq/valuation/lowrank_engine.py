@@ -31,14 +31,19 @@ from __future__ import annotations
 
 import torch
 
+from typing import Any
+
+from freeshap_dq.config import METRICS
+from freeshap_dq.contracts import Utility
 from freeshap_dq.kernels.nystrom import LowRankKernel
 from freeshap_dq.valuation.prefix_engine import PrefixEngine
-from freeshap_dq.valuation.utility import DTYPE, KernelRegressionUtility, point_utilities
+from freeshap_dq.valuation.utility import DTYPE, point_utilities
+
 
 class LowRankPrefixEngine(PrefixEngine):
     """The prefix engine on a rank-r kernel: same marginals and truncation, r x r work per block."""
 
-    def __init__(self, utility: KernelRegressionUtility, features: LowRankKernel, *, tolerance: float = 0.0,
+    def __init__(self, utility: Utility, features: LowRankKernel, *, tolerance: float = 0.0,
                  per_point: bool = False, block_size: int = 128, refresh: int = 8):
         self.features = features
         self.refresh = refresh
@@ -46,9 +51,14 @@ class LowRankPrefixEngine(PrefixEngine):
         full = point_utilities(self._scores_of(torch.arange(utility.problem.n_train, device=utility.device)),
                                utility.y_test)
         self.full_point = full
-        self._full = torch.stack([full[0].mean(), full[1].mean()])
+        self.full_utility = torch.stack([full[0].mean(), full[1].mean()])
         empty = torch.tensor(utility.empty, dtype=DTYPE, device=utility.device)
-        self._threshold = tolerance * torch.abs(self._full - empty)
+        self.truncation_threshold = tolerance * torch.abs(self.full_utility - empty)
+
+    def manifest_entries(self) -> dict[str, Any]:
+        return {"low_rank": {"rank": int(self.features.phi.shape[1]), "method": self.features.method,
+                             "trace_captured": self.features.captured,
+                             "utility_full": dict(zip(METRICS, self.full_utility.tolist()))}}
 
     def _scores_of(self, subset: torch.Tensor) -> torch.Tensor:
         phi, u = self.features.phi[subset], self.u

@@ -22,9 +22,11 @@ consecutive prefix, the permutation stops; later elements get a marginal of 0.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from freeshap_dq.contracts import PointSink
 from freeshap_dq.errors import KernelError
 from freeshap_dq.valuation.utility import DTYPE, KernelRegressionUtility, point_utilities
 
@@ -43,6 +45,10 @@ class PermutationMarginals:
 
 
 class PrefixEngine:
+    """The exact engine (module docstring); an :class:`freeshap_dq.contracts.Engine`.
+
+    ``full_utility``: U(N) as a (accuracy, -CE) tensor, the target of the truncation rule."""
+
     def __init__(self, utility: KernelRegressionUtility, *, tolerance: float = 0.0,
                  per_point: bool = False, block_size: int = 128):
         self.u = utility
@@ -50,10 +56,13 @@ class PrefixEngine:
         self.per_point = per_point
         self.block_size = block_size
         full, empty = utility.full, utility.empty
-        self._full = torch.tensor(full, dtype=DTYPE, device=utility.device)
-        self._threshold = tolerance * torch.abs(self._full - torch.tensor(empty, dtype=DTYPE, device=utility.device))
+        self.full_utility = torch.tensor(full, dtype=DTYPE, device=utility.device)
+        self.truncation_threshold = tolerance * torch.abs(self.full_utility - torch.tensor(empty, dtype=DTYPE, device=utility.device))
 
-    def run(self, perms: torch.Tensor, point_sink=None) -> PermutationMarginals:
+    def manifest_entries(self) -> dict[str, Any]:
+        return {}
+
+    def run(self, perms: torch.Tensor, point_sink: PointSink | None = None) -> PermutationMarginals:
         """Marginals of every element of each permutation in ``perms`` (B x n, long).
 
         Per point, with ``point_sink``: instead of returning B x n x m marginals, each block of positions is
@@ -83,8 +92,8 @@ class PrefixEngine:
             mean_acc, mean_ce = acc.mean(-1), neg_ce.mean(-1)
             keep = torch.ones_like(mean_acc, dtype=torch.bool) & active.unsqueeze(1)
             if self.tolerance > 0:
-                within = ((mean_acc - self._full[0]).abs() <= self._threshold[0]) & (
-                    (mean_ce - self._full[1]).abs() <= self._threshold[1])
+                within = ((mean_acc - self.full_utility[0]).abs() <= self.truncation_threshold[0]) & (
+                    (mean_ce - self.full_utility[1]).abs() <= self.truncation_threshold[1])
                 second = within & torch.cat([within_prev.unsqueeze(1), within[:, :-1]], dim=1)
                 within_prev = within[:, -1]
                 positions = torch.arange(acc.shape[1], device=u.device)

@@ -27,14 +27,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from freeshap_dq.config import METRICS, ValuationConfig
+from freeshap_dq.config import ValuationConfig
 from freeshap_dq.errors import CheckpointError, InputError
 from freeshap_dq.kernels.problem import KernelProblem
-
 from freeshap_dq.result import ValuationResult
-from freeshap_dq.valuation.run import RESUME_KEYS, compute_values, fit_config, make_engine, make_utility, method_name, sample_group
+from freeshap_dq.valuation.checkpoint import RESUME_KEYS
+from freeshap_dq.valuation.methods import method_name, samples_permutations
+from freeshap_dq.valuation.run import compute_values, sample_permutations
+from freeshap_dq.valuation.setup import make_engine, make_utility, plan, run_manifest
 
 EXECUTORS = ("local", "ray")
+
 
 def permutation_groups(start: int, count: int, group: int) -> list[tuple[int, int]]:
     """(first, count) of each group covering [start, start + count), cut at multiples of ``group``."""
@@ -65,34 +68,24 @@ class GroupRunner:
                                       f"same folder on a shared file system.")
         self.problem, self.config = problem, config
         self.utility = make_utility(problem, config)
-        self.engine, self.manifest = make_engine(problem, config, self.utility)
+        self.engine = make_engine(problem, config, self.utility)
+        self.manifest = {**run_manifest(problem, config, self.utility), **self.engine.manifest_entries()}
 
     def run(self, first: int, count: int) -> ValuationResult:
         group = dataclasses.replace(self.config, start=first, permutations=count)
-        part = sample_group(self.problem, group, self.utility, self.manifest, self.engine)
+        part = sample_permutations(self.problem, group, self.utility, self.engine,
+                                   {**self.manifest, "config": group.to_dict()}, resume=False, progress=False)
         part.manifest["worker_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return part
 
 def merge_groups(parts: list[ValuationResult], config: ValuationConfig) -> ValuationResult:
-    """Add groups in index order onto zero totals, as the single-process accumulator does."""
-    first = parts[0]
-    sums = {m: np.zeros_like(first.sums[m]) for m in METRICS}
-    sq_sums = {m: np.zeros_like(first.sq_sums[m]) for m in METRICS}
-    points = None if first.point_sums is None else {m: np.zeros_like(first.point_sums[m]) for m in METRICS}
-    for part in parts:
-        for m in METRICS:
-            sums[m] += part.sums[m]
-            sq_sums[m] += part.sq_sums[m]
-            if points is not None:
-                points[m] += part.point_sums[m]
-    count = sum(p.count for p in parts)
-    manifest = dict(first.manifest)
+    """Add groups in index order, as the single-process accumulator does (:meth:`ValuationResult.sum`)."""
+    manifest = dict(parts[0].manifest)
     manifest.pop("elapsed_seconds", None)
     manifest["worker_peak_rss_bytes"] = max(int(p.manifest.get("worker_peak_rss_bytes", 0)) for p in parts)
-    return ValuationResult(first.method, sums, sq_sums, count, points,
-                           np.concatenate([p.evaluated for p in parts]).astype(np.int64),
-                           [{"seed": config.seed, "start": config.start, "count": count}], False, manifest,
-                           first.train_ids)
+    count = sum(p.count for p in parts)
+    return ValuationResult.sum(parts, sources=[{"seed": config.seed, "start": config.start, "count": count}],
+                               manifest=manifest)
 
 def resolved_config(problem: KernelProblem, config: ValuationConfig) -> ValuationConfig:
     """The configuration with the ridge as a number (resolved once, by the driver)."""
@@ -108,9 +101,8 @@ def compute_values_ray(problem: KernelProblem, config: ValuationConfig | None = 
         import ray
     except ImportError:
         raise InputError("the Ray executor needs Ray: pip install 'freeshap-dq[ray]'") from None
-    config = fit_config(problem, config or ValuationConfig())
-    config.validate()
-    if config.method not in ("tmc", "beta", "banzhaf"):
+    config = plan(problem, config or ValuationConfig())
+    if not samples_permutations(config):
         return compute_values(problem, config, progress=progress)  # exact / loo: nothing to spread
     if config.max_seconds or config.stderr_target:
         raise InputError("the Ray executor runs a fixed number of permutations (--permutations); --max-seconds and "

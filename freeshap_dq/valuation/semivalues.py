@@ -49,13 +49,17 @@ def position_weights(probabilities: np.ndarray) -> np.ndarray:
     return probabilities * probabilities.shape[0]
 
 
+def check_enumerable(n: int) -> None:
+    if n > MAX_EXACT_N:
+        raise InputError(f"exact enumeration needs 2^n subset fits; n = {n} is above the limit of {MAX_EXACT_N}. "
+                         f"Use method tmc.")
+
+
 def exact_semivalues(utility: KernelRegressionUtility, probabilities: np.ndarray,
                      per_point: bool = False) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
     """Exact semivalues by enumerating all 2^n subsets (n <= 16), per metric (and per point)."""
     n = utility.problem.n_train
-    if n > MAX_EXACT_N:
-        raise InputError(f"exact enumeration needs 2^n subset fits; n = {n} is above the limit of {MAX_EXACT_N}. "
-                         f"Use method tmc.")
+    check_enumerable(n)
     m = utility.problem.n_test
     table_acc = torch.empty(2**n, m, dtype=DTYPE, device=utility.device)
     table_ce = torch.empty_like(table_acc)

@@ -164,7 +164,10 @@ class UtilityEnds:
 
 
 class KernelRegressionUtility(UtilityEnds):
-    """U(S) for one valuation problem, with tensors on one device; ``ridge`` in scaled-kernel units."""
+    """U(S) for one valuation problem, with tensors on one device; ``ridge`` in scaled-kernel units.
+    A :class:`freeshap_dq.contracts.Utility` holding the whole kernel (no features of its own)."""
+
+    features = None
 
     def __init__(self, problem: KernelProblem, config: ValuationConfig, device: torch.device | None = None):
         self.problem = problem

@@ -54,7 +54,7 @@ def test_on_disk_low_rank_values_never_build_the_kernel_utility(problems, monkey
 
 def test_a_kernel_folder_too_big_for_memory_is_refused_unless_nystrom(problems, monkeypatch):
     from freeshap_dq import InputError
-    from freeshap_dq.valuation import run as valuation
+    from freeshap_dq.valuation import setup as valuation
 
     _, on_disk = problems
     monkeypatch.setattr(valuation, "available_memory", lambda: 4096)

@@ -5,7 +5,7 @@ import pytest
 
 from freeshap_dq import CheckpointError, ValuationConfig, ValuationResult, compute_values
 from freeshap_dq.data.synthetic import noisy_problem
-from freeshap_dq.valuation import run as valuation
+from freeshap_dq.valuation import accumulator
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_interrupted_streamed_run_resumes_to_the_same_result(problem, tmp_path, 
     config = ValuationConfig(permutations=10, per_point=True, reduce_every=3, tolerance=0.05, seed=9)
     reference = compute_values(problem, config)
     saves = {"n": 0}
-    original = valuation._Accumulator.save_checkpoint
+    original = accumulator.Accumulator.save_checkpoint
 
     def crash_on_third_save(self, path):
         saves["n"] += 1
@@ -64,10 +64,10 @@ def test_interrupted_streamed_run_resumes_to_the_same_result(problem, tmp_path, 
             raise KeyboardInterrupt
         original(self, path)
 
-    monkeypatch.setattr(valuation._Accumulator, "save_checkpoint", crash_on_third_save)
+    monkeypatch.setattr(accumulator.Accumulator, "save_checkpoint", crash_on_third_save)
     with pytest.raises(KeyboardInterrupt):
         compute_values(problem, config, checkpoint_dir=tmp_path / "ckpt", point_dir=tmp_path / "ckpt" / "points")
-    monkeypatch.setattr(valuation._Accumulator, "save_checkpoint", original)
+    monkeypatch.setattr(accumulator.Accumulator, "save_checkpoint", original)
     assert ValuationResult.load(tmp_path / "ckpt" / "checkpoint.npz").count == 6
     resumed = compute_values(problem, config, checkpoint_dir=tmp_path / "ckpt", point_dir=tmp_path / "ckpt" / "points")
     assert resumed.count == 10

@@ -13,7 +13,7 @@ from freeshap_dq.valuation.utility import KernelRegressionUtility
 from freeshap_dq.valuation.semivalues import (
     banzhaf_probabilities, beta_probabilities, exact_semivalues, position_weights, shapley_probabilities,
 )
-from freeshap_dq.valuation.run import load_partial
+from freeshap_dq.valuation.checkpoint import load_partial
 
 from problems import random_problem
 
