@@ -67,7 +67,8 @@ def worker(kind: str, total: int, trainable: str, max_memory: str, out: str) -> 
 
     from freeshap_dq.ntk.adapters import EncoderHead
     from freeshap_dq.io import available_memory
-    from freeshap_dq.ntk.compute import GRAM_COLUMNS, compute_ntk, select_trainable
+    from freeshap_dq.ntk.compute import GRAM_COLUMNS, compute_ntk
+    from freeshap_dq.ntk.setup import select_trainable
     from freeshap_dq.ntk.models import load_model_and_tokenizer
 
     from freeshap_dq.ntk import compute

@@ -20,15 +20,16 @@ inputs, :mod:`freeshap_dq.kernels.landmarks`), N r P work instead of N n P.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
+from freeshap_dq.contracts import ModelAdapter
 from freeshap_dq.errors import InputError
-from freeshap_dq.ntk.compute import (
-    GRADIENT_PATHS, GRAM_COLUMNS, KERNEL_MODES, _chunks, _length_order, _mask, _pad, collect_factors,
-    factor_groups, fill_jacobian, group_names, parse_memory, plan_chunks, plan_with_factors, select_trainable,
+from freeshap_dq.ntk.batching import collect_factors, fill_jacobian, length_order, pad_batch, readout_mask
+from freeshap_dq.ntk.compute import GRAM_COLUMNS
+from freeshap_dq.ntk.setup import (
+    GRADIENT_PATHS, Setup, factor_groups, group_names, parameter_chunks, plan_chunks, plan_with_factors, prepare,
 )
 from freeshap_dq.ntk.word_table import token_gram, word_table_share
 
@@ -41,7 +42,7 @@ def auto_example_block(total: int, n: int, budget: int) -> int:
     return max(16, budget // 4 // (8 * n))
 
 
-def compute_ntk_blocks(adapter, train_examples: list[dict], test_examples: list[dict], k_train_out, k_test_out, *,
+def compute_ntk_blocks(adapter: ModelAdapter, train_examples: list[dict], test_examples: list[dict], k_train_out, k_test_out, *,
                        trainable: str = "head-only", kernel: str = "class0", max_memory: str | int = "2GiB",
                        example_block: int = 0, batch_size: int = 0, device: str | torch.device = "cpu",
                        progress: bool | None = None, shard: tuple[int, int] = (0, 1),
@@ -56,7 +57,7 @@ def compute_ntk_blocks(adapter, train_examples: list[dict], test_examples: list[
     ``compute_ntk``: with factors, a block's are collected once per visit and group of parameter chunks (one
     group when two blocks' factors fit FACTOR_SHARE of the budget), not once per chunk, and the column blocks
     are taken one at a time."""
-    s = _prepare(adapter, train_examples, trainable, kernel, max_memory, device)
+    s = prepare(adapter, train_examples, trainable, _one_kernel(kernel), max_memory, device)
     device, budget, names, params, sparse_table, classes = (
         s.device, s.budget, s.names, s.params, s.sparse_table, s.classes)
     examples = list(train_examples) + list(test_examples)
@@ -66,7 +67,7 @@ def compute_ntk_blocks(adapter, train_examples: list[dict], test_examples: list[
     estimate, room, (capacity, batch) = plan_with_factors(
         _factor_estimate(adapter, s, [(examples, blocks, 1 if len(blocks) == 1 else 2)], batch_size, gradients),
         gradients, budget, lambda rest: _plan_blocks(rest, block, n, s.dense_names, params, batch_size))
-    chunks = _chunks(s.dense_names, params, capacity) if s.dense_names else []
+    chunks = parameter_chunks(s.dense_names, params, capacity) if s.dense_names else []
     groups = factor_groups(adapter, chunks + ([[(adapter.word_table_name, 0, 0)]] if sparse_table else []), names,
                            estimate, room)
     train_blocks = [b for b in blocks if b[0] < n]
@@ -126,7 +127,7 @@ def compute_ntk_blocks(adapter, train_examples: list[dict], test_examples: list[
             "max_memory_bytes": budget, "kernel": kernel, "trainable": trainable}
 
 
-def compute_ntk_landmarks(adapter, train_examples: list[dict], test_examples: list[dict], landmarks, k_train_out,
+def compute_ntk_landmarks(adapter: ModelAdapter, train_examples: list[dict], test_examples: list[dict], landmarks, k_train_out,
                           k_test_out, diag_out, *, trainable: str = "head-only", kernel: str = "class0",
                           max_memory: str | int = "2GiB", example_block: int = 0, batch_size: int = 0,
                           device: str | torch.device = "cpu", progress: bool | None = None,
@@ -136,7 +137,7 @@ def compute_ntk_landmarks(adapter, train_examples: list[dict], test_examples: li
     ``diag_out`` (n) = diag(K), by row blocks: N (r + block) / block gradient work and N r P Gram work instead of
     N n P. ``landmarks``: sorted training indices. Shards, resume, progress and ``gradients`` as
     ``compute_ntk_blocks``; with factors, the landmarks' are collected once for the whole run."""
-    s = _prepare(adapter, train_examples, trainable, kernel, max_memory, device)
+    s = prepare(adapter, train_examples, trainable, _one_kernel(kernel), max_memory, device)
     examples = list(train_examples) + list(test_examples)
     n, total = len(train_examples), len(examples)
     landmarks = [int(i) for i in landmarks]
@@ -152,7 +153,7 @@ def compute_ntk_landmarks(adapter, train_examples: list[dict], test_examples: li
         gradients, s.budget, lambda rest: plan_chunks(
             rest, 16 * block * r, 4 * (block + r), s.dense_names, s.params, batch_size,
             f"example blocks of {block} against {r} landmarks", "use smaller --example-block or fewer --landmarks"))
-    chunks = _chunks(s.dense_names, s.params, capacity) if s.dense_names else []
+    chunks = parameter_chunks(s.dense_names, s.params, capacity) if s.dense_names else []
     groups = factor_groups(adapter, chunks + ([[(adapter.word_table_name, 0, 0)]] if s.sparse_table else []),
                            s.names, estimate, room)
     passes = len(s.classes) * (len(groups) if estimate else len(groups[0]))
@@ -214,7 +215,7 @@ class _Block:
     gradients. Without factors, a block that is not ``kept`` forms its batches (the frozen bottom's output)
     anew at each use."""
 
-    def __init__(self, adapter, s: "_Setup", examples: list[dict], lo: int, hi: int, batch: int,
+    def __init__(self, adapter, s: "Setup", examples: list[dict], lo: int, hi: int, batch: int,
                  names: list[str] | None, bar, kept: bool = True):
         self.adapter, self.s, self.lo, self.hi, self.bar = adapter, s, lo, hi, bar
         self.form = lambda: _batches(adapter, examples, lo, hi, batch, s.device)  # noqa: E731
@@ -241,7 +242,7 @@ class _Block:
                                 None if self.store is not None else self.bar)
 
 
-def _factor_estimate(adapter, s: "_Setup", groups: list, batch_size: int, gradients: str) -> dict | None:
+def _factor_estimate(adapter, s: "Setup", groups: list, batch_size: int, gradients: str) -> dict | None:
     """Bytes of each factored module's factors (Site -> bytes) with, for each (examples, blocks, count) of
     ``groups``, ``count`` of its largest blocks held at once, at the bytes per padded position of one probe batch
     of the shortest examples; None (vmap) with ``gradients='vmap'`` or when no factor rule applies."""
@@ -251,9 +252,9 @@ def _factor_estimate(adapter, s: "_Setup", groups: list, batch_size: int, gradie
         return None
     batch = max(8, batch_size)
     examples = groups[0][0]
-    probe = [examples[i] for i in _length_order(examples)[:batch]]
-    mask = _mask(probe, s.device)
-    store = collect_factors(adapter, s.names, [(None, adapter.prefix(_pad(probe, adapter, s.device)), mask)],
+    probe = [examples[i] for i in length_order(examples)[:batch]]
+    mask = readout_mask(probe, s.device)
+    store = collect_factors(adapter, s.names, [(None, adapter.prefix(pad_batch(probe, adapter, s.device)), mask)],
                             s.classes)
     if store is None:
         return None
@@ -268,40 +269,11 @@ def _padded_tokens(examples: list[dict], lo: int, hi: int, batch: int) -> int:
     return sum(len(lengths[i:i + batch]) * lengths[i:i + batch][-1] for i in range(0, len(lengths), batch))
 
 
-@dataclass
-class _Setup:
-    device: torch.device
-    budget: int
-    names: list[str]
-    params: dict
-    dense_names: list[str]
-    sparse_table: bool
-    vocab: int
-    classes: list[int]
-
-
-def _prepare(adapter, train_examples, trainable: str, kernel: str, max_memory, device) -> _Setup:
-    """Check the kernel mode, select and expose the trainable parameters, move the adapter to the device."""
-    if kernel not in KERNEL_MODES:
-        raise InputError(f"kernel {kernel!r} is unknown; choose one of {', '.join(KERNEL_MODES)}.")
+def _one_kernel(kernel: str) -> str:
     if kernel == "per-class":
         raise InputError("a kernel folder holds one kernel; per-class kernels (C x n x n) are computed in memory "
                          "(-o NAME.npz). Use --kernel class0 or sum for a kernel folder.")
-    if not train_examples:
-        raise InputError("the training set is empty.")
-    device = torch.device(device)
-    names = select_trainable(adapter, trainable)
-    params = dict(adapter.named_parameters())
-    for p in params.values():
-        p.requires_grad_(False)
-    adapter.set_trainable(set(names))
-    adapter.to(device)
-    word_table = adapter.word_table_name
-    sparse_table = word_table in names
-    return _Setup(device, parse_memory(max_memory, device), names, params,
-                  [k for k in names if not (sparse_table and k == word_table)], sparse_table,
-                  params[word_table].shape[0] if sparse_table else 0,
-                  [0] if kernel == "class0" else list(range(adapter.head.out_features)))
+    return kernel
 
 
 def _row_blocks(n: int, total: int, block: int) -> list[tuple[int, int]]:
@@ -333,13 +305,13 @@ def assign_blocks(cost: dict[tuple[int, int], int], world: int) -> list[list[tup
 
 def _batches(adapter, examples: list[dict], lo: int, hi: int, batch: int, device) -> list:
     """(first, last, prefix, mask) batches of examples lo..hi, by length; rows numbered from lo."""
-    order = [lo + i for i in _length_order(examples[lo:hi])]
+    order = [lo + i for i in length_order(examples[lo:hi])]
     out = []
     for start in range(0, len(order), batch):
         idx = order[start:start + batch]
         chosen = [examples[i] for i in idx]
-        out.append((torch.as_tensor(idx, device=device), adapter.prefix(_pad(chosen, adapter, device)),
-                    _mask(chosen, device)))
+        out.append((torch.as_tensor(idx, device=device), adapter.prefix(pad_batch(chosen, adapter, device)),
+                    readout_mask(chosen, device)))
     return out
 
 

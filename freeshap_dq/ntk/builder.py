@@ -28,7 +28,8 @@ from freeshap_dq.errors import CheckpointError, InputError
 from freeshap_dq.io import atomic_write
 from freeshap_dq.kernels.problem import KernelProblem
 from freeshap_dq.ntk.adapters import POOLINGS
-from freeshap_dq.ntk.compute import GRADIENT_PATHS, KERNEL_MODES, compute_ntk
+from freeshap_dq.ntk.compute import compute_ntk
+from freeshap_dq.ntk.setup import GRADIENT_PATHS, KERNEL_MODES
 
 ADAPTERS = ("encoder-head", "prompt-mlm", "causal-lm")
 MODEL_KIND = {"encoder-head": "encoder", "prompt-mlm": "mlm", "causal-lm": "causal"}
@@ -184,7 +185,7 @@ def build_kernel_folder(train: TextDataset, test: TextDataset, path: str | Path,
     from freeshap_dq.valuation.utility import resolve_device
     from freeshap_dq.kernels.nystrom import nystrom_landmarks
     from freeshap_dq.ntk.blocked import auto_example_block, compute_ntk_blocks, compute_ntk_landmarks
-    from freeshap_dq.ntk.compute import parse_memory
+    from freeshap_dq.ntk.setup import parse_memory
 
     config, log, names, y_train, y_test, manifest = _begin(train, test, config, log)
     existing = _folder_manifest(path)

@@ -50,7 +50,7 @@ def test_blocks_give_the_one_pass_kernel(adapter, trainable, kernel, block, memo
 
 
 def _budget(spec: str) -> int:
-    from freeshap_dq.ntk.compute import parse_memory
+    from freeshap_dq.ntk.setup import parse_memory
 
     return parse_memory(spec)
 
@@ -153,7 +153,7 @@ def test_landmark_columns_and_diagonal_equal_the_full_kernel(adapter, trainable,
 
 
 def test_blocks_and_landmarks_group_the_chunks_when_factors_exceed_their_share(adapter, monkeypatch):
-    from freeshap_dq.ntk import compute
+    from freeshap_dq.ntk import setup as compute
     from freeshap_dq.ntk.blocked import compute_ntk_landmarks
 
     ex = adapter.tokenize(TEXTS)

@@ -4,7 +4,8 @@ import torch
 
 from freeshap_dq import InputError
 from freeshap_dq.ntk.adapters import EncoderHead, additive_mask
-from freeshap_dq.ntk.compute import compute_ntk, parse_memory, select_trainable
+from freeshap_dq.ntk.compute import compute_ntk
+from freeshap_dq.ntk.setup import parse_memory, select_trainable
 from freeshap_dq.ntk.models import load_model_and_tokenizer
 
 from autograd_reference import gradient_row, gram
@@ -91,7 +92,7 @@ def test_chunking_and_batching_do_not_change_the_kernel(adapter, gradients):
 
 
 def test_factors_beyond_their_share_of_the_budget_take_several_passes(adapter, monkeypatch):
-    from freeshap_dq.ntk import compute
+    from freeshap_dq.ntk import setup as compute
 
     ex = adapter.tokenize(TEXTS)
     run = lambda: compute_ntk(adapter, ex[:5], ex[5:], trainable="all", max_memory="1500KiB", batch_size=4,  # noqa: E731

@@ -5,7 +5,8 @@ import torch
 from freeshap_dq import InputError
 from freeshap_dq.ntk.adapters import CausalLM, PromptMLM
 from freeshap_dq.ntk.builder import NTKConfig, build_kernel, parse_label_words
-from freeshap_dq.ntk.compute import compute_ntk, select_trainable
+from freeshap_dq.ntk.compute import compute_ntk
+from freeshap_dq.ntk.setup import select_trainable
 from freeshap_dq.ntk.models import load_model_and_tokenizer
 
 from autograd_reference import gradient_row, gram
