@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-.PHONY: setup labelstudio-server demo test bench bench-ntk bench-scaling bench-out-of-core clean
+.PHONY: setup labelstudio-server demo test lint bench bench-ntk bench-scaling bench-out-of-core clean
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,9 @@ demo: setup
 
 test: setup labelstudio-server
 	$(OFFLINE) $(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
 
 bench: setup
 	$(BIN)/python benchmarks/bench_engine.py

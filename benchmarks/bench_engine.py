@@ -26,10 +26,10 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from freeshap_dq import KernelProblem, ValuationConfig  # noqa: E402
-from freeshap_dq.valuation.prefix_engine import PrefixEngine  # noqa: E402
-from freeshap_dq.valuation.utility import DTYPE, KernelRegressionUtility, point_utilities  # noqa: E402
 from freeshap_dq.data.synthetic import rbf_kernel  # noqa: E402
+from freeshap_dq.valuation.prefix_engine import PrefixEngine  # noqa: E402
 from freeshap_dq.valuation.run import permutation  # noqa: E402
+from freeshap_dq.valuation.utility import DTYPE, KernelRegressionUtility, point_utilities  # noqa: E402
 
 REFRESH = 500
 
@@ -179,7 +179,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for n in sizes:
         r = bench_size(n, m, args.device, args.perms, args.budget)
-        star = lambda key: "*" if r[f"{key}_extrapolated"] else ""  # noqa: E731
+        star = lambda key, r=r: "*" if r[f"{key}_extrapolated"] else ""  # noqa: E731
         print(f"| {n} | {m} | {r['aggregate']:.3f} | {r['per_point']:.3f} | {r['direct']:.2f}{star('direct')} | "
               f"{r['reference']:.2f}{star('reference')} | {r['reference'] / r['aggregate']:.0f}x | "
               f"{r['direct'] / r['aggregate']:.0f}x | {r['direct_max_diff']:.1e}, {r['reference_max_diff']:.1e} | "

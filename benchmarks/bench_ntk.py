@@ -65,13 +65,12 @@ def naive_gram(jac, n: int):
 def worker(kind: str, total: int, trainable: str, max_memory: str, out: str) -> None:
     import torch
 
-    from freeshap_dq.ntk.adapters import EncoderHead
     from freeshap_dq.io import available_memory
-    from freeshap_dq.ntk.compute import GRAM_COLUMNS, compute_ntk
-    from freeshap_dq.ntk.setup import select_trainable
-    from freeshap_dq.ntk.models import load_model_and_tokenizer
-
     from freeshap_dq.ntk import compute
+    from freeshap_dq.ntk.adapters import EncoderHead
+    from freeshap_dq.ntk.compute import GRAM_COLUMNS, compute_ntk
+    from freeshap_dq.ntk.models import load_model_and_tokenizer
+    from freeshap_dq.ntk.setup import select_trainable
 
     train, test = examples(total)
     model, tokenizer, _ = load_model_and_tokenizer("minilm", "encoder")
@@ -170,8 +169,8 @@ def throughput(sizes, trainable, max_memory):
 def quality(max_memory):
     from freeshap_dq import ValuationConfig, compute_values
     from freeshap_dq.data.datasets import rotten_tomatoes
-    from freeshap_dq.ntk.builder import NTKConfig, build_kernel
     from freeshap_dq.evaluation.metrics import auroc
+    from freeshap_dq.ntk.builder import NTKConfig, build_kernel
 
     train, test, flipped = rotten_tomatoes(500, 200, noise=0.1, seed=0)
     print("\n### Kernel choice vs flipped-label detection (n=500, m=200, 10% flips, T=100, auto ridge)\n")

@@ -178,8 +178,8 @@ def run_child(kind: str, **options) -> dict:
 
 
 def write_rbf_folder(path: Path, n: int, m: int, seed: int = 0) -> float:
-    from freeshap_dq.kernels.folder import KernelFolderWriter
     from freeshap_dq.data.synthetic import rbf_kernel
+    from freeshap_dq.kernels.folder import KernelFolderWriter
 
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 2, n + m)

@@ -28,12 +28,12 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from freeshap_dq import KernelProblem, ValuationConfig, compute_values  # noqa: E402
-from freeshap_dq.valuation.prefix_engine import PrefixEngine  # noqa: E402
+from freeshap_dq.data.synthetic import rbf_kernel  # noqa: E402
 from freeshap_dq.kernels.nystrom import low_rank_features
 from freeshap_dq.valuation.lowrank_engine import LowRankPrefixEngine  # noqa: E402
-from freeshap_dq.valuation.utility import KernelRegressionUtility  # noqa: E402
-from freeshap_dq.data.synthetic import rbf_kernel  # noqa: E402
+from freeshap_dq.valuation.prefix_engine import PrefixEngine  # noqa: E402
 from freeshap_dq.valuation.run import permutation  # noqa: E402
+from freeshap_dq.valuation.utility import KernelRegressionUtility  # noqa: E402
 
 
 def make_problem(n: int, m: int, seed: int = 0) -> KernelProblem:

@@ -6,14 +6,25 @@ from pathlib import Path
 
 import click
 
+from freeshap_dq.cli.common import (
+    ARTIFACT_PATH,
+    build_ntk_config,
+    data_options,
+    friendly_errors,
+    load_problem,
+    log,
+    metric_option,
+    ntk_options,
+    optional_adapter,
+    pop_data_options,
+    z_option,
+)
+from freeshap_dq.cli.main import cli
 from freeshap_dq.config import ValuationConfig
 from freeshap_dq.errors import InputError
 from freeshap_dq.io import write_table
 from freeshap_dq.result import ValuationResult
 from freeshap_dq.valuation.run import compute_values
-from freeshap_dq.cli.common import ARTIFACT_PATH, metric_option, z_option, data_options, friendly_errors, optional_adapter, load_problem, log, ntk_options, build_ntk_config, pop_data_options
-from freeshap_dq.cli.main import cli
-
 
 
 def _cleanlab():

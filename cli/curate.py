@@ -10,16 +10,23 @@ import numpy as np
 import pandas as pd
 
 from freeshap_dq import __version__
+from freeshap_dq.cli.common import (
+    ARTIFACT_PATH,
+    DATA_PATH,
+    column_options,
+    friendly_errors,
+    log,
+    metric_option,
+    pop_data_options,
+    z_option,
+)
+from freeshap_dq.cli.main import cli
+from freeshap_dq.curation.policies import RemovalPolicy, SelectionPolicy, policy_dict
 from freeshap_dq.data.tables import TextDataset, dataset_from_frame, load_dataset, read_table, write_data_table
 from freeshap_dq.errors import InputError
 from freeshap_dq.io import write_json, write_table
-from freeshap_dq.curation.policies import RemovalPolicy, SelectionPolicy, policy_dict
 from freeshap_dq.result import ValuationResult
 from freeshap_dq.scores import harm_order, worth_order
-from freeshap_dq.cli.common import (
-    ARTIFACT_PATH, DATA_PATH, column_options, friendly_errors, log, metric_option, pop_data_options, z_option,
-)
-from freeshap_dq.cli.main import cli
 
 PATH = click.Path(dir_okay=False, path_type=Path)
 

@@ -10,15 +10,15 @@ import numpy as np
 import pandas as pd
 
 from freeshap_dq import __version__
-from freeshap_dq.config import ValuationConfig
-from freeshap_dq.data.tables import TextDataset, load_dataset, write_data_table
-from freeshap_dq.io import write_json, write_table
-from freeshap_dq.curation.report import html_report, summary_table, text_report
-from freeshap_dq.result import ValuationResult
-from freeshap_dq.evaluation.metrics import auroc
-from freeshap_dq.valuation.run import compute_values
 from freeshap_dq.cli.common import ARTIFACT_PATH, DATA_PATH, column_options, friendly_errors, log, pop_data_options
 from freeshap_dq.cli.main import cli
+from freeshap_dq.config import ValuationConfig
+from freeshap_dq.curation.report import html_report, summary_table, text_report
+from freeshap_dq.data.tables import TextDataset, load_dataset, write_data_table
+from freeshap_dq.evaluation.metrics import auroc
+from freeshap_dq.io import write_json, write_table
+from freeshap_dq.result import ValuationResult
+from freeshap_dq.valuation.run import compute_values
 
 PATH = click.Path(dir_okay=False, path_type=Path)
 
@@ -126,5 +126,5 @@ def _demo_data(train_path, test_path, n_train, n_test, noise, seed, columns):
     flipped[rng.choice(len(train), size=int(round(noise * len(train))), replace=False)] = True
     names = sorted(set(train.labels))
     labels = [names[(names.index(label) + rng.integers(1, len(names))) % len(names)] if f else label
-              for label, f in zip(train.labels, flipped)]
+              for label, f in zip(train.labels, flipped, strict=True)]
     return TextDataset(train.texts, labels, train.ids, train.pairs, train.source), test, flipped

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import click
 
-from freeshap_dq.evaluation import EvaluationConfig, run_evaluation
 from freeshap_dq.cli.common import dataclass_options, friendly_errors, log
 from freeshap_dq.cli.main import cli
+from freeshap_dq.evaluation import EvaluationConfig, run_evaluation
 
 FIELDS = {f.name: f for f in dataclasses.fields(EvaluationConfig)}
 

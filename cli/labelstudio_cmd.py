@@ -9,15 +9,22 @@ import click
 import pandas as pd
 
 from freeshap_dq import __version__
-from freeshap_dq.data.tables import dataset_from_frame, read_table
-from freeshap_dq.errors import InputError
-from freeshap_dq.io import write_table
-from freeshap_dq.curation.policies import RemovalPolicy
 from freeshap_dq.cli.common import (
-    DATA_PATH, column_options, friendly_errors, log, metric_option, optional_adapter, pop_data_options, z_option,
+    DATA_PATH,
+    column_options,
+    friendly_errors,
+    log,
+    metric_option,
+    optional_adapter,
+    pop_data_options,
+    z_option,
 )
 from freeshap_dq.cli.curate import join_values
 from freeshap_dq.cli.main import cli
+from freeshap_dq.curation.policies import RemovalPolicy
+from freeshap_dq.data.tables import dataset_from_frame, read_table
+from freeshap_dq.errors import InputError
+from freeshap_dq.io import write_table
 
 PATH = click.Path(dir_okay=False, path_type=Path)
 

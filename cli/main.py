@@ -15,15 +15,24 @@ from pathlib import Path
 import click
 
 from freeshap_dq import __version__
+from freeshap_dq.cli.common import (
+    EXIT_GATE,
+    VERBOSITY,
+    build_config,
+    build_ntk_config,
+    config_options,
+    data_options,
+    friendly_errors,
+    load_problem,
+    log,
+    ntk_options,
+    pop_data_options,
+)
 from freeshap_dq.config import ValuationConfig
 from freeshap_dq.io import table_format, write_json, write_table
 from freeshap_dq.result import ValuationResult
 from freeshap_dq.scores import DEFAULT_Z, confidently_harmful
 from freeshap_dq.valuation.run import compute_values
-from freeshap_dq.cli.common import (
-    EXIT_GATE, VERBOSITY, build_config, build_ntk_config, config_options, data_options, friendly_errors, load_problem, log,
-    ntk_options, pop_data_options,
-)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -8,11 +8,11 @@ from pathlib import Path
 import click
 
 from freeshap_dq import __version__
-from freeshap_dq.data.tables import dataset_from_frame, read_table, write_data_table
-from freeshap_dq.io import write_json
-from freeshap_dq.curation.relabel import CONFLICT_ACTIONS, apply_relabels
 from freeshap_dq.cli.common import DATA_PATH, column_options, friendly_errors, log, pop_data_options
 from freeshap_dq.cli.main import cli
+from freeshap_dq.curation.relabel import CONFLICT_ACTIONS, apply_relabels
+from freeshap_dq.data.tables import dataset_from_frame, read_table, write_data_table
+from freeshap_dq.io import write_json
 
 PATH = click.Path(dir_okay=False, path_type=Path)
 

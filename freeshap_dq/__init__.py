@@ -6,10 +6,15 @@ from freeshap_dq.config import PRESETS, ValuationConfig  # noqa: E402
 from freeshap_dq.errors import CheckpointError, FreeShapError, InputError, KernelError  # noqa: E402
 from freeshap_dq.kernels.problem import KernelProblem  # noqa: E402
 from freeshap_dq.result import ValuationResult  # noqa: E402
-from freeshap_dq.valuation.stopping import (  # noqa: E402
-    MaxPermutations, MaxTime, SignStable, StandardErrorBelow, StoppingCriterion, TopKStable,
-)
 from freeshap_dq.valuation.run import compute_values  # noqa: E402
+from freeshap_dq.valuation.stopping import (  # noqa: E402
+    MaxPermutations,
+    MaxTime,
+    SignStable,
+    StandardErrorBelow,
+    StoppingCriterion,
+    TopKStable,
+)
 
 __all__ = [
     "CheckpointError", "FreeShapError", "InputError", "KernelError", "KernelProblem", "MaxPermutations",

@@ -58,9 +58,10 @@ def check_choices(config: Any) -> None:
 
 @dataclass
 class ValuationConfig:
-    method: str = option("tmc", choices=METHODS, help="tmc: truncated Monte-Carlo Shapley; exact: subset enumeration (n <= 16); "
-                       "loo: closed-form leave-one-out; beta: Beta(alpha, beta) Shapley and banzhaf: Banzhaf value, "
-                       "both from the same permutations by importance weights.")
+    method: str = option("tmc", "tmc: truncated Monte-Carlo Shapley; exact: subset enumeration (n <= 16); "
+                                "loo: closed-form leave-one-out; beta: Beta(alpha, beta) Shapley and banzhaf: "
+                                "Banzhaf value, both from the same permutations by importance weights.",
+                         choices=METHODS)
     permutations: int = option(200, "Number of permutations T (tmc, beta).", changes_values=False)
     tolerance: float = option(0.0, "Truncation tolerance: stop a permutation when |U(S)-U(N)| <= tol*|U(N)-U(empty)| "
                             "on both metrics for two consecutive prefixes. 0 = no truncation (plain Monte-Carlo).")
@@ -69,11 +70,11 @@ class ValuationConfig:
     kernel_scale: float = option(1.0, "Multiply the kernel by this before adding the ridge (the paper uses 1e-4).")
     jitter: float = option(0.0, "Add jitter*mean(diag K) to the train kernel's diagonal to repair a kernel that is "
                          "not positive semidefinite (e.g. fp32 accumulation error).")
-    empty_utility: str = option("random", choices=EMPTY_UTILITIES, help="Utility of the empty set: 'random' = (-ln C, 1/C) as in the paper; "
-                              "'zero' = the all-zero predictor.")
-    rank_metric: str = option("ce", choices=("ce", "accuracy"), changes_values=False,
-                              help="Utility that ranks harm downstream: 'ce' (-cross-entropy, default: finds flipped "
-                                   "labels far better) or 'accuracy' (the paper's primary score).")
+    empty_utility: str = option("random", "Utility of the empty set: 'random' = (-ln C, 1/C) as in the paper; "
+                                          "'zero' = the all-zero predictor.", choices=EMPTY_UTILITIES)
+    rank_metric: str = option("ce", "Utility that ranks harm downstream: 'ce' (-cross-entropy, default: finds flipped "
+                                    "labels far better) or 'accuracy' (the paper's primary score).",
+                              choices=("ce", "accuracy"), changes_values=False)
     per_point: bool = option(False, "Also keep one value per (training example, test example): n x m per metric.")
     seed: int = option(0, "Seed; permutation i is drawn from (seed, i), so runs are reproducible and mergeable.")
     start: int = option(0, "Index of the first permutation (to split one long run into mergeable parts).")
@@ -91,8 +92,8 @@ class ValuationConfig:
                                    changes_values=False)
     low_rank: int = option(0, "Rank r of a low-rank kernel for large n (0 = exact engine): every prefix from r x r "
                               "updates, O(n (r^2 + m r)) per permutation instead of O(n^3).")
-    low_rank_method: str = option("nystrom", choices=LOW_RANK_METHODS, help="Low-rank features: nystrom (r random landmark columns) or eigen "
-                                             "(top-r eigenpairs; exact at r = n).")
+    low_rank_method: str = option("nystrom", "Low-rank features: nystrom (r random landmark columns) or eigen "
+                                             "(top-r eigenpairs; exact at r = n).", choices=LOW_RANK_METHODS)
     reduce_every: int = option(32, "Permutations summed from zero into one partial sum, which is then added to the "
                                    "totals (groups aligned to the permutation index). Distributed workers compute "
                                    "whole groups, so their merged result is bit-identical to one process.")
@@ -124,12 +125,12 @@ class ValuationConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ValuationConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ValuationConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
     @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "ValuationConfig":
+    def preset(cls, name: str, **overrides: Any) -> ValuationConfig:
         if name not in PRESETS:
             raise InputError(f"preset {name!r} is unknown; choose one of {', '.join(PRESETS)}.")
         return cls(**{**PRESETS[name], **overrides})
@@ -156,7 +157,8 @@ def parse_ridge(spec: str | float) -> tuple[str, float]:
         try:
             value = float(text[4:] if kind == "relative" else text)
         except ValueError:
-            raise InputError(f"ridge {spec!r} is not understood; use 'auto', 'rel:10' or a number such as 0.01.") from None
+            raise InputError(f"ridge {spec!r} is not understood; use 'auto', 'rel:10' or a number such as "
+                             f"0.01.") from None
     if not value > 0 or value != value or value == float("inf"):
         raise InputError(f"ridge must be a positive finite number, got {spec!r}.")
     return kind, value

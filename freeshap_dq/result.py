@@ -55,14 +55,14 @@ class ValuationResult:
     train_ids: np.ndarray | None = None
 
     @classmethod
-    def empty(cls, method: str, n_train: int, n_test: int, per_point: bool, **kw: Any) -> "ValuationResult":
+    def empty(cls, method: str, n_train: int, n_test: int, per_point: bool, **kw: Any) -> ValuationResult:
         zeros = lambda *shape: {m: np.zeros(shape) for m in METRICS}  # noqa: E731
         return cls(method=method, sums=zeros(n_train), sq_sums=zeros(n_train), count=0,
                    point_sums=zeros(n_train, n_test) if per_point else None, **kw)
 
     @classmethod
     def from_exact(cls, method: str, values: dict[str, np.ndarray],
-                   point_values: dict[str, np.ndarray] | None = None, **kw: Any) -> "ValuationResult":
+                   point_values: dict[str, np.ndarray] | None = None, **kw: Any) -> ValuationResult:
         return cls(method=method, sums={k: np.asarray(v, float) for k, v in values.items()},
                    sq_sums={k: np.asarray(v, float) ** 2 for k, v in values.items()}, count=1,
                    point_sums=None if point_values is None else {
@@ -131,7 +131,7 @@ class ValuationResult:
         return {"mean_fraction_evaluated": float(frac.mean()), "min_fraction_evaluated": float(frac.min()),
                 "truncated_permutations": int((self.evaluated < self.n_train).sum())}
 
-    def __add__(self, other: "ValuationResult") -> "ValuationResult":
+    def __add__(self, other: ValuationResult) -> ValuationResult:
         if not isinstance(other, ValuationResult):
             return NotImplemented
         if self.method != other.method or self.n_train != other.n_train or self.exact or other.exact:
@@ -145,8 +145,8 @@ class ValuationResult:
         return ValuationResult.sum([self, other], manifest={**self.manifest, "merged": True})
 
     @classmethod
-    def sum(cls, parts: list["ValuationResult"], *, sources: list[dict[str, int]] | None = None,
-            manifest: dict[str, Any] | None = None) -> "ValuationResult":
+    def sum(cls, parts: list[ValuationResult], *, sources: list[dict[str, int]] | None = None,
+            manifest: dict[str, Any] | None = None) -> ValuationResult:
         """The result of all of ``parts``' permutations: sufficient statistics added in the order given (the
         order is part of bit-identity: the accumulator, ``+`` and Ray all add groups in permutation order).
         ``sources`` and ``manifest`` default to the parts' concatenated sources and the first part's manifest."""
@@ -220,7 +220,7 @@ class ValuationResult:
             raise
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "ValuationResult":
+    def load(cls, path: str | os.PathLike) -> ValuationResult:
         """A ``.npz`` result or a result folder (its per-point matrices memory-mapped, read-only)."""
         if Path(path).is_dir():
             if not (Path(path) / FOLDER_RESULT).exists():

@@ -25,9 +25,9 @@ import pandas as pd
 from freeshap_dq.errors import InputError
 from freeshap_dq.io import available_memory
 from freeshap_dq.kernels.problem import KernelProblem
-from freeshap_dq.valuation.utility import loo_probabilities as loo_pred_probs
 from freeshap_dq.result import ValuationResult
 from freeshap_dq.scores import DEFAULT_Z, confidently_harmful, harm_rank, value_to_score
+from freeshap_dq.valuation.utility import loo_probabilities as loo_pred_probs
 
 try:
     from cleanlab import Datalab, IssueManager
@@ -98,7 +98,7 @@ def add_freeshap_issues(lab: Datalab, result: ValuationResult, metric: str = "ce
             raise InputError(f"the Datalab's data has no column {id_column!r}.")
         lab_ids = [str(i) for i in lab.data[id_column]]
         if lab_ids != result_ids:
-            first = next(i for i, (a, b) in enumerate(zip(lab_ids, result_ids)) if a != b)
+            first = next(i for i, (a, b) in enumerate(zip(lab_ids, result_ids, strict=True)) if a != b)
             raise InputError(f"example ids differ from row {first + 1} on ({lab_ids[first]!r} in the Datalab, "
                              f"{result_ids[first]!r} in the result); put both in the same order.")
     lab.find_issues(issue_types={ISSUE_NAME: {

@@ -21,9 +21,10 @@ import datetime as dt
 import json
 import math
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 from xml.sax.saxutils import quoteattr
 
 import pandas as pd
@@ -60,7 +61,7 @@ class Connection:
     timeout: float = 60.0
 
     @classmethod
-    def resolve(cls, url: str | None = None, api_key: str | None = None, timeout: float = 60.0) -> "Connection":
+    def resolve(cls, url: str | None = None, api_key: str | None = None, timeout: float = 60.0) -> Connection:
         """Options first, then LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY read now (not at import time)."""
         url = url or os.environ.get(ENV_URL)
         api_key = api_key or os.environ.get(ENV_KEY)
@@ -367,7 +368,7 @@ class PushState:
     data: dict = field(default_factory=dict)
 
     @classmethod
-    def load(cls, path: Path) -> "PushState":
+    def load(cls, path: Path) -> PushState:
         if not path.exists():
             return cls(path, {})
         try:
@@ -430,7 +431,7 @@ def push(client: Client, review: pd.DataFrame, selected: pd.Series, run: ReviewR
             client.add_prediction(task.id, task_prediction(row, run, control))
             report.predictions_added += 1
 
-    new = [r for r, chosen in zip(rows, selected.to_numpy()) if chosen and r["example_id"] not in existing]
+    new = [r for r, chosen in zip(rows, selected.to_numpy(), strict=True) if chosen and r["example_id"] not in existing]
     bar = tqdm(total=len(new), desc="import tasks", unit="task", disable=not _show(progress, len(new)))
     for start in range(0, len(new), batch_size):
         batch = new[start:start + batch_size]
@@ -452,7 +453,7 @@ def push(client: Client, review: pd.DataFrame, selected: pd.Series, run: ReviewR
         if len(ids) != len(batch):
             raise LabelStudioError(f"the server reported {len(ids)} task ids for {len(batch)} imported tasks; "
                                    f"rerun the push to reconcile (tasks are matched by example_id).")
-        task_ids.update({r["example_id"]: i for r, i in zip(batch, ids)})
+        task_ids.update({r["example_id"]: i for r, i in zip(batch, ids, strict=True)})
         report.imported += len(batch)
         bar.update(len(batch))
         if state is not None:  # the map stays current even if the push is interrupted

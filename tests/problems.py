@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from freeshap_dq.kernels.problem import KernelProblem
 from freeshap_dq.data.synthetic import rbf_kernel
+from freeshap_dq.kernels.problem import KernelProblem
 
 
 def random_problem(n: int = 12, m: int = 6, n_classes: int = 3, dim: int = 4, seed: int = 0,

@@ -5,7 +5,13 @@ import pytest
 from freeshap_dq import InputError, ValuationConfig, compute_values
 from freeshap_dq.curation.policies import RemovalPolicy, SelectionPolicy
 from freeshap_dq.scores import (
-    DEFAULT_Z, confidently_harmful, confidently_helpful, harm_order, harm_rank, metric_columns, value_to_score,
+    DEFAULT_Z,
+    confidently_harmful,
+    confidently_helpful,
+    harm_order,
+    harm_rank,
+    metric_columns,
+    value_to_score,
     worth_order,
 )
 

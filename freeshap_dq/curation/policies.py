@@ -75,7 +75,7 @@ class RemovalPolicy:
         taken = {label: 0 for label in class_sizes.index}
         removed = np.zeros(n, dtype=bool)
         reasons = np.full(n, "kept", dtype=object)
-        for i, (label, ok) in enumerate(zip(out["label"], candidate)):
+        for i, (label, ok) in enumerate(zip(out["label"], candidate, strict=True)):
             if removed.sum() >= limit:
                 break
             if not ok:

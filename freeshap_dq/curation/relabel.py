@@ -85,7 +85,7 @@ def _validated(relabels: pd.DataFrame, where: str) -> pd.DataFrame:
             empty = reviews[column].isna() | (reviews[column].astype(str).str.strip() == "")
             if column != "given_label" and empty.any():
                 raise InputError(f"{where}: row {int(np.flatnonzero(empty.to_numpy())[0]) + 1} has no {column}.")
-            reviews[column] = [None if e else _text(v) for v, e in zip(reviews[column], empty)]
+            reviews[column] = [None if e else _text(v) for v, e in zip(reviews[column], empty, strict=True)]
     duplicated = reviews["example_id"].duplicated(keep=False)
     if duplicated.any():
         rows = np.flatnonzero(duplicated.to_numpy())[:2] + 1

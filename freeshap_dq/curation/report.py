@@ -83,7 +83,7 @@ def html_report(result: ValuationResult, df: pd.DataFrame, path: str | Path, top
 
     images = []
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
-    for ax, (col, title) in zip(axes, (("value_ce", "−cross-entropy utility"), ("value", "accuracy utility"))):
+    for ax, (col, title) in zip(axes, (("value_ce", "−cross-entropy utility"), ("value", "accuracy utility")), strict=True):
         ax.hist(df[col], bins=40, color="#4477aa")
         ax.axvline(0, color="black", lw=0.8)
         ax.set_title(f"Values ({title})")

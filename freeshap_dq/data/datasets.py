@@ -59,7 +59,7 @@ def rotten_tomatoes(n_train: int = 1000, n_test: int = 300, noise: float = 0.0,
 def _balanced(df: pd.DataFrame, size: int, rng: np.random.Generator) -> pd.DataFrame:
     per_class = [size // 2, size - size // 2]
     parts = []
-    for label, count in zip(LABELS, per_class):
+    for label, count in zip(LABELS, per_class, strict=True):
         pool = df[df["category"] == label]
         if len(pool) < count:
             raise InputError(f"only {len(pool)} {label} snippets available for a split of {size}; ask for fewer.")

@@ -33,7 +33,7 @@ class TextDataset:
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()
-        for row in zip(self.ids, self.texts, self.pairs or [""] * len(self), self.labels):
+        for row in zip(self.ids, self.texts, self.pairs or [""] * len(self), self.labels, strict=True):
             h.update("\x1f".join(map(str, row)).encode())
             h.update(b"\x1e")
         return h.hexdigest()[:32]

@@ -30,9 +30,9 @@ import torch
 from freeshap_dq.config import ValuationConfig
 from freeshap_dq.evaluation.metrics import average_ranks
 from freeshap_dq.kernels.problem import KernelProblem
-from freeshap_dq.valuation.utility import DTYPE, as_stack, loo_probabilities, one_hot, solve_scores
 from freeshap_dq.result import ValuationResult
 from freeshap_dq.valuation.run import compute_values
+from freeshap_dq.valuation.utility import DTYPE, as_stack, loo_probabilities, one_hot, solve_scores
 
 
 @dataclass

@@ -13,19 +13,19 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable
 
 import numpy as np
 import pandas as pd
 
 from freeshap_dq.config import ValuationConfig
+from freeshap_dq.evaluation.detectors import DetectorRun
+from freeshap_dq.evaluation.metrics import average_ranks, detection_curve, detection_metrics
 from freeshap_dq.kernels.problem import KernelProblem
+from freeshap_dq.scores import harm_order, worth_order
 from freeshap_dq.valuation.run import compute_values
 from freeshap_dq.valuation.utility import KernelRegressionUtility
-from freeshap_dq.evaluation.detectors import DetectorRun
-from freeshap_dq.scores import harm_order, worth_order
-from freeshap_dq.evaluation.metrics import average_ranks, detection_curve, detection_metrics
 
 Learner = Callable[[np.ndarray], float]  # training subset (indices) -> test accuracy
 

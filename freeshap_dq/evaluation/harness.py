@@ -11,9 +11,10 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -22,11 +23,11 @@ from freeshap_dq import __version__
 from freeshap_dq.config import ValuationConfig, option
 from freeshap_dq.data.tables import TextDataset, label_mapping, load_dataset
 from freeshap_dq.errors import InputError
-from freeshap_dq.io import atomic_write, write_json
-from freeshap_dq.kernels.problem import KernelProblem
 from freeshap_dq.evaluation import experiments as ex
 from freeshap_dq.evaluation.detectors import run_detectors
 from freeshap_dq.evaluation.noise import NOISE_MODES, flip_labels
+from freeshap_dq.io import atomic_write, write_json
+from freeshap_dq.kernels.problem import KernelProblem
 
 EXPERIMENTS = ("detection", "removal", "selection", "robustness", "fidelity")
 
@@ -63,7 +64,7 @@ class EvaluationConfig:
             raise InputError("give both --train and --test, or neither (Rotten Tomatoes).")
         if not 0 < self.noise < 0.5:
             raise InputError(f"--noise must be in (0, 0.5), got {self.noise}.")
-        self.seed_list  # validates
+        _ = self.seed_list  # validates
 
     @property
     def seed_list(self) -> list[int]:

@@ -16,7 +16,7 @@ def _mean_std(frame: pd.DataFrame, by: list[str], columns) -> pd.DataFrame:
     mean, std = grouped.mean(), grouped.std().fillna(0.0)
     out = mean.copy().astype(object)
     for column in columns:
-        out[column] = [f"{m:.3f} ± {s:.3f}" for m, s in zip(mean[column], std[column])]
+        out[column] = [f"{m:.3f} ± {s:.3f}" for m, s in zip(mean[column], std[column], strict=True)]
     return out.reset_index()
 
 
@@ -130,7 +130,7 @@ def save_plots(results: pd.DataFrame, plots: dict, output_dir: Path) -> list[str
             continue
         learners = list(frame["learner"].unique())
         fig, axes = plt.subplots(1, len(learners), figsize=(5.5 * len(learners), 4), squeeze=False)
-        for ax, learner in zip(axes[0], learners):
+        for ax, learner in zip(axes[0], learners, strict=True):
             mean = frame[frame["learner"] == learner].groupby([group, x])["accuracy"].mean().unstack(0)
             mean.plot(ax=ax, marker="o")
             ax.set(title=learner, xlabel=x.replace("_", " "), ylabel="test accuracy")

@@ -68,7 +68,7 @@ class KernelFolderWriter:
         self.resumed = False
         self._finished = False
 
-    def __enter__(self) -> "KernelFolderWriter":
+    def __enter__(self) -> KernelFolderWriter:
         open_memmap = np.lib.format.open_memmap
         if self.resume_key is None:
             self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent))

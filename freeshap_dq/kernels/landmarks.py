@@ -114,7 +114,7 @@ class LandmarkKernel(LabelledExamples):
         return self._fingerprint  # type: ignore[attr-defined]
 
     @classmethod
-    def from_problem(cls, problem, landmarks: np.ndarray, source: str = "<arrays>") -> "LandmarkKernel":
+    def from_problem(cls, problem, landmarks: np.ndarray, source: str = "<arrays>") -> LandmarkKernel:
         """The landmark columns of a full ``KernelProblem`` (to compare or to store a large kernel compactly)."""
         landmarks = np.sort(np.asarray(landmarks, dtype=np.int64))
         return cls(np.asarray(problem.k_train[:, landmarks]), np.asarray(problem.k_test[:, landmarks]), landmarks,

@@ -165,7 +165,7 @@ class KernelProblem(LabelledExamples):
                 np.savez(fh, **arrays)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "KernelProblem":
+    def load(cls, path: str | os.PathLike) -> KernelProblem:
         """A ``.npz`` kernel file, or a kernel folder (memory-mapped, see :mod:`freeshap_dq.kernels.folder`)."""
         path = Path(path)
         if not path.exists():

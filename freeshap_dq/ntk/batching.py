@@ -15,6 +15,7 @@ from torch.func import functional_call, grad, vmap
 from freeshap_dq.contracts import ModelAdapter
 from freeshap_dq.ntk.factors import FactorStore, NotFactorable, factor_sites
 
+
 def fill_jacobian(jac: torch.Tensor, adapter: ModelAdapter, params: dict, chunk, c: int, ci: int, batches: list,
                   store: FactorStore | None, bar=None) -> None:
     """``jac[rows]`` = the per-example gradient columns of ``chunk`` (logit c, the store's class ci) for

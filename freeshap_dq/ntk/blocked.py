@@ -29,7 +29,14 @@ from freeshap_dq.errors import InputError
 from freeshap_dq.ntk.batching import collect_factors, fill_jacobian, length_order, pad_batch, readout_mask
 from freeshap_dq.ntk.compute import GRAM_COLUMNS
 from freeshap_dq.ntk.setup import (
-    GRADIENT_PATHS, Setup, factor_groups, group_names, parameter_chunks, plan_chunks, plan_with_factors, prepare,
+    GRADIENT_PATHS,
+    Setup,
+    factor_groups,
+    group_names,
+    parameter_chunks,
+    plan_chunks,
+    plan_with_factors,
+    prepare,
 )
 from freeshap_dq.ntk.word_table import token_gram, word_table_share
 
@@ -215,7 +222,7 @@ class _Block:
     gradients. Without factors, a block that is not ``kept`` forms its batches (the frozen bottom's output)
     anew at each use."""
 
-    def __init__(self, adapter, s: "Setup", examples: list[dict], lo: int, hi: int, batch: int,
+    def __init__(self, adapter, s: Setup, examples: list[dict], lo: int, hi: int, batch: int,
                  names: list[str] | None, bar, kept: bool = True):
         self.adapter, self.s, self.lo, self.hi, self.bar = adapter, s, lo, hi, bar
         self.form = lambda: _batches(adapter, examples, lo, hi, batch, s.device)  # noqa: E731
@@ -242,7 +249,7 @@ class _Block:
                                 None if self.store is not None else self.bar)
 
 
-def _factor_estimate(adapter, s: "Setup", groups: list, batch_size: int, gradients: str) -> dict | None:
+def _factor_estimate(adapter, s: Setup, groups: list, batch_size: int, gradients: str) -> dict | None:
     """Bytes of each factored module's factors (Site -> bytes) with, for each (examples, blocks, count) of
     ``groups``, ``count`` of its largest blocks held at once, at the bytes per padded position of one probe batch
     of the shortest examples; None (vmap) with ``gradients='vmap'`` or when no factor rule applies."""

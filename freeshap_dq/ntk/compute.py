@@ -26,7 +26,13 @@ from freeshap_dq.contracts import ModelAdapter
 from freeshap_dq.errors import InputError
 from freeshap_dq.ntk.batching import collect_factors, fill_jacobian, length_order, pad_batch, readout_mask
 from freeshap_dq.ntk.setup import (
-    GRADIENT_PATHS, KERNEL_MODES, factor_groups, group_names, parameter_chunks, plan_chunks, plan_with_factors,
+    GRADIENT_PATHS,
+    KERNEL_MODES,
+    factor_groups,
+    group_names,
+    parameter_chunks,
+    plan_chunks,
+    plan_with_factors,
     prepare,
 )
 from freeshap_dq.ntk.word_table import accumulate_word_table_gram, word_table_share
@@ -88,8 +94,8 @@ def compute_ntk(adapter: ModelAdapter, train_examples: list[dict], test_examples
     chunks = parameter_chunks(dense_names, params, chunk_capacity)
     mine = [u % world == rank for u in range(len(chunks) + sparse_table)]
     # units of work: my parameter chunks, then (as a chunk of its own) the word table's sparse share
-    units = [c for c, is_mine in zip(chunks, mine) if is_mine] + ([[(word_table, 0, 0)]] if sparse_table and mine[-1]
-                                                                   else [])
+    units = [c for c, is_mine in zip(chunks, mine[:len(chunks)], strict=True) if is_mine]
+    units += [[(word_table, 0, 0)]] if sparse_table and mine[-1] else []
     groups = factor_groups(adapter, units, names, estimate, room)
 
     stack = (len(classes),) if kernel == "per-class" else ()
@@ -202,7 +208,7 @@ def representations(adapter: ModelAdapter, examples: list[dict], batch_size: int
             rows = order[start:start + batch_size]
             batch = pad_batch([examples[i] for i in rows], adapter, device)
             vectors = adapter(adapter.prefix(batch), batch["attention_mask"]).double().cpu().numpy()
-            for i, vector in zip(rows, vectors):
+            for i, vector in zip(rows, vectors, strict=True):
                 out[i] = vector
         return np.stack(out)
     finally:

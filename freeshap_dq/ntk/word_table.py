@@ -88,7 +88,8 @@ def token_gram(a, b, out: torch.Tensor, row_offset: int = 0, col_offset: int = 0
         order = torch.argsort(tokens, stable=True)
         unique, counts = torch.unique_consecutive(tokens[order], return_counts=True)
         starts = torch.cumsum(counts, 0) - counts
-        groups.append((rows[order], g[order], dict(zip(unique.tolist(), zip(starts.tolist(), counts.tolist())))))
+        spans = dict(zip(unique.tolist(), zip(starts.tolist(), counts.tolist(), strict=True), strict=True))
+        groups.append((rows[order], g[order], spans))
     (rows_a, g_a, spans_a), (rows_b, g_b, spans_b) = groups
     for token, (sa, ca) in spans_a.items():
         if token not in spans_b:

@@ -9,8 +9,9 @@ held here or streamed to a :class:`~freeshap_dq.valuation.point_store.PointStore
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch

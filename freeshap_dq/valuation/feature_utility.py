@@ -25,7 +25,12 @@ from freeshap_dq.kernels.nystrom import LowRankKernel, nystrom_features, nystrom
 from freeshap_dq.kernels.problem import KernelProblem, row_blocks
 from freeshap_dq.valuation.ridge import choose_ridge
 from freeshap_dq.valuation.utility import (
-    DTYPE, UtilityEnds, empty_point_utilities, one_hot, point_utilities, resolve_device,
+    DTYPE,
+    UtilityEnds,
+    empty_point_utilities,
+    one_hot,
+    point_utilities,
+    resolve_device,
 )
 
 

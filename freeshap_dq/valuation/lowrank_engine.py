@@ -29,9 +29,9 @@ the exact ones).
 
 from __future__ import annotations
 
-import torch
-
 from typing import Any
+
+import torch
 
 from freeshap_dq.config import METRICS
 from freeshap_dq.contracts import Utility
@@ -58,7 +58,7 @@ class LowRankPrefixEngine(PrefixEngine):
     def manifest_entries(self) -> dict[str, Any]:
         return {"low_rank": {"rank": int(self.features.phi.shape[1]), "method": self.features.method,
                              "trace_captured": self.features.captured,
-                             "utility_full": dict(zip(METRICS, self.full_utility.tolist()))}}
+                             "utility_full": dict(zip(METRICS, self.full_utility.tolist(), strict=True))}}
 
     def _scores_of(self, subset: torch.Tensor) -> torch.Tensor:
         phi, u = self.features.phi[subset], self.u

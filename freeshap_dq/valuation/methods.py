@@ -12,8 +12,8 @@ A new method is an entry here plus its branch in :func:`freeshap_dq.valuation.ru
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 

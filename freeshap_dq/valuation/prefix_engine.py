@@ -57,7 +57,8 @@ class PrefixEngine:
         self.block_size = block_size
         full, empty = utility.full, utility.empty
         self.full_utility = torch.tensor(full, dtype=DTYPE, device=utility.device)
-        self.truncation_threshold = tolerance * torch.abs(self.full_utility - torch.tensor(empty, dtype=DTYPE, device=utility.device))
+        empty_utility = torch.tensor(empty, dtype=DTYPE, device=utility.device)
+        self.truncation_threshold = tolerance * torch.abs(self.full_utility - empty_utility)
 
     def manifest_entries(self) -> dict[str, Any]:
         return {}

@@ -13,8 +13,8 @@ r"""The ridge :math:`\lambda` of the kernel-regression utility, resolved from it
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from freeshap_dq.config import parse_ridge
 

@@ -27,10 +27,10 @@ class StoppingCriterion:
     def reset(self) -> None:
         """Forget state before a new run (stateful criteria override)."""
 
-    def __or__(self, other: "StoppingCriterion") -> "StoppingCriterion":
+    def __or__(self, other: StoppingCriterion) -> StoppingCriterion:
         return _Either(self, other)
 
-    def __and__(self, other: "StoppingCriterion") -> "StoppingCriterion":
+    def __and__(self, other: StoppingCriterion) -> StoppingCriterion:
         return _Both(self, other)
 
 

@@ -24,6 +24,7 @@ Internally kernels are handled as stacks (K, ., .) with K = 1 (one kernel for al
 from __future__ import annotations
 
 import math
+
 import numpy as np
 import torch
 

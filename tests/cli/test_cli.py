@@ -9,11 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
+from problems import random_problem
 
 from freeshap_dq import ValuationResult
 from freeshap_dq.cli.main import cli
-
-from problems import random_problem
 
 
 @pytest.fixture

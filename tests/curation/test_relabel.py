@@ -5,9 +5,9 @@ import pytest
 from click.testing import CliRunner
 
 from freeshap_dq.cli.main import cli
+from freeshap_dq.curation.relabel import apply_relabels
 from freeshap_dq.data.tables import dataset_from_frame
 from freeshap_dq.errors import InputError
-from freeshap_dq.curation.relabel import apply_relabels
 
 
 def frame(labels=("a", "b", "a", "b")):

@@ -4,11 +4,14 @@ import numpy as np
 import pytest
 
 from freeshap_dq import ValuationConfig
+from freeshap_dq.data.synthetic import noisy_problem
 from freeshap_dq.evaluation.detectors import (
-    calibrated_self_confidence, combine, cv_kernel_probabilities, run_detectors,
+    calibrated_self_confidence,
+    combine,
+    cv_kernel_probabilities,
+    run_detectors,
 )
 from freeshap_dq.evaluation.metrics import auroc
-from freeshap_dq.data.synthetic import noisy_problem
 
 
 @pytest.fixture(scope="module")

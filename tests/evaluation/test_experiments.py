@@ -2,8 +2,8 @@ import numpy as np
 import pandas as pd
 
 from freeshap_dq import ValuationConfig
-from freeshap_dq.evaluation import experiments as ex
 from freeshap_dq.data.synthetic import noisy_problem
+from freeshap_dq.evaluation import experiments as ex
 
 
 def recording_learner(calls):

@@ -2,7 +2,14 @@ import numpy as np
 import pytest
 
 from freeshap_dq.evaluation.metrics import (
-    auprc, auroc, detection_curve, detection_metrics, f1, fnr_at_noise_rate, recall_at, two_means_split,
+    auprc,
+    auroc,
+    detection_curve,
+    detection_metrics,
+    f1,
+    fnr_at_noise_rate,
+    recall_at,
+    two_means_split,
 )
 
 SUSPICION = np.array([0.9, 0.8, 0.1, 0.7, 0.2])

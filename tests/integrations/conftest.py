@@ -7,7 +7,6 @@ or outside CI when the server is not installed; in CI a missing server fails the
 import os
 
 import pytest
-
 from labelstudio_server import INSTALL_HINT, LabelStudioServer, install_home, is_installed
 
 SKIP_VARIABLE = "FREESHAP_DQ_SKIP_LABEL_STUDIO"

@@ -62,7 +62,7 @@ class LabelStudioServer:
         )
         return env
 
-    def start(self, timeout: float = 120.0) -> "LabelStudioServer":
+    def start(self, timeout: float = 120.0) -> LabelStudioServer:
         """Start on a copy of the template, or on the same data again after ``stop()`` (same port)."""
         if not self.data_dir.exists():
             shutil.copytree(self.home / "template", self.data_dir)

@@ -16,12 +16,16 @@ from cleanlab import Datalab  # noqa: E402
 
 from freeshap_dq import InputError, ValuationConfig, compute_values  # noqa: E402
 from freeshap_dq.cli.main import cli  # noqa: E402
-from freeshap_dq.integrations.cleanlab import (  # noqa: E402
-    add_freeshap_issues, check_knn_shapley_memory, combined_audit, label_issues_in_process, loo_pred_probs,
-)
-from freeshap_dq.scores import value_to_score  # noqa: E402
 from freeshap_dq.data.synthetic import noisy_problem  # noqa: E402
 from freeshap_dq.evaluation.metrics import auroc  # noqa: E402
+from freeshap_dq.integrations.cleanlab import (  # noqa: E402
+    add_freeshap_issues,
+    check_knn_shapley_memory,
+    combined_audit,
+    label_issues_in_process,
+    loo_pred_probs,
+)
+from freeshap_dq.scores import value_to_score  # noqa: E402
 
 
 @pytest.fixture(scope="module")

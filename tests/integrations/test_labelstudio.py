@@ -19,8 +19,8 @@ else:
 from label_studio_sdk import LabelStudio  # noqa: E402
 
 from freeshap_dq.cli.main import cli  # noqa: E402
-from freeshap_dq.integrations import labelstudio as ls_adapter  # noqa: E402
 from freeshap_dq.data.synthetic import noisy_problem  # noqa: E402
+from freeshap_dq.integrations import labelstudio as ls_adapter  # noqa: E402
 
 N_TRAIN = 40
 

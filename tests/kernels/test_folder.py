@@ -2,13 +2,12 @@ import json
 
 import numpy as np
 import pytest
+from problems import random_problem
 
 from freeshap_dq import KernelError, KernelProblem, ValuationConfig
 from freeshap_dq.kernels import problem as kernel
 from freeshap_dq.kernels.folder import KernelFolderWriter, save_kernel_folder
 from freeshap_dq.valuation.run import compute_values
-
-from problems import random_problem
 
 
 def named_problem():

@@ -1,10 +1,9 @@
 import numpy as np
 import pytest
+from problems import random_problem
 
 from freeshap_dq import KernelError, KernelProblem, ValuationConfig
 from freeshap_dq.valuation.utility import KernelRegressionUtility
-
-from problems import random_problem
 
 
 def arrays(p):

@@ -14,7 +14,7 @@ def gradient_row(adapter, names, forward) -> torch.Tensor:
         for k in names:
             params[k].requires_grad_(False)
     return torch.cat([(torch.zeros_like(params[k]) if g is None else g).reshape(-1).double()
-                      for k, g in zip(names, grads)])
+                      for k, g in zip(names, grads, strict=True)])
 
 
 def gram(rows: list[torch.Tensor], n_train: int):

@@ -1,14 +1,13 @@
 import numpy as np
 import pytest
 import torch
+from autograd_reference import gradient_row, gram
 
 from freeshap_dq import InputError
 from freeshap_dq.ntk.adapters import EncoderHead, additive_mask
 from freeshap_dq.ntk.compute import compute_ntk
-from freeshap_dq.ntk.setup import parse_memory, select_trainable
 from freeshap_dq.ntk.models import load_model_and_tokenizer
-
-from autograd_reference import gradient_row, gram
+from freeshap_dq.ntk.setup import parse_memory, select_trainable
 
 TEXTS = ["a great movie", "a boring film and a dull plot that goes on", "it was bad", "very good indeed",
          "the actors are funny", "terrible", "i loved every minute of it", "long and tedious"]
@@ -31,7 +30,7 @@ def autograd_kernel(adapter, texts, pairs, names, n_train, classes=(0,)):
         pooled = hidden[:, 0] if adapter.pooling == "cls" else hidden.mean(1)
         return adapter.head(pooled)[0, c]
 
-    return sum(gram([gradient_row(adapter, names, forward=lambda: logit(i, c)) for i in range(len(texts))], n_train)
+    return sum(gram([gradient_row(adapter, names, forward=lambda i=i, c=c: logit(i, c)) for i in range(len(texts))], n_train)
                for c in classes)
 
 

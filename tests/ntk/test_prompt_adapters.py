@@ -1,16 +1,15 @@
 import numpy as np
 import pytest
 import torch
+from autograd_reference import gradient_row, gram
+from test_builder import TEST, TRAIN
 
 from freeshap_dq import InputError
 from freeshap_dq.ntk.adapters import CausalLM, PromptMLM
 from freeshap_dq.ntk.builder import NTKConfig, build_kernel, parse_label_words
 from freeshap_dq.ntk.compute import compute_ntk
-from freeshap_dq.ntk.setup import select_trainable
 from freeshap_dq.ntk.models import load_model_and_tokenizer
-
-from autograd_reference import gradient_row, gram
-from test_builder import TEST, TRAIN
+from freeshap_dq.ntk.setup import select_trainable
 
 TEXTS = ["a great movie", "a boring film and a dull plot that goes on and on", "it was bad", "very good indeed",
          "the actors are funny", "terrible"]

@@ -3,12 +3,12 @@ import pytest
 import torch
 
 from freeshap_dq import ValuationConfig, compute_values
-from freeshap_dq.valuation import utility as regression
-from freeshap_dq.valuation.feature_utility import FeatureSpaceUtility
+from freeshap_dq.data.synthetic import noisy_problem
 from freeshap_dq.kernels.folder import save_kernel_folder
 from freeshap_dq.kernels.problem import KernelProblem
+from freeshap_dq.valuation import utility as regression
+from freeshap_dq.valuation.feature_utility import FeatureSpaceUtility
 from freeshap_dq.valuation.utility import KernelRegressionUtility
-from freeshap_dq.data.synthetic import noisy_problem
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def test_full_rank_feature_utility_matches_the_kernel_utility(problems, ridge):
     if ridge == "auto":  # the feature-space LOO criterion is the kernel one on Phi Phi' = K
         np.testing.assert_allclose([e for _, e in features.ridge_choice.grid],
                                    [e for _, e in kernel.ridge_choice.grid], rtol=1e-6)
-    for ours, theirs in zip(features.full_point, kernel.full_point):
+    for ours, theirs in zip(features.full_point, kernel.full_point, strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-8, atol=1e-9)
     assert features.features.captured == pytest.approx(1.0)
 

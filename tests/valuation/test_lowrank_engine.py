@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from freeshap_dq import InputError, ValuationConfig, compute_values
+from freeshap_dq.data.synthetic import noisy_problem
 from freeshap_dq.kernels.nystrom import low_rank_features
 from freeshap_dq.valuation.lowrank_engine import LowRankPrefixEngine
 from freeshap_dq.valuation.utility import KernelRegressionUtility
-from freeshap_dq.data.synthetic import noisy_problem
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from freeshap_dq import InputError, KernelError, KernelProblem, ValuationConfig, compute_values
+from freeshap_dq.data.synthetic import rbf_kernel
 from freeshap_dq.valuation.prefix_engine import PrefixEngine
 from freeshap_dq.valuation.utility import KernelRegressionUtility
-from freeshap_dq.data.synthetic import rbf_kernel
 
 N, M, C = 9, 5, 3
 

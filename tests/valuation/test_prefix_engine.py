@@ -1,13 +1,12 @@
 import numpy as np
 import pytest
 import torch
+from problems import random_problem
+from test_utility import direct_scores
 
 from freeshap_dq import ValuationConfig
 from freeshap_dq.valuation.prefix_engine import PrefixEngine
 from freeshap_dq.valuation.utility import KernelRegressionUtility
-
-from problems import random_problem
-from test_utility import direct_scores
 
 RIDGE = 0.05
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from freeshap_dq import CheckpointError, ValuationConfig, compute_values
-from freeshap_dq.valuation.ray import merge_groups, permutation_groups, resolved_config, run_group
 from freeshap_dq.data.synthetic import noisy_problem
+from freeshap_dq.valuation.ray import merge_groups, permutation_groups, resolved_config, run_group
 
 CONFIG = ValuationConfig(permutations=24, tolerance=0.05, per_point=True, reduce_every=5, start=3)
 
@@ -78,11 +78,9 @@ def test_ray_with_two_workers_equals_one_process(problem, local_ray):
 
 def test_ray_workers_open_a_kernel_folder_by_path(problem, local_ray, tmp_path):
     from freeshap_dq import KernelProblem
-    from freeshap_dq.valuation.ray import compute_values_ray
-    from freeshap_dq.kernels.folder import save_kernel_folder
-
-    from freeshap_dq.kernels.folder import save_landmark_folder
+    from freeshap_dq.kernels.folder import save_kernel_folder, save_landmark_folder
     from freeshap_dq.kernels.landmarks import LandmarkKernel
+    from freeshap_dq.valuation.ray import compute_values_ray
 
     save_kernel_folder(problem, tmp_path / "K.kernel")
     folder = KernelProblem.load(tmp_path / "K.kernel")

@@ -3,19 +3,30 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from problems import random_problem
 
 from freeshap_dq import (
-    CheckpointError, InputError, MaxPermutations, MaxTime, SignStable, StandardErrorBelow, TopKStable,
-    ValuationConfig, ValuationResult, compute_values,
-)
-from freeshap_dq.valuation.prefix_engine import PrefixEngine
-from freeshap_dq.valuation.utility import KernelRegressionUtility
-from freeshap_dq.valuation.semivalues import (
-    banzhaf_probabilities, beta_probabilities, exact_semivalues, position_weights, shapley_probabilities,
+    CheckpointError,
+    InputError,
+    MaxPermutations,
+    MaxTime,
+    SignStable,
+    StandardErrorBelow,
+    TopKStable,
+    ValuationConfig,
+    ValuationResult,
+    compute_values,
 )
 from freeshap_dq.valuation.checkpoint import load_partial
-
-from problems import random_problem
+from freeshap_dq.valuation.prefix_engine import PrefixEngine
+from freeshap_dq.valuation.semivalues import (
+    banzhaf_probabilities,
+    beta_probabilities,
+    exact_semivalues,
+    position_weights,
+    shapley_probabilities,
+)
+from freeshap_dq.valuation.utility import KernelRegressionUtility
 
 CFG = dict(ridge="0.05")
 

@@ -3,13 +3,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from problems import random_problem
 
 from freeshap_dq import InputError, ValuationConfig, compute_values
 from freeshap_dq.config import parse_ridge
 from freeshap_dq.kernels.problem import KernelProblem
 from freeshap_dq.valuation.utility import KernelRegressionUtility
-
-from problems import random_problem
 
 
 def direct_scores(p: KernelProblem, subset, ridge):
