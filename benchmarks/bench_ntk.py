@@ -76,14 +76,14 @@ def worker(kind: str, total: int, trainable: str, max_memory: str, out: str) -> 
     model, tokenizer, _ = load_model_and_tokenizer("minilm", "encoder")
     adapter = EncoderHead(model, tokenizer, 2)
     gram_seconds = [0.0]
-    accumulate = compute._accumulate_gram
+    accumulate = compute.accumulate_gram
 
     def timed_gram(*args):
         begun = time.perf_counter()
         accumulate(*args)
         gram_seconds[0] += time.perf_counter() - begun
 
-    compute._accumulate_gram = timed_gram
+    compute.accumulate_gram = timed_gram
     started = time.perf_counter()
     if kind == "ours":
         ex = adapter.tokenize(train.texts), adapter.tokenize(test.texts)

@@ -29,9 +29,10 @@ from freeshap_dq.cli.common import (
     pop_data_options,
 )
 from freeshap_dq.config import ValuationConfig
-from freeshap_dq.io import table_format, write_json, write_table
+from freeshap_dq.io import TABLE_FORMATS, table_format, write_json, write_table
 from freeshap_dq.result import ValuationResult
 from freeshap_dq.scores import DEFAULT_Z, confidently_harmful
+from freeshap_dq.valuation.ray import EXECUTORS
 from freeshap_dq.valuation.run import compute_values
 
 
@@ -58,7 +59,7 @@ def _terminate(signum, frame):
 @data_options(required=False)
 @click.option("-o", "--output", default="-", show_default=True,
               help="Values table, one row per training example (.csv/.parquet/.json/.jsonl; - = stdout).")
-@click.option("--format", "fmt", type=click.Choice(["csv", "parquet", "json", "jsonl"]), default=None,
+@click.option("--format", "fmt", type=click.Choice(TABLE_FORMATS), default=None,
               help="Table format (default: from the extension of --output).")
 @click.option("--save-result", type=click.Path(path_type=Path), default=None,
               help="Also save the full result (sums, per-point matrices, manifest): NAME.npz, or a result folder "
@@ -72,7 +73,7 @@ def _terminate(signum, frame):
 @click.option("--fail-on-harmful", type=int, default=None, metavar="N",
               help="CI gate: exit with code 3 (after writing the outputs) when more than N training examples are "
                    f"harmful with confidence (value + {DEFAULT_Z} x stderr < 0 on --rank-metric).")
-@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+@click.option("--executor", type=click.Choice(EXECUTORS), default="local", show_default=True,
               help="Where permutations run: this process, or Ray workers (pip install 'freeshap-dq[ray]'); "
                    "results are identical.")
 @click.option("--ray-address", default=None, help="Ray cluster address (e.g. ray://head:10001) [default: start a local "

@@ -66,7 +66,7 @@ def _seeded_linear(hidden: int, n_classes: int, seed: int) -> nn.Linear:
     return head
 
 
-class _LayeredAdapter(nn.Module):
+class LayeredAdapter(nn.Module):
     """Shared machinery: embeddings -> a stack of layers -> read-out; cached frozen bottom."""
 
     adapter_name = "?"
@@ -139,7 +139,7 @@ class _LayeredAdapter(nn.Module):
         return (hidden * select).sum(1)
 
 
-class _BertLike(_LayeredAdapter):
+class _BertLike(LayeredAdapter):
     def _bind_bert(self, bert: nn.Module, attr: str) -> None:
         if not (hasattr(bert, "embeddings") and hasattr(bert, "encoder") and hasattr(bert.encoder, "layer")):
             raise InputError(f"{self.adapter_name} needs a BERT-like model (embeddings + encoder.layer); got "
@@ -327,7 +327,7 @@ def _mlm_transform(mlm: nn.Module) -> nn.Module:
                      f"heads are supported.")
 
 
-class CausalLM(_TemplateMixin, _LayeredAdapter):
+class CausalLM(_TemplateMixin, LayeredAdapter):
     adapter_name = "causal-lm"
     embeddings_prefix = "decoder.embed_tokens."
     layers_prefix = "decoder.layers."

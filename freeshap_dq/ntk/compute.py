@@ -123,7 +123,7 @@ def compute_ntk(adapter: ModelAdapter, train_examples: list[dict], test_examples
             jac = buffer[:, :sum(hi - lo for _, lo, hi in unit)]
             for ci, c in enumerate(classes):
                 fill_jacobian(jac, adapter, params, unit, c, ci, batches, store, bar)
-                _accumulate_gram(jac, n, *target(c))
+                accumulate_gram(jac, n, *target(c))
         del store
     del buffer
     bar.close()
@@ -164,7 +164,7 @@ def _factor_estimate(adapter, names: list[str], prefixes: list, classes: list[in
     return {site: int(size * scale) for site, size in probe.site_bytes.items()}
 
 
-def _accumulate_gram(jac: torch.Tensor, n: int, k_rows: torch.Tensor, diag: torch.Tensor | None) -> None:
+def accumulate_gram(jac: torch.Tensor, n: int, k_rows: torch.Tensor, diag: torch.Tensor | None) -> None:
     """k_rows += J J[:n]^T, fp32 products over column blocks summed in fp64. Of the symmetric
     train block only the lower block triangle is formed (``_mirror_lower`` completes it)."""
     total = jac.shape[0]

@@ -65,7 +65,7 @@ class LowRankPrefixEngine(PrefixEngine):
         a = phi.T @ phi + u.ridge * torch.eye(phi.shape[1], dtype=DTYPE, device=u.device)
         return self.features.psi @ torch.linalg.solve(a, phi.T @ u.targets[subset])
 
-    def _prefix_scores(self, perms: torch.Tensor):
+    def prefix_scores(self, perms: torch.Tensor):
         """Yield (start, F) with F (B, b, m, C): one b x b Cholesky per block of b positions."""
         u, phi_all, psi = self.u, self.features.phi, self.features.psi
         batch, n = perms.shape

@@ -84,7 +84,7 @@ class PrefixEngine:
         prev_ce = u.empty_point[1].expand(batch, m)
         within_prev = torch.zeros(batch, dtype=torch.bool, device=u.device)
         active = torch.ones(batch, dtype=torch.bool, device=u.device)
-        for start, scores in self._prefix_scores(perms):
+        for start, scores in self.prefix_scores(perms):
             acc, neg_ce = point_utilities(scores, u.y_test)  # (B, b, m)
             d_acc = torch.diff(acc, dim=1, prepend=prev_acc.unsqueeze(1))
             d_ce = torch.diff(neg_ce, dim=1, prepend=prev_ce.unsqueeze(1))
@@ -115,7 +115,7 @@ class PrefixEngine:
                 break
         return PermutationMarginals(out_acc, out_ce, point_acc, point_ce, evaluated)
 
-    def _prefix_scores(self, perms: torch.Tensor):
+    def prefix_scores(self, perms: torch.Tensor):
         """Yield (start, F) with F (B, b, m, C) the scores of prefixes start+1 .. start+b.
 
         Per-class kernels add a class axis after the batch axis: one factor per class kernel, and class c's

@@ -31,7 +31,8 @@ def test_demo_pipeline_end_to_end_on_a_tiny_model(tmp_path, tiny_bert_path):
     # the outputs feed the next commands
     res = CliRunner().invoke(cli, ["prune", "--values", str(out / "values.csv"), "--data", str(out / "train.csv"),
                                    "--count", "2", "-o", str(tmp_path / "clean.csv")])
-    assert res.exit_code == 0, res.output and len(pd.read_csv(tmp_path / "clean.csv")) == 10
+    assert res.exit_code == 0, res.output
+    assert len(pd.read_csv(tmp_path / "clean.csv")) == 10
     res = CliRunner().invoke(cli, ["report", "--result", str(out / "result.npz"), "--data", str(out / "train.csv"),
                                    "--html", str(tmp_path / "r.html")])
     assert res.exit_code == 0 and "Most harmful" in res.output and (tmp_path / "r.html").exists()

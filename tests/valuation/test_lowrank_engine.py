@@ -35,7 +35,7 @@ def test_prefix_scores_match_direct_solves_and_refresh_does_not_matter(problem):
     runs = []
     for refresh in (1, 10_000):
         engine = LowRankPrefixEngine(utility, features, refresh=refresh, block_size=9)
-        runs.append(torch.cat([f for _, f in engine._prefix_scores(perms)], dim=1))
+        runs.append(torch.cat([f for _, f in engine.prefix_scores(perms)], dim=1))
     torch.testing.assert_close(runs[0], runs[1], rtol=1e-9, atol=1e-10)
     for p in (0, 7, 30, 49):  # F_p = Psi (Phi_S' Phi_S + lambda I)^-1 Phi_S' Y_S, solved directly
         subset = perms[1, :p + 1]

@@ -64,7 +64,7 @@ def test_engine_prefix_scores_equal_direct_solves(problem, tolerance, block):
     engine = PrefixEngine(utility, tolerance=0.0, block_size=block)
     if tolerance:
         engine.block_size, engine.tolerance = block, 1e-300  # blocked factorisation, no early stop
-    prefixes = torch.cat([f for _, f in engine._prefix_scores(perms)], dim=1)
+    prefixes = torch.cat([f for _, f in engine.prefix_scores(perms)], dim=1)
     for b, p in itertools.product(range(2), range(N)):
         torch.testing.assert_close(prefixes[b, p], utility.predict(perms[b, :p + 1]), rtol=1e-9, atol=1e-11)
 

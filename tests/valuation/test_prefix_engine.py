@@ -25,7 +25,7 @@ def perms_for(n, count, seed=0):
 def test_every_prefix_matches_a_direct_solve(utility, tolerance, block):
     engine = PrefixEngine(utility, tolerance=tolerance, block_size=block)
     perms = perms_for(23, 2)
-    for start, scores in engine._prefix_scores(perms):
+    for start, scores in engine.prefix_scores(perms):
         for b in range(2):
             for j in range(scores.shape[1]):
                 p = start + j + 1
@@ -67,8 +67,7 @@ def test_batched_equals_one_by_one(utility):
     for b in range(4):
         alone = engine.run(perms[b:b + 1])
         np.testing.assert_allclose(together.ce[b].numpy(), alone.ce[0].numpy(), atol=1e-12)
-        np.testing.assert_allclose(together.point_acc[b].numpy() if hasattr(together, "point_acc")
-                                   else together.point_accuracy[b].numpy(), alone.point_accuracy[0].numpy())
+        np.testing.assert_allclose(together.point_accuracy[b].numpy(), alone.point_accuracy[0].numpy())
         assert together.evaluated[b] == alone.evaluated[0]
 
 
