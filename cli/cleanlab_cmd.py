@@ -61,7 +61,7 @@ def audit_command(kernel_path, train_path, test_path, result_path, permutations,
     data = pop_data_options(options)
     problem, _ = load_problem(kernel_path, train_path, test_path, data, build_ntk_config(options, None), cache_dir,
                               progress)
-    if not hasattr(problem, "k_train"):
+    if problem.landmark_rank is not None:
         raise InputError(f"{kernel_path}: a landmark kernel holds only some columns of the kernel; the audit's "
                          f"out-of-sample probabilities and KNN graph need the whole kernel (freeshap-dq kernel without "
                          f"--landmarks).")

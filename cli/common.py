@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import sys
 import traceback
 from pathlib import Path
@@ -38,6 +39,20 @@ def z_option(help_text: str):
 def log(message: str) -> None:
     if VERBOSITY["level"] > 0:
         click.echo(message, err=True)
+
+
+class _ToLog(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        log(record.getMessage())
+
+
+def route_library_logs() -> None:
+    """The library's ``freeshap_dq`` logger (e.g. "resuming from the checkpoint ...") prints like ``log``."""
+    logger = logging.getLogger("freeshap_dq")
+    if not any(isinstance(h, _ToLog) for h in logger.handlers):
+        logger.addHandler(_ToLog())
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 
 def optional_adapter(name: str, extra: str, what: str):
@@ -133,7 +148,9 @@ def ntk_options(func):
 
 
 def build_ntk_config(options: dict, device: str | None) -> NTKConfig:
-    given = {k: options.pop(k) for k in list(options) if k in NTK_FIELDS}
+    """The NTKConfig of the options, which are removed from ``options`` — except those the valuation settings
+    share (``--device``), which stay there for :func:`build_config`."""
+    given = {k: options.pop(k) for k in list(options) if k in NTK_FIELDS and k not in CONFIG_FIELDS}
     if device is not None:
         given["device"] = device
     return NTKConfig(**{k: v for k, v in given.items() if v is not None})

@@ -21,7 +21,7 @@ from freeshap_dq.cli.common import (
     z_option,
 )
 from freeshap_dq.cli.main import cli
-from freeshap_dq.curation.policies import RemovalPolicy, SelectionPolicy, policy_dict
+from freeshap_dq.curation.policies import ROUNDING_RULE, RemovalPolicy, SelectionPolicy, policy_dict
 from freeshap_dq.data.tables import TextDataset, dataset_from_frame, load_dataset, read_table, write_data_table
 from freeshap_dq.errors import InputError
 from freeshap_dq.io import write_json, write_table
@@ -106,25 +106,28 @@ def _report_decisions(decisions: pd.DataFrame, flag: str, verb: str) -> None:
 
 @cli.command("prune")
 @curate_options("prune")
-@click.option("--fraction", type=float, default=None, help="Remove the lowest-valued fraction (0-1).")
-@click.option("--count", type=int, default=None, help="Remove the lowest-valued COUNT examples.")
+@click.option("--fraction", type=float, default=None,
+              help=f"Remove the lowest-valued fraction (0-1): {ROUNDING_RULE}.")
+@click.option("--count", type=int, default=None, help="Remove the lowest-valued COUNT examples (at most n).")
 @click.option("--threshold", type=float, default=None, help="Remove examples whose value is below this.")
 @click.option("--confident", is_flag=True, help="Only remove examples with value + z*stderr < 0.")
 @z_option("z for --confident.")
 @click.option("--max-class-fraction", type=float, default=1.0, show_default=True,
               help="Never remove more than this fraction of any class.")
+@click.option("--allow-empty-class", is_flag=True, help="Allow removing every example of a class (refused otherwise).")
 @friendly_errors
 def prune_command(values_path, data_path, output, manifest_path, fraction, count, threshold, confident, z,
-                  max_class_fraction, metric, dry_run, **columns):
+                  max_class_fraction, allow_empty_class, metric, dry_run, **columns):
     """Remove harmful training examples; write the cleaned dataset and a manifest of what went and why."""
-    policy = RemovalPolicy(fraction, count, threshold, confident, z, max_class_fraction, metric)
+    policy = RemovalPolicy(fraction, count, threshold, confident, z, max_class_fraction, metric, allow_empty_class)
     _curate("prune", policy, values_path, data_path, output, manifest_path, dry_run, columns)
 
 
 @cli.command("select")
 @curate_options("select")
-@click.option("--count", type=int, default=None, help="Keep the COUNT highest-valued examples.")
-@click.option("--fraction", type=float, default=None, help="Keep the highest-valued fraction (0-1).")
+@click.option("--count", type=int, default=None, help="Keep the COUNT highest-valued examples (at most n).")
+@click.option("--fraction", type=float, default=None,
+              help=f"Keep the highest-valued fraction (0-1): {ROUNDING_RULE}.")
 @click.option("--per-class", type=int, default=None, help="At most this many per class (quota).")
 @click.option("--budget", type=float, default=None, help="Summed cost may not exceed this.")
 @click.option("--cost-column", default=None, help="Column of --data with each example's cost [default: 1 each].")
@@ -186,11 +189,10 @@ def explain_command(result_path, train_path, test_path, examples, rows, top_k, m
     if result.point_sums is None:
         raise InputError(f"{result_path} has no per-point values; run freeshap-dq value --per-point --save-result.")
     shape = result.point_sums[metric].shape
+    train, test = result.align(train, "training", str(result_path)), result.align(test, "test", str(result_path))
     if shape != (len(train), len(test)):
         raise InputError(f"{result_path} values {shape[0]} training x {shape[1]} test examples, but the "
                          f"data files have {len(train)} and {len(test)}; give the files the run used.")
-    if result.train_ids is not None and [str(i) for i in result.train_ids] != train.ids:
-        raise InputError(f"{result_path} was computed for other training ids than {train_path}.")
     if top_k < 1:
         raise InputError("--top-k must be at least 1.")
     targets = _test_rows(test, examples, rows)

@@ -35,9 +35,7 @@ def report_command(result_path, data_path, html_path, top, **columns):
     """Summarise a valuation: distribution, most harmful/helpful examples, per class, convergence."""
     result = ValuationResult.load(result_path)
     data = load_dataset(data_path, **pop_data_options(columns)) if data_path else None
-    if data is not None and len(data) != result.n_train:
-        raise click.UsageError(f"{data_path} has {len(data)} rows but the result values {result.n_train} examples.")
-    df = summary_table(result, data)
+    df = summary_table(result, data, owner=str(result_path))
     click.echo(text_report(result, df, top))
     if html_path is not None:
         html_report(result, df, html_path, top=max(top, 20))

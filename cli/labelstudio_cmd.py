@@ -138,7 +138,7 @@ def _selection(joined, review, count, fraction, threshold, confident, z, both, m
     if not rules_given and not both:
         fraction = 0.1
     if rules_given or not both:
-        decisions = RemovalPolicy(fraction, count, threshold, confident, z, 1.0, metric).apply(joined)
+        decisions = RemovalPolicy(fraction, count, threshold, confident, z, 1.0, metric, allow_empty_class=True).apply(joined)
         chosen = set(decisions.loc[decisions["removed"], "example_id"])
     else:
         chosen = set(review["example_id"])

@@ -27,6 +27,7 @@ from freeshap_dq.cli.common import (
     log,
     ntk_options,
     pop_data_options,
+    route_library_logs,
 )
 from freeshap_dq.config import ValuationConfig
 from freeshap_dq.io import TABLE_FORMATS, table_format, write_json, write_table
@@ -43,6 +44,7 @@ from freeshap_dq.valuation.run import compute_values
 def cli(quiet: bool, verbose: bool) -> None:
     """FreeShap data valuation: which training examples help or harm a text classifier."""
     VERBOSITY["level"] = 0 if quiet else (2 if verbose else 1)
+    route_library_logs()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)  # a scheduler's SIGTERM checkpoints like Ctrl-C
 

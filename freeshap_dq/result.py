@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from freeshap_dq.config import METRICS
+from freeshap_dq.data.tables import TextDataset, align_to_ids
 from freeshap_dq.errors import CheckpointError, InputError
 from freeshap_dq.io import atomic_write, replace_folder
 from freeshap_dq.scores import METRIC_COLUMNS, harm_rank
@@ -53,6 +54,7 @@ class ValuationResult:
     exact: bool = False
     manifest: dict[str, Any] = field(default_factory=dict)
     train_ids: np.ndarray | None = None
+    test_ids: np.ndarray | None = None  # the columns of the per-point values, and what a test file must hold
 
     @classmethod
     def empty(cls, method: str, n_train: int, n_test: int, per_point: bool, **kw: Any) -> ValuationResult:
@@ -124,6 +126,19 @@ class ValuationResult:
         df["permutations"] = self.count
         return df
 
+    def align(self, data: TextDataset, role: str = "training", owner: str = "the result") -> TextDataset:
+        """``data`` in this result's order, joined by example id (``role``: 'training' or 'test'); refused when
+        its ids, or (for a result of an eNTK computed from data) its texts and labels, are not the ones this result
+        was computed for. ``owner`` names the result in messages."""
+        ids = self.train_ids if role == "training" else self.test_ids
+        kernel = self.manifest.get("kernel") or {}
+        fingerprint = kernel.get("train_fingerprint" if role == "training" else "test_fingerprint")
+        expected = self.n_train if role == "training" else self.manifest.get("n_test")
+        if ids is None and expected is not None and len(data) != expected:
+            raise InputError(f"{data.source} has {len(data)} rows but {owner} values {expected} {role} examples; give "
+                             f"the {role} data the run used.")
+        return align_to_ids(data, ids, role, owner, fingerprint)
+
     def truncation_summary(self) -> dict[str, float]:
         if self.evaluated.size == 0:
             return {}
@@ -168,7 +183,7 @@ class ValuationResult:
                    evaluated=np.concatenate([p.evaluated for p in parts]).astype(np.int64),
                    sources=sources if sources is not None else [s for p in parts for s in p.sources],
                    exact=False, manifest=dict(first.manifest if manifest is None else manifest),
-                   train_ids=first.train_ids)
+                   train_ids=first.train_ids, test_ids=first.test_ids)
 
     def save(self, path: str | os.PathLike, extra: dict[str, np.ndarray] | None = None) -> None:
         """A ``.npz`` file, or a result folder for any other path (see the module docstring)."""
@@ -184,8 +199,9 @@ class ValuationResult:
             arrays[f"sqsum_{metric}"] = self.sq_sums[metric]
             if self.point_sums is not None and with_points:
                 arrays[f"point_sum_{metric}"] = self.point_sums[metric]
-        if self.train_ids is not None:
-            arrays["train_ids"] = self.train_ids
+        for key in ("train_ids", "test_ids"):
+            if getattr(self, key) is not None:
+                arrays[key] = np.asarray(getattr(self, key))
         header = {"format_version": FORMAT_VERSION, "method": self.method, "count": self.count,
                   "exact": self.exact, "sources": self.sources, **self.manifest}
         arrays["manifest"] = np.frombuffer(json.dumps(header, default=_json_default).encode(), dtype=np.uint8)
@@ -248,7 +264,7 @@ class ValuationResult:
             sq_sums={m: arrays[f"sqsum_{m}"] for m in METRICS}, count=int(count),
             point_sums={m: arrays[f"point_sum_{m}"] for m in METRICS} if per_point else None,
             evaluated=arrays["evaluated"], sources=[dict(s) for s in sources], exact=bool(exact), manifest=header,
-            train_ids=arrays.get("train_ids"),
+            train_ids=arrays.get("train_ids"), test_ids=arrays.get("test_ids"),
         )
 
 

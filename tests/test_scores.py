@@ -53,7 +53,7 @@ def test_every_table_ranks_tied_values_as_values_csv(problem):
     df["example_id"] = [f"id-{(7 * i) % len(df):03d}" for i in range(len(df))]
     df["label"] = problem.y_train
     shuffled = df.sample(frac=1.0, random_state=3).reset_index(drop=True)
-    removal = RemovalPolicy(count=len(df) - 1, metric="accuracy").apply(shuffled)
+    removal = RemovalPolicy(count=len(df) - 1, metric="accuracy", allow_empty_class=True).apply(shuffled)
     assert removal.set_index("train_index")["policy_rank"].sort_index().tolist() == df["rank"].tolist()
     selection = SelectionPolicy(count=3, metric="accuracy").apply(shuffled)
     assert selection["train_index"].tolist()[:3] == worth_order(df["value"].to_numpy()).tolist()[:3]

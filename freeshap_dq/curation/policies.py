@@ -16,11 +16,16 @@ Selection (``SelectionPolicy``), highest values first:
 - ``per_class``: at most this many per class (quotas);
 - ``budget`` with ``cost``: keep adding the best examples while the summed cost fits.
 
+Counts from a fraction follow one rule (:func:`count_of_fraction`): the nearest whole number of examples
+to ``fraction * n``, halves rounded up, so ``0.29`` of 100 is 29 and ``0.07`` of 100 is 7. A count above n
+is refused, and so is a removal that would leave a class without examples, unless ``allow_empty_class``.
+
 Every decision carries a reason, so the manifest says why each example was removed or kept.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -41,6 +46,7 @@ class RemovalPolicy:
     z: float = option(DEFAULT_Z, f"z for --confident ({DEFAULT_Z} ~ 97.5% one-sided).")
     max_class_fraction: float = option(1.0, "Never remove more than this fraction of any class.")
     metric: str = option("ce", "Value that ranks: ce (-cross-entropy utility) or accuracy.")
+    allow_empty_class: bool = option(False, "Allow a removal that leaves a class without examples.")
 
     def __post_init__(self) -> None:
         _check_metric(self.metric)
@@ -62,8 +68,9 @@ class RemovalPolicy:
         n = len(out)
         limit = n
         if self.fraction is not None:
-            limit = min(limit, int(np.floor(self.fraction * n)))
+            limit = min(limit, count_of_fraction(self.fraction, n))
         if self.count is not None:
+            _check_count(self.count, n, "remove")
             limit = min(limit, self.count)
         candidate = np.ones(n, dtype=bool)
         if self.threshold is not None:
@@ -86,6 +93,11 @@ class RemovalPolicy:
             taken[label] += 1
             removed[i] = True
             reasons[i] = self._reason(out.iloc[i], value_col, se_col)
+        emptied = [label for label, size in class_sizes.items() if taken[label] == size]
+        if emptied and not self.allow_empty_class:
+            raise InputError(f"this removal would leave class(es) {', '.join(map(repr, emptied))} without examples "
+                             f"(all {', '.join(str(class_sizes[c]) for c in emptied)} removed). Cap it with "
+                             f"--max-class-fraction, remove fewer, or pass --allow-empty-class if that is intended.")
         out["removed"] = removed
         out["reason"] = reasons
         return out
@@ -126,8 +138,9 @@ class SelectionPolicy:
         n = len(out)
         limit = n
         if self.fraction is not None:
-            limit = min(limit, int(np.ceil(self.fraction * n)))
+            limit = min(limit, count_of_fraction(self.fraction, n))
         if self.count is not None:
+            _check_count(self.count, n, "keep")
             limit = min(limit, self.count)
         costs = np.ones(n) if cost is None else cost.reindex(out.index).to_numpy(dtype=float)
         if np.any(~np.isfinite(costs)) or np.any(costs < 0):
@@ -153,6 +166,21 @@ class SelectionPolicy:
         out["selected"] = selected
         out["reason"] = reasons
         return out
+
+
+ROUNDING_RULE = "the nearest whole number of examples to fraction x n, halves up"
+
+
+def count_of_fraction(fraction: float, n: int) -> int:
+    """How many of n examples a fraction means: the nearest whole number to ``fraction * n``, halves rounded up
+    (after dropping float noise: 0.29 * 100 is 29, not 28)."""
+    return int(math.floor(round(fraction * n, 9) + 0.5))
+
+
+def _check_count(count: int, n: int, verb: str) -> None:
+    if count > n:
+        raise InputError(f"--count {count} is more than the {n} examples in the data; cannot {verb} {count}. Give "
+                         f"a count of at most {n}, or --fraction.")
 
 
 def policy_dict(policy: RemovalPolicy | SelectionPolicy) -> dict[str, Any]:

@@ -24,9 +24,12 @@ from freeshap_dq.scores import DEFAULT_Z, confidently_harmful, confidently_helpf
 
 
 def summary_table(result: ValuationResult, data: TextDataset | None = None,
-                  flipped: np.ndarray | None = None) -> pd.DataFrame:
+                  flipped: np.ndarray | None = None, owner: str = "the result") -> pd.DataFrame:
+    """The values table with the training data's ids, labels and texts, joined by example id (see
+    :meth:`ValuationResult.align`); ``flipped`` in the result's order."""
     df = result.to_dataframe()
     if data is not None:
+        data = result.align(data, "training", owner)
         df["example_id"] = data.ids
         df["label"] = data.labels
         df["text"] = data.texts

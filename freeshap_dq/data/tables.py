@@ -31,12 +31,44 @@ class TextDataset:
     def __len__(self) -> int:
         return len(self.texts)
 
+    def reordered(self, rows: list[int]) -> TextDataset:
+        """These examples in the order of ``rows`` (positions)."""
+        pick = lambda values: [values[i] for i in rows]  # noqa: E731
+        return TextDataset(pick(self.texts), pick(self.labels), pick(self.ids),
+                           None if self.pairs is None else pick(self.pairs), self.source)
+
     def fingerprint(self) -> str:
         h = hashlib.sha256()
         for row in zip(self.ids, self.texts, self.pairs or [""] * len(self), self.labels, strict=True):
             h.update("\x1f".join(map(str, row)).encode())
             h.update(b"\x1e")
         return h.hexdigest()[:32]
+
+
+def align_to_ids(data: TextDataset, ids, role: str, owner: str, fingerprint: str | None = None) -> TextDataset:
+    """``data`` in the order of ``ids`` — the examples a result (``owner``) was computed for — joined by example
+    id, never by row position; refused, naming the first id found on one side only, when the ids differ, and
+    when ``fingerprint`` (the data the result was computed from) is given and the texts or labels differ.
+    Without ids (a kernel file that had none) only the row count can be checked."""
+    if ids is None:
+        return data
+    wanted = [str(i) for i in ids]
+    position = {example_id: row for row, example_id in enumerate(data.ids)}
+    only_result = next((i for i in wanted if i not in position), None)
+    known = set(wanted)
+    only_data = next((i for i in data.ids if i not in known), None)
+    if only_result is not None or only_data is not None:
+        first, side = (only_result, f"{owner} but not in {data.source}") if only_result is not None else (
+            only_data, f"{data.source} but not in {owner}")
+        raise InputError(f"{data.source} does not hold the {role} examples of {owner}: example id {first!r} is in "
+                         f"{side} ({len(wanted)} {role} examples there, {len(data)} rows here). Give the {role} data "
+                         f"the run used.")
+    aligned = data.reordered([position[i] for i in wanted])
+    if fingerprint is not None and aligned.fingerprint() != fingerprint:
+        raise InputError(f"{data.source} holds the {role} example ids of {owner}, but their texts or labels differ "
+                         f"from the data it was computed from (data fingerprint {aligned.fingerprint()} vs "
+                         f"{fingerprint}). Give the {role} data the run used, or value the edited data again.")
+    return aligned
 
 
 def read_table(path: str | Path) -> pd.DataFrame:

@@ -88,7 +88,7 @@ class Accumulator:
         return ValuationResult(method=r.method, sums=as_numpy(state["sums"]), sq_sums=as_numpy(state["sq_sums"]),
                                count=count, point_sums=as_numpy(state["point_sums"]) if with_points else None,
                                evaluated=np.asarray(evaluated, dtype=np.int64), manifest=r.manifest,
-                               train_ids=r.train_ids)
+                               train_ids=r.train_ids, test_ids=r.test_ids)
 
     def _result(self, with_partial: bool, with_points: bool) -> ValuationResult:
         done = self.count - self.partial_count

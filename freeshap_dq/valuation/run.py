@@ -16,6 +16,7 @@ any kernel is read), builds the utility, then dispatches on ``config.method``
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from pathlib import Path
@@ -39,6 +40,8 @@ from freeshap_dq.valuation.setup import auto_batch_size, make_engine, make_utili
 from freeshap_dq.valuation.stopping import MaxPermutations, MaxTime, StandardErrorBelow, StoppingCriterion
 from freeshap_dq.valuation.utility import DTYPE
 
+logger = logging.getLogger("freeshap_dq")
+
 
 def permutation(seed: int, index: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, index]).permutation(n)
@@ -61,12 +64,13 @@ def compute_values(problem: ValuationProblem, config: ValuationConfig | None = N
     if config.method == "exact":
         values, points = exact_semivalues(utility, shapley_probabilities(problem.n_train), config.per_point)
         result = ValuationResult.from_exact(method_name(config), values, points, manifest=manifest,
-                                            train_ids=problem.train_ids)
+                                            train_ids=problem.train_ids, test_ids=problem.test_ids)
     elif config.method == "loo":
         acc, ce = (v.cpu().numpy() for v in utility.leave_one_out_point_values())
         result = ValuationResult.from_exact(
             method_name(config), {"accuracy": acc.mean(1), "ce": ce.mean(1)},
-            {"accuracy": acc, "ce": ce} if config.per_point else None, manifest=manifest, train_ids=problem.train_ids)
+            {"accuracy": acc, "ce": ce} if config.per_point else None, manifest=manifest, train_ids=problem.train_ids,
+            test_ids=problem.test_ids)
     else:
         engine = make_engine(problem, config, utility)
         manifest.update(engine.manifest_entries())
@@ -96,11 +100,21 @@ def sample_permutations(problem: ValuationProblem, config: ValuationConfig, util
     checkpoint = checkpoint_path(checkpoint_dir) if checkpoint_dir else None
     saved = load_checkpoint(checkpoint, manifest) if (checkpoint is not None and resume) else None
     result, partial = saved if saved is not None else (None, None)
+    if saved is not None:
+        done = result.count + (partial["count"] if partial else 0)
+        if stopping is None and done > config.permutations:
+            raise CheckpointError(
+                f"{checkpoint}: the checkpoint already holds {done} permutations, more than the {config.permutations} "
+                f"asked for (a run's sums cannot be cut back). Ask for --permutations {done} or more to resume it, or "
+                f"start over with --no-resume or another --checkpoint-dir.")
+        logger.info("resuming from the checkpoint in %s: %d of %s permutations done", checkpoint.parent, done,
+                    config.permutations if stopping is None else "the stopping rule's")
     if result is None:
         result = ValuationResult.empty(method_name(config), n, problem.n_test, config.per_point,
                                        sources=[{"seed": config.seed, "start": config.start, "count": 0}],
-                                       manifest=manifest, train_ids=problem.train_ids)
+                                       manifest=manifest, train_ids=problem.train_ids, test_ids=problem.test_ids)
     result.manifest.update(manifest)
+    result.train_ids, result.test_ids = problem.train_ids, problem.test_ids
     points = _point_store(point_dir, result, saved is not None, checkpoint, problem)
     if points is not None:
         partial = None  # the open group is recomputed: its per-point sums were never saved

@@ -156,3 +156,33 @@ def test_interrupt_writes_a_checkpoint_and_exits_130(tmp_path, sig):
     assert "rerun the same command to resume" in err.decode()
     assert ValuationResult.load(ckpt / "checkpoint.npz").count > 0
     assert not (tmp_path / "v.csv").exists()
+
+
+def test_device_reaches_the_valuation_settings(tmp_path):
+    """--device was dropped before the valuation settings were built: the manifest said auto whatever was asked."""
+    import torch
+
+    random_problem(n=10, m=4).save(tmp_path / "K.npz")
+    res = CliRunner().invoke(cli, ["value", "--kernel", str(tmp_path / "K.npz"), "--permutations", "2", "--device",
+                                   "cpu", "-o", str(tmp_path / "v.csv")])
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((tmp_path / "v.csv.manifest.json").read_text())
+    assert manifest["config"]["device"] == "cpu" and manifest["device"] == "cpu"
+    if not torch.cuda.is_available():
+        res = CliRunner().invoke(cli, ["value", "--kernel", str(tmp_path / "K.npz"), "--permutations", "2",
+                                       "--device", "cuda", "-o", str(tmp_path / "w.csv")])
+        assert res.exit_code == 2 and "CUDA is not available" in res.output and not (tmp_path / "w.csv").exists()
+
+
+def test_a_resumed_run_says_so_and_refuses_a_smaller_permutation_count(tmp_path):
+    """A checkpoint of 12 permutations rerun with --permutations 5 said 12 in the table and nothing else."""
+    random_problem(n=10, m=4).save(tmp_path / "K.npz")
+    base = ["value", "--kernel", str(tmp_path / "K.npz"), "--checkpoint-dir", str(tmp_path / "ck")]
+    res = CliRunner().invoke(cli, base + ["--permutations", "12", "-o", str(tmp_path / "a.csv")])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(cli, base + ["--permutations", "5", "-o", str(tmp_path / "b.csv")])
+    assert res.exit_code == 2 and "already holds 12 permutations" in res.output and "--permutations 12" in res.output
+    assert not (tmp_path / "b.csv").exists()
+    res = CliRunner().invoke(cli, base + ["--permutations", "16", "-o", str(tmp_path / "c.csv")])
+    assert res.exit_code == 0 and "resuming from the checkpoint" in res.output and "12 of 16" in res.output
+    assert (pd.read_csv(tmp_path / "c.csv")["permutations"] == 16).all()

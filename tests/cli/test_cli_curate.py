@@ -154,3 +154,48 @@ def test_unexpected_failure_exits_1_with_a_message(run_dir, monkeypatch):
     assert "Traceback" not in res.output and not (d / "v2.csv").exists()
     res = run(["-v", "value", "--kernel", d / "K.npz", "-o", d / "v2.csv"])
     assert res.exit_code == 1 and "Traceback" in res.output
+
+
+def test_prune_refuses_counts_above_n_and_emptying_a_class(run_dir):
+    """prune --count 5000 on 60 rows removed everything, wrote a 0-row file and exited 0."""
+    d, _ = run_dir
+    res = run(["prune", "--values", d / "values.csv", "--data", d / "train.csv", "-o", d / "none.csv", "--count", 5000])
+    assert res.exit_code == 2 and "--count 5000 is more than the 60 examples" in res.output
+    res = run(["prune", "--values", d / "values.csv", "--data", d / "train.csv", "-o", d / "none.csv", "--count", 60])
+    assert res.exit_code == 2 and "without examples" in res.output and "--allow-empty-class" in res.output
+    assert not (d / "none.csv").exists()
+    res = run(["prune", "--help"])
+    assert "nearest whole number of examples" in res.output
+
+
+def test_report_and_explain_join_by_id_and_refuse_data_of_another_run(run_dir):
+    """report/explain attached texts and labels by row position: shuffled files gave other examples, and files of
+    another run were accepted with exit 0."""
+    d, data = run_dir
+    train, test = pd.read_csv(d / "train.csv"), pd.read_parquet(d / "test.parquet")
+    train.sample(frac=1.0, random_state=1).to_csv(d / "train.shuffled.csv", index=False)
+    test.sample(frac=1.0, random_state=2).to_parquet(d / "test.shuffled.parquet")
+    first_test = str(test["id"].iloc[0])
+
+    def explain(train_file, test_file):
+        res = run(["explain", "--result", d / "r.npz", "--train", d / train_file, "--test", d / test_file,
+                   "--example", first_test, "--top-k", 3, "-o", d / "x.csv"])
+        return res, (pd.read_csv(d / "x.csv") if res.exit_code == 0 else None)
+
+    res, straight = explain("train.csv", "test.parquet")
+    assert res.exit_code == 0, res.output
+    res, shuffled = explain("train.shuffled.csv", "test.shuffled.parquet")
+    assert res.exit_code == 0, res.output
+    pd.testing.assert_frame_equal(straight, shuffled)
+
+    report = lambda name: run(["report", "--result", d / "r.npz", "--data", d / name, "--top", 3])  # noqa: E731
+    assert report("train.csv").output == report("train.shuffled.csv").output
+
+    other = train.assign(id=[f"other-{i}" for i in range(len(train))])
+    other.to_csv(d / "other.csv", index=False)
+    res = report("other.csv")
+    assert res.exit_code == 2 and "example id" in res.output and "is in" in res.output
+    other_test = test.assign(id=[f"t-other-{i}" for i in range(len(test))])
+    other_test.to_parquet(d / "other_test.parquet")
+    res, _ = explain("train.csv", "other_test.parquet")
+    assert res.exit_code == 2 and "does not hold the test examples" in res.output

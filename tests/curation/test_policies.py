@@ -66,3 +66,26 @@ def test_removal_validation(kwargs, message):
 def test_missing_columns_are_reported(table):
     with pytest.raises(InputError, match="lacks column"):
         RemovalPolicy(count=1).apply(table.drop(columns=["label"]))
+
+
+def test_one_rounding_rule_for_fractions():
+    from freeshap_dq.curation.policies import count_of_fraction
+
+    # floor / ceil of float products were off by one: 0.29 * 100 = 28.999..., 0.07 * 100 = 7.000...1
+    assert count_of_fraction(0.29, 100) == 29 and count_of_fraction(0.07, 100) == 7
+    assert count_of_fraction(0.25, 10) == 3 and count_of_fraction(0.24, 10) == 2 and count_of_fraction(0.04, 10) == 0
+    table = pd.DataFrame({"example_id": [f"e{i}" for i in range(100)], "label": ["a", "b"] * 50,
+                          "value_ce": np.linspace(-1, 1, 100)})
+    assert RemovalPolicy(fraction=0.29).apply(table)["removed"].sum() == 29
+    assert SelectionPolicy(fraction=0.07).apply(table)["selected"].sum() == 7
+
+
+def test_counts_above_n_and_emptied_classes_are_refused(table):
+    with pytest.raises(InputError, match="--count 5000 is more than the 10 examples"):
+        RemovalPolicy(count=5000).apply(table)
+    with pytest.raises(InputError, match="--count 11 is more than the 10 examples"):
+        SelectionPolicy(count=11).apply(table)
+    with pytest.raises(InputError, match="leave class\\(es\\) 'a' without examples"):
+        RemovalPolicy(count=4).apply(table)  # class a holds exactly the 4 most harmful
+    assert removed(RemovalPolicy(count=4, allow_empty_class=True).apply(table)) == ["e0", "e1", "e2", "e3"]
+    assert removed(RemovalPolicy(count=10, max_class_fraction=0.5).apply(table)) == ["e0", "e1", "e4", "e5", "e6"]
