@@ -126,7 +126,9 @@ def column_options(func):
         ("--id-column", "id", "Column with unique example ids (row numbers when absent)."),
     ]):
         func = click.option(flag, default=default, show_default=default is not None, help=help_text)(func)
-    return func
+    return click.option("--allow-label-variants", is_flag=True,
+                        help="Accept labels that differ only by case or spaces ('fresh' / 'Fresh ') as different "
+                             "classes, and labels such as 'NaN' (refused otherwise).")(func)
 
 
 def data_options(required: bool):
@@ -179,7 +181,8 @@ def load_problem(kernel_path, train_path, test_path, data: dict, ntk: NTKConfig,
 
 
 def pop_data_options(options: dict) -> dict:
-    return {k: options.pop(k) for k in ("text_column", "label_column", "id_column", "pair_column")}
+    return {k: options.pop(k) for k in ("text_column", "label_column", "id_column", "pair_column",
+                                        "allow_label_variants")}
 
 
 def build_config(preset: str, options: dict) -> ValuationConfig:

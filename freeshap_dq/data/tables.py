@@ -110,14 +110,24 @@ def _read_saved_dataset(path: Path) -> pd.DataFrame:
     return load_from_disk(str(path)).to_pandas()
 
 
+MISSING_LOOKING = frozenset({"nan", "none", "null", "na", "n/a", "missing", "?"})
+
+
 def load_dataset(path: str | Path, text_column: str = "text", label_column: str = "label",
-                 id_column: str | None = "id", pair_column: str | None = None) -> TextDataset:
-    return dataset_from_frame(read_table(path), str(path), text_column, label_column, id_column, pair_column)
+                 id_column: str | None = "id", pair_column: str | None = None,
+                 allow_label_variants: bool = False) -> TextDataset:
+    return dataset_from_frame(read_table(path), str(path), text_column, label_column, id_column, pair_column,
+                              allow_label_variants)
 
 
 def dataset_from_frame(df: pd.DataFrame, where: str, text_column: str = "text", label_column: str = "label",
-                       id_column: str | None = "id", pair_column: str | None = None) -> TextDataset:
-    """Validate a table already read (``where`` names it in messages) and take the columns asked for."""
+                       id_column: str | None = "id", pair_column: str | None = None,
+                       allow_label_variants: bool = False) -> TextDataset:
+    """Validate a table already read (``where`` names it in messages) and take the columns asked for.
+
+    Labels that differ only by case or surrounding spaces (``fresh`` / ``Fresh`` / ``fresh ``), and labels that
+    look like a missing value (``NaN``, ``None``, ...), would silently become classes of their own: they are
+    refused unless ``allow_label_variants``."""
     for column, option in ((text_column, "--text-column"), (label_column, "--label-column"),
                            (pair_column, "--pair-column")):
         if column is not None and column not in df.columns:
@@ -133,6 +143,8 @@ def dataset_from_frame(df: pd.DataFrame, where: str, text_column: str = "text", 
         row = int(np.flatnonzero(missing.to_numpy())[0])
         raise InputError(f"{where}: row {row + 1} has no label in column {label_column!r}.")
     labels = [str(v) for v in labels]
+    if not allow_label_variants:
+        check_label_variants(labels, where, label_column)
     if id_column and id_column in df.columns:
         ids = [str(v) for v in df[id_column]]
         seen: dict[str, int] = {}
@@ -144,6 +156,25 @@ def dataset_from_frame(df: pd.DataFrame, where: str, text_column: str = "text", 
     else:
         ids = [str(i) for i in range(len(df))]
     return TextDataset(texts, labels, ids, pairs, source=where)
+
+
+def check_label_variants(labels: list[str], where: str, column: str) -> None:
+    """Refuse labels that differ only by case or surrounding spaces, or that look like a missing value."""
+    first_row: dict[str, int] = {}
+    by_key: dict[str, str] = {}
+    for row, label in enumerate(labels):
+        first_row.setdefault(label, row)
+        if label.strip().casefold() in MISSING_LOOKING:
+            raise InputError(f"{where}: row {row + 1} has label {label!r} in column {column!r}, which looks like a "
+                             f"missing value and would become a class of its own. Fill it in or drop the row, or pass "
+                             f"--allow-label-variants if it is a real class.")
+        key = label.strip().casefold()
+        other = by_key.setdefault(key, label)
+        if other != label:
+            raise InputError(f"{where}: labels {other!r} (row {first_row[other] + 1}) and {label!r} (row {row + 1}) "
+                             f"in column {column!r} differ only by case or surrounding spaces, and would be two "
+                             f"classes. Make them one label, or pass --allow-label-variants if they are different "
+                             f"classes.")
 
 
 def _text_column(df: pd.DataFrame, column: str, where: str) -> list[str]:

@@ -272,6 +272,17 @@ def check_labels(y_train, y_test, label_names, source: str) -> tuple[np.ndarray,
                 f"labels must be integers in 0..{n_classes - 1}"
                 + (f" (label_names has {n_classes} entries)." if names else ".")
             )
+    if not names:
+        present = np.unique(np.concatenate([y_train, y_test]))
+        gaps = np.setdiff1d(np.arange(n_classes), present)
+        if gaps.size:
+            stray = int(present[present > gaps[0]][0])
+            key, arr = ("y_train", y_train) if np.any(y_train == stray) else ("y_test", y_test)
+            raise KernelError(
+                f"{source}: without label_names the class ids must be 0..C-1 with none missing, but id(s) "
+                f"{', '.join(map(str, gaps[:5].tolist()))} never occur while {key}[{int(np.flatnonzero(arr == stray)[0])}]"
+                f" = {stray}: that would make a {n_classes}-class problem. Fix the stray label, or store label_names "
+                f"(one per class) if the classes are real.")
     if np.unique(y_train).size < 2:
         raise KernelError(
             f"{source}: the training set has a single class ({int(y_train[0])}); "

@@ -70,3 +70,17 @@ def test_atomic_writes_get_the_usual_permissions(tmp_path):
     os.umask(mask)
     assert (tmp_path / "out.json").stat().st_mode & 0o777 == 0o666 & ~mask
     assert not list(tmp_path.glob(".out.json.*"))
+
+
+@pytest.mark.parametrize("labels, message", [
+    (["fresh", "rotten", "fresh ", "rotten"], "'fresh' \\(row 1\\) and 'fresh ' \\(row 3\\)"),
+    (["fresh", "rotten", "Fresh", "rotten"], "differ only by case"),
+    (["fresh", "rotten", "NaN", "rotten"], "row 3 has label 'NaN'.*looks like a missing value"),
+])
+def test_label_variants_are_refused_unless_allowed(tmp_path, labels, message):
+    """'fresh ', 'Fresh' and the string NaN silently became classes of their own."""
+    path = tmp_path / "d.csv"
+    pd.DataFrame({"text": ["a", "b", "c", "d"], "label": labels}).to_csv(path, index=False)
+    with pytest.raises(InputError, match=message):
+        load_dataset(path)
+    assert load_dataset(path, allow_label_variants=True).labels == labels

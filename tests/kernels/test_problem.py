@@ -83,3 +83,14 @@ def test_roundtrip_and_file_errors(tmp_path, problem):
     (tmp_path / "junk.npz").write_text("not a zip")
     with pytest.raises(KernelError, match="not a readable .npz"):
         KernelProblem.load(tmp_path / "junk.npz")
+
+
+def test_a_gap_in_label_ids_without_label_names_is_refused():
+    """A stray y_train value of 5 in a 2-class problem made a 6-class problem."""
+    p = random_problem(n=8, m=4, n_classes=2)
+    y = p.y_train.copy()
+    y[3] = 5
+    with pytest.raises(KernelError, match=r"id\(s\) 2, 3, 4 never occur while y_train\[3\] = 5.*6-class"):
+        KernelProblem(p.k_train, p.k_test, y, p.y_test)
+    names = KernelProblem(p.k_train, p.k_test, y, p.y_test, label_names=tuple("abcdef"))
+    assert names.n_classes == 6  # declared classes are kept
