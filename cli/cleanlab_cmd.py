@@ -22,7 +22,7 @@ from freeshap_dq.cli.common import (
 from freeshap_dq.cli.main import cli
 from freeshap_dq.config import ValuationConfig
 from freeshap_dq.errors import InputError
-from freeshap_dq.io import write_table
+from freeshap_dq.io import check_outputs, table_format, write_table
 from freeshap_dq.result import ValuationResult
 from freeshap_dq.valuation.run import compute_values
 
@@ -57,6 +57,10 @@ def cleanlab_group() -> None:
 def audit_command(kernel_path, train_path, test_path, result_path, permutations, lab_dir, output, metric, z,
                   threshold, data_valuation, force_data_valuation, progress, cache_dir, **options):
     """One audit: cleanlab label issues (+ KNN-Shapley) and FreeShap, a combined table and lab.report()."""
+    check_outputs({"-o/--output": output, "--lab-dir": lab_dir},
+                  {"--kernel": kernel_path, "--train": train_path, "--test": test_path, "--result": result_path},
+                  folders=("--lab-dir",))
+    table_format(output)
     adapter = _cleanlab()
     data = pop_data_options(options)
     problem, _ = load_problem(kernel_path, train_path, test_path, data, build_ntk_config(options, None), cache_dir,
@@ -89,6 +93,8 @@ def audit_command(kernel_path, train_path, test_path, result_path, permutations,
 @friendly_errors
 def export_command(lab_dir, issue_type, output):
     """Export the issues of a saved Datalab (FreeShap included) as a table."""
+    check_outputs({"-o/--output": output})
+    table_format(output)
     _cleanlab()
     from cleanlab import Datalab
 

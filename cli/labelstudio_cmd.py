@@ -24,7 +24,7 @@ from freeshap_dq.cli.main import cli
 from freeshap_dq.curation.policies import RemovalPolicy
 from freeshap_dq.data.tables import dataset_from_frame, read_table
 from freeshap_dq.errors import InputError
-from freeshap_dq.io import write_table
+from freeshap_dq.io import check_outputs, table_format, write_table
 
 PATH = click.Path(dir_okay=False, path_type=Path)
 
@@ -159,6 +159,8 @@ def _run_id(values_path: Path, metric: str) -> str:
 @friendly_errors
 def pull_command(url, api_key, timeout, title, project_id, output):
     """Reviewed labels (latest non-cancelled annotation per task) -> a relabel table."""
+    check_outputs({"-o/--output": output})
+    table_format(output)
     adapter = _adapter()
     title, project_id = _project_choice(title, project_id)
     client = _client(adapter, url, api_key, timeout)

@@ -30,7 +30,7 @@ from freeshap_dq.cli.common import (
     route_library_logs,
 )
 from freeshap_dq.config import ValuationConfig
-from freeshap_dq.io import TABLE_FORMATS, table_format, write_json, write_table
+from freeshap_dq.io import TABLE_FORMATS, check_outputs, table_format, write_json, write_table
 from freeshap_dq.result import ValuationResult
 from freeshap_dq.scores import DEFAULT_Z, confidently_harmful
 from freeshap_dq.valuation.ray import EXECUTORS
@@ -97,6 +97,11 @@ def value_command(kernel_path, train_path, test_path, output, fmt, save_result, 
     ntk = build_ntk_config(options, options.get("device"))
     config = build_config(preset, options)
     table_format(output, fmt)
+    result_is_folder = save_result is not None and save_result.suffix != ".npz"
+    check_outputs({"-o/--output": output, "the manifest": None if output == "-" else output + ".manifest.json",
+                   "--save-result": save_result},
+                  {"--kernel": kernel_path, "--train": train_path, "--test": test_path},
+                  folders=("--save-result",) if result_is_folder else ())
     if config.per_point and save_result is None:
         raise click.UsageError("--per-point values are an n x m matrix: give --save-result NAME.npz (in memory) or "
                                "--save-result NAME.result (a folder, accumulated on disk) to keep them.")
@@ -183,6 +188,10 @@ def kernel_command(train_path, test_path, output, device, progress, distributed,
     if output.suffix not in (".npz", ".safetensors", ".kernel"):
         raise click.UsageError(f"{output}: the kernel file must end in .npz or .safetensors, or name a kernel folder "
                                f"ending in .kernel.")
+    check_outputs({"-o/--output": output,
+                   "the manifest": output.with_suffix(".json") if output.suffix == ".safetensors" else None},
+                  {"--train": train_path, "--test": test_path},
+                  folders=("-o/--output",) if output.suffix == ".kernel" else ())
     if output.suffix == ".kernel":
         _kernel_folder(train_path, test_path, output, ntk, data, progress, distributed, cache_dir)
         return

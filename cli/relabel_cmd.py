@@ -11,8 +11,8 @@ from freeshap_dq import __version__
 from freeshap_dq.cli.common import DATA_PATH, column_options, friendly_errors, log, pop_data_options
 from freeshap_dq.cli.main import cli
 from freeshap_dq.curation.relabel import CONFLICT_ACTIONS, apply_relabels
-from freeshap_dq.data.tables import dataset_from_frame, read_table, write_data_table
-from freeshap_dq.io import write_json
+from freeshap_dq.data.tables import data_table_format, dataset_from_frame, read_table, write_data_table
+from freeshap_dq.io import check_outputs, write_json
 
 PATH = click.Path(dir_okay=False, path_type=Path)
 
@@ -41,6 +41,11 @@ def apply_command(data_path, relabels_path, output, manifest_path, allow_new_lab
     """Write DATA with the reviewed labels, and a manifest of every change (who, from, to)."""
     if output is None and not dry_run:
         raise click.UsageError("give -o/--output for the corrected dataset, or --dry-run to only look.")
+    if not dry_run:
+        manifest_path = manifest_path or output.with_name(output.name + ".manifest.json")
+        check_outputs({"-o/--output": output, "--manifest": manifest_path},
+                      {"--data": data_path, "--relabels": relabels_path})
+        data_table_format(output, like=data_path)
     options = pop_data_options(columns)
     raw = read_table(data_path)
     data = dataset_from_frame(raw, str(data_path), **options)
@@ -53,7 +58,6 @@ def apply_command(data_path, relabels_path, output, manifest_path, allow_new_lab
         click.echo(outcome.changes.to_string(index=False) if len(outcome.changes) else "(no changes)")
         return
     write_data_table(outcome.corrected, output, like=data_path)
-    manifest_path = manifest_path or output.with_name(output.name + ".manifest.json")
     label_column = options["label_column"]
     write_json({"command": "relabel apply", "freeshap_dq": __version__,
                 "created": dt.datetime.now(dt.timezone.utc).isoformat(), "data": str(data_path),

@@ -57,6 +57,35 @@ def replace_folder(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
         os.replace(tmp, path)
 
 
+def check_outputs(outputs: dict[str, str | os.PathLike | None], inputs: dict[str, str | os.PathLike | None] | None = None,
+                  folders: tuple[str, ...] = ()) -> None:
+    """Refuse, before any work starts, outputs that cannot be written or would destroy something.
+
+    ``outputs`` / ``inputs``: option name -> path (None or ``-`` = not given / stdout). An output is refused when
+    its folder does not exist, when it is an existing folder (a file output) or an existing file (an output named
+    in ``folders``), when it is one of the inputs, and when two outputs share one path."""
+    seen: dict[Path, str] = {}
+    given_inputs = {Path(p).resolve(): name for name, p in (inputs or {}).items() if p not in (None, "-")}
+    for name, value in outputs.items():
+        if value in (None, "-"):
+            continue
+        path = Path(value)
+        resolved = path.resolve()
+        if not resolved.parent.is_dir():
+            raise InputError(f"{name} {path}: the folder {path.parent} does not exist; create it first.")
+        if name in folders:
+            if path.exists() and not path.is_dir():
+                raise InputError(f"{name} {path}: a file is there, and this output is a folder; choose another name.")
+        elif path.is_dir():
+            raise InputError(f"{name} {path}: a folder is there, and this output is a file; choose a file name.")
+        if resolved in given_inputs:
+            raise InputError(f"{name} {path} is also the input {given_inputs[resolved]}: writing it would destroy "
+                             f"the input. Choose another output path.")
+        if resolved in seen:
+            raise InputError(f"{name} and {seen[resolved]} are both {path}; give them different paths.")
+        seen[resolved] = name
+
+
 def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -211,14 +211,23 @@ def _natural_key(label: str):
         return (1, 0.0, label)
 
 
+def data_table_format(path: str | Path, like: str | Path | None = None) -> str:
+    """The format a data table is written in: its extension's; without one, that of ``like`` (the input)."""
+    path = Path(path)
+    suffix = path.suffix.lower() or (Path(like).suffix.lower() if like else "")
+    kind = READERS.get(suffix)
+    if kind is None:
+        raise InputError(f"{path}: unknown format {path.suffix or '(no extension)'!r}; use .csv, .tsv, .jsonl, .json "
+                         f"or .parquet.")
+    return kind
+
+
 def write_data_table(df: pd.DataFrame, path: str | Path, like: str | Path | None = None) -> None:
-    """Write a data table atomically in the format of ``path`` (or of ``like``, the input file)."""
+    """Write a data table atomically in the format of ``path`` (or of ``like``, the input file, when ``path``
+    has no extension)."""
     from freeshap_dq.io import atomic_write
 
-    path = Path(path)
-    kind = READERS.get(path.suffix.lower()) or READERS.get(Path(like).suffix.lower() if like else "")
-    if kind is None:
-        raise InputError(f"{path}: unknown format {path.suffix!r}; use .csv, .tsv, .jsonl, .json or .parquet.")
+    kind = data_table_format(path, like)
     with atomic_write(path) as tmp:
         if kind == "csv":
             df.to_csv(tmp, index=False)

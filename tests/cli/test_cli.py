@@ -186,3 +186,21 @@ def test_a_resumed_run_says_so_and_refuses_a_smaller_permutation_count(tmp_path)
     res = CliRunner().invoke(cli, base + ["--permutations", "16", "-o", str(tmp_path / "c.csv")])
     assert res.exit_code == 0 and "resuming from the checkpoint" in res.output and "12 of 16" in res.output
     assert (pd.read_csv(tmp_path / "c.csv")["permutations"] == 16).all()
+
+
+def test_output_paths_are_checked_before_any_work(tmp_path):
+    """-o nodir/v.csv failed after every permutation; -o an existing folder crashed; -o the input overwrote it;
+    --save-result v.csv -o v.csv left a folder named v.csv."""
+    random_problem(n=10, m=4).save(tmp_path / "K.npz")
+    (tmp_path / "adir").mkdir()
+    value = ["value", "--kernel", str(tmp_path / "K.npz"), "--permutations", "2"]
+    cases = [(["-o", str(tmp_path / "nodir" / "v.csv")], "does not exist; create it first"),
+             (["-o", str(tmp_path / "adir"), "--format", "csv"], "a folder is there"),
+             (["-o", str(tmp_path / "K.npz"), "--format", "csv"], "is also the input --kernel"),
+             (["-o", str(tmp_path / "v.csv"), "--save-result", str(tmp_path / "v.csv")], "are both")]
+    for args, message in cases:
+        res = CliRunner().invoke(cli, value + args)
+        assert res.exit_code == 2 and message in res.output, (args, res.output)
+        assert "Traceback" not in res.output and "tmc-shapley" not in res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["K.npz", "adir"]
+    np.testing.assert_array_equal(np.load(tmp_path / "K.npz")["k_train"], random_problem(n=10, m=4).k_train)

@@ -199,3 +199,15 @@ def test_report_and_explain_join_by_id_and_refuse_data_of_another_run(run_dir):
     other_test.to_parquet(d / "other_test.parquet")
     res, _ = explain("train.csv", "other_test.parquet")
     assert res.exit_code == 2 and "does not hold the test examples" in res.output
+
+
+def test_prune_outputs_appear_together_or_not_at_all(run_dir):
+    """prune -o c.csv --manifest nodir/m.json exited 2 with c.csv on disk; -o x.xlsx wrote CSV text."""
+    d, _ = run_dir
+    base = ["prune", "--values", d / "values.csv", "--data", d / "train.csv", "--count", 3]
+    res = run(base + ["-o", d / "c.csv", "--manifest", d / "nodir" / "m.json"])
+    assert res.exit_code == 2 and "does not exist" in res.output and not (d / "c.csv").exists()
+    res = run(base + ["-o", d / "x.xlsx"])
+    assert res.exit_code == 2 and "unknown format '.xlsx'" in res.output and not (d / "x.xlsx").exists()
+    res = run(base + ["-o", d / "train.csv"])
+    assert res.exit_code == 2 and "is also the input --data" in res.output

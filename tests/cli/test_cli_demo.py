@@ -1,6 +1,7 @@
 import json
 
 import pandas as pd
+import pytest
 from click.testing import CliRunner
 
 from freeshap_dq.cli.main import cli
@@ -41,3 +42,51 @@ def test_demo_pipeline_end_to_end_on_a_tiny_model(tmp_path, tiny_bert_path):
 def test_demo_needs_both_files(tmp_path):
     res = CliRunner().invoke(cli, ["demo", "--train", str(tmp_path / "x.csv"), "--output-dir", str(tmp_path)])
     assert res.exit_code == 2 and "both --train and --test" in res.output
+
+
+def _demo_files(tmp_path):
+    pd.DataFrame({"id": [f"r{i}" for i in range(12)], "text": TEXTS, "label": ["pos", "neg"] * 6}).to_csv(
+        tmp_path / "tr.csv", index=False)
+    pd.DataFrame({"text": ["great fun", "dull"], "label": ["pos", "neg"]}).to_csv(tmp_path / "te.csv", index=False)
+    return ["demo", "--train", str(tmp_path / "tr.csv"), "--test", str(tmp_path / "te.csv"), "--permutations", "8",
+            "--no-progress", "--noise", "0.25"]
+
+
+def test_a_rerun_with_other_settings_replaces_the_outputs_as_a_whole(tmp_path, tiny_bert_path, monkeypatch):
+    """A rerun with another --seed in the same folder exited 2 (advising options demo lacks) after rewriting
+    train.csv, leaving values.csv of the old run beside it."""
+    args = _demo_files(tmp_path) + ["--model", str(tiny_bert_path), "--output-dir", str(tmp_path / "out")]
+    out = tmp_path / "out"
+    assert CliRunner().invoke(cli, args + ["--seed", "1"]).exit_code == 0
+    first = {name: (out / name).read_bytes() for name in ("train.csv", "values.csv", "manifest.json")}
+    res = CliRunner().invoke(cli, args + ["--seed", "2"])
+    assert res.exit_code == 0, res.output
+    train, values = pd.read_csv(out / "train.csv"), pd.read_csv(out / "values.csv")
+    assert train["label"].tolist() == values["label"].tolist() and train["id"].tolist() == values["example_id"].tolist()
+    assert json.loads((out / "manifest.json").read_text())["valuation"]["seed"] == 2
+    assert (out / "train.csv").read_bytes() != first["train.csv"]
+    # a run that fails on the way leaves the previous run's outputs as they were, and nothing of its own
+    from freeshap_dq.cli import demo
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(demo, "html_report", broken)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert CliRunner().invoke(cli, args + ["--seed", "3"]).exit_code == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("extra, message", [(["--noise", "1.5"], "--noise"), (["--noise", "-0.1"], "--noise"),
+                                            (["--seed", "-1"], "--seed")])
+def test_demo_refuses_bad_numbers(tmp_path, extra, message):
+    res = CliRunner().invoke(cli, _demo_files(tmp_path) + ["--output-dir", str(tmp_path / "o")] + extra)
+    assert res.exit_code == 2 and message in res.output and not (tmp_path / "o").exists()
+
+
+def test_demo_on_a_single_class_file_says_why(tmp_path):
+    args = _demo_files(tmp_path)
+    pd.DataFrame({"text": TEXTS, "label": ["pos"] * 12}).to_csv(tmp_path / "tr.csv", index=False)
+    res = CliRunner().invoke(cli, args + ["--output-dir", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "needs at least two" in res.output and "Traceback" not in res.output
