@@ -123,7 +123,8 @@ def column_options(func):
         ("--text-column", "text", "Column with the text."),
         ("--pair-column", None, "Column with the second text of sentence pairs."),
         ("--label-column", "label", "Column with the label."),
-        ("--id-column", "id", "Column with unique example ids (row numbers when absent)."),
+        ("--id-column", None, "Column with unique example ids [default: 'id' when the table has it, else the row "
+                              "numbers]; a column named here must exist."),
     ]):
         func = click.option(flag, default=default, show_default=default is not None, help=help_text)(func)
     return click.option("--allow-label-variants", is_flag=True,
@@ -181,8 +182,11 @@ def load_problem(kernel_path, train_path, test_path, data: dict, ntk: NTKConfig,
 
 
 def pop_data_options(options: dict) -> dict:
-    return {k: options.pop(k) for k in ("text_column", "label_column", "id_column", "pair_column",
+    data = {k: options.pop(k) for k in ("text_column", "label_column", "id_column", "pair_column",
                                         "allow_label_variants")}
+    data["id_required"] = data["id_column"] is not None
+    data["id_column"] = data["id_column"] or "id"
+    return data
 
 
 def build_config(preset: str, options: dict) -> ValuationConfig:

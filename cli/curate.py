@@ -70,6 +70,11 @@ def join_values(values_path: Path, data: TextDataset) -> pd.DataFrame:
             if column in ("value", "value_ce") and values[column].isna().any():
                 row = int(values[column].isna().to_numpy().argmax()) + 1
                 raise InputError(f"{values_path}: row {row} of column {column!r} is not a number.")
+    for column in ("example_id", "train_index"):
+        if column in values.columns and values[column].duplicated().any():
+            row = int(values[column].duplicated().to_numpy().argmax()) + 1
+            raise InputError(f"{values_path}: row {row} repeats {column} {values[column].iloc[row - 1]!r}; a values "
+                             f"table has one row per training example. Use the table written by freeshap-dq value.")
     if "example_id" in values.columns:
         values["example_id"] = values["example_id"].astype(str)
         known, given = set(data.ids), set(values["example_id"])

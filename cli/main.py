@@ -72,7 +72,7 @@ def _terminate(signum, frame):
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Resume from a checkpoint in --checkpoint-dir if present.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr [default: when a terminal].")
-@click.option("--fail-on-harmful", type=int, default=None, metavar="N",
+@click.option("--fail-on-harmful", type=click.IntRange(min=0), default=None, metavar="N",
               help="CI gate: exit with code 3 (after writing the outputs) when more than N training examples are "
                    f"harmful with confidence (value + {DEFAULT_Z} x stderr < 0 on --rank-metric).")
 @click.option("--executor", type=click.Choice(EXECUTORS), default="local", show_default=True,
@@ -80,7 +80,7 @@ def _terminate(signum, frame):
                    "results are identical.")
 @click.option("--ray-address", default=None, help="Ray cluster address (e.g. ray://head:10001) [default: start a local "
                                                   "Ray on this machine].")
-@click.option("--workers", type=int, default=None, help="Local Ray: worker processes [default: CPU count].")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Local Ray: worker processes [default: CPU count].")
 @ntk_options
 @config_options
 @friendly_errors
@@ -97,6 +97,9 @@ def value_command(kernel_path, train_path, test_path, output, fmt, save_result, 
     ntk = build_ntk_config(options, options.get("device"))
     config = build_config(preset, options)
     table_format(output, fmt)
+    if executor != "ray" and (workers is not None or ray_address is not None):
+        raise click.UsageError(f"{'--workers' if workers is not None else '--ray-address'} applies to Ray workers; "
+                               f"add --executor ray (or drop it).")
     result_is_folder = save_result is not None and save_result.suffix != ".npz"
     check_outputs({"-o/--output": output, "the manifest": None if output == "-" else output + ".manifest.json",
                    "--save-result": save_result},

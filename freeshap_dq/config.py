@@ -18,6 +18,7 @@ kernel with ridge 1e-2.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,6 +118,12 @@ class ValuationConfig:
             raise InputError(f"low_rank must be >= 0, got {self.low_rank}.")
         if self.reduce_every < 1:
             raise InputError(f"reduce_every must be at least 1, got {self.reduce_every}.")
+        if self.seed < 0:
+            raise InputError(f"seed must be >= 0, got {self.seed}.")
+        for name in ("max_seconds", "stderr_target"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise InputError(f"{name} must be a finite number >= 0 (0 = off), got {value}.")
         if self.block_size < 1 or self.batch_size < 0 or self.checkpoint_every < 1 or self.start < 0:
             raise InputError("block_size and checkpoint_every must be >= 1, batch_size and start >= 0.")
         parse_ridge(self.ridge)

@@ -123,6 +123,7 @@ class ModelAdapter(Protocol):
     head: nn.Linear  # C output rows
     first_trainable_layer: int  # -1 = embeddings trainable (nothing cached)
     lora_rank: int  # 0 = no LoRA
+    position_limit: int | None  # the most tokens the model reads (None: no declared limit)
 
     @property
     def n_layers(self) -> int: ...

@@ -86,6 +86,30 @@ def check_outputs(outputs: dict[str, str | os.PathLike | None], inputs: dict[str
         seen[resolved] = name
 
 
+OBJECT_ARRAYS = ("cannot be read without pickle: it holds Python objects, which freeshap-dq never loads; store ids "
+                 "and label names as string or integer arrays")
+
+
+def describe_file(path: str | os.PathLike) -> str:
+    """What a file that should hold arrays actually is, from its first bytes (for error messages)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(200)
+    except OSError as exc:
+        return f"unreadable ({exc.strerror})"
+    if not head:
+        return "empty"
+    if head.startswith(b"PK"):
+        return "a zip archive"
+    if head.startswith(b"\x93NUMPY"):
+        return "a .npy array file"
+    try:
+        first = head.decode("utf-8").splitlines()[0]
+    except (UnicodeDecodeError, IndexError):
+        return "binary data, neither .npz nor .npy"
+    return f"a text file (its first line starts {first[:40]!r})"
+
+
 def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -35,7 +35,7 @@ import pandas as pd
 from freeshap_dq.config import METRICS
 from freeshap_dq.data.tables import TextDataset, align_to_ids
 from freeshap_dq.errors import CheckpointError, InputError
-from freeshap_dq.io import atomic_write, replace_folder
+from freeshap_dq.io import OBJECT_ARRAYS, atomic_write, describe_file, replace_folder
 from freeshap_dq.scores import METRIC_COLUMNS, harm_rank
 
 FORMAT_VERSION = 1
@@ -246,12 +246,20 @@ class ValuationResult:
             if all(f.exists() for f in files.values()):
                 result.point_sums = {m: np.load(f, mmap_mode="r", allow_pickle=False) for m, f in files.items()}
             return result
+        if not Path(path).exists():
+            raise CheckpointError(f"{path}: no such result file.")
+        kind = describe_file(path)
+        if kind != "a zip archive":
+            raise CheckpointError(f"{path}: not a freeshap-dq result: it is {kind}. Give the .npz or result folder "
+                                  f"written by freeshap-dq value --save-result (a values table is not a result).")
         try:
             with np.load(path, allow_pickle=False) as data:
                 arrays = {k: data[k] for k in data.files}
             header = json.loads(arrays.pop("manifest").tobytes().decode())
-        except FileNotFoundError:
-            raise CheckpointError(f"{path}: no such result file.") from None
+        except ValueError as exc:
+            if "pickle" in str(exc):
+                raise CheckpointError(f"{path}: {OBJECT_ARRAYS}; it was not written by freeshap-dq.") from None
+            raise CheckpointError(f"{path}: not a freeshap-dq result file ({type(exc).__name__}: {exc}).") from None
         except Exception as exc:
             raise CheckpointError(f"{path}: not a freeshap-dq result file ({type(exc).__name__}: {exc}).") from None
         if header.get("format_version") != FORMAT_VERSION:

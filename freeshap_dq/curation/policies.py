@@ -56,6 +56,8 @@ class RemovalPolicy:
             raise InputError(f"--fraction must be between 0 and 1, got {self.fraction}.")
         if self.count is not None and self.count < 1:
             raise InputError(f"--count must be at least 1, got {self.count}.")
+        if self.threshold is not None and not math.isfinite(self.threshold):
+            raise InputError(f"--threshold must be a finite number, got {self.threshold}.")
         if not 0 < self.max_class_fraction <= 1:
             raise InputError(f"--max-class-fraction must be in (0, 1], got {self.max_class_fraction}.")
         if self.z < 0:
@@ -64,6 +66,9 @@ class RemovalPolicy:
     def apply(self, table: pd.DataFrame) -> pd.DataFrame:
         """``table`` (example_id, label, values...) -> the same rows plus ``removed`` and ``reason``."""
         value_col, se_col = metric_columns(self.metric)
+        if self.confident and se_col not in table.columns:
+            raise InputError(f"--confident needs the standard errors ({se_col!r}), and the values table has none; use "
+                             f"the table written by freeshap-dq value, or drop --confident.")
         out = _ranked(table, value_col, harmful_first=True)
         n = len(out)
         limit = n

@@ -115,19 +115,20 @@ MISSING_LOOKING = frozenset({"nan", "none", "null", "na", "n/a", "missing", "?"}
 
 def load_dataset(path: str | Path, text_column: str = "text", label_column: str = "label",
                  id_column: str | None = "id", pair_column: str | None = None,
-                 allow_label_variants: bool = False) -> TextDataset:
+                 allow_label_variants: bool = False, id_required: bool = False) -> TextDataset:
     return dataset_from_frame(read_table(path), str(path), text_column, label_column, id_column, pair_column,
-                              allow_label_variants)
+                              allow_label_variants, id_required)
 
 
 def dataset_from_frame(df: pd.DataFrame, where: str, text_column: str = "text", label_column: str = "label",
                        id_column: str | None = "id", pair_column: str | None = None,
-                       allow_label_variants: bool = False) -> TextDataset:
+                       allow_label_variants: bool = False, id_required: bool = False) -> TextDataset:
     """Validate a table already read (``where`` names it in messages) and take the columns asked for.
 
     Labels that differ only by case or surrounding spaces (``fresh`` / ``Fresh`` / ``fresh ``), and labels that
     look like a missing value (``NaN``, ``None``, ...), would silently become classes of their own: they are
-    refused unless ``allow_label_variants``."""
+    refused unless ``allow_label_variants``. Ids come from ``id_column`` (an empty cell is refused); when the
+    table has no such column the row numbers are the ids, unless ``id_required`` (a column the user named)."""
     for column, option in ((text_column, "--text-column"), (label_column, "--label-column"),
                            (pair_column, "--pair-column")):
         if column is not None and column not in df.columns:
@@ -145,7 +146,14 @@ def dataset_from_frame(df: pd.DataFrame, where: str, text_column: str = "text", 
     labels = [str(v) for v in labels]
     if not allow_label_variants:
         check_label_variants(labels, where, label_column)
+    if id_required and id_column not in df.columns:
+        raise InputError(f"{where}: no id column {id_column!r} (columns: {', '.join(map(str, df.columns))}); choose "
+                         f"one with --id-column, or leave it out to number the rows.")
     if id_column and id_column in df.columns:
+        empty = df[id_column].isna().to_numpy() | (df[id_column].astype(str).str.strip() == "").to_numpy()
+        if empty.any():
+            raise InputError(f"{where}: row {int(empty.argmax()) + 1} has an empty id in column {id_column!r}; "
+                             f"every example needs its own id.")
         ids = [str(v) for v in df[id_column]]
         seen: dict[str, int] = {}
         for row, value in enumerate(ids):

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from freeshap_dq.errors import KernelError
-from freeshap_dq.io import current_umask, replace_folder
+from freeshap_dq.io import OBJECT_ARRAYS, current_umask, describe_file, replace_folder
 from freeshap_dq.kernels.problem import KernelProblem
 
 FORMAT = "freeshap-dq kernel folder"
@@ -190,10 +190,7 @@ def load_kernel_folder(path: str | os.PathLike, source: str | None = None):
                 arrays[name] = None
                 continue
             raise KernelError(f"{path}: the kernel folder has no {file.name}; it is incomplete. Recompute it.")
-        try:
-            arrays[name] = np.load(file, mmap_mode="r" if name.startswith("k_") else None, allow_pickle=False)
-        except ValueError as exc:
-            raise KernelError(f"{file}: cannot be read without pickle ({exc}).") from None
+        arrays[name] = _load_npy(file, memory_mapped=name.startswith("k_"))
     for name in ("k_train", "k_test"):
         if arrays[name].dtype != np.float64:  # type: ignore[union-attr]
             raise KernelError(f"{path / (name + '.npy')}: dtype {arrays[name].dtype} (float64 expected).")  # type: ignore[union-attr]
@@ -215,7 +212,7 @@ def _load_landmarks(path: Path, meta: dict[str, Any], trusted: str | None, sourc
                 arrays[name] = None
                 continue
             raise KernelError(f"{path}: the kernel folder has no {file.name}; it is incomplete. Recompute it.")
-        arrays[name] = np.load(file, mmap_mode="r" if name.startswith("k_") else None, allow_pickle=False)
+        arrays[name] = _load_npy(file, memory_mapped=name.startswith("k_"))
     return LandmarkKernel(arrays["k_train_landmarks"], arrays["k_test_landmarks"], arrays["landmarks"],
                           arrays["k_train_diag"], arrays["y_train"], arrays["y_test"],
                           tuple(meta.get("label_names", ())), arrays["train_ids"], arrays["test_ids"],
@@ -229,6 +226,17 @@ def save_landmark_folder(kernel, path: str | os.PathLike, manifest: dict[str, An
         writer.k_test[:] = kernel.k_test_landmarks
         writer.diagonal[:] = kernel.diagonal_values
         writer.finish(kernel.y_train, kernel.y_test, kernel.label_names, kernel.train_ids, kernel.test_ids, manifest)
+
+
+def _load_npy(file: Path, memory_mapped: bool) -> np.ndarray:
+    """One array of a kernel folder (memory-mapped for the kernel blocks); never unpickles."""
+    try:
+        return np.load(file, mmap_mode="r" if memory_mapped else None, allow_pickle=False)
+    except ValueError:
+        kind = describe_file(file)
+        if kind == "a .npy array file":
+            raise KernelError(f"{file}: {OBJECT_ARRAYS}; recompute the kernel folder.") from None
+        raise KernelError(f"{file}: not a .npy array: it is {kind}. The kernel folder is damaged; recompute it.") from None
 
 
 def _file_stats(path: Path) -> dict[str, list[int]]:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from freeshap_dq.errors import KernelError
-from freeshap_dq.io import atomic_write
+from freeshap_dq.io import OBJECT_ARRAYS, atomic_write, describe_file
 
 REQUIRED_KEYS = ("k_train", "k_test", "y_train", "y_test")
 SYMMETRY_RTOL = 1e-6
@@ -176,7 +176,8 @@ class KernelProblem(LabelledExamples):
             return load_kernel_folder(path)
         with open(path, "rb") as fh:
             if fh.read(2) != b"PK":
-                raise KernelError(f"{path}: not a readable .npz file (it is not a zip archive).")
+                raise KernelError(f"{path}: not a readable .npz file: it is {describe_file(path)}. Give the kernel .npz written "
+                                  f"by freeshap-dq kernel (or numpy.savez), or a kernel folder.")
         try:
             with np.load(path, allow_pickle=False) as data:
                 missing = [k for k in REQUIRED_KEYS if k not in data.files]
@@ -189,11 +190,8 @@ class KernelProblem(LabelledExamples):
                 arrays = {k: data[k] for k in data.files}
         except KernelError:
             raise
-        except ValueError as exc:
-            raise KernelError(
-                f"{path}: cannot read without pickle ({exc}). Store label_names and ids as "
-                f"string or integer arrays, not Python objects."
-            ) from None
+        except ValueError:
+            raise KernelError(f"{path}: {OBJECT_ARRAYS}.") from None
         except Exception as exc:  # zipfile.BadZipFile, OSError, ...
             raise KernelError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc}).") from None
         return cls(
@@ -215,6 +213,9 @@ def _as_float_matrix(value, key: str, source: str, scan: bool = True) -> np.ndar
     if isinstance(value, np.memmap) and value.dtype == np.float64:
         arr = value  # a kernel folder: stays on disk
     else:
+        if np.iscomplexobj(value):
+            raise KernelError(f"{source}: {key} holds complex numbers; a kernel is real (an imaginary part would be "
+                              f"dropped). Give its real part if that is what it means.")
         try:
             arr = np.asarray(value, dtype=np.float64)
         except (TypeError, ValueError):
@@ -262,7 +263,13 @@ def check_labels(y_train, y_test, label_names, source: str) -> tuple[np.ndarray,
         raise KernelError(f"{source}: the training set is empty (y_train has no entries).")
     if y_test.shape[0] == 0:
         raise KernelError(f"{source}: the test set is empty (y_test has no entries).")
+    if np.ndim(label_names) > 1:
+        raise KernelError(f"{source}: label_names must be one name per class (1-dimensional), got shape "
+                          f"{np.shape(label_names)}.")
     names = tuple(str(x) for x in label_names)
+    repeated = next((name for i, name in enumerate(names) if name in names[:i]), None)
+    if repeated is not None:
+        raise KernelError(f"{source}: label_names lists {repeated!r} twice; each class needs its own name.")
     n_classes = len(names) if names else int(max(y_train.max(), y_test.max())) + 1
     for arr, key in ((y_train, "y_train"), (y_test, "y_test")):
         bad = np.flatnonzero((arr < 0) | (arr >= n_classes))

@@ -74,6 +74,7 @@ class LayeredAdapter(nn.Module):
     layers_prefix = "?"
     word_table_name: str | None = None  # the embedding table summed sparsely when trainable
     lora_rank = 0
+    position_limit: int | None = None  # the model's positions (max_position_embeddings), when it declares them
 
     def __init__(self, tokenizer, max_length: int):
         super().__init__()

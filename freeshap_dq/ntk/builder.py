@@ -82,6 +82,14 @@ class NTKConfig:
             raise InputError(f"max_length must be at least 8, got {self.max_length}.")
         if self.adapter != "encoder-head" and not self.label_words:
             raise InputError(f"adapter {self.adapter} needs label words (--label-words), one per class.")
+        if self.adapter == "encoder-head" and (self.label_words or self.template):
+            flag = "--label-words" if self.label_words else "--template"
+            raise InputError(f"{flag} is for the prompt-mlm and causal-lm adapters; the encoder-head adapter (a head "
+                             f"on the pooled encoder) does not use it. Drop it, or choose --adapter prompt-mlm / "
+                             f"causal-lm.")
+        if self.adapter != "encoder-head" and (self.pooling != "mean" or self.head_seed != 0):
+            flag = "--pooling" if self.pooling != "mean" else "--head-seed"
+            raise InputError(f"{flag} is for the encoder-head adapter; {self.adapter} reads the label words' logits.")
         if self.landmarks < 0:
             raise InputError(f"--landmarks must be 0 (the whole kernel) or a positive count, got {self.landmarks}.")
         if self.lora_rank and self.adapter != "causal-lm":
@@ -126,7 +134,23 @@ def build_adapter(config: NTKConfig, label_names: tuple[str, ...]):
         adapter = CausalLM(model, tokenizer, n_classes, parse_label_words(config.label_words, label_names),
                            template=config.template or DEFAULT_CAUSAL_TEMPLATE, max_length=config.max_length,
                            lora_rank=config.lora_rank)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    adapter.position_limit = limit if isinstance(limit, int) else None
     return adapter, path
+
+
+def tokenize_checked(adapter, data: TextDataset, config: NTKConfig) -> list[dict]:
+    """The adapter's tokens of ``data``; refused, naming the row, when an example is longer than the model's
+    positions (a --max-length above the model's limit, met by a long text)."""
+    examples = adapter.tokenize(data.texts, data.pairs)
+    limit = adapter.position_limit
+    if limit:
+        for row, example in enumerate(examples):
+            if len(example["input_ids"]) > limit:
+                raise InputError(f"{data.source}: row {row + 1} has {len(example['input_ids'])} tokens (--max-length "
+                                 f"{config.max_length}), more than the {limit} positions {config.model} has; give "
+                                 f"--max-length {limit} or less.")
+    return examples
 
 
 def kernel_manifest(config: NTKConfig, model_fingerprint: str, train: TextDataset, test: TextDataset,
@@ -159,7 +183,7 @@ def build_kernel(train: TextDataset, test: TextDataset, config: NTKConfig | None
 
     adapter, _ = build_adapter(config, names)
     started = time.monotonic()
-    out = compute_ntk(adapter, adapter.tokenize(train.texts, train.pairs), adapter.tokenize(test.texts, test.pairs),
+    out = compute_ntk(adapter, tokenize_checked(adapter, train, config), tokenize_checked(adapter, test, config),
                       trainable=config.trainable, kernel=config.kernel, max_memory=config.max_memory,
                       batch_size=config.grad_batch_size, device=resolve_device(config.device), progress=progress,
                       shard=shard, gradients=config.gradients)
@@ -207,7 +231,7 @@ def build_kernel_folder(train: TextDataset, test: TextDataset, path: str | Path,
         block = config.example_block or auto_example_block(total, n, budget)
     else:
         block = config.example_block or min(total, 2048)
-    train_ex, test_ex = adapter.tokenize(train.texts, train.pairs), adapter.tokenize(test.texts, test.pairs)
+    train_ex, test_ex = tokenize_checked(adapter, train, config), tokenize_checked(adapter, test, config)
     common = dict(trainable=config.trainable, kernel=config.kernel, max_memory=budget, example_block=block,
                   batch_size=config.grad_batch_size, device=device, progress=progress, shard=shard,
                   gradients=config.gradients)
