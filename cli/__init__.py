@@ -1,1 +1,22 @@
-"""The freeshap-dq command line (click)."""
+"""The freeshap-dq command line (click).
+
+:func:`main` is the console entry point. It is light on purpose: a Ctrl-C while the heavy modules (torch,
+transformers) are still being imported, or a second one while the process is exiting, ends the command with
+exit code 130 and one line, never a traceback.
+"""
+
+import signal
+import sys
+
+EXIT_INTERRUPTED = 130
+
+
+def main() -> None:
+    try:
+        from freeshap_dq.cli.main import cli
+
+        cli()
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while exiting changes nothing
+        sys.stderr.write("interrupted before the command started; nothing was written.\n")
+        sys.exit(EXIT_INTERRUPTED)

@@ -1,5 +1,5 @@
 """``python -m freeshap_dq.cli`` = the ``freeshap-dq`` command."""
 
-from freeshap_dq.cli.main import main
+from freeshap_dq.cli import main
 
 main()

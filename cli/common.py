@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -76,6 +77,7 @@ def friendly_errors(func):
             click.echo(f"error: {exc}", err=True)
             sys.exit(EXIT_USAGE)
         except KeyboardInterrupt:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while exiting prints no traceback
             click.echo("interrupted. With --checkpoint-dir (values) or -o NAME.kernel (kernel folders), rerun the "
                        "same command to resume where it stopped.", err=True)
             sys.exit(EXIT_INTERRUPTED)

@@ -256,7 +256,3 @@ def _log_summary(result: ValuationResult, config: ValuationConfig) -> None:
 
 
 from freeshap_dq.cli import cleanlab_cmd, curate, demo, evaluate_cmd, labelstudio_cmd, relabel_cmd  # noqa: E402,F401
-
-
-def main() -> None:
-    cli()

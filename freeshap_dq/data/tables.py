@@ -89,10 +89,22 @@ def read_table(path: str | Path) -> pd.DataFrame:
         if kind == "json":
             return pd.read_json(path, dtype=False)
         return pd.read_parquet(path)
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path}: not valid UTF-8 (byte {exc.start}); re-save the file as UTF-8.") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not valid UTF-8 ({_first_invalid_utf8(path)}); re-save the file as UTF-8.") from None
     except Exception as exc:
         raise InputError(f"{path}: cannot be read as {kind} ({type(exc).__name__}: {exc}).") from None
+
+
+def _first_invalid_utf8(path: Path) -> str:
+    """Where a file first breaks UTF-8: its byte offset in the file and its line (the parser's own offset is
+    relative to a buffer)."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        return f"byte 0x{data[exc.start]:02x} at offset {exc.start}, line {line} of the file"
+    return "the error is in a part the parser decoded"
 
 
 def _read_saved_dataset(path: Path) -> pd.DataFrame:

@@ -144,13 +144,14 @@ class KernelFolderWriter:
         except BaseException:
             shutil.rmtree(self.tmp, ignore_errors=True)
             raise
-        meta = json.loads((self.tmp / META_NAME).read_text())
-        meta["verified"] = {"fingerprint": fingerprint, "files": _file_stats(self.tmp)}
-        (self.tmp / META_NAME).write_text(json.dumps(meta, indent=1, sort_keys=True, default=str) + "\n")
         shutil.rmtree(self.tmp / "done", ignore_errors=True)
         (self.tmp / RESUME_NAME).unlink(missing_ok=True)
         for item in self.tmp.iterdir():
             os.chmod(item, 0o666 & ~current_umask())
+        meta = json.loads((self.tmp / META_NAME).read_text())
+        meta["verified"] = {"fingerprint": fingerprint, "files": _file_stats(self.tmp)}
+        (self.tmp / META_NAME).write_text(json.dumps(meta, indent=1, sort_keys=True, default=str) + "\n")
+        os.chmod(self.tmp / META_NAME, 0o666 & ~current_umask())
         replace_folder(self.tmp, self.path)
 
 
@@ -240,8 +241,10 @@ def _load_npy(file: Path, memory_mapped: bool) -> np.ndarray:
 
 
 def _file_stats(path: Path) -> dict[str, list[int]]:
-    return {item.name: [item.stat().st_size, item.stat().st_mtime_ns]
-            for item in sorted(path.glob("*.npy"))}
+    """Size, modification and change time of each array file: an edit that restores the size and mtime (touch -r,
+    cp -p over it) still moves the change time, which no user can set, so the folder is verified again."""
+    return {item.name: [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
+            for item in sorted(path.glob("*.npy")) for stat in (item.stat(),)}
 
 
 def _read_meta(path: Path) -> dict[str, Any]:

@@ -19,7 +19,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from freeshap_dq.errors import KernelError
-from freeshap_dq.kernels.problem import SYMMETRY_RTOL, LabelledExamples, check_ids, check_labels, row_blocks
+from freeshap_dq.kernels.problem import (
+    SYMMETRY_RTOL,
+    LabelledExamples,
+    all_zero_kernel,
+    check_ids,
+    check_labels,
+    row_blocks,
+)
 
 
 @dataclass(frozen=True)
@@ -71,6 +78,8 @@ class LandmarkKernel(LabelledExamples):
         if np.any(np.asarray(self.diagonal_values) < 0):
             raise KernelError(f"{self.source}: the kernel diagonal has negative entries; it is a squared norm.")
         k_ll = np.asarray(self.k_train_landmarks[landmarks])
+        if not np.any(np.asarray(self.diagonal_values)):
+            raise KernelError(all_zero_kernel(self.source))
         scale = max(float(np.abs(k_ll).max()), np.finfo(float).tiny)
         gap = float(np.abs(k_ll - k_ll.T).max())
         if gap > SYMMETRY_RTOL * scale:

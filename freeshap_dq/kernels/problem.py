@@ -87,7 +87,9 @@ class KernelProblem(LabelledExamples):
                 _check_symmetric_by_blocks(k_train, self.source)
             diag = np.zeros(0) if trusted else np.diagonal(k_train)
         else:
-            scale = max(float(np.max(np.abs(k_train))), np.finfo(np.float64).tiny)
+            scale = float(np.max(np.abs(k_train)))
+            if scale == 0:
+                raise KernelError(all_zero_kernel(self.source))
             gap = np.abs(k_train - np.swapaxes(k_train, -1, -2))
             if float(gap.max()) > SYMMETRY_RTOL * scale:
                 *_, i, j = np.unravel_index(np.argmax(gap), k_train.shape)
@@ -236,9 +238,17 @@ def _as_float_matrix(value, key: str, source: str, scan: bool = True) -> np.ndar
     return arr
 
 
+def all_zero_kernel(source: str) -> str:
+    return (f"{source}: k_train is all zeros: every training example's gradient is zero (nothing trainable reaches "
+            f"the logit?), so no subset predicts anything and every value would be 0 — no ridge or jitter changes "
+            f"that. Check --trainable and the model, or the kernel's source.")
+
+
 def _check_symmetric_by_blocks(k: np.ndarray, source: str, block: int = 2048) -> None:
     n = k.shape[0]
-    scale = max(max(float(np.max(np.abs(k[lo:hi]))) for lo, hi in row_blocks(k)), np.finfo(np.float64).tiny)
+    scale = max(float(np.max(np.abs(k[lo:hi]))) for lo, hi in row_blocks(k))
+    if scale == 0:
+        raise KernelError(all_zero_kernel(source))
     for r0 in range(0, n, block):
         rows = np.asarray(k[r0:r0 + block])
         for c0 in range(0, r0 + block, block):

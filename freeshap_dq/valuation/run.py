@@ -154,12 +154,22 @@ def sample_permutations(problem: ValuationProblem, config: ValuationConfig, util
     except KeyboardInterrupt:
         if checkpoint is not None and acc.count > last_saved and not acc.torn:
             acc.save_checkpoint(checkpoint)
+        logger.info(_interrupted_at(acc.count, cap, checkpoint_dir, points is not None))
         raise
     finally:
         bar.close()
     if checkpoint is not None and acc.count != last_saved:
         acc.save_checkpoint(checkpoint)
     return acc.snapshot()
+
+
+def _interrupted_at(count: int, cap: int | None, checkpoint_dir, points_on_disk: bool) -> str:
+    done = f"{count} of {cap}" if cap is not None else f"{count}"
+    if checkpoint_dir is None:
+        return (f"interrupted after {done} permutations; without a checkpoint folder nothing is kept (give "
+                f"--checkpoint-dir to make a run resumable).")
+    kept = "the last complete group of permutations" if points_on_disk else f"{count} permutations"
+    return f"interrupted after {done} permutations; the checkpoint in {checkpoint_dir} keeps {kept}: rerun to resume."
 
 
 def _point_store(point_dir, result: ValuationResult, resumed: bool, checkpoint, problem: ValuationProblem

@@ -155,6 +155,20 @@ def test_interrupt_writes_a_checkpoint_and_exits_130(tmp_path, sig):
     assert proc.returncode == 130, err.decode()
     assert "rerun the same command to resume" in err.decode()
     assert ValuationResult.load(ckpt / "checkpoint.npz").count > 0
+    assert "of 100000 permutations; the checkpoint in" in err.decode()  # how far it got, and where it is kept
+    assert not (tmp_path / "v.csv").exists()
+
+
+def test_ctrl_c_while_starting_exits_130_without_a_traceback(tmp_path):
+    """A Ctrl-C in the first seconds (torch still importing) printed a full traceback."""
+    random_problem(n=10, m=4).save(tmp_path / "K.npz")
+    proc = subprocess.Popen([sys.executable, "-m", "freeshap_dq.cli", "value", "--kernel", str(tmp_path / "K.npz"),
+                             "-o", str(tmp_path / "v.csv")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=default_interrupt)
+    time.sleep(0.3)  # inside the imports
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and b"Traceback" not in err, err.decode()[-2000:]
     assert not (tmp_path / "v.csv").exists()
 
 

@@ -84,3 +84,12 @@ def test_label_variants_are_refused_unless_allowed(tmp_path, labels, message):
     with pytest.raises(InputError, match=message):
         load_dataset(path)
     assert load_dataset(path, allow_label_variants=True).labels == labels
+
+
+def test_invalid_utf8_names_the_byte_offset_and_line(tmp_path):
+    """The UTF-8 error named the parser's buffer offset and no row."""
+    rows = "".join(f"row {i},pos\n" for i in range(3000))
+    data = ("text,label\n" + rows).encode() + b"caf\xe9,neg\n"
+    (tmp_path / "bad.csv").write_bytes(data)
+    with pytest.raises(InputError, match=f"byte 0xe9 at offset {len(data) - 6}, line 3002 of the file"):
+        load_dataset(tmp_path / "bad.csv")

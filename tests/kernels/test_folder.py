@@ -101,3 +101,20 @@ def test_a_verified_folder_loads_without_reading_its_blocks_until_a_file_changes
     np.save(tmp_path / "K" / "k_train.npy", k)
     with pytest.raises(KernelError, match="not symmetric"):
         KernelProblem.load(tmp_path / "K")
+
+
+def test_an_edit_that_keeps_size_and_mtime_is_still_seen(tmp_path):
+    """A kernel folder edited in place with its size and mtime restored was trusted unread."""
+    import os
+
+    problem = named_problem()
+    save_kernel_folder(problem, tmp_path / "K")
+    path = tmp_path / "K" / "k_train.npy"
+    before = os.stat(path)
+    k = np.load(path)
+    k[0, 1] += 1.0
+    k[1, 0] += 1.0  # still symmetric: only the fingerprint can tell
+    np.save(path, k)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.stat(path).st_size == before.st_size and os.stat(path).st_mtime_ns == before.st_mtime_ns
+    assert KernelProblem.load(tmp_path / "K").fingerprint() != problem.fingerprint()

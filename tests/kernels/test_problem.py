@@ -94,3 +94,17 @@ def test_a_gap_in_label_ids_without_label_names_is_refused():
         KernelProblem(p.k_train, p.k_test, y, p.y_test)
     names = KernelProblem(p.k_train, p.k_test, y, p.y_test, label_names=tuple("abcdef"))
     assert names.n_classes == 6  # declared classes are kept
+
+
+def test_an_all_zero_kernel_is_named_not_advised_a_jitter(tmp_path):
+    """An all-zero kernel got the advice to add a jitter (it cannot help); a fixed ridge gave all-zero values."""
+    from freeshap_dq.kernels.landmarks import LandmarkKernel
+
+    p = random_problem(n=8, m=4, n_classes=2)
+    with pytest.raises(KernelError, match="k_train is all zeros.*no ridge or jitter changes that"):
+        KernelProblem(np.zeros((8, 8)), np.zeros((4, 8)), p.y_train, p.y_test)
+    np.save(tmp_path / "zero.npy", np.zeros((8, 8)))
+    with pytest.raises(KernelError, match="all zeros"):
+        KernelProblem(np.load(tmp_path / "zero.npy", mmap_mode="r"), np.zeros((4, 8)), p.y_train, p.y_test)
+    with pytest.raises(KernelError, match="all zeros"):
+        LandmarkKernel(np.zeros((8, 2)), np.zeros((4, 2)), np.array([0, 1]), np.zeros(8), p.y_train, p.y_test)
