@@ -183,6 +183,24 @@ def load_problem(kernel_path, train_path, test_path, data: dict, ntk: NTKConfig,
                         shard=shard)
 
 
+def given_on_command_line(*names: str) -> list[str]:
+    """The options among ``names`` (parameter names) that the user typed, as flags (``--text-column``)."""
+    ctx = click.get_current_context()
+    flags = {p.name: p.opts[0] if p.opts[0].startswith("--") else p.opts[-1] for p in ctx.command.params}
+    return [flags[name] for name in names
+            if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE]
+
+
+def refuse_unused(reason: str, *names: str) -> None:
+    """Refuse options the user typed that this invocation cannot use (instead of ignoring them)."""
+    typed = given_on_command_line(*names)
+    if typed:
+        raise click.UsageError(f"{', '.join(typed)} {'does' if len(typed) == 1 else 'do'} not apply {reason}.")
+
+
+DATA_COLUMN_OPTIONS = ("text_column", "pair_column", "label_column", "id_column", "allow_label_variants")
+
+
 def pop_data_options(options: dict) -> dict:
     data = {k: options.pop(k) for k in ("text_column", "label_column", "id_column", "pair_column",
                                         "allow_label_variants")}

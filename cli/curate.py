@@ -97,13 +97,15 @@ def join_values(values_path: Path, data: TextDataset) -> pd.DataFrame:
     return table
 
 
-def _manifest(kind: str, policy, data_path, values_path, decisions: pd.DataFrame, flag: str, output) -> dict:
+def _manifest(kind: str, policy, data_path, values_path, decisions: pd.DataFrame, flag: str, output,
+              cost_column: str | None) -> dict:
     cols = [c for c in ("example_id", "label", "value", "value_ce", "stderr", "stderr_ce", "reason") if c in decisions]
     chosen = decisions[decisions[flag]]
     before = decisions["label"].value_counts().to_dict()
     after = decisions[~decisions[flag] if kind == "prune" else decisions[flag]]["label"].value_counts().to_dict()
     return {"command": kind, "freeshap_dq": __version__, "created": dt.datetime.now(dt.timezone.utc).isoformat(),
             "policy": policy_dict(policy), "data": str(data_path), "values": str(values_path),
+            **({"cost_column": cost_column} if kind == "select" else {}),
             "output": None if output is None else str(output),
             "counts": {"input": len(decisions), flag: int(decisions[flag].sum()),
                        "per_class_before": before, "per_class_after": after},
@@ -147,6 +149,8 @@ def prune_command(values_path, data_path, output, manifest_path, fraction, count
 def select_command(values_path, data_path, output, manifest_path, count, fraction, per_class, budget, cost_column,
                    metric, dry_run, **columns):
     """Keep the most valuable training examples; write the subset and a manifest."""
+    if cost_column is not None and budget is None:
+        raise click.UsageError("--cost-column gives each example's cost for --budget; add --budget (or drop it).")
     policy = SelectionPolicy(count, fraction, per_class, budget, metric)
     _curate("select", policy, values_path, data_path, output, manifest_path, dry_run, columns, cost_column)
 
@@ -181,7 +185,7 @@ def _curate(kind, policy, values_path, data_path, output, manifest_path, dry_run
         return
     rows = decisions.loc[~decisions[flag] if kind == "prune" else decisions[flag], "row"].sort_values().to_numpy()
     write_data_table(raw.iloc[rows], output, like=data_path)
-    write_json(_manifest(kind, policy, data_path, values_path, decisions, flag, output), manifest_path)
+    write_json(_manifest(kind, policy, data_path, values_path, decisions, flag, output, cost_column), manifest_path)
     log(f"wrote {output} ({len(rows)} rows) and {manifest_path}")
 
 

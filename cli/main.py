@@ -16,7 +16,9 @@ import click
 
 from freeshap_dq import __version__
 from freeshap_dq.cli.common import (
+    DATA_COLUMN_OPTIONS,
     EXIT_GATE,
+    NTK_FIELDS,
     VERBOSITY,
     build_config,
     build_ntk_config,
@@ -27,6 +29,7 @@ from freeshap_dq.cli.common import (
     log,
     ntk_options,
     pop_data_options,
+    refuse_unused,
     route_library_logs,
 )
 from freeshap_dq.config import ValuationConfig
@@ -93,6 +96,9 @@ def value_command(kernel_path, train_path, test_path, output, fmt, save_result, 
     value_ce (-cross-entropy utility), stderr, stderr_ce, rank (1 = most harmful by
     --rank-metric), permutations.
     """
+    if kernel_path is not None:
+        refuse_unused("to a precomputed --kernel (they choose how the eNTK is computed from --train/--test data)",
+                      *DATA_COLUMN_OPTIONS, *(name for name in NTK_FIELDS if name != "device"), "cache_dir")
     data = pop_data_options(options)
     ntk = build_ntk_config(options, options.get("device"))
     config = build_config(preset, options)

@@ -1,0 +1,209 @@
+"""Every option of a command reaches what it controls.
+
+For each option a run with a non-default value must either change what the command writes (the table, the
+manifest, a file it names) or be refused with a message that names the option — never be accepted and
+ignored (``value --device`` was dropped before the valuation settings were built; ``value --kernel K.npz
+--trainable all`` ignored the eNTK option). A new option fails ``test_every_option_is_swept`` until it has a
+case here or a documented reason in ``NOT_SWEPT``.
+"""
+
+import json
+
+import click
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from problems import random_problem
+
+from freeshap_dq.cli.main import cli
+from freeshap_dq.config import ValuationConfig
+
+IGNORED_MANIFEST_KEYS = {"elapsed_seconds", "versions", "output", "saved_result"}
+
+# command -> option -> why a run of this sweep does not cover it (covered elsewhere, or not a behaviour)
+NOT_SWEPT = {
+    "value": {
+        "output": "the output itself (every case writes and reads it)",
+        "kernel_path": "the input of every case",
+        "train_path": "the eNTK path: tests/cli/test_cli_ntk.py values data with a tiny model",
+        "test_path": "as --train",
+        "progress": "stderr only: a progress bar",
+        "resume": "tests/cli/test_cli.py resumes and refuses checkpoints",
+        "executor": "tests/valuation/test_ray.py: Ray gives the same values and records the executor",
+        "help": "click's own",
+    },
+    "prune": {"values_path": "input", "data_path": "input", "output": "output", "help": "click's own",
+              "dry_run": "writes nothing by design (tests/cli/test_cli_curate.py)"},
+    "select": {"values_path": "input", "data_path": "input", "output": "output", "help": "click's own",
+               "dry_run": "writes nothing by design (tests/cli/test_cli_curate.py)"},
+}
+OTHER_COMMANDS = {  # commands this sweep does not run, and where their options are exercised
+    "kernel": "tests/cli/test_cli_ntk.py (eNTK options through NTKConfig, recorded in the kernel manifest)",
+    "demo": "tests/cli/test_cli_demo.py", "report": "tests/cli/test_cli_curate.py",
+    "explain": "tests/cli/test_cli_curate.py", "evaluate": "tests/evaluation/test_harness.py",
+    "cleanlab": "tests/integrations/test_cleanlab.py", "labelstudio": "tests/integrations/test_labelstudio.py",
+    "relabel": "tests/curation/test_relabel.py and tests/integrations/test_labelstudio.py",
+}
+
+CONFIG_VALUES = {"method": "beta", "permutations": 3, "tolerance": 0.05, "ridge": "rel:1", "kernel_scale": 2.0,
+                 "jitter": 0.01, "empty_utility": "zero", "rank_metric": "accuracy", "per_point": True, "seed": 3,
+                 "start": 2, "beta_alpha": 4.0, "beta_beta": 2.0, "device": "cpu", "block_size": 16,
+                 "batch_size": 2, "max_seconds": 100.0, "stderr_target": 1e-9, "checkpoint_every": 2,
+                 "low_rank": 4, "low_rank_method": "eigen", "reduce_every": 4}
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sweep")
+    random_problem(n=10, m=4, n_classes=2, train_ids=np.array([f"e{i}" for i in range(10)])).save(folder / "K.npz")
+    return folder / "K.npz"
+
+
+def value(kernel, out, *args):
+    res = CliRunner().invoke(cli, ["value", "--kernel", str(kernel), "--permutations", "4", "-o", str(out),
+                                   *map(str, args)])
+    manifest = json.loads(out.with_name(out.name + ".manifest.json").read_text()) if res.exit_code == 0 else None
+    return res, manifest
+
+
+def flag(command: click.Command, name: str) -> str:
+    param = next(p for p in command.params if p.name == name)
+    return next(o for o in param.opts if o.startswith("--"))
+
+
+def test_every_option_is_swept():
+    for name, command in cli.commands.items():
+        if name in OTHER_COMMANDS:
+            continue
+        swept = set(NOT_SWEPT[name]) | set(SWEEPS[name])
+        missing = sorted(p.name for p in command.params if p.name not in swept)
+        assert not missing, f"freeshap-dq {name}: options with no sweep case or reason: {missing}"
+
+
+def test_value_config_options_reach_the_manifest(kernel, tmp_path):
+    command = cli.commands["value"]
+    for name, setting in CONFIG_VALUES.items():
+        args = [flag(command, name)] if setting is True else [flag(command, name), setting]
+        if name == "per_point":
+            args += ["--save-result", tmp_path / "r.npz"]
+        res, manifest = value(kernel, tmp_path / f"{name}.csv", *args)
+        assert res.exit_code == 0, (name, res.output)
+        assert manifest["config"][name] == setting, f"--{name} did not reach the valuation settings"
+
+
+def test_value_preset_reaches_the_manifest(kernel, tmp_path):
+    res, manifest = value(kernel, tmp_path / "p.csv", "--preset", "paper")
+    assert res.exit_code == 0 and manifest["config"]["tolerance"] == 0.05 and manifest["config"]["ridge"] == "1e-6"
+
+
+def changed(before: dict, after: dict) -> set[str]:
+    keys = (set(before) | set(after)) - IGNORED_MANIFEST_KEYS
+    return {k for k in keys if before.get(k) != after.get(k)}
+
+
+def sweep_value(kernel, tmp_path):
+    """Options other than the valuation settings: each changes the manifest or a file, or is refused by name."""
+    base_res, base = value(kernel, tmp_path / "base.csv")
+    assert base_res.exit_code == 0, base_res.output
+    ntk_flags = [p for p in cli.commands["value"].params if p.name in NTK_VALUES]
+    for param in ntk_flags:  # eNTK options cannot apply to a precomputed kernel: refused by name
+        res, _ = value(kernel, tmp_path / "n.csv", param.opts[0], NTK_VALUES[param.name])
+        assert res.exit_code == 2 and param.opts[0] in res.output, (param.name, res.output)
+    for option, setting in (("--text-column", "t"), ("--pair-column", "p"), ("--label-column", "l"),
+                            ("--id-column", "uid"), ("--allow-label-variants", None), ("--cache-dir", tmp_path)):
+        res, _ = value(kernel, tmp_path / "d.csv", *([option] if setting is None else [option, setting]))
+        assert res.exit_code == 2 and option in res.output, (option, res.output)
+    res, manifest = value(kernel, tmp_path / "j.json", "--format", "json")
+    assert res.exit_code == 0 and json.loads((tmp_path / "j.json").read_text())[0]["train_index"] == 0
+    res, manifest = value(kernel, tmp_path / "s.csv", "--save-result", tmp_path / "s.npz")
+    assert res.exit_code == 0 and (tmp_path / "s.npz").exists()
+    res, manifest = value(kernel, tmp_path / "c.csv", "--checkpoint-dir", tmp_path / "ck")
+    assert res.exit_code == 0 and (tmp_path / "ck" / "checkpoint.npz").exists()
+    res, _ = value(kernel, tmp_path / "g.csv", "--fail-on-harmful", 0)
+    assert res.exit_code in (0, 3) and ("gate" in res.output)
+    for option, setting in (("--workers", 2), ("--ray-address", "ray://x:1")):
+        res, _ = value(kernel, tmp_path / "w.csv", option, setting)
+        assert res.exit_code == 2 and option in res.output
+    assert pd.read_csv(tmp_path / "base.csv").shape[0] == 10
+
+
+NTK_VALUES = {"model": "smollm2", "adapter": "prompt-mlm", "trainable": "all", "pooling": "cls", "head_seed": 1,
+              "kernel": "sum", "max_length": 64, "template": "{text} {mask}", "label_words": "a,b", "lora_rank": 4,
+              "max_memory": "1GiB", "grad_batch_size": 2, "gradients": "vmap", "example_block": 4, "landmarks": 4,
+              "landmark_seed": 1}
+
+
+def test_value_options_change_what_is_written_or_are_refused(kernel, tmp_path):
+    sweep_value(kernel, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def curation(kernel, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("curate")
+    p = random_problem(n=10, m=4, n_classes=2)
+    pd.DataFrame({"id": [f"e{i}" for i in range(10)], "text": [f"t {i}" for i in range(10)],
+                  "label": [f"c{y}" for y in p.y_train], "cost": [1, 2] * 5}).to_csv(folder / "train.csv", index=False)
+    res = CliRunner().invoke(cli, ["value", "--kernel", str(kernel), "--permutations", "6", "-o",
+                                   str(folder / "values.csv")])
+    assert res.exit_code == 0, res.output
+    return folder
+
+
+def curate(folder, command, out, *args):
+    res = CliRunner().invoke(cli, [command, "--values", str(folder / "values.csv"), "--data",
+                                   str(folder / "train.csv"), "-o", str(out), *map(str, args)])
+    manifest_file = out.with_name(out.name + ".manifest.json")
+    manifest = json.loads(manifest_file.read_text()) if res.exit_code == 0 and manifest_file.exists() else None
+    return res, manifest
+
+
+PRUNE_CASES = {"fraction": [0.2], "count": [2], "threshold": [0.0], "confident": [], "z": [0.5],
+               "max_class_fraction": [0.2], "allow_empty_class": [], "metric": ["accuracy"],
+               "manifest_path": None, "text_column": None, "pair_column": None, "label_column": None,
+               "id_column": None, "allow_label_variants": None}
+SELECT_CASES = {"count": [3], "fraction": [0.3], "per_class": [2], "budget": [4.0], "cost_column": ["cost", "--budget", 4],
+                "metric": ["accuracy"], "manifest_path": None, "text_column": None, "pair_column": None,
+                "label_column": None, "id_column": None, "allow_label_variants": None}
+SWEEPS = {"value": {**{k: None for k in CONFIG_VALUES}, "preset": None, **{k: None for k in NTK_VALUES},
+                    "cache_dir": None, "text_column": None, "pair_column": None, "label_column": None,
+                    "id_column": None, "allow_label_variants": None, "fmt": None, "save_result": None,
+                    "checkpoint_dir": None, "fail_on_harmful": None, "workers": None, "ray_address": None},
+          "prune": PRUNE_CASES, "select": SELECT_CASES}
+
+
+@pytest.mark.parametrize("command, base_args, cases", [
+    ("prune", ["--count", 1], PRUNE_CASES), ("select", ["--count", 2], SELECT_CASES)])
+def test_curation_options_change_the_manifest(curation, tmp_path, command, base_args, cases):
+    res, base = curate(curation, command, tmp_path / "base.csv", *base_args)
+    assert res.exit_code == 0, res.output
+    for name, args in cases.items():
+        if args is None:
+            continue
+        option = flag(cli.commands[command], name)
+        extra = base_args if name not in ("count", "fraction") else []
+        res, manifest = curate(curation, command, tmp_path / f"{name}.csv", *extra, option, *args)
+        assert res.exit_code == 0, (name, res.output)
+        assert manifest["policy"] != base["policy"] or manifest["counts"] != base["counts"], name
+        if name == "cost_column":
+            assert manifest["cost_column"] == "cost"
+    # the columns and the manifest path: a named column must exist, the manifest goes where it is told
+    for name, value_ in (("text_column", "nope"), ("label_column", "nope"), ("id_column", "nope"),
+                         ("pair_column", "nope")):
+        res, _ = curate(curation, command, tmp_path / "x.csv", *base_args, flag(cli.commands[command], name), value_)
+        assert res.exit_code == 2 and "nope" in res.output, (name, res.output)
+    res, _ = curate(curation, command, tmp_path / "y.csv", *base_args, "--manifest", tmp_path / "m.json")
+    assert res.exit_code == 0 and (tmp_path / "m.json").exists()
+    train = pd.read_csv(curation / "train.csv")
+    train.loc[0, "label"] = train.loc[1, "label"].upper()
+    train.to_csv(tmp_path / "variant.csv", index=False)
+    args = [command, "--values", curation / "values.csv", "--data", tmp_path / "variant.csv", "-o", tmp_path / "v.csv",
+            *base_args]
+    assert CliRunner().invoke(cli, list(map(str, args))).exit_code == 2
+    assert CliRunner().invoke(cli, list(map(str, args + ["--allow-label-variants"]))).exit_code == 0
+
+
+def test_config_values_cover_every_field():
+    import dataclasses
+
+    assert set(CONFIG_VALUES) == {f.name for f in dataclasses.fields(ValuationConfig)}
