@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import click
@@ -57,6 +58,8 @@ def cleanlab_group() -> None:
 def audit_command(kernel_path, train_path, test_path, result_path, permutations, lab_dir, output, metric, z,
                   threshold, data_valuation, force_data_valuation, progress, cache_dir, **options):
     """One audit: cleanlab label issues (+ KNN-Shapley) and FreeShap, a combined table and lab.report()."""
+    if threshold is not None and not math.isfinite(threshold):
+        raise click.UsageError(f"--threshold must be a finite number, got {threshold}.")
     check_outputs({"-o/--output": output, "--lab-dir": lab_dir},
                   {"--kernel": kernel_path, "--train": train_path, "--test": test_path, "--result": result_path},
                   folders=("--lab-dir",))

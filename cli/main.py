@@ -197,8 +197,8 @@ def kernel_command(train_path, test_path, output, device, progress, distributed,
     if output.suffix not in (".npz", ".safetensors", ".kernel"):
         raise click.UsageError(f"{output}: the kernel file must end in .npz or .safetensors, or name a kernel folder "
                                f"ending in .kernel.")
-    check_outputs({"-o/--output": output,
-                   "the manifest": output.with_suffix(".json") if output.suffix == ".safetensors" else None},
+    manifest_path = {".safetensors": output.with_suffix(".json"), ".npz": Path(str(output) + ".manifest.json")}
+    check_outputs({"-o/--output": output, "the manifest": manifest_path.get(output.suffix)},
                   {"--train": train_path, "--test": test_path},
                   folders=("-o/--output",) if output.suffix == ".kernel" else ())
     if output.suffix == ".kernel":
@@ -220,13 +220,13 @@ def kernel_command(train_path, test_path, output, device, progress, distributed,
         problem, manifest = load_problem(None, train_path, test_path, data, ntk, cache_dir, progress)
     if output.suffix == ".npz":
         problem.save(output)
-        write_json({"command": "kernel", **manifest}, Path(str(output) + ".manifest.json"))
+        write_json({"command": "kernel", **manifest}, manifest_path[".npz"])
     else:
         from freeshap_dq.ntk.builder import save_kernel
 
         save_kernel(problem, manifest, output)
     log(f"wrote {output}: k_train {problem.k_train.shape}, k_test {problem.k_test.shape}, "
-        f"labels {', '.join(problem.label_names)}")
+        f"{problem.n_classes} classes ({', '.join(problem.label_names)})")
 
 
 def _kernel_folder(train_path, test_path, output: Path, ntk, data: dict, progress, distributed: bool, cache_dir) -> None:
