@@ -102,6 +102,12 @@ class NTKConfig:
 KERNEL_VALUE_FIELDS = value_fields(NTKConfig)  # the kernel manifest and cache key hold these, and only these
 
 
+def run_settings(config: NTKConfig) -> dict[str, Any]:
+    """The settings that cannot change the kernel (memory, batching, gradient path, device) as they were given:
+    recorded in the manifest beside the value fields, never part of the cache key."""
+    return {k: v for k, v in config.to_dict().items() if k not in KERNEL_VALUE_FIELDS}
+
+
 def parse_label_words(spec: str, label_names: tuple[str, ...]) -> list[str]:
     """'neg=terrible,pos=great' or 'terrible,great' (sorted label order) -> words in label order."""
     items = [item.strip() for item in spec.split(",") if item.strip()]
@@ -192,7 +198,8 @@ def build_kernel(train: TextDataset, test: TextDataset, config: NTKConfig | None
         f"parameters in {elapsed:.1f} s ({out.info['chunks']} chunk(s), per-example gradients by "
         f"{out.info['gradients']})")
     manifest = {**manifest, "n_trainable": out.n_trainable, "trainable_names": out.trainable_names,
-                "gradients": out.info["gradients"], "seconds": round(elapsed, 2), "freeshap_dq": __version__}
+                "gradients": out.info["gradients"], "seconds": round(elapsed, 2), "freeshap_dq": __version__,
+                "settings": run_settings(config)}
     problem = KernelProblem(out.k_train, out.k_test, y_train, y_test, names, np.array(train.ids),
                             np.array(test.ids), source=f"eNTK of {config.model}")
     if cached is not None and shard[0] == 0:
@@ -263,7 +270,7 @@ def build_kernel_folder(train: TextDataset, test: TextDataset, path: str | Path,
         elapsed = time.monotonic() - started
         manifest = {**manifest, "n_trainable": info["n_trainable"], "trainable_names": info["trainable_names"],
                     "example_block": info["example_block"], "gradients": info["gradients"],
-                    "seconds": round(elapsed, 2), "freeshap_dq": __version__}
+                    "seconds": round(elapsed, 2), "freeshap_dq": __version__, "settings": run_settings(config)}
         writer.finish(y_train, y_test, names, np.array(train.ids), np.array(test.ids), manifest)
     columns = len(train) if landmarks is None else f"{len(landmarks)} landmark"
     log(f"eNTK: {len(train)} x {columns} + {len(test)} x {columns} kernel over {info['n_trainable']:,} trainable "

@@ -39,7 +39,7 @@ NOT_SWEPT = {
                "dry_run": "writes nothing by design (tests/cli/test_cli_curate.py)"},
 }
 OTHER_COMMANDS = {  # commands this sweep does not run, and where their options are exercised
-    "kernel": "tests/cli/test_cli_ntk.py (eNTK options through NTKConfig, recorded in the kernel manifest)",
+    "kernel": "tests/cli/test_kernel_option_sweep.py",
     "demo": "tests/cli/test_cli_demo.py", "report": "tests/cli/test_cli_curate.py",
     "explain": "tests/cli/test_cli_curate.py", "evaluate": "tests/evaluation/test_harness.py",
     "cleanlab": "tests/integrations/test_cleanlab.py", "labelstudio": "tests/integrations/test_labelstudio.py",
