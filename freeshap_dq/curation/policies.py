@@ -71,12 +71,7 @@ class RemovalPolicy:
                              f"the table written by freeshap-dq value, or drop --confident.")
         out = _ranked(table, value_col, harmful_first=True)
         n = len(out)
-        limit = n
-        if self.fraction is not None:
-            limit = min(limit, count_of_fraction(self.fraction, n))
-        if self.count is not None:
-            _check_count(self.count, n, "remove")
-            limit = min(limit, self.count)
+        limit = _limit(self.fraction, self.count, n, "remove")
         candidate = np.ones(n, dtype=bool)
         if self.threshold is not None:
             candidate &= out[value_col].to_numpy() < self.threshold
@@ -141,12 +136,7 @@ class SelectionPolicy:
         value_col, _ = metric_columns(self.metric)
         out = _ranked(table, value_col, harmful_first=False)
         n = len(out)
-        limit = n
-        if self.fraction is not None:
-            limit = min(limit, count_of_fraction(self.fraction, n))
-        if self.count is not None:
-            _check_count(self.count, n, "keep")
-            limit = min(limit, self.count)
+        limit = _limit(self.fraction, self.count, n, "keep")
         costs = np.ones(n) if cost is None else cost.reindex(out.index).to_numpy(dtype=float)
         if np.any(~np.isfinite(costs)) or np.any(costs < 0):
             raise InputError("costs must be finite and non-negative.")
@@ -182,10 +172,17 @@ def count_of_fraction(fraction: float, n: int) -> int:
     return int(math.floor(round(fraction * n, 9) + 0.5))
 
 
-def _check_count(count: int, n: int, verb: str) -> None:
-    if count > n:
-        raise InputError(f"--count {count} is more than the {n} examples in the data; cannot {verb} {count}. Give "
-                         f"a count of at most {n}, or --fraction.")
+def _limit(fraction: float | None, count: int | None, n: int, verb: str) -> int:
+    """How many of n examples a policy may remove or keep: the tighter of --fraction and --count (at most n)."""
+    limit = n
+    if fraction is not None:
+        limit = min(limit, count_of_fraction(fraction, n))
+    if count is not None:
+        if count > n:
+            raise InputError(f"--count {count} is more than the {n} examples in the data; cannot {verb} {count}. "
+                             f"Give a count of at most {n}, or --fraction.")
+        limit = min(limit, count)
+    return limit
 
 
 def policy_dict(policy: RemovalPolicy | SelectionPolicy) -> dict[str, Any]:
