@@ -15,7 +15,16 @@ import numpy as np
 import pandas as pd
 
 from freeshap_dq import __version__
-from freeshap_dq.cli.common import ARTIFACT_PATH, DATA_PATH, column_options, friendly_errors, log, pop_data_options
+from freeshap_dq.cli.common import (
+    ARTIFACT_PATH,
+    DATA_COLUMN_OPTIONS,
+    DATA_PATH,
+    column_options,
+    friendly_errors,
+    log,
+    pop_data_options,
+    refuse_unused,
+)
 from freeshap_dq.cli.main import cli
 from freeshap_dq.config import ValuationConfig
 from freeshap_dq.curation.report import html_report, summary_table, text_report
@@ -40,6 +49,10 @@ PATH = click.Path(dir_okay=False, path_type=Path)
 @friendly_errors
 def report_command(result_path, data_path, html_path, top, **columns):
     """Summarise a valuation: distribution, most harmful/helpful examples, per class, convergence."""
+    if data_path is None:
+        refuse_unused("without --data (they name its columns)", *DATA_COLUMN_OPTIONS)
+    if top < 1:
+        raise click.UsageError(f"--top must be at least 1, got {top}.")
     check_outputs({"--html": html_path}, {"--result": result_path, "--data": data_path})
     result = ValuationResult.load(result_path)
     data = load_dataset(data_path, **pop_data_options(columns)) if data_path else None

@@ -40,10 +40,11 @@ NOT_SWEPT = {
 }
 OTHER_COMMANDS = {  # commands this sweep does not run, and where their options are exercised
     "kernel": "tests/cli/test_kernel_option_sweep.py",
-    "demo": "tests/cli/test_cli_demo.py", "report": "tests/cli/test_cli_curate.py",
-    "explain": "tests/cli/test_cli_curate.py", "evaluate": "tests/evaluation/test_harness.py",
+    "report": "test_report_explain_and_relabel_options_change_the_output_or_are_refused, below",
+    "explain": "as report", "relabel": "as report (relabel apply)",
+    # not swept yet: their options are exercised by their own tests
+    "demo": "tests/cli/test_cli_demo.py", "evaluate": "tests/evaluation/test_harness.py",
     "cleanlab": "tests/integrations/test_cleanlab.py", "labelstudio": "tests/integrations/test_labelstudio.py",
-    "relabel": "tests/curation/test_relabel.py and tests/integrations/test_labelstudio.py",
 }
 
 CONFIG_VALUES = {"method": "beta", "permutations": 3, "tolerance": 0.05, "ridge": "rel:1", "kernel_scale": 2.0,
@@ -207,3 +208,68 @@ def test_config_values_cover_every_field():
     import dataclasses
 
     assert set(CONFIG_VALUES) == {f.name for f in dataclasses.fields(ValuationConfig)}
+
+
+def test_report_explain_and_relabel_options_change_the_output_or_are_refused(tmp_path):
+    """The reading commands: each option changes what is printed or written, or is refused by name."""
+    p = random_problem(n=12, m=4, n_classes=2, train_ids=np.array([f"e{i}" for i in range(12)]),
+                       test_ids=np.array([f"t{i}" for i in range(4)]), label_names=("neg", "pos"))
+    p.save(tmp_path / "K.npz")
+    pd.DataFrame({"id": p.train_ids, "text": [f"train {i}" for i in range(12)],
+                  "label": [p.label_names[y] for y in p.y_train]}).to_csv(tmp_path / "train.csv", index=False)
+    pd.DataFrame({"id": p.test_ids, "text": [f"test {i}" for i in range(4)],
+                  "label": [p.label_names[y] for y in p.y_test]}).to_csv(tmp_path / "test.csv", index=False)
+    res = CliRunner().invoke(cli, ["value", "--kernel", str(tmp_path / "K.npz"), "--permutations", "8", "--per-point",
+                                   "--save-result", str(tmp_path / "r.npz"), "-o", str(tmp_path / "v.csv")])
+    assert res.exit_code == 0, res.output
+    invoke = lambda *args: CliRunner().invoke(cli, [str(a) for a in args])  # noqa: E731
+
+    report = ["report", "--result", tmp_path / "r.npz"]
+    base = invoke(*report).output
+    assert invoke(*report, "--top", 2).output != base
+    assert "train 0" in invoke(*report, "--data", tmp_path / "train.csv").output and "train 0" not in base
+    assert invoke(*report, "--html", tmp_path / "r.html").exit_code == 0 and (tmp_path / "r.html").exists()
+    for option in ("--text-column", "--label-column", "--id-column", "--pair-column"):
+        res = invoke(*report, option, "x")
+        assert res.exit_code == 2 and option in res.output, option  # was: accepted and ignored without --data
+    assert invoke(*report, "--top", 0).exit_code == 2
+    covered = {"result_path", "top", "data_path", "html_path", "text_column", "label_column", "id_column",
+               "pair_column", "allow_label_variants"}
+    assert {q.name for q in cli.commands["report"].params} == covered
+
+    explain = ["explain", "--result", tmp_path / "r.npz", "--train", tmp_path / "train.csv", "--test",
+               tmp_path / "test.csv", "-o", tmp_path / "x.csv"]
+    def table(*args):
+        res = invoke(*explain, *args)
+        assert res.exit_code == 0, res.output
+        return pd.read_csv(tmp_path / "x.csv")
+    base = table("--example", "t0")
+    assert not table("--example", "t1").equals(base) and not table("--row", 2).equals(base)
+    assert len(table("--example", "t0", "--top-k", 2)) != len(base)
+    assert not table("--example", "t0", "--metric", "accuracy")["value"].equals(base["value"])
+    assert invoke(*explain, "--example", "t0", "--id-column", "nope").exit_code == 2
+    covered = {"result_path", "train_path", "test_path", "examples", "rows", "top_k", "metric", "output",
+               "text_column", "label_column", "id_column", "pair_column", "allow_label_variants"}
+    assert {q.name for q in cli.commands["explain"].params} == covered
+
+    pd.DataFrame({"example_id": ["e0"], "reviewed_label": ["pos" if p.y_train[0] == 0 else "neg"],
+                  "given_label": [p.label_names[p.y_train[0]]]}).to_csv(tmp_path / "rel.csv", index=False)
+    relabel = ["relabel", "apply", "--data", tmp_path / "train.csv", "--relabels", tmp_path / "rel.csv"]
+    assert invoke(*relabel, "-o", tmp_path / "fixed.csv").exit_code == 0
+    assert pd.read_csv(tmp_path / "fixed.csv")["label"][0] != pd.read_csv(tmp_path / "train.csv")["label"][0]
+    assert invoke(*relabel, "-o", tmp_path / "f2.csv", "--manifest", tmp_path / "m.json").exit_code == 0
+    assert (tmp_path / "m.json").exists()
+    dry = invoke(*relabel, "--dry-run")
+    assert dry.exit_code == 0 and "e0" in dry.output and not (tmp_path / "m2.json").exists()
+    pd.DataFrame({"example_id": ["e0"], "reviewed_label": ["maybe"]}).to_csv(tmp_path / "new.csv", index=False)
+    new_label = ["relabel", "apply", "--data", tmp_path / "train.csv", "--relabels", tmp_path / "new.csv", "-o",
+                 tmp_path / "f3.csv"]
+    assert invoke(*new_label).exit_code == 2 and invoke(*new_label, "--allow-new-labels").exit_code == 0
+    stale = pd.DataFrame({"example_id": ["e0"], "reviewed_label": ["pos"], "given_label": ["other"]})
+    stale.to_csv(tmp_path / "stale.csv", index=False)
+    conflict = ["relabel", "apply", "--data", tmp_path / "train.csv", "--relabels", tmp_path / "stale.csv", "-o",
+                tmp_path / "f4.csv"]
+    assert invoke(*conflict).exit_code == 2 and invoke(*conflict, "--on-conflict", "skip").exit_code == 0
+    covered = {"data_path", "relabels_path", "output", "manifest_path", "allow_new_labels", "on_conflict", "dry_run",
+               "text_column", "label_column", "id_column", "pair_column", "allow_label_variants"}
+    assert {q.name for q in cli.commands["relabel"].commands["apply"].params} == covered
