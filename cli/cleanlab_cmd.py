@@ -9,6 +9,8 @@ import click
 
 from freeshap_dq.cli.common import (
     ARTIFACT_PATH,
+    DATA_COLUMN_OPTIONS,
+    NTK_FIELDS,
     build_ntk_config,
     data_options,
     friendly_errors,
@@ -18,6 +20,7 @@ from freeshap_dq.cli.common import (
     ntk_options,
     optional_adapter,
     pop_data_options,
+    refuse_unused,
     z_option,
 )
 from freeshap_dq.cli.main import cli
@@ -60,6 +63,15 @@ def audit_command(kernel_path, train_path, test_path, result_path, permutations,
     """One audit: cleanlab label issues (+ KNN-Shapley) and FreeShap, a combined table and lab.report()."""
     if threshold is not None and not math.isfinite(threshold):
         raise click.UsageError(f"--threshold must be a finite number, got {threshold}.")
+    if kernel_path is not None:
+        refuse_unused("to a precomputed --kernel (they choose how the eNTK is computed from --train/--test data)",
+                      *DATA_COLUMN_OPTIONS, *(name for name in NTK_FIELDS if name != "device"), "cache_dir")
+    if result_path is not None:
+        refuse_unused("with --result (the values are already computed)", "permutations")
+    if threshold is not None:
+        refuse_unused("with --threshold (it replaces the value + z x stderr rule)", "z")
+    if not data_valuation:
+        refuse_unused("without --data-valuation", "force_data_valuation")
     check_outputs({"-o/--output": output, "--lab-dir": lab_dir},
                   {"--kernel": kernel_path, "--train": train_path, "--test": test_path, "--result": result_path},
                   folders=("--lab-dir",))

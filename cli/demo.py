@@ -95,6 +95,10 @@ def demo_command(output_dir, train_path, test_path, n_train, n_test, noise, mode
     from freeshap_dq.ntk.builder import NTKConfig, build_kernel
 
     started = time.monotonic()
+    if train_path is not None:
+        refuse_unused("with --train/--test (they size the Rotten Tomatoes default)", "n_train", "n_test")
+    else:
+        refuse_unused("without --train/--test (they name the columns of your files)", *DATA_COLUMN_OPTIONS)
     check_outputs({"--output-dir": output_dir}, {"--train": train_path, "--test": test_path},
                   folders=("--output-dir",))
     train, test, flipped = _demo_data(train_path, test_path, n_train, n_test, noise, seed, columns)

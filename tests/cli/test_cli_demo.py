@@ -90,3 +90,12 @@ def test_demo_on_a_single_class_file_says_why(tmp_path):
     pd.DataFrame({"text": TEXTS, "label": ["pos"] * 12}).to_csv(tmp_path / "tr.csv", index=False)
     res = CliRunner().invoke(cli, args + ["--output-dir", str(tmp_path / "o")])
     assert res.exit_code == 2 and "needs at least two" in res.output and "Traceback" not in res.output
+
+
+def test_demo_refuses_options_that_do_not_apply(tmp_path):
+    """--n-train with --train (or a column option without it) was accepted and ignored."""
+    res = CliRunner().invoke(cli, _demo_files(tmp_path) + ["--n-train", "50", "--output-dir", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "--n-train does not apply with --train/--test" in res.output
+    res = CliRunner().invoke(cli, ["demo", "--text-column", "body", "--output-dir", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "--text-column does not apply without --train/--test" in res.output
+    assert not (tmp_path / "o").exists()

@@ -202,3 +202,19 @@ def test_label_issues_are_found_without_forking_a_process_pool(noisy, monkeypatc
     small = noisy_problem(n_train=30, n_test=10, noise=0.1, seed=1).problem
     lab, _ = combined_audit(small, compute_values(small, ValuationConfig(permutations=5)))
     assert "label" in set(lab.get_issue_summary()["issue_type"])
+
+
+def test_cli_audit_refuses_options_that_do_not_apply(noisy, tmp_path):
+    """--trainable with --kernel, --permutations with --result, --z with --threshold and --force-data-valuation
+    without --data-valuation were accepted and ignored."""
+    data, result = noisy
+    data.problem.save(tmp_path / "K.npz")
+    result.save(tmp_path / "r.npz")
+    base = ["cleanlab", "audit", "--kernel", tmp_path / "K.npz", "--lab-dir", tmp_path / "lab", "-o",
+            tmp_path / "a.csv"]
+    for extra, flag in ((["--trainable", "all"], "--trainable"), (["--text-column", "t"], "--text-column"),
+                        (["--result", tmp_path / "r.npz", "--permutations", 5], "--permutations"),
+                        (["--threshold", -0.1, "--z", 1.0], "--z"), (["--force-data-valuation"], "--force-data-valuation")):
+        res = CliRunner().invoke(cli, [str(a) for a in base + extra])
+        assert res.exit_code == 2 and flag in res.output and "does not apply" in res.output, (extra, res.output)
+    assert not (tmp_path / "lab").exists() and not (tmp_path / "a.csv").exists()
