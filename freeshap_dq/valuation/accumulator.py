@@ -83,7 +83,8 @@ class Accumulator:
 
     def _part(self, state: dict[str, dict[str, torch.Tensor] | None], count: int, evaluated: list[int],
               with_points: bool) -> ValuationResult:
-        as_numpy = lambda d: None if d is None else {m: v.cpu().numpy().copy() for m, v in d.items()}  # noqa: E731
+        # views, not copies: ValuationResult.sum copies the first part and adds the others into that copy
+        as_numpy = lambda d: None if d is None else {m: v.cpu().numpy() for m, v in d.items()}  # noqa: E731
         r = self.template
         return ValuationResult(method=r.method, sums=as_numpy(state["sums"]), sq_sums=as_numpy(state["sq_sums"]),
                                count=count, point_sums=as_numpy(state["point_sums"]) if with_points else None,
