@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import shutil
+import tempfile
 from pathlib import Path
 
 import click
@@ -26,7 +28,7 @@ from freeshap_dq.cli.common import (
 from freeshap_dq.cli.main import cli
 from freeshap_dq.config import ValuationConfig
 from freeshap_dq.errors import InputError
-from freeshap_dq.io import check_outputs, table_format, write_table
+from freeshap_dq.io import check_outputs, replace_folder, table_format, write_table
 from freeshap_dq.result import ValuationResult
 from freeshap_dq.valuation.run import compute_values
 
@@ -46,7 +48,7 @@ def cleanlab_group() -> None:
 @data_options(required=False)
 @click.option("--result", "result_path", type=ARTIFACT_PATH, default=None,
               help="FreeShap result .npz from freeshap-dq value --save-result [default: compute one now].")
-@click.option("--permutations", type=int, default=200, show_default=True, help="When computing values now.")
+@click.option("--permutations", type=click.IntRange(min=1), default=200, show_default=True, help="When computing values now.")
 @click.option("--lab-dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Folder to save the Datalab in (Datalab.load reads it; import freeshap_dq.integrations first).")
 @click.option("-o", "--output", default="-", show_default=True, help="Combined table (.csv/.parquet/.json/.jsonl).")
@@ -92,8 +94,13 @@ def audit_command(kernel_path, train_path, test_path, result_path, permutations,
         result = compute_values(problem, ValuationConfig(permutations=permutations), progress=progress)
     lab, table = adapter.combined_audit(problem, result, metric=metric, z=z, threshold=threshold,
                                         data_valuation=data_valuation, force=force_data_valuation)
-    lab.save(str(lab_dir), force=True)
-    write_table(table, output)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{lab_dir.name}.", suffix=".tmp", dir=lab_dir.resolve().parent))
+    try:  # the Datalab and the table appear together: the folder is moved into place after the table is written
+        lab.save(str(scratch), force=True)
+        write_table(table, output)
+        replace_folder(scratch, lab_dir)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     click.echo(lab.report(num_examples=5, verbosity=1) if output != "-" else "", err=output == "-", nl=False)
     both = int(table["flagged_by_both"].sum())
     log(f"{int(table['is_label_issue'].sum())} label issues (cleanlab), {int(table['is_freeshap_issue'].sum())} "

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -19,7 +16,9 @@ from freeshap_dq.cli.common import (
     ARTIFACT_PATH,
     DATA_COLUMN_OPTIONS,
     DATA_PATH,
+    NTK_FIELDS,
     column_options,
+    dataclass_options,
     friendly_errors,
     log,
     pop_data_options,
@@ -31,7 +30,7 @@ from freeshap_dq.curation.report import html_report, summary_table, text_report
 from freeshap_dq.data.tables import TextDataset, load_dataset, write_data_table
 from freeshap_dq.errors import InputError
 from freeshap_dq.evaluation.metrics import auroc
-from freeshap_dq.io import check_outputs, write_json, write_table
+from freeshap_dq.io import check_outputs, outputs_together, write_json, write_table
 from freeshap_dq.result import ValuationResult
 from freeshap_dq.scores import harm_order
 from freeshap_dq.valuation.run import compute_values
@@ -78,13 +77,14 @@ def report_command(result_path, data_path, html_path, top, **columns):
               help="Fraction of training labels flipped, in [0, 1).")
 @click.option("--model", default="minilm", show_default=True, help="Model folder or packaged model.")
 @click.option("--trainable", default="top:2", show_default=True, help="Parameters of the eNTK (see docs/ntk.md).")
+@dataclass_options({name: NTK_FIELDS[name] for name in ("max_length", "max_memory")})
 @click.option("--permutations", type=click.IntRange(min=1), default=200, show_default=True, help="Permutations.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed for the split, the flips and the permutations.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars on stderr [default: when a terminal].")
 @friendly_errors
-def demo_command(output_dir, train_path, test_path, n_train, n_test, noise, model, trainable, permutations, seed,
-                 progress, **columns):
+def demo_command(output_dir, train_path, test_path, n_train, n_test, noise, model, trainable, max_length, max_memory,
+                 permutations, seed, progress, **columns):
     """The embedded default, end to end and offline: real reviews, 10% flipped labels, MiniLM eNTK,
     FreeShap values, and how many of the flipped labels the most harmful 10% catches.
 
@@ -101,9 +101,10 @@ def demo_command(output_dir, train_path, test_path, n_train, n_test, noise, mode
         refuse_unused("without --train/--test (they name the columns of your files)", *DATA_COLUMN_OPTIONS)
     check_outputs({"--output-dir": output_dir}, {"--train": train_path, "--test": test_path},
                   folders=("--output-dir",))
+    sizes = {k: v for k, v in (("max_length", max_length), ("max_memory", max_memory)) if v is not None}
+    ntk = NTKConfig(model=model, trainable=trainable, **sizes)
     train, test, flipped = _demo_data(train_path, test_path, n_train, n_test, noise, seed, columns)
     log(f"data: {len(train)} train / {len(test)} test ({train.source}), {int(flipped.sum())} training labels flipped")
-    ntk = NTKConfig(model=model, trainable=trainable)
     config = ValuationConfig(permutations=permutations, seed=seed)
     output_dir.mkdir(exist_ok=True)
     problem, kernel_manifest = build_kernel(train, test, ntk, cache_dir=output_dir / "kernels", progress=progress,
@@ -112,8 +113,7 @@ def demo_command(output_dir, train_path, test_path, n_train, n_test, noise, mode
     result = compute_values(problem, config, checkpoint_dir=output_dir / "checkpoints" / run_key, progress=progress)
     result.manifest["kernel"] = kernel_manifest
     df = summary_table(result, train, flipped)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".tmp", dir=output_dir))
-    try:
+    with outputs_together(output_dir) as scratch:
         for name, data in (("train.csv", train), ("test.csv", test)):
             write_data_table(pd.DataFrame({"id": data.ids, "text": data.texts, "label": data.labels}), scratch / name)
         result.save(scratch / "result.npz")
@@ -123,10 +123,6 @@ def demo_command(output_dir, train_path, test_path, n_train, n_test, noise, mode
         summary = _demo_summary(result, df, flipped, train, test, started)
         write_json({"summary": summary, "ntk": ntk.to_dict(), "valuation": config.to_dict(),
                     "kernel": kernel_manifest}, scratch / "manifest.json")
-        for item in sorted(scratch.iterdir()):
-            os.replace(item, output_dir / item.name)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     k, caught, total = summary["bottom_10_percent"], summary["flipped_in_bottom_10_percent"], summary["flipped"]
 
 

@@ -39,7 +39,8 @@ def connection_options(func):
         click.option("--api-key", default=None,
                      help="API key [default: $LABEL_STUDIO_API_KEY; prefer the variable: options show in process "
                           "lists]."),
-        click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds per request."),
+        click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
+                     help="Seconds per request."),
         click.option("--project", "title", default=None, help="Project title (found, or created by push)."),
         click.option("--project-id", type=int, default=None, help="Project id (instead of --project)."),
     ]):
@@ -86,15 +87,21 @@ def labelstudio_group() -> None:
 @metric_option()
 @click.option("--run-id", default=None, help="Model version of this run's predictions [default: from the values "
               "file's content, so pushing the same values again changes nothing].")
-@click.option("--batch-size", type=int, default=200, show_default=True, help="Tasks per import request.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Tasks per import request.")
 @click.option("--state", "state_path", type=PATH, default=None,
               help="Local map example_id <-> task id and resume record [default: VALUES.labelstudio.json].")
-@click.option("--dry-run", is_flag=True, help="Show what would be pushed; contact no server.")
+@click.option("--dry-run", is_flag=True, help="Show what would be pushed; contact no server (the connection, "
+              "project, state and batch options are then not used).")
 @click.option("--progress/--no-progress", default=None, help="Progress bars on stderr [default: when a terminal].")
 @friendly_errors
 def push_command(values_path, data_path, audit_path, url, api_key, timeout, title, project_id, count, fraction,
                  threshold, confident, z, both, metric, run_id, batch_size, state_path, dry_run, progress, **columns):
     """Push review tasks (most harmful first) with scores, a pre-filled prediction and sorted views."""
+    state_path = state_path or values_path.with_name(values_path.name + ".labelstudio.json")
+    if not dry_run:
+        check_outputs({"--state": state_path}, {"--values": values_path, "--data": data_path, "--audit": audit_path})
+        _project_choice(title, project_id, default_title="the default title")
     adapter = _adapter()
     raw = read_table(data_path)
     data = dataset_from_frame(raw, str(data_path), **pop_data_options(columns))
@@ -112,13 +119,13 @@ def push_command(values_path, data_path, audit_path, url, api_key, timeout, titl
         "audit": audit_path.name if audit_path is not None else None, "freeshap_dq": __version__})
     log(f"{int(selected.sum())} of {len(review)} examples selected for review (run {run.run_id})")
     if dry_run:
+        audit_columns = ["cleanlab_label_quality", "cleanlab_label_issue"] if audit is not None else []
         shown = review[selected.to_numpy()][["freeshap_rank", "example_id", "given_label", "suggested_label",
-                                             "freeshap_value", "freeshap_score"]]
+                                             "freeshap_value", "freeshap_score", *audit_columns]]
         click.echo(shown.to_string(index=False) if len(shown) else "(nothing)")
         return
     title, project_id = _project_choice(title, project_id, default_title=f"FreeShap review: {Path(data_path).stem}")
     client = _client(adapter, url, api_key, timeout)
-    state_path = state_path or values_path.with_name(values_path.name + ".labelstudio.json")
     report = adapter.push(client, review, selected, run, title=title, project_id=project_id, state_path=state_path,
                           batch_size=batch_size, progress=progress)
     verb = "created" if report.created_project else "updated"

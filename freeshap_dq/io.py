@@ -57,6 +57,27 @@ def replace_folder(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
         os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def outputs_together(folder: str | os.PathLike, replaces: tuple[str, ...] = ()) -> Iterator[Path]:
+    """Yield a scratch folder inside ``folder``; on success move every entry written there into ``folder``
+    (replacing entries of an earlier run) and remove the names in ``replaces`` this run did not write (an
+    earlier run's optional outputs); on failure remove the scratch folder. A command's outputs appear together
+    or not at all, and what else is in ``folder`` (a cache, checkpoints) is left alone."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder))
+    try:
+        yield scratch
+        written = sorted(scratch.iterdir())
+        for name in set(replaces) - {item.name for item in written}:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(folder / name)
+        for item in written:
+            os.replace(item, folder / item.name)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def check_outputs(outputs: dict[str, str | os.PathLike | None], inputs: dict[str, str | os.PathLike | None] | None = None,
                   folders: tuple[str, ...] = ()) -> None:
     """Refuse, before any work starts, outputs that cannot be written or would destroy something.

@@ -89,6 +89,7 @@ class Client:
 
     def __init__(self, connection: Connection):
         self.url = connection.url
+        self.timeout = connection.timeout
         self.sdk = LabelStudio(base_url=connection.url, api_key=connection.api_key, timeout=connection.timeout)
 
     def call(self, what: str, fn: Callable, *args, **kwargs):
@@ -96,6 +97,11 @@ class Client:
             return fn(*args, **kwargs)
         except ApiError as exc:
             raise self._api_error(what, exc) from None
+        except httpx.TimeoutException:
+            raise LabelStudioError(f"Label Studio at {self.url} did not answer within {self.timeout:g} s "
+                                   f"(--timeout) while trying to {what}; if the server is busy give a longer --timeout "
+                                   f"and run again (push resumes where it stopped), else check --url / {ENV_URL}."
+                                   ) from None
         except (httpx.TransportError, OSError) as exc:
             raise LabelStudioError(f"cannot reach Label Studio at {self.url} while trying to {what} "
                                    f"({type(exc).__name__}: {exc}); is the server running? Check --url / {ENV_URL}."

@@ -26,7 +26,7 @@ from freeshap_dq.errors import InputError
 from freeshap_dq.evaluation import experiments as ex
 from freeshap_dq.evaluation.detectors import run_detectors
 from freeshap_dq.evaluation.noise import NOISE_MODES, flip_labels
-from freeshap_dq.io import atomic_write, write_json
+from freeshap_dq.io import check_outputs, outputs_together, write_json
 from freeshap_dq.kernels.problem import KernelProblem
 
 EXPERIMENTS = ("detection", "removal", "selection", "robustness", "fidelity")
@@ -51,27 +51,55 @@ class EvaluationConfig:
     robustness_sizes: str = option("100,200,400", "Training-set sizes for sign robustness.")
     robustness_resamples: int = option(5, "Resampled training sets per size.")
     robustness_targets: int = option(20, "Targets inserted into every resample.")
+    max_length: int = option(128, "Tokens per text (at most the model's position limit).")
     max_memory: str = option("auto", "eNTK memory budget.")
 
     def __post_init__(self) -> None:
         for name in ("noise_modes", "experiments"):
             allowed = NOISE_MODES if name == "noise_modes" else EXPERIMENTS
-            unknown = [x for x in _items(getattr(self, name)) if x not in allowed]
-            if unknown or not _items(getattr(self, name)):
+            given = _items(getattr(self, name))
+            unknown = [x for x in given if x not in allowed]
+            if unknown or not given:
                 raise InputError(f"--{name.replace('_', '-')}: {', '.join(unknown) or 'nothing given'}; "
                                  f"choose from {', '.join(allowed)}.")
+            _refuse_repeats(name, given)
         if bool(self.train) != bool(self.test):
             raise InputError("give both --train and --test, or neither (Rotten Tomatoes).")
         if not 0 < self.noise < 0.5:
             raise InputError(f"--noise must be in (0, 0.5), got {self.noise}.")
-        _ = self.seed_list  # validates
+        for name, least in (("n_train", 2), ("n_test", 1), ("robustness_resamples", 2), ("robustness_targets", 1)):
+            if getattr(self, name) < least:
+                raise InputError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(self, name)}.")
+        self.valuation_config()  # checks --permutations and --ridge
+        self.ntk_config()  # checks the eNTK options
+        _ = self.seed_list, self.robustness_size_list
 
     @property
     def seed_list(self) -> list[int]:
-        try:
-            return [int(s) for s in _items(self.seeds)]
-        except ValueError:
-            raise InputError(f"--seeds must be comma-separated integers, got {self.seeds!r}.") from None
+        return _integers("seeds", self.seeds, least=0)
+
+    @property
+    def robustness_size_list(self) -> list[int]:
+        return _integers("robustness_sizes", self.robustness_sizes, least=self.robustness_targets + 1,
+                         why=" (more than --robustness-targets, which every resample contains)")
+
+    def valuation_config(self) -> ValuationConfig:
+        return ValuationConfig(permutations=self.permutations, ridge=self.ridge)
+
+    def ntk_config(self):
+        from freeshap_dq.ntk.builder import NTKConfig
+
+        return NTKConfig(model=self.model, adapter=self.adapter, trainable=self.trainable,
+                         label_words=self.label_words, max_length=self.max_length, max_memory=self.max_memory)
+
+    def check_sizes(self, n_train: int) -> None:
+        """Refuse robustness sizes the training set cannot fill (they were skipped without a word)."""
+        if self.wants("robustness"):
+            too_big = [s for s in self.robustness_size_list if s > n_train]
+            if too_big:
+                raise InputError(f"--robustness-sizes {self.robustness_sizes}: {', '.join(map(str, too_big))} "
+                                 f"exceed the {n_train} training examples; give sizes up to {n_train}, or leave "
+                                 f"robustness out of --experiments.")
 
     def wants(self, experiment: str) -> bool:
         return experiment in _items(self.experiments)
@@ -81,27 +109,52 @@ def _items(spec: str) -> list[str]:
     return [s.strip() for s in spec.split(",") if s.strip()]
 
 
+def _refuse_repeats(name: str, items: list) -> None:
+    repeated = sorted({str(x) for x in items if items.count(x) > 1})
+    if repeated:
+        raise InputError(f"--{name.replace('_', '-')}: {', '.join(repeated)} given more than once; list each once.")
+
+
+def _integers(name: str, spec: str, least: int, why: str = "") -> list[int]:
+    flag = f"--{name.replace('_', '-')}"
+    try:
+        values = [int(s) for s in _items(spec)]
+    except ValueError:
+        raise InputError(f"{flag} must be comma-separated integers, got {spec!r}.") from None
+    if not values:
+        raise InputError(f"{flag}: nothing given.")
+    if min(values) < least:
+        raise InputError(f"{flag}: every entry must be at least {least}{why}, got {min(values)}.")
+    _refuse_repeats(name, values)
+    return values
+
+
 @dataclass
 class Inputs:
     problem: KernelProblem  # clean labels
     features_train: np.ndarray | None
     features_test: np.ndarray | None
     source: dict[str, Any]
+    kernel_manifest: dict[str, Any] | None = None
 
 
 def load_inputs(config: EvaluationConfig, progress: bool | None = None, cache_dir: Path | None = None,
                 log: Callable[[str], None] = print) -> Inputs:
-    from freeshap_dq.ntk.builder import NTKConfig, build_kernel, build_representations
+    from freeshap_dq.ntk.builder import build_kernel, build_representations
 
+    ntk = config.ntk_config()
     train, test, source = _datasets(config)
-    ntk = NTKConfig(model=config.model, adapter=config.adapter, trainable=config.trainable,
-                    label_words=config.label_words, max_memory=config.max_memory)
-    problem = build_kernel(train, test, ntk, cache_dir=cache_dir, progress=progress, log=log)
+    config.check_sizes(len(train))
+    shortfall = "" if (len(train), len(test)) == (config.n_train, config.n_test) else (
+        f" (asked for {config.n_train} / {config.n_test}: the data has no more)")
+    log(f"data: {len(train)} train / {len(test)} test{shortfall}")
+    problem, kernel_manifest = build_kernel(train, test, ntk, cache_dir=cache_dir, progress=progress, log=log,
+                                            return_manifest=True)
     names = label_mapping(train, test)
     started = time.monotonic()
     features_train, features_test = build_representations([train, test], ntk, names)
     log(f"embeddings: {features_train.shape[1]}-dimensional, {time.monotonic() - started:.1f} s")
-    return Inputs(problem, features_train, features_test, source)
+    return Inputs(problem, features_train, features_test, source, kernel_manifest)
 
 
 def _datasets(config: EvaluationConfig) -> tuple[TextDataset, TextDataset, dict[str, Any]]:
@@ -128,11 +181,16 @@ def run_evaluation(config: EvaluationConfig, output_dir: str | Path, inputs: Inp
                    progress: bool | None = None, log: Callable[[str], None] = print) -> pd.DataFrame:
     """Every requested experiment for every noise mode and seed; returns (and writes) the results table."""
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    check_outputs({"--output-dir": output_dir}, {"--train": config.train or None, "--test": config.test or None},
+                  folders=("--output-dir",))
     started = time.monotonic()
-    inputs = inputs or load_inputs(config, progress, output_dir / "kernels", log)
+    if inputs is None:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        inputs = load_inputs(config, progress, output_dir / "kernels", log)
+    else:
+        config.check_sizes(inputs.problem.n_train)
     clean = inputs.problem
-    valuation = ValuationConfig(permutations=config.permutations, ridge=config.ridge)
+    valuation = config.valuation_config()
     baselines = _cleanlab_baselines(log)
     frames: list[pd.DataFrame] = []
     plots: dict[str, Any] = {}
@@ -157,7 +215,7 @@ def run_evaluation(config: EvaluationConfig, output_dir: str | Path, inputs: Inp
                 frames.append(_tag(ex.selection(worth, learners, problem.y_train, seed), "selection", setting))
             log(f"{mode} noise, seed {seed}: done ({time.monotonic() - started:.0f} s)")
     if config.wants("robustness"):
-        sizes = tuple(int(s) for s in _items(config.robustness_sizes))
+        sizes = tuple(config.robustness_size_list)
         frames.append(_tag(ex.sign_robustness(clean, valuation, sizes, config.robustness_resamples,
                                               config.robustness_targets), "robustness", {}))
     if config.wants("fidelity"):
@@ -243,13 +301,14 @@ def _write_outputs(results: pd.DataFrame, plots: dict, config: EvaluationConfig,
                    seconds: float) -> None:
     from freeshap_dq.evaluation.report import markdown_summary, save_plots
 
-    with atomic_write(output_dir / "results.csv") as tmp:
-        results.to_csv(tmp, index=False)
-    with atomic_write(output_dir / "results.md") as tmp:
-        Path(tmp).write_text(markdown_summary(results))
-    figures = save_plots(results, plots, output_dir)
-    write_json({"command": "evaluate", "freeshap_dq": __version__,
-                "created": dt.datetime.now(dt.timezone.utc).isoformat(), "config": dataclasses.asdict(config),
-                "data": inputs.source, "n_train": inputs.problem.n_train, "n_test": inputs.problem.n_test,
-                "label_names": list(inputs.problem.label_names or []), "seconds": round(seconds, 1),
-                "outputs": ["results.csv", "results.md", *figures]}, output_dir / "manifest.json")
+    possible = ("results.csv", "results.md", "manifest.json", *(f"{name}.png" for name in EXPERIMENTS))
+    with outputs_together(output_dir, replaces=possible) as scratch:
+        results.to_csv(scratch / "results.csv", index=False)
+        (scratch / "results.md").write_text(markdown_summary(results))
+        figures = save_plots(results, plots, scratch)
+        write_json({"command": "evaluate", "freeshap_dq": __version__,
+                    "created": dt.datetime.now(dt.timezone.utc).isoformat(), "config": dataclasses.asdict(config),
+                    "data": inputs.source, "kernel": inputs.kernel_manifest, "n_train": inputs.problem.n_train,
+                    "n_test": inputs.problem.n_test,
+                    "label_names": list(inputs.problem.label_names or []), "seconds": round(seconds, 1),
+                    "outputs": ["results.csv", "results.md", *figures]}, scratch / "manifest.json")

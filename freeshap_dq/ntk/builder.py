@@ -29,7 +29,7 @@ from freeshap_dq.io import atomic_write
 from freeshap_dq.kernels.problem import KernelProblem
 from freeshap_dq.ntk.adapters import POOLINGS
 from freeshap_dq.ntk.compute import compute_ntk
-from freeshap_dq.ntk.setup import GRADIENT_PATHS, KERNEL_MODES
+from freeshap_dq.ntk.setup import GRADIENT_PATHS, KERNEL_MODES, parse_memory, parse_trainable
 
 ADAPTERS = ("encoder-head", "prompt-mlm", "causal-lm")
 MODEL_KIND = {"encoder-head": "encoder", "prompt-mlm": "mlm", "causal-lm": "causal"}
@@ -94,6 +94,9 @@ class NTKConfig:
             raise InputError(f"--landmarks must be 0 (the whole kernel) or a positive count, got {self.landmarks}.")
         if self.lora_rank and self.adapter != "causal-lm":
             raise InputError("LoRA (--lora-rank) is only offered for the causal-lm adapter.")
+        parse_trainable(self.trainable)
+        if str(self.max_memory).strip().lower() != "auto":
+            parse_memory(self.max_memory)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -52,6 +52,28 @@ def parse_memory(spec: str | int, device: torch.device | None = None) -> int:
     return int(float(m.group(1)) * MEMORY_UNITS[m.group(2).lower()])
 
 
+def parse_trainable(spec: str) -> tuple[str, int | re.Pattern | None]:
+    """The kind of a ``--trainable`` spec and its argument (a layer count or a compiled pattern), checked
+    before any model is loaded; whether the count fits the model is checked by :func:`select_trainable`."""
+    kind, _, arg = spec.partition(":")
+    if kind in ("head-only", "all") and not arg:
+        return kind, None
+    if kind in ("top", "freeze"):
+        try:
+            k = int(arg)
+        except ValueError:
+            raise InputError(f"trainable {spec!r}: {kind}:K needs a whole number of layers.") from None
+        if k < 0:
+            raise InputError(f"trainable {spec!r}: the layer count must be >= 0.")
+        return kind, k
+    if kind == "regex":
+        try:
+            return kind, re.compile(arg)
+        except re.error as exc:
+            raise InputError(f"trainable {spec!r}: bad regular expression ({exc}).") from None
+    raise InputError(f"trainable {spec!r} is unknown; use head-only, all, top:K, freeze:K or regex:PATTERN.")
+
+
 def select_trainable(adapter: ModelAdapter, spec: str) -> list[str]:
     """Trainable parameter names for a spec:
 
@@ -65,33 +87,23 @@ def select_trainable(adapter: ModelAdapter, spec: str) -> list[str]:
     n_layers = adapter.n_layers
     head = groups.get("head", [])
     layer = lambda i: groups.get(f"layer.{i}", [])  # noqa: E731
-    kind, _, arg = spec.partition(":")
+    kind, arg = parse_trainable(spec)
     if kind == "head-only":
         names = head
     elif kind == "all":
         names = [n for key, ns in groups.items() if key != "other" for n in ns]
     elif kind in ("top", "freeze"):
-        try:
-            k = int(arg)
-        except ValueError:
-            raise InputError(f"trainable {spec!r}: {kind}:K needs a whole number of layers.") from None
-        if not 0 <= k <= n_layers:
+        if arg > n_layers:
             raise InputError(f"trainable {spec!r}: the model has {n_layers} layers.")
         if kind == "top":
-            names = [n for i in range(n_layers - k, n_layers) for n in layer(i)] + head
+            names = [n for i in range(n_layers - arg, n_layers) for n in layer(i)] + head
         else:
-            names = groups.get("embeddings", []) + [n for i in range(k, n_layers) for n in layer(i)] + head
-    elif kind == "regex":
-        try:
-            pattern = re.compile(arg)
-        except re.error as exc:
-            raise InputError(f"trainable {spec!r}: bad regular expression ({exc}).") from None
-        names = [n for n, _ in adapter.named_parameters() if pattern.search(n) and n not in head] + head
+            names = groups.get("embeddings", []) + [n for i in range(arg, n_layers) for n in layer(i)] + head
+    else:
+        names = [n for n, _ in adapter.named_parameters() if arg.search(n) and n not in head] + head
         if len(names) == len(head):
             raise InputError(f"trainable {spec!r} matches no parameter; names look like "
                              f"{next(iter(adapter.named_parameters()))[0]!r}.")
-    else:
-        raise InputError(f"trainable {spec!r} is unknown; use head-only, all, top:K, freeze:K or regex:PATTERN.")
     if adapter.lora_rank:
         names = [n for n in names if ".lora_B." in n or n in head]
     return names

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 from problems import random_problem
+from tiny_models import tiny_bert
 
 from freeshap_dq.cli.main import cli
 from freeshap_dq.config import ValuationConfig
@@ -42,9 +43,8 @@ OTHER_COMMANDS = {  # commands this sweep does not run, and where their options 
     "kernel": "tests/cli/test_kernel_option_sweep.py",
     "report": "test_report_explain_and_relabel_options_change_the_output_or_are_refused, below",
     "explain": "as report", "relabel": "as report (relabel apply)",
-    # not swept yet: their options are exercised by their own tests
-    "demo": "tests/cli/test_cli_demo.py", "evaluate": "tests/evaluation/test_harness.py",
-    "cleanlab": "tests/integrations/test_cleanlab.py", "labelstudio": "tests/integrations/test_labelstudio.py",
+    "labelstudio": "test_push_and_pull_options_reach_the_server_or_are_refused in tests/integrations/"
+                   "test_labelstudio.py (it needs the suite's Label Studio server)",
 }
 
 CONFIG_VALUES = {"method": "beta", "permutations": 3, "tolerance": 0.05, "ridge": "rel:1", "kernel_scale": 2.0,
@@ -73,9 +73,18 @@ def flag(command: click.Command, name: str) -> str:
     return next(o for o in param.opts if o.startswith("--"))
 
 
-def test_every_option_is_swept():
+def commands():
+    """(name, command) for every command, a group's subcommands as 'group sub'."""
     for name, command in cli.commands.items():
-        if name in OTHER_COMMANDS:
+        if isinstance(command, click.Group):
+            yield from ((f"{name} {sub}", c) for sub, c in command.commands.items())
+        else:
+            yield name, command
+
+
+def test_every_option_is_swept():
+    for name, command in commands():
+        if name.split()[0] in OTHER_COMMANDS:
             continue
         swept = set(NOT_SWEPT[name]) | set(SWEEPS[name])
         missing = sorted(p.name for p in command.params if p.name not in swept)
@@ -273,3 +282,237 @@ def test_report_explain_and_relabel_options_change_the_output_or_are_refused(tmp
     covered = {"data_path", "relabels_path", "output", "manifest_path", "allow_new_labels", "on_conflict", "dry_run",
                "text_column", "label_column", "id_column", "pair_column", "allow_label_variants"}
     assert {q.name for q in cli.commands["relabel"].commands["apply"].params} == covered
+
+
+DEMO_TEXTS = ["a great movie", "a dull plot", "it was great", "it was bad", "very good indeed", "terrible",
+              "i loved every minute", "long and tedious", "brilliant", "boring film", "funny and clever", "a mess"]
+DEMO_CASES = {"noise": ["--noise", 0.5], "trainable": ["--trainable", "head-only"], "permutations": ["--permutations", 5],
+              "seed": ["--seed", 2], "model": None, "text_column": None, "pair_column": None, "label_column": None,
+              "id_column": None, "allow_label_variants": None, "n_train": None, "n_test": None, "max_length": None,
+              "max_memory": ["--max-memory", "64MiB"]}
+SWEEPS["demo"] = DEMO_CASES
+NOT_SWEPT["demo"] = {"output_dir": "the output itself", "train_path": "the input of every case", "test_path": "as --train",
+                     "progress": "stderr only: a progress bar", "help": "click's own"}
+
+
+def demo_files(folder, columns=("id", "text", "label"), labels=None, pairs=False):
+    labels = labels or ["pos", "neg"] * 6
+    train = dict(zip(columns, ([f"r{i}" for i in range(12)], DEMO_TEXTS, labels), strict=True))
+    test = dict(zip(columns, (["s0", "s1"], ["great fun", "dull"], ["pos", "neg"]), strict=True))
+    if pairs:
+        train["second"], test["second"] = list(reversed(DEMO_TEXTS)), ["a mess", "brilliant"]
+    pd.DataFrame(train).to_csv(folder / "tr.csv", index=False)
+    pd.DataFrame(test).to_csv(folder / "te.csv", index=False)
+    return ["--train", folder / "tr.csv", "--test", folder / "te.csv"]
+
+
+def test_demo_options_change_the_manifest_or_the_outputs(tmp_path, tiny_bert_path):
+    out = tmp_path / "out"  # one folder: the eNTK cache is shared across the runs
+    base_args = ["--model", tiny_bert_path, "--permutations", 8, "--noise", 0.25, "--no-progress", "--output-dir", out]
+
+    def demo(*args):
+        res = CliRunner().invoke(cli, ["demo", *map(str, base_args), *map(str, args)])
+        if res.exit_code != 0:
+            return res, None, None
+        manifest = json.loads((out / "manifest.json").read_text())
+        manifest["summary"].pop("seconds")
+        return res, manifest, pd.read_csv(out / "values.csv")
+
+    files = demo_files(tmp_path)
+    res, base, base_values = demo(*files)
+    assert res.exit_code == 0, res.output
+    for name, args in DEMO_CASES.items():
+        if args is not None:
+            res, manifest, _ = demo(*files, *args)
+            assert res.exit_code == 0 and manifest != base, (name, res.output)
+    other_model = tiny_bert(tmp_path / "other-bert", seed=5)
+    _, manifest, values = demo(*files, "--model", other_model)
+    assert manifest["ntk"]["model"] == str(other_model) and not values["value_ce"].equals(base_values["value_ce"])
+
+    folder = tmp_path / "renamed"
+    folder.mkdir()
+    renamed = demo_files(folder, columns=("uid", "body", "gold"))
+    res, _, values = demo(*renamed, "--text-column", "body", "--label-column", "gold", "--id-column", "uid")
+    assert res.exit_code == 0, res.output
+    assert values["example_id"].tolist() == base_values["example_id"].tolist()
+    assert values["value_ce"].tolist() == base_values["value_ce"].tolist()  # same data under other column names
+    for option in ("--text-column", "--label-column", "--id-column", "--pair-column"):
+        res, _, _ = demo(*files, option, "nope")
+        assert res.exit_code == 2 and "nope" in res.output, option
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    res, _, values = demo(*demo_files(folder, pairs=True), "--pair-column", "second")
+    assert res.exit_code == 0 and not values["value_ce"].equals(base_values["value_ce"]), res.output
+    folder = tmp_path / "variants"
+    folder.mkdir()
+    variants = demo_files(folder, labels=["pos", "neg"] * 5 + ["Pos", "neg"])
+    assert demo(*variants)[0].exit_code == 2
+    res, manifest, _ = demo(*variants, "--allow-label-variants")
+    assert res.exit_code == 0 and manifest["kernel"]["label_names"] == ["Pos", "neg", "pos"], res.output
+
+    res, _, _ = demo("--n-train", 12, "--n-test", 6)  # the Rotten Tomatoes default: longer than 64 positions
+    assert res.exit_code == 2 and "--max-length 64" in res.output  # advice the demo can now follow
+    res, manifest, _ = demo("--n-train", 12, "--n-test", 6, "--max-length", 64)
+    assert res.exit_code == 0, res.output
+    assert manifest["ntk"]["max_length"] == 64
+    assert (manifest["summary"]["n_train"], manifest["summary"]["n_test"]) == (12, 6)
+    res, manifest, _ = demo("--n-train", 14, "--n-test", 6, "--max-length", 64)
+    assert res.exit_code == 0 and manifest["summary"]["n_train"] == 14
+
+
+EVALUATE_CASES = {"n_train": ["--n-train", 30], "n_test": ["--n-test", 10], "noise": ["--noise", 0.2],
+                  "noise_modes": ["--noise-modes", "class-conditional"], "seeds": ["--seeds", "1"],
+                  "permutations": ["--permutations", 30], "ridge": ["--ridge", "1e-3"],
+                  "experiments": ["--experiments", "fidelity"], "trainable": ["--trainable", "top:1"],
+                  "robustness_sizes": ["--experiments", "robustness", "--robustness-sizes", "12"],
+                  "robustness_resamples": ["--experiments", "robustness", "--robustness-resamples", "3"],
+                  "robustness_targets": ["--experiments", "robustness", "--robustness-targets", "3"],
+                  "adapter": ["--adapter", "prompt-mlm", "--label-words", "neg=bad,pos=good"],
+                  "max_length": ["--max-length", 8], "label_words": None, "model": None, "train": None, "test": None}
+SWEEPS["evaluate"] = EVALUATE_CASES
+NOT_SWEPT["evaluate"] = {"output_dir": "the output itself", "progress": "stderr only: a progress bar",
+                         "max_memory": "how the eNTK is chunked, not what it is: tests/ntk/test_blocked.py compares "
+                                       "kernels built under budgets from 10KiB to 256MiB", "help": "click's own"}
+
+
+def test_evaluate_options_change_the_results_or_are_refused(tmp_path, tiny_bert_path):
+    rng = np.random.default_rng(0)
+    words = {"pos": ["good", "great", "brilliant"], "neg": ["bad", "dull", "terrible"]}
+    for name, n in (("train", 40), ("test", 20)):
+        labels = ["pos", "neg"] * (n // 2)
+        texts = [" ".join([*rng.choice(words[label], 2), "movie"]) for label in labels]
+        pd.DataFrame({"id": [f"{name}{i}" for i in range(n)], "text": texts, "label": labels}).to_csv(
+            tmp_path / f"{name}.csv", index=False)
+    out = tmp_path / "out"
+    base_args = ["--train", tmp_path / "train.csv", "--test", tmp_path / "test.csv", "--model", tiny_bert_path,
+                 "--trainable", "head-only", "--seeds", "0", "--noise-modes", "symmetric", "--permutations", 10,
+                 "--robustness-sizes", 10, "--robustness-resamples", 2, "--robustness-targets", 4, "--experiments",
+                 "detection", "--no-progress", "-o", out]
+
+    def evaluate(*args):
+        res = CliRunner().invoke(cli, ["evaluate", *map(str, base_args), *map(str, args)])
+        if res.exit_code != 0:
+            return res, None, None
+        manifest = json.loads((out / "manifest.json").read_text())
+        return res, {k: manifest[k] for k in ("n_train", "n_test", "kernel")}, pd.read_csv(out / "results.csv")
+
+    res, base_manifest, base = evaluate()
+    assert res.exit_code == 0, res.output
+    for name, args in EVALUATE_CASES.items():
+        if args is not None:
+            res, manifest, results = evaluate(*args)
+            assert res.exit_code == 0, (name, res.output)
+            assert manifest != base_manifest or not results.equals(base), f"--{name} changed nothing"
+    res, _, _ = evaluate("--label-words", "neg=bad,pos=good")
+    assert res.exit_code == 2 and "--label-words" in res.output
+    _, _, results = evaluate("--model", tiny_bert(tmp_path / "other-bert", seed=5))
+    assert not results.equals(base)
+    res, _, _ = evaluate("--train", tmp_path / "nope.csv")
+    assert res.exit_code == 2 and "nope.csv" in res.output
+
+
+def test_evaluate_refuses_bad_numbers_before_any_work(tmp_path):
+    """Each was a Python error after the eNTK (or a robustness size silently skipped with exit 0)."""
+    for args, message in ((["--n-test", 0], "--n-test"), (["--n-train", -5], "--n-train"),
+                          (["--permutations", 0], "permutations"), (["--ridge", "foo"], "ridge"),
+                          (["--robustness-sizes", "5,x"], "--robustness-sizes"), (["--robustness-sizes", 4],
+                                                                                  "--robustness-targets"),
+                          (["--robustness-resamples", 1], "--robustness-resamples"),
+                          (["--robustness-targets", -1], "--robustness-targets"), (["--seeds", -1], "--seeds"),
+                          (["--seeds", "0,0"], "more than once"), (["--noise-modes", "symmetric,symmetric"], "once"),
+                          (["--max-memory", "lots"], "lots"), (["--trainable", "nonsense"], "nonsense")):
+        res = CliRunner().invoke(cli, ["evaluate", "-o", str(tmp_path / "o"), *map(str, args)])
+        assert res.exit_code == 2 and message in res.output, (args, res.output)
+        assert "Traceback" not in res.output and not (tmp_path / "o").exists(), args
+
+
+AUDIT_CASES = {"permutations": ["--permutations", 8], "metric": ["--metric", "accuracy"], "z": ["--z", 0.0],
+               "threshold": ["--threshold", 0.0], "data_valuation": ["--data-valuation"], "result_path": None,
+               **{k: None for k in NTK_VALUES}, "cache_dir": None, "text_column": None, "pair_column": None,
+               "label_column": None, "id_column": None, "allow_label_variants": None, "train_path": None,
+               "test_path": None}
+NOT_SWEPT["cleanlab audit"] = {
+    "kernel_path": "the input of every case", "lab_dir": "an output (every case writes it)",
+    "output": "the output itself", "progress": "stderr only: a progress bar", "help": "click's own",
+    "force_data_valuation": "lifts the dense-matrix memory refusal only (test_knn_shapley_memory_guard in "
+                            "tests/integrations/test_cleanlab.py); refused without --data-valuation"}
+SWEEPS["cleanlab audit"] = AUDIT_CASES
+SWEEPS["cleanlab export"] = {"issue_type": None}
+NOT_SWEPT["cleanlab export"] = {"lab_dir": "the input", "output": "the output itself", "help": "click's own"}
+
+
+def test_cleanlab_options_change_the_table_or_are_refused(tmp_path, tiny_bert_path):
+    pytest.importorskip("cleanlab")
+    from freeshap_dq.data.synthetic import noisy_problem
+
+    noisy_problem(n_train=60, n_test=20, noise=0.1, seed=2).problem.save(tmp_path / "K.npz")
+    invoke = lambda *args: CliRunner().invoke(cli, [str(a) for a in args])  # noqa: E731
+
+    def audit(*args, kernel=("--kernel", tmp_path / "K.npz")):
+        res = invoke("cleanlab", "audit", *kernel, "--lab-dir", tmp_path / "lab", "-o", tmp_path / "a.csv",
+                     "--no-progress", *args)
+        return res, pd.read_csv(tmp_path / "a.csv") if res.exit_code == 0 else None
+
+    res, base = audit("--permutations", 4)
+    assert res.exit_code == 0, res.output
+    for name, args in AUDIT_CASES.items():
+        if args is not None:
+            res, table = audit(*(["--permutations", 4] if name != "permutations" else []), *args)
+            assert res.exit_code == 0 and not table.equals(base), (name, res.output)
+    assert "data_valuation_score" in set(audit("--permutations", 4, "--data-valuation")[1].columns) - set(base.columns)
+    res = invoke("value", "--kernel", tmp_path / "K.npz", "--permutations", 6, "--save-result", tmp_path / "r.npz",
+                 "-o", tmp_path / "v.csv")
+    assert res.exit_code == 0, res.output
+    res, table = audit("--result", tmp_path / "r.npz")
+    values = pd.read_csv(tmp_path / "v.csv").set_index("example_id")["value_ce"]
+    assert res.exit_code == 0 and table.set_index("example_id")["freeshap_value"].reindex(values.index).equals(values)
+    for param in cli.commands["cleanlab"].commands["audit"].params:  # eNTK and data options need --train/--test
+        if param.name in NTK_VALUES or param.name in ("cache_dir", "text_column", "pair_column", "label_column",
+                                                      "id_column", "allow_label_variants"):
+            setting = NTK_VALUES.get(param.name, "x")
+            res, _ = audit("--permutations", 4, *([param.opts[0]] if param.is_flag else [param.opts[0], setting]))
+            assert res.exit_code == 2 and param.opts[0] in res.output, (param.name, res.output)
+
+    words = ["a great movie", "a dull plot", "it was great", "it was bad", "very good indeed", "terrible"] * 4
+    frame = pd.DataFrame({"uid": [f"r{i}" for i in range(24)], "body": words, "gold": ["pos", "neg"] * 12})
+    frame.to_csv(tmp_path / "tr.csv", index=False)
+    frame.iloc[:6].to_csv(tmp_path / "te.csv", index=False)
+    files = ("--train", tmp_path / "tr.csv", "--test", tmp_path / "te.csv")
+    ntk = ["--model", tiny_bert_path, "--text-column", "body", "--label-column", "gold", "--id-column", "uid",
+           "--permutations", 4, "--cache-dir", tmp_path / "cache"]
+    res, head_only = audit(*ntk, "--trainable", "head-only", kernel=files)
+    assert res.exit_code == 0, res.output
+    assert sorted(head_only["example_id"]) == sorted(frame["uid"]) and any((tmp_path / "cache").iterdir())
+    res, top1 = audit(*ntk, "--trainable", "top:1", kernel=files)
+    by_id = lambda table: table.set_index("example_id")["freeshap_value"].sort_index()  # noqa: E731
+    assert res.exit_code == 0 and not by_id(top1).equals(by_id(head_only))
+    res, _ = audit(*ntk, "--text-column", "nope", kernel=files)
+    assert res.exit_code == 2 and "nope" in res.output
+
+    audit("--permutations", 4)
+    everything = invoke("cleanlab", "export", "--lab-dir", tmp_path / "lab", "-o", tmp_path / "all.csv")
+    only = invoke("cleanlab", "export", "--lab-dir", tmp_path / "lab", "--issue-type", "freeshap", "-o",
+                  tmp_path / "fs.csv")
+    assert everything.exit_code == only.exit_code == 0
+    assert set(pd.read_csv(tmp_path / "fs.csv").columns) < set(pd.read_csv(tmp_path / "all.csv").columns)
+
+
+def test_cleanlab_audit_writes_the_datalab_and_the_table_together(tmp_path, monkeypatch):
+    """The Datalab was saved before the table was written: a table that could not be written left a new lab."""
+    pytest.importorskip("cleanlab")
+    from freeshap_dq.data.synthetic import noisy_problem
+
+    noisy_problem(n_train=60, n_test=20, noise=0.1, seed=2).problem.save(tmp_path / "K.npz")
+    res = CliRunner().invoke(cli, ["cleanlab", "audit", "--kernel", str(tmp_path / "K.npz"), "--permutations", "3",
+                                   "--lab-dir", str(tmp_path / "lab"), "-o", str(tmp_path / "a.csv")])
+    assert res.exit_code == 0, res.output
+    contents = lambda: {p: p.read_bytes() for p in (tmp_path / "lab").rglob("*") if p.is_file()}  # noqa: E731
+    before = contents()
+    (tmp_path / "a.csv").unlink()
+    (tmp_path / "a.csv").mkdir()  # the table's path turns into a folder after the checks: writing it fails
+    monkeypatch.setattr("freeshap_dq.cli.cleanlab_cmd.check_outputs", lambda *a, **k: None)
+    res = CliRunner().invoke(cli, ["cleanlab", "audit", "--kernel", str(tmp_path / "K.npz"), "--permutations", "5",
+                                   "--lab-dir", str(tmp_path / "lab"), "-o", str(tmp_path / "a.csv")])
+    assert res.exit_code != 0
+    assert contents() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".lab.")]

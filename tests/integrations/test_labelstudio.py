@@ -324,3 +324,76 @@ def test_connection_reads_the_environment_at_call_time(monkeypatch):
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", "secret-key")
     connection = ls_adapter.Connection.resolve()
     assert connection.url == "http://127.0.0.1:9" and "secret-key" not in repr(connection)
+
+
+SELECTION_CASES = {"count": ["--count", 3], "fraction": ["--fraction", 0.3], "threshold": ["--threshold", 0.0],
+                   "confident": ["--confident"], "z": ["--confident", "--z", 0.0], "metric": ["--metric", "accuracy"],
+                   "audit_path": ["--audit", "AUDIT"], "both": ["--audit", "AUDIT", "--both"]}
+PUSH_NOT_SWEPT = {"values_path": "an input of every case", "data_path": "as --values", "dry_run": "the base of the "
+                  "selection cases", "progress": "stderr only: a progress bar",
+                  "batch_size": "how tasks are chunked into import requests: "
+                                "test_partial_failure_is_reported_and_resumed_without_duplicates imports in batches"}
+
+
+def test_push_and_pull_options_reach_the_server_or_are_refused(label_studio, run_dir, tmp_path):
+    """Every option of push and pull changes what is selected, what reaches the server or what is written, or is
+    refused by name (the labelstudio part of tests/cli/test_option_sweep.py: it needs this suite's server)."""
+    d = run_dir
+    columns = {"text_column", "pair_column", "label_column", "id_column", "allow_label_variants"}
+    connection = {"url", "api_key", "timeout", "title", "project_id"}
+    swept = set(SELECTION_CASES) | set(PUSH_NOT_SWEPT) | columns | connection | {"run_id", "state_path"}
+    push_params = {p.name for p in cli.commands["labelstudio"].commands["push"].params}
+    assert push_params == swept, f"push options with no sweep case: {sorted(push_params - swept)}"
+    assert {p.name for p in cli.commands["labelstudio"].commands["pull"].params} == connection | {"output"}
+
+    def dry(*args, data="train.csv"):
+        args = [str(d / "audit.csv") if a == "AUDIT" else a for a in args]
+        return run(["labelstudio", "push", "--values", d / "values.csv", "--data", d / data, "--dry-run", *args])
+
+    base = dry()
+    assert base.exit_code == 0, base.output
+    for name, args in SELECTION_CASES.items():
+        res = dry(*args)
+        assert res.exit_code == 0 and res.output != base.output, (name, res.output)
+    for option in ("--text-column", "--label-column", "--id-column", "--pair-column"):
+        res = dry(option, "nope")
+        assert res.exit_code == 2 and "nope" in res.output, option
+    train = pd.read_csv(d / "train.csv")
+    train.loc[0, "label"] = train.loc[0, "label"].upper()
+    train.to_csv(d / "variant.csv", index=False)
+    assert dry(data="variant.csv").exit_code == 2 and dry("--allow-label-variants", data="variant.csv").exit_code == 0
+
+    explicit = ["--url", label_studio.url, "--api-key", label_studio.token]  # the options, not the environment
+    common = ["labelstudio", "push", "--values", d / "values.csv", "--data", d / "train.csv", "--count", 4]
+    res = run([*common, *explicit, "--project", "sweep project", "--state", tmp_path / "s.json", "--run-id", "run-7"],
+              env={"LABEL_STUDIO_URL": "", "LABEL_STUDIO_API_KEY": ""})
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "s.json").read_text())  # --state: the task map is where it was told to go
+    client = sdk(label_studio)
+    project = project_by_title(client, "sweep project")
+    assert project.model_version == "run-7"
+    assert {p.model_version for t in all_tasks(client, project.id) for p in client.predictions.list(task=t.id)} == {
+        "run-7"}
+    res = run([*common, "--count", 6, "--project-id", project.id, "--state", tmp_path / "s.json", "--run-id", "run-7"],
+              env=env_for(label_studio))
+    assert res.exit_code == 0 and len(all_tasks(client, project.id)) == 6, res.output
+    res = run([*common, "--url", label_studio.url, "--api-key", "0" * 40, "--project", "never", "--state",
+               tmp_path / "n.json"], env={"LABEL_STUDIO_URL": "", "LABEL_STUDIO_API_KEY": ""})
+    assert res.exit_code == 2 and "refused the API key" in res.output and "0" * 40 not in res.output
+    res = run([*common, "--timeout", 1e-6, "--project", "never", "--state", tmp_path / "n.json"],
+              env=env_for(label_studio))
+    assert res.exit_code == 2 and "--timeout" in res.output and "1e-06 s" in res.output, res.output
+    assert not (tmp_path / "n.json").exists()
+
+    by_title = run(["labelstudio", "pull", *explicit, "--project", "sweep project", "-o", tmp_path / "a.csv"],
+                   env={"LABEL_STUDIO_URL": "", "LABEL_STUDIO_API_KEY": ""})
+    by_id = run(["labelstudio", "pull", "--project-id", project.id, "-o", tmp_path / "b.csv"],
+                env=env_for(label_studio))
+    assert by_title.exit_code == by_id.exit_code == 0, by_title.output + by_id.output
+    assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
+    res = run(["labelstudio", "pull", "--timeout", 1e-6, "--project-id", project.id, "-o", tmp_path / "c.csv"],
+              env=env_for(label_studio))
+    assert res.exit_code == 2 and "--timeout" in res.output and not (tmp_path / "c.csv").exists()
+    res = run(["labelstudio", "pull", "--timeout", 0, "--project-id", project.id, "-o", tmp_path / "c.csv"],
+              env=env_for(label_studio))
+    assert res.exit_code == 2 and "--timeout" in res.output
