@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 from pathlib import Path
 
@@ -22,9 +23,10 @@ from freeshap_dq.cli.common import (
 from freeshap_dq.cli.curate import join_values
 from freeshap_dq.cli.main import cli
 from freeshap_dq.curation.policies import RemovalPolicy
+from freeshap_dq.curation.relabel import AGREEMENT_POLICIES
 from freeshap_dq.data.tables import dataset_from_frame, read_table
 from freeshap_dq.errors import InputError
-from freeshap_dq.io import check_outputs, table_format, write_table
+from freeshap_dq.io import check_outputs, table_format, write_json, write_table
 
 PATH = click.Path(dir_okay=False, path_type=Path)
 
@@ -127,11 +129,20 @@ def push_command(values_path, data_path, audit_path, url, api_key, timeout, titl
     title, project_id = _project_choice(title, project_id, default_title=f"FreeShap review: {Path(data_path).stem}")
     client = _client(adapter, url, api_key, timeout)
     report = adapter.push(client, review, selected, run, title=title, project_id=project_id, state_path=state_path,
-                          batch_size=batch_size, progress=progress)
+                          batch_size=batch_size, progress=progress, row_number_ids=data.row_number_ids)
     verb = "created" if report.created_project else "updated"
     log(f"{verb} project {report.project_id} ({report.project_title!r}): {report.imported} tasks imported, "
         f"{report.updated} updated, {report.unchanged} unchanged, {report.predictions_added} predictions added"
         + (f"; model version switched to {run.run_id}" if report.switched_model_version else ""))
+    if report.predictions_moved:
+        log(f"{report.predictions_moved} tasks now pre-select their current given label (it was fixed since the "
+            f"last push)")
+    if report.texts_replaced:
+        log(f"note: {report.texts_replaced} unreviewed tasks now show another text under the same example id")
+    if data.row_number_ids and not report.created_project:
+        log(f"warning: {data_path} has no id column, so its example ids are row numbers: removing, adding or "
+            f"reordering rows between pushes moves the ids. Reviewed tasks are protected (such a push is refused); "
+            f"give the data an id column to keep reviews and examples together.")
     if report.not_in_values:
         log(f"note: {report.not_in_values} tasks of the project have example ids these values do not cover; "
             f"they were left as they are")
@@ -163,10 +174,18 @@ def _run_id(values_path: Path, metric: str) -> str:
 @labelstudio_group.command("pull")
 @connection_options
 @click.option("-o", "--output", required=True, help="Relabel table (.csv/.parquet/.json/.jsonl; - = stdout).")
+@click.option("--manifest", "manifest_path", type=PATH, default=None,
+              help="Counts and the ids of conflicts and skips [default: OUTPUT.manifest.json; none for stdout].")
+@click.option("--agreement", type=click.Choice(AGREEMENT_POLICIES), default="unanimous", show_default=True,
+              help="When reviewers disagree: unanimous lists the task as a conflict (not applied), majority takes "
+                   "the label most reviewers chose (a tie is a conflict), latest the latest annotation.")
 @friendly_errors
-def pull_command(url, api_key, timeout, title, project_id, output):
-    """Reviewed labels (latest non-cancelled annotation per task) -> a relabel table."""
-    check_outputs({"-o/--output": output})
+def pull_command(url, api_key, timeout, title, project_id, output, manifest_path, agreement):
+    """Reviewed labels -> a relabel table: one row per task someone reviewed or skipped, with its decision
+    (changed, confirmed, conflict, skipped), the votes and what the reviewers read (content_fingerprint)."""
+    if manifest_path is None and output != "-":
+        manifest_path = Path(output).with_name(Path(output).name + ".manifest.json")
+    check_outputs({"-o/--output": output, "--manifest": manifest_path})
     table_format(output)
     adapter = _adapter()
     title, project_id = _project_choice(title, project_id)
@@ -174,10 +193,21 @@ def pull_command(url, api_key, timeout, title, project_id, output):
     project = client.project(project_id) if project_id is not None else client.find_project(title)
     if project is None:
         raise InputError(f"{client.url} has no project titled {title!r}; check --project or use --project-id.")
-    table, counts = adapter.pull(client, project)
+    table, counts = adapter.pull(client, project, agreement=agreement)
     write_table(table, output)
-    changed = int(table["changed"].sum()) if len(table) else 0
-    log(f"project {project.id}: {counts['reviewed']} of {counts['tasks']} tasks reviewed, {changed} labels changed"
-        + (f", {counts['without_choice']} annotations without a label choice" if counts["without_choice"] else "")
-        + (f"; wrote {output}" if output != "-" else ""))
+    if manifest_path is not None:
+        by_decision = {d: table.loc[table["decision"] == d, "example_id"].tolist() for d in ("conflict", "skipped")}
+        write_json({"command": "labelstudio pull", "freeshap_dq": __version__,
+                    "created": dt.datetime.now(dt.timezone.utc).isoformat(), "url": client.url,
+                    "project": {"id": project.id, "title": project.title}, "agreement": agreement,
+                    "output": str(output), "counts": counts, **by_decision}, manifest_path)
+    log(f"project {project.id}: {counts['reviewed']} of {counts['tasks']} tasks reviewed: {counts['changed']} labels "
+        f"changed, {counts['confirmed']} confirmed, {counts['conflict']} conflicts ({agreement}), {counts['skipped']} "
+        f"skipped" + (f", {counts['without_choice']} annotations without a label choice"
+                      if counts["without_choice"] else "")
+        + (f"; wrote {output}" + (f" and {manifest_path}" if manifest_path else "") if output != "-" else ""))
+    if counts["conflict"]:
+        shown = table.loc[table["decision"] == "conflict"].head(3)
+        log("conflicts (not applied by relabel apply): " + "; ".join(
+            f"{row.example_id} ({row.votes})" for row in shown.itertuples()))
 

@@ -53,7 +53,16 @@ def apply_command(data_path, relabels_path, output, manifest_path, allow_new_lab
                              allow_new_labels, on_conflict)
     counts = outcome.counts
     log(f"{counts['reviewed']} reviews: {counts['changed']} labels changed, {counts['confirmed']} confirmed"
-        + (f", {counts['conflicts']} conflicts ({on_conflict})" if counts["conflicts"] else ""))
+        + (f", {counts['conflicts']} conflicts ({on_conflict})" if counts["conflicts"] else "")
+        + (f", {counts['other_text_skipped']} about another text skipped" if counts["other_text_skipped"] else ""))
+    if outcome.already_applied:
+        log(f"{len(outcome.already_applied)} reviewed labels are in the data already (applied before): "
+            f"{_ids(outcome.already_applied)}; nothing to do for them")
+    for decision, ids in outcome.undecided.items():
+        if ids:
+            what = ("reviewers disagree; resolve them in Label Studio, or pull with --agreement majority / latest"
+                    if decision == "conflict" else "the reviewers skipped them")
+            log(f"{len(ids)} {decision} rows not applied ({what}): {_ids(ids)}")
     if dry_run:
         click.echo(outcome.changes.to_string(index=False) if len(outcome.changes) else "(no changes)")
         return
@@ -62,8 +71,13 @@ def apply_command(data_path, relabels_path, output, manifest_path, allow_new_lab
     write_json({"command": "relabel apply", "freeshap_dq": __version__,
                 "created": dt.datetime.now(dt.timezone.utc).isoformat(), "data": str(data_path),
                 "relabels": str(relabels_path), "output": str(output), "label_column": label_column,
-                "on_conflict": on_conflict, "counts": counts,
+                "on_conflict": on_conflict, "counts": counts, "already_applied": outcome.already_applied,
+                "not_applied": outcome.undecided,
                 "per_class_before": raw[label_column].astype(str).value_counts().to_dict(),
                 "per_class_after": outcome.corrected[label_column].astype(str).value_counts().to_dict(),
                 "changes": outcome.changes.to_dict(orient="records")}, manifest_path)
     log(f"wrote {output} and {manifest_path}")
+
+
+def _ids(ids: list[str], shown: int = 5) -> str:
+    return ", ".join(ids[:shown]) + (f" and {len(ids) - shown} more" if len(ids) > shown else "")

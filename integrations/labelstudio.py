@@ -29,6 +29,8 @@ from xml.sax.saxutils import quoteattr
 
 import pandas as pd
 
+from freeshap_dq.curation.relabel import DECISIONS, agreed_label
+from freeshap_dq.data.tables import content_fingerprint
 from freeshap_dq.errors import FreeShapError, InputError
 from freeshap_dq.io import write_json
 from freeshap_dq.scores import DEFAULT_Z, confidently_harmful, harm_order, metric_columns, value_to_score
@@ -171,6 +173,9 @@ class Client:
 
     def add_prediction(self, task_id: int, prediction: dict) -> None:
         self.call(f"add a prediction to task {task_id}", self.sdk.predictions.create, task=task_id, **prediction)
+
+    def update_prediction(self, prediction_id: int, prediction: dict) -> None:
+        self.call(f"update prediction {prediction_id}", self.sdk.predictions.update, id=prediction_id, **prediction)
 
     # views ----------------------------------------------------------------------------------------------
     def save_view(self, project_id: int, title: str, ordering: list[str], filters: dict | None = None) -> int:
@@ -351,6 +356,39 @@ def _json_value(value):
 
 # -- push ----------------------------------------------------------------------------------------------------
 
+def shown_content(data: dict) -> tuple[str, str | None]:
+    """What a reviewer reads in a task (text, pair): the part of an example a review is about."""
+    pair = data.get(PAIR)
+    return str(data.get(TEXT, "")), None if pair is None else str(pair)
+
+
+def was_reviewed(task) -> bool:
+    return bool((getattr(task, "total_annotations", 0) or 0) + (getattr(task, "cancelled_annotations", 0) or 0))
+
+
+def refuse_moved_reviews(rows: list[dict], existing: dict, project, row_number_ids: bool) -> None:
+    """Refuse a push that would show another text under a task someone has already reviewed: the review would
+    then be pulled and applied to the wrong example."""
+    moved = [(row, existing[row["example_id"]]) for row in rows
+             if was_reviewed(existing[row["example_id"]])
+             and shown_content(existing[row["example_id"]].data or {}) != shown_content(task_data(row))]
+    if not moved:
+        return
+    row, task = moved[0]
+    before, after = shown_content(task.data or {})[0], shown_content(task_data(row))[0]
+    why = ("The data has no id column, so its ids are row numbers, and removing, adding or reordering rows moves "
+           "every id: give the data an id column (--id-column) and push it into a new project."
+           if row_number_ids else "Give the data the ids it was pushed with, or push it into a new project.")
+    raise LabelStudioError(
+        f"{len(moved)} reviewed task(s) of project {project.id} ({project.title!r}) would show another text under "
+        f"the same example id, e.g. {row['example_id']!r} (task {task.id}): the reviewer saw {_clip(before)!r}, the "
+        f"data now has {_clip(after)!r}. Nothing was pushed: the review would land on the wrong example. {why}")
+
+
+def _clip(text: str, width: int = 60) -> str:
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
 @dataclass
 class PushReport:
     project_id: int
@@ -360,6 +398,8 @@ class PushReport:
     updated: int = 0
     unchanged: int = 0
     predictions_added: int = 0
+    predictions_moved: int = 0  # pre-selected choice moved to the current given label (the label was fixed)
+    texts_replaced: int = 0  # unreviewed tasks whose example now has another text
     switched_model_version: bool = False
     not_in_values: int = 0
     views: dict[str, int] = field(default_factory=dict)
@@ -391,12 +431,15 @@ class PushState:
 
 def push(client: Client, review: pd.DataFrame, selected: pd.Series, run: ReviewRun, *, title: str | None = None,
          project_id: int | None = None, state_path: Path | None = None, batch_size: int = 200,
-         progress: bool | None = None, on_batch: Callable[[int], None] | None = None) -> PushReport:
+         progress: bool | None = None, on_batch: Callable[[int], None] | None = None,
+         row_number_ids: bool = False) -> PushReport:
     """Create/update the project, import the selected examples in rank order, refresh the rest, add views.
 
     ``review`` is ``review_table(...)`` (every training example, most harmful first); ``selected`` marks the
     rows to import as new tasks. Examples already in the project get their data refreshed and this run's
-    prediction whether selected or not.
+    prediction (pre-selecting the current given label) whether selected or not. A reviewed task never gets
+    another text: when the data under its example id changed, nothing is pushed (:func:`refuse_moved_reviews`).
+    ``row_number_ids``: the data's ids are its row numbers (said in that refusal).
     """
     from tqdm.auto import tqdm
 
@@ -418,24 +461,31 @@ def push(client: Client, review: pd.DataFrame, selected: pd.Series, run: ReviewR
     report = PushReport(project.id, project.title, created_project=created)
     existing = {str((t.data or {}).get("example_id")): t for t in client.tasks(project.id)
                 if (t.data or {}).get("example_id") is not None}
-    with_prediction = {p.task for p in client.predictions(project.id) if p.model_version == run.run_id}
+    predictions = {p.task: p for p in client.predictions(project.id) if p.model_version == run.run_id}
     rows = review.to_dict(orient="records")
     state = PushState.load(state_path) if state_path else None
     task_ids = {eid: t.id for eid, t in existing.items()}
     report.not_in_values = len(set(existing) - set(review["example_id"]))
 
     refresh = [r for r in rows if r["example_id"] in existing]
+    refuse_moved_reviews(refresh, existing, project, row_number_ids)
     for row in tqdm(refresh, desc="update tasks", unit="task", disable=not _show(progress, len(refresh))):
         task = existing[row["example_id"]]
         data = task_data(row)
+        if shown_content(task.data or {}) != shown_content(data):
+            report.texts_replaced += 1
         if task.data != data or (task.meta or {}).get("freeshap_dq", {}).get("run_id") != run.run_id:
             client.update_task(task.id, data, task_meta(row, run))
             report.updated += 1
         else:
             report.unchanged += 1
-        if task.id not in with_prediction:
-            client.add_prediction(task.id, task_prediction(row, run, control))
+        prediction = task_prediction(row, run, control)
+        if task.id not in predictions:
+            client.add_prediction(task.id, prediction)
             report.predictions_added += 1
+        elif _chosen_label(predictions[task.id].result or [], control) != str(row["given_label"]):
+            client.update_prediction(predictions[task.id].id, prediction)
+            report.predictions_moved += 1
 
     new = [r for r, chosen in zip(rows, selected.to_numpy(), strict=True) if chosen and r["example_id"] not in existing]
     bar = tqdm(total=len(new), desc="import tasks", unit="task", disable=not _show(progress, len(new)))
@@ -507,48 +557,77 @@ def _show(progress: bool | None, total: int) -> bool:
 
 # -- pull ----------------------------------------------------------------------------------------------------
 
-RELABEL_COLUMNS = ("example_id", "given_label", "reviewed_label", "changed", "annotator", "lead_time", "task_id",
-                   "reviewed_at")
+RELABEL_COLUMNS = ("example_id", "given_label", "reviewed_label", "decision", "changed", "votes", "annotator",
+                   "lead_time", "task_id", "reviewed_at", "content_fingerprint")
 
 
-def pull(client: Client, project) -> tuple[pd.DataFrame, dict[str, int]]:
-    """The latest non-cancelled annotation of every task -> one relabel row per example; plus counts."""
+def pull(client: Client, project, agreement: str = "unanimous") -> tuple[pd.DataFrame, dict[str, int]]:
+    """One relabel row per task someone acted on, and counts.
+
+    Each reviewer's latest annotation counts once (a reviewer who changed their mind counts with the later
+    label). ``agreement`` turns the reviewers' labels into one: ``unanimous`` (default) takes a label only
+    when every reviewer chose it, ``majority`` the label most reviewers chose (a tie is a conflict), ``latest``
+    the latest annotation whatever the others said. A task whose reviewers disagree under the policy is a
+    ``conflict`` row, listed with the votes and without a reviewed label; a task only skipped (cancelled) is a
+    ``skipped`` row. ``content_fingerprint`` is what the reviewers read (:func:`content_fingerprint`), so that
+    ``relabel apply`` refuses a review whose example has another text in the data.
+    """
+    agreed_label([], agreement)  # checks the policy name
     control = choice_control(project)
     emails = client.user_emails()
-    records, counts = [], {"tasks": 0, "reviewed": 0, "unreviewed": 0, "without_choice": 0, "without_example_id": 0}
+    records = []
+    counts = dict.fromkeys(("tasks", "reviewed", *DECISIONS, "unreviewed", "without_choice", "without_example_id"), 0)
     for task in client.tasks(project.id, with_annotations=True):
         counts["tasks"] += 1
         data = task.data or {}
         if data.get("example_id") is None:
             counts["without_example_id"] += 1
             continue
-        annotation = _latest_annotation(task.annotations or [])
-        if annotation is None:
+        annotations = [a if isinstance(a, dict) else a.model_dump() for a in task.annotations or []]
+        if not annotations:
             counts["unreviewed"] += 1
             continue
-        label = _chosen_label(annotation.get("result") or [], control)
-        if label is None:
+        votes = _votes([a for a in annotations if not a.get("was_cancelled")], control, emails)
+        if not votes and not all(a.get("was_cancelled") for a in annotations):
             counts["without_choice"] += 1
             continue
         counts["reviewed"] += 1
         given = str(data.get("given_label", ""))
-        annotator = annotation.get("completed_by")
-        if isinstance(annotator, dict):
-            annotator = annotator.get("email") or annotator.get("id")
+        label = agreed_label([choice for _, choice, _ in votes], agreement)
+        decision = "skipped" if not votes else "conflict" if label is None else "changed" if label != given else (
+            "confirmed")
+        counts[decision] += 1
+        deciding = votes[-1] if votes else _vote(max(annotations, key=_when), None, emails)
         records.append({"example_id": str(data["example_id"]), "given_label": given, "reviewed_label": label,
-                        "changed": label != given, "annotator": emails.get(annotator, str(annotator)),
-                        "lead_time": annotation.get("lead_time"), "task_id": task.id,
-                        "reviewed_at": str(annotation.get("updated_at") or annotation.get("created_at") or "")})
+                        "decision": decision, "changed": decision == "changed",
+                        "votes": "; ".join(f"{who}: {choice}" for who, choice, _ in votes),
+                        "annotator": deciding[0], "lead_time": deciding[2].get("lead_time"), "task_id": task.id,
+                        "reviewed_at": str(_when(deciding[2])[0]),
+                        "content_fingerprint": content_fingerprint(*shown_content(data))})
     table = pd.DataFrame.from_records(records, columns=list(RELABEL_COLUMNS))
     return table.sort_values("task_id").reset_index(drop=True), counts
 
 
-def _latest_annotation(annotations: list) -> dict | None:
-    kept = [a if isinstance(a, dict) else a.model_dump() for a in annotations]
-    kept = [a for a in kept if not a.get("was_cancelled")]
-    if not kept:
-        return None
-    return max(kept, key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""), a.get("id") or 0))
+def _when(annotation: dict) -> tuple[str, int]:
+    return str(annotation.get("updated_at") or annotation.get("created_at") or ""), annotation.get("id") or 0
+
+
+def _vote(annotation: dict, control: ChoiceControl | None, emails: dict) -> tuple[str, str | None, dict]:
+    who = annotation.get("completed_by")
+    if isinstance(who, dict):
+        who = who.get("email") or who.get("id")
+    label = _chosen_label(annotation.get("result") or [], control) if control is not None else None
+    return emails.get(who, str(who)), label, annotation
+
+
+def _votes(annotations: list[dict], control: ChoiceControl, emails: dict) -> list[tuple[str, str, dict]]:
+    """(reviewer, label, annotation): each reviewer's latest annotation with a label choice, oldest first."""
+    latest: dict[str, tuple[str, str, dict]] = {}
+    for annotation in sorted(annotations, key=_when):
+        vote = _vote(annotation, control, emails)
+        if vote[1] is not None:
+            latest[vote[0]] = vote
+    return sorted(latest.values(), key=lambda v: _when(v[2]))
 
 
 def _chosen_label(result: list, control: ChoiceControl) -> str | None:

@@ -27,6 +27,7 @@ class TextDataset:
     ids: list[str]
     pairs: list[str] | None = None
     source: str = "<memory>"
+    row_number_ids: bool = False  # the table had no id column: removing or reordering rows moves the ids
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -35,7 +36,12 @@ class TextDataset:
         """These examples in the order of ``rows`` (positions)."""
         pick = lambda values: [values[i] for i in rows]  # noqa: E731
         return TextDataset(pick(self.texts), pick(self.labels), pick(self.ids),
-                           None if self.pairs is None else pick(self.pairs), self.source)
+                           None if self.pairs is None else pick(self.pairs), self.source, self.row_number_ids)
+
+    def content_fingerprints(self) -> list[str]:
+        """:func:`content_fingerprint` of every example, in row order."""
+        pairs = self.pairs or [None] * len(self)
+        return [content_fingerprint(t, p) for t, p in zip(self.texts, pairs, strict=True)]
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()
@@ -43,6 +49,12 @@ class TextDataset:
             h.update("\x1f".join(map(str, row)).encode())
             h.update(b"\x1e")
         return h.hexdigest()[:32]
+
+
+def content_fingerprint(text: str, pair: str | None = None) -> str:
+    """What a reviewer reads for one example (its text and, for sentence pairs, the second text) as a short hash.
+    A review belongs to an example only while this is unchanged: the label may be fixed, the text may not move."""
+    return hashlib.sha256(f"{text}\x1f{'' if pair is None else pair}".encode()).hexdigest()[:16]
 
 
 def align_to_ids(data: TextDataset, ids, role: str, owner: str, fingerprint: str | None = None) -> TextDataset:
@@ -173,9 +185,8 @@ def dataset_from_frame(df: pd.DataFrame, where: str, text_column: str = "text", 
                 raise InputError(f"{where}: id {value!r} appears in rows {seen[value] + 1} and {row + 1} of column "
                                  f"{id_column!r}; ids must be unique.")
             seen[value] = row
-    else:
-        ids = [str(i) for i in range(len(df))]
-    return TextDataset(texts, labels, ids, pairs, source=where)
+        return TextDataset(texts, labels, ids, pairs, source=where)
+    return TextDataset(texts, labels, [str(i) for i in range(len(df))], pairs, source=where, row_number_ids=True)
 
 
 def check_label_variants(labels: list[str], where: str, column: str) -> None:

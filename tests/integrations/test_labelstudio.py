@@ -185,16 +185,21 @@ def test_annotate_pull_and_apply(label_studio, run_dir, tmp_path):
     res = run(["labelstudio", "pull", "--project", "review loop", "-o", tmp_path / "relabels.csv"],
               env=env_for(label_studio))
     assert res.exit_code == 0, res.output
-    assert "3 of 6 tasks reviewed, 1 labels changed" in res.output
+    assert "4 of 6 tasks reviewed: 1 labels changed, 2 confirmed, 0 conflicts (unanimous), 1 skipped" in res.output
     relabels = pd.read_csv(tmp_path / "relabels.csv").set_index("example_id")
-    assert list(relabels.columns) == ["given_label", "reviewed_label", "changed", "annotator", "lead_time", "task_id",
-                                      "reviewed_at"]
-    assert set(relabels.index) == {changed.data["example_id"], confirmed.data["example_id"],
-                                   twice.data["example_id"]}
+    assert list(relabels.columns) == ["given_label", "reviewed_label", "decision", "changed", "votes", "annotator",
+                                      "lead_time", "task_id", "reviewed_at", "content_fingerprint"]
+    assert relabels["decision"].to_dict() == {changed.data["example_id"]: "changed",
+                                              confirmed.data["example_id"]: "confirmed",
+                                              cancelled.data["example_id"]: "skipped",
+                                              twice.data["example_id"]: "confirmed"}  # one reviewer, latest counts
     row = relabels.loc[changed.data["example_id"]]
     assert row["reviewed_label"] == flip[row["given_label"]] and row["changed"]
     assert row["annotator"] == "test@example.com" and row["lead_time"] == 2.5
     assert not relabels.loc[twice.data["example_id"], "changed"]
+    assert pd.isna(relabels.loc[cancelled.data["example_id"], "reviewed_label"])
+    manifest = json.loads((tmp_path / "relabels.csv.manifest.json").read_text())
+    assert manifest["counts"]["skipped"] == 1 and manifest["skipped"] == [cancelled.data["example_id"]]
 
     res = run(["relabel", "apply", "--data", d / "train.csv", "--relabels", tmp_path / "relabels.csv",
                "-o", tmp_path / "corrected.csv"])
@@ -206,7 +211,16 @@ def test_annotate_pull_and_apply(label_studio, run_dir, tmp_path):
     assert corrected.loc[changed.data["example_id"], "label"] == flip[original.loc[changed.data["example_id"], "label"]]
     manifest = json.loads((tmp_path / "corrected.csv.manifest.json").read_text())
     assert manifest["counts"]["changed"] == 1 and manifest["counts"]["confirmed"] == 2
+    assert manifest["counts"]["skipped_not_applied"] == 1 and manifest["not_applied"]["skipped"] == [
+        cancelled.data["example_id"]]
     assert manifest["changes"][0]["annotator"] == "test@example.com"
+
+    # applying the same reviews again to the corrected data changes nothing and says so (it exited 2)
+    res = run(["relabel", "apply", "--data", tmp_path / "corrected.csv", "--relabels", tmp_path / "relabels.csv",
+               "-o", tmp_path / "again.csv"])
+    assert res.exit_code == 0 and "in the data already (applied before)" in res.output, res.output
+    assert (tmp_path / "again.csv").read_text() == (tmp_path / "corrected.csv").read_text()
+    assert json.loads((tmp_path / "again.csv.manifest.json").read_text())["counts"]["already_applied"] == 1
 
 
 def test_bad_credentials_give_a_clear_error_and_change_nothing(label_studio, run_dir):
@@ -344,7 +358,9 @@ def test_push_and_pull_options_reach_the_server_or_are_refused(label_studio, run
     swept = set(SELECTION_CASES) | set(PUSH_NOT_SWEPT) | columns | connection | {"run_id", "state_path"}
     push_params = {p.name for p in cli.commands["labelstudio"].commands["push"].params}
     assert push_params == swept, f"push options with no sweep case: {sorted(push_params - swept)}"
-    assert {p.name for p in cli.commands["labelstudio"].commands["pull"].params} == connection | {"output"}
+    # --agreement: test_reviewers_who_disagree_are_listed_not_applied_unless_a_policy_says; --manifest below
+    assert {p.name for p in cli.commands["labelstudio"].commands["pull"].params} == connection | {
+        "output", "manifest_path", "agreement"}
 
     def dry(*args, data="train.csv"):
         args = [str(d / "audit.csv") if a == "AUDIT" else a for a in args]
@@ -391,9 +407,139 @@ def test_push_and_pull_options_reach_the_server_or_are_refused(label_studio, run
                 env=env_for(label_studio))
     assert by_title.exit_code == by_id.exit_code == 0, by_title.output + by_id.output
     assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
+    res = run(["labelstudio", "pull", "--project-id", project.id, "-o", tmp_path / "m.csv", "--manifest",
+               tmp_path / "pull.json"], env=env_for(label_studio))
+    assert res.exit_code == 0 and json.loads((tmp_path / "pull.json").read_text())["project"]["id"] == project.id
+    assert not (tmp_path / "m.csv.manifest.json").exists()
     res = run(["labelstudio", "pull", "--timeout", 1e-6, "--project-id", project.id, "-o", tmp_path / "c.csv"],
               env=env_for(label_studio))
     assert res.exit_code == 2 and "--timeout" in res.output and not (tmp_path / "c.csv").exists()
     res = run(["labelstudio", "pull", "--timeout", 0, "--project-id", project.id, "-o", tmp_path / "c.csv"],
               env=env_for(label_studio))
     assert res.exit_code == 2 and "--timeout" in res.output
+
+
+def choose(client, task_id, label, user=None, **kw):
+    extra = {"completed_by": user} if user is not None else {}
+    client.annotations.create(id=task_id, result=[{"from_name": "label", "to_name": "text", "type": "choices",
+                                                   "value": {"choices": [label]}}], **extra, **kw)
+
+
+def reviewer(client, name):
+    email = f"{name}@example.com"
+    known = {u.email: u.id for u in client.users.list()}
+    return known[email] if email in known else client.users.create(email=email, username=name,
+                                                                    password=f"{name}-password-123").id
+
+
+def test_reviewers_who_disagree_are_listed_not_applied_unless_a_policy_says(label_studio, run_dir, tmp_path):
+    """rt-4401: bob fresh, carol rotten was resolved by 'latest wins' without a word."""
+    d = run_dir
+    assert push(label_studio, d, "two reviewers", "--count", 4).exit_code == 0
+    client = sdk(label_studio)
+    project = project_by_title(client, "two reviewers")
+    tasks = sorted(all_tasks(client, project.id), key=lambda t: t.data["freeshap_rank"])
+    bob, carol, dan = (reviewer(client, name) for name in ("bob", "carol", "dan"))
+    flip = {"negative": "positive", "positive": "negative"}
+    split, majority, agreed = tasks[:3]
+    choose(client, split.id, split.data["given_label"], bob)
+    choose(client, split.id, flip[split.data["given_label"]], carol)
+    for user, label in ((bob, flip[majority.data["given_label"]]), (carol, flip[majority.data["given_label"]]),
+                        (dan, majority.data["given_label"])):
+        choose(client, majority.id, label, user)
+    choose(client, agreed.id, flip[agreed.data["given_label"]], bob)
+    choose(client, agreed.id, flip[agreed.data["given_label"]], carol)
+
+    def pull(*extra):
+        out = tmp_path / f"pull{len(list(tmp_path.iterdir()))}.csv"
+        res = run(["labelstudio", "pull", "--project", "two reviewers", "-o", out, *extra], env=env_for(label_studio))
+        assert res.exit_code == 0, res.output
+        return res, pd.read_csv(out).set_index("example_id"), json.loads(out.with_name(out.name + ".manifest.json")
+                                                                          .read_text())
+
+    res, table, manifest = pull()
+    ids = [t.data["example_id"] for t in (split, majority, agreed)]
+    assert table.loc[ids, "decision"].tolist() == ["conflict", "conflict", "changed"]
+    assert table.loc[ids[0], "votes"] == (f"bob@example.com: {split.data['given_label']}; "
+                                          f"carol@example.com: {flip[split.data['given_label']]}")
+    assert pd.isna(table.loc[ids[0], "reviewed_label"]) and "conflicts (not applied" in res.output
+    assert manifest["counts"]["conflict"] == 2 and isinstance(manifest["counts"]["conflict"], int)
+    assert sorted(manifest["conflict"]) == sorted(ids[:2]) and manifest["agreement"] == "unanimous"
+    _, table, _ = pull("--agreement", "majority")
+    assert table.loc[ids, "decision"].tolist() == ["conflict", "changed", "changed"]
+    _, table, _ = pull("--agreement", "latest")
+    assert table.loc[ids[0], "reviewed_label"] == flip[split.data["given_label"]]
+
+    res, table, _ = pull()
+    relabels = sorted(tmp_path.glob("pull*.csv"))[-1]
+    res = run(["relabel", "apply", "--data", d / "train.csv", "--relabels", relabels, "-o", tmp_path / "fixed.csv"])
+    assert res.exit_code == 0 and "2 conflict rows not applied" in res.output, res.output
+    fixed = pd.read_csv(tmp_path / "fixed.csv").set_index("id")["label"]
+    original = pd.read_csv(d / "train.csv").set_index("id")["label"]
+    assert list(fixed.index[fixed != original]) == [ids[2]]
+
+
+def test_a_push_never_puts_another_text_under_a_review(label_studio, tmp_path):
+    """Data without an id column: v2 drops the first 3 rows, so every row-number id moves; pushing it into the
+    project reviewed on v1 showed other texts under the reviews, and apply changed the wrong examples."""
+    n = 12
+    texts = [f"review text number {i}" for i in range(n)]
+    labels = ["fresh", "rotten"] * (n // 2)
+    pd.DataFrame({"text": texts, "label": labels}).to_csv(tmp_path / "v1.csv", index=False)
+    pd.DataFrame({"text": texts[3:], "label": labels[3:]}).to_csv(tmp_path / "v2.csv", index=False)
+    rng = np.random.default_rng(0)
+    for name, rows in (("v1", n), ("v2", n - 3)):
+        pd.DataFrame({"example_id": [str(i) for i in range(rows)], "value": rng.normal(size=rows),
+                      "value_ce": rng.normal(size=rows)}).to_csv(tmp_path / f"{name}.values.csv", index=False)
+    env = env_for(label_studio)
+    base = ["labelstudio", "push", "--project", "row ids", "--threshold", 100, "--state", tmp_path / "s.json"]
+    res = run([*base, "--values", tmp_path / "v1.values.csv", "--data", tmp_path / "v1.csv"], env=env)
+    assert res.exit_code == 0, res.output
+    client = sdk(label_studio)
+    project = project_by_title(client, "row ids")
+    task = next(t for t in all_tasks(client, project.id) if t.data["example_id"] == "5")
+    choose(client, task.id, "fresh")  # the reviewer changes example 5 ('review text number 5', rotten)
+    res = run(["labelstudio", "pull", "--project", "row ids", "-o", tmp_path / "r.csv"], env=env)
+    assert res.exit_code == 0, res.output
+
+    before = {t.id: t.data for t in all_tasks(client, project.id)}
+    res = run([*base, "--values", tmp_path / "v2.values.csv", "--data", tmp_path / "v2.csv"], env=env)
+    assert res.exit_code == 2, res.output
+    assert "'5' (task" in res.output and "review text number 5" in res.output and "review text number 8" in res.output
+    assert "row numbers" in res.output and "--id-column" in res.output
+    assert {t.id: t.data for t in all_tasks(client, project.id)} == before  # nothing was pushed
+
+    res = run(["relabel", "apply", "--data", tmp_path / "v2.csv", "--relabels", tmp_path / "r.csv", "-o",
+               tmp_path / "fixed.csv"])
+    assert res.exit_code == 2 and "'5' has another text" in res.output and not (tmp_path / "fixed.csv").exists()
+    res = run(["relabel", "apply", "--data", tmp_path / "v1.csv", "--relabels", tmp_path / "r.csv", "-o",
+               tmp_path / "fixed.csv"])
+    assert res.exit_code == 0, res.output
+    assert pd.read_csv(tmp_path / "fixed.csv")["label"][5] == "fresh"
+
+
+def test_after_a_fix_the_preselected_choice_is_the_current_label(label_studio, run_dir, tmp_path):
+    """Re-pushing the fixed data kept a prediction of the old label: Submit would undo the fix."""
+    d = run_dir
+    assert push(label_studio, d, "after the fix", "--count", 3).exit_code == 0
+    client = sdk(label_studio)
+    project = project_by_title(client, "after the fix")
+    task = min(all_tasks(client, project.id), key=lambda t: t.data["freeshap_rank"])
+    flip = {"negative": "positive", "positive": "negative"}
+    new_label = flip[task.data["given_label"]]
+    choose(client, task.id, new_label)
+    env = env_for(label_studio)
+    assert run(["labelstudio", "pull", "--project", "after the fix", "-o", tmp_path / "r.csv"], env=env).exit_code == 0
+    assert run(["relabel", "apply", "--data", d / "train.csv", "--relabels", tmp_path / "r.csv", "-o",
+                tmp_path / "fixed.csv"]).exit_code == 0
+    res = run(["labelstudio", "push", "--values", d / "values.csv", "--data", tmp_path / "fixed.csv", "--project",
+               "after the fix", "--count", 3, "--state", tmp_path / "s.json"], env=env)
+    assert res.exit_code == 0 and "1 tasks now pre-select their current given label" in res.output, res.output
+    (prediction,) = client.predictions.list(task=task.id)
+    assert prediction.result[0]["value"]["choices"] == [new_label]
+    refreshed = client.tasks.get(id=task.id)
+    assert refreshed.data["given_label"] == new_label and f"given label: {new_label}" in refreshed.data[
+        "freeshap_header"]
+    res = run(["labelstudio", "pull", "--project", "after the fix", "-o", tmp_path / "r2.csv"], env=env)
+    assert pd.read_csv(tmp_path / "r2.csv").set_index("example_id").loc[task.data["example_id"], "decision"] == (
+        "confirmed")
