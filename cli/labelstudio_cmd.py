@@ -132,7 +132,10 @@ def push_command(values_path, data_path, audit_path, url, api_key, timeout, titl
                           batch_size=batch_size, progress=progress, row_number_ids=data.row_number_ids)
     verb = "created" if report.created_project else "updated"
     log(f"{verb} project {report.project_id} ({report.project_title!r}): {report.imported} tasks imported, "
-        f"{report.updated} updated, {report.unchanged} unchanged, {report.predictions_added} predictions added"
+        f"{report.refreshed} refreshed (unreviewed, imported again with this run's numbers), {report.updated} "
+        f"reviewed tasks updated, {report.unchanged} unchanged, {report.predictions_added} predictions added"
+        + (f", {report.duplicates_removed} duplicate tasks of an interrupted push removed"
+           if report.duplicates_removed else "")
         + (f"; model version switched to {run.run_id}" if report.switched_model_version else ""))
     if report.predictions_moved:
         log(f"{report.predictions_moved} tasks now pre-select their current given label (it was fixed since the "

@@ -174,12 +174,20 @@ class Client:
     def add_prediction(self, task_id: int, prediction: dict) -> None:
         self.call(f"add a prediction to task {task_id}", self.sdk.predictions.create, task=task_id, **prediction)
 
+    def import_predictions(self, project_id: int, predictions: list[dict]) -> None:
+        self.call(f"import {len(predictions)} predictions", self.sdk.projects.import_predictions, id=project_id,
+                  request=predictions)
+
+    def delete_tasks(self, project_id: int, task_ids: list[int]) -> None:
+        self.call(f"delete {len(task_ids)} outdated tasks", self.sdk.actions.create, id="delete_tasks",
+                  project=project_id, selected_items={"all": False, "included": list(task_ids)})
+
     def update_prediction(self, prediction_id: int, prediction: dict) -> None:
         self.call(f"update prediction {prediction_id}", self.sdk.predictions.update, id=prediction_id, **prediction)
 
     # views ----------------------------------------------------------------------------------------------
     def save_view(self, project_id: int, title: str, ordering: list[str], filters: dict | None = None) -> int:
-        data: dict[str, Any] = {"title": title, "ordering": ordering}
+        data: dict[str, Any] = {"title": title, "ordering": ordering, **view_layout()}
         if filters is not None:
             data["filters"] = filters
         existing = [v for v in self.call("list saved views", self.sdk.views.list, project=project_id)
@@ -331,8 +339,13 @@ DATA_FIELDS = ("example_id", TEXT, PAIR, "given_label", "suggested_label", "free
 
 
 def task_data(row: dict) -> dict:
-    """The task's ``data``: JSON numbers and booleans (so views can sort and filter), NaN -> null."""
-    return {key: _json_value(row[key]) for key in DATA_FIELDS if key in row}
+    """The task's ``data``: JSON numbers and booleans (so views can sort and filter), NaN -> null; values to
+    4 significant digits (readable, and a new run with the same ranking changes nothing)."""
+    return {key: _readable(_json_value(row[key])) for key in DATA_FIELDS if key in row}
+
+
+def _readable(value):
+    return float(f"{value:.4g}") if isinstance(value, float) else value
 
 
 def task_prediction(row: dict, run: ReviewRun, control: ChoiceControl) -> dict:
@@ -363,7 +376,29 @@ def shown_content(data: dict) -> tuple[str, str | None]:
 
 
 def was_reviewed(task) -> bool:
-    return bool((getattr(task, "total_annotations", 0) or 0) + (getattr(task, "cancelled_annotations", 0) or 0))
+    """Someone annotated, skipped or started (a draft) this task: it is updated in place, never replaced."""
+    counts = (getattr(task, "total_annotations", 0) or 0) + (getattr(task, "cancelled_annotations", 0) or 0)
+    return bool(counts or getattr(task, "drafts", None))
+
+
+def _run_of(task) -> str | None:
+    return (task.meta or {}).get("freeshap_dq", {}).get("run_id")
+
+
+def _tasks_by_example(tasks: list) -> tuple[dict, list[int]]:
+    """The project's task of each example id, and the ids of unreviewed extra copies to delete (a push stopped
+    between importing new versions and deleting the old ones leaves both): a reviewed copy wins, else the newest."""
+    by_example: dict[str, list] = {}
+    for task in tasks:
+        example_id = (task.data or {}).get("example_id")
+        if example_id is not None:
+            by_example.setdefault(str(example_id), []).append(task)
+    chosen, extra = {}, []
+    for example_id, copies in by_example.items():
+        copies.sort(key=lambda t: (was_reviewed(t), t.id), reverse=True)
+        chosen[example_id] = copies[0]
+        extra += [t.id for t in copies[1:] if not was_reviewed(t)]
+    return chosen, extra
 
 
 def refuse_moved_reviews(rows: list[dict], existing: dict, project, row_number_ids: bool) -> None:
@@ -398,6 +433,8 @@ class PushReport:
     updated: int = 0
     unchanged: int = 0
     predictions_added: int = 0
+    refreshed: int = 0  # unreviewed tasks imported again with this run's data (the old version deleted)
+    duplicates_removed: int = 0  # unreviewed copies left by a push stopped between import and delete
     predictions_moved: int = 0  # pre-selected choice moved to the current given label (the label was fixed)
     texts_replaced: int = 0  # unreviewed tasks whose example now has another text
     switched_model_version: bool = False
@@ -459,8 +496,7 @@ def push(client: Client, review: pd.DataFrame, selected: pd.Series, run: ReviewR
                                f"push into a new project.")
 
     report = PushReport(project.id, project.title, created_project=created)
-    existing = {str((t.data or {}).get("example_id")): t for t in client.tasks(project.id)
-                if (t.data or {}).get("example_id") is not None}
+    existing, duplicates = _tasks_by_example(client.tasks(project.id))
     predictions = {p.task: p for p in client.predictions(project.id) if p.model_version == run.run_id}
     rows = review.to_dict(orient="records")
     state = PushState.load(state_path) if state_path else None
@@ -469,25 +505,42 @@ def push(client: Client, review: pd.DataFrame, selected: pd.Series, run: ReviewR
 
     refresh = [r for r in rows if r["example_id"] in existing]
     refuse_moved_reviews(refresh, existing, project, row_number_ids)
-    for row in tqdm(refresh, desc="update tasks", unit="task", disable=not _show(progress, len(refresh))):
+    replaced: dict[str, int] = {}  # example id -> the old task, for unreviewed tasks imported again below
+    patch = []
+    for row in refresh:
         task = existing[row["example_id"]]
-        data = task_data(row)
-        if shown_content(task.data or {}) != shown_content(data):
-            report.texts_replaced += 1
-        if task.data != data or (task.meta or {}).get("freeshap_dq", {}).get("run_id") != run.run_id:
-            client.update_task(task.id, data, task_meta(row, run))
-            report.updated += 1
-        else:
+        prediction = predictions.get(task.id)
+        if (task.data == task_data(row) and _run_of(task) == run.run_id and prediction is not None
+                and _chosen_label(prediction.result or [], control) == str(row["given_label"])):
             report.unchanged += 1
+            continue
+        if shown_content(task.data or {}) != shown_content(task_data(row)):
+            report.texts_replaced += 1
+        if was_reviewed(task):
+            patch.append(row)
+        else:
+            replaced[row["example_id"]] = task.id
+    missing_predictions = []
+    for row in tqdm(patch, desc="update reviewed tasks", unit="task", disable=not _show(progress, len(patch))):
+        task = existing[row["example_id"]]
+        client.update_task(task.id, task_data(row), task_meta(row, run))
+        report.updated += 1
         prediction = task_prediction(row, run, control)
         if task.id not in predictions:
-            client.add_prediction(task.id, prediction)
-            report.predictions_added += 1
+            missing_predictions.append({"task": task.id, **prediction})
         elif _chosen_label(predictions[task.id].result or [], control) != str(row["given_label"]):
             client.update_prediction(predictions[task.id].id, prediction)
             report.predictions_moved += 1
+    for start in range(0, len(missing_predictions), batch_size):
+        client.import_predictions(project.id, missing_predictions[start:start + batch_size])
+    report.predictions_added = len(missing_predictions)
 
-    new = [r for r, chosen in zip(rows, selected.to_numpy(), strict=True) if chosen and r["example_id"] not in existing]
+    # New tasks and new versions of unreviewed ones, in rank order and in batches; the old versions are deleted
+    # afterwards (a push stopped in between leaves duplicates, which the next push removes).
+    chosen = selected.to_numpy()
+    new = [r for r, pick in zip(rows, chosen, strict=True)
+           if r["example_id"] in replaced or (pick and r["example_id"] not in existing)]
+    fresh = sum(r["example_id"] not in replaced for r in new)
     bar = tqdm(total=len(new), desc="import tasks", unit="task", disable=not _show(progress, len(new)))
     for start in range(0, len(new), batch_size):
         batch = new[start:start + batch_size]
@@ -502,7 +555,7 @@ def push(client: Client, review: pd.DataFrame, selected: pd.Series, run: ReviewR
             if state is not None:
                 state.record(client.url, project, run, task_ids, pending)
             raise PartialPushError(
-                f"{exc}\nImported {report.imported} of {len(new)} new tasks (harm ranks "
+                f"{exc}\nImported {start} of {len(new)} tasks ({fresh} new, {len(replaced)} refreshed; harm ranks "
                 f"{_rank_span(new[:start])}); {len(pending)} were not imported (ranks {_rank_span(new[start:])})."
                 f"{where} Rerun the same command to import the rest; tasks already imported are not duplicated."
             ) from None
@@ -510,13 +563,18 @@ def push(client: Client, review: pd.DataFrame, selected: pd.Series, run: ReviewR
             raise LabelStudioError(f"the server reported {len(ids)} task ids for {len(batch)} imported tasks; "
                                    f"rerun the push to reconcile (tasks are matched by example_id).")
         task_ids.update({r["example_id"]: i for r, i in zip(batch, ids, strict=True)})
-        report.imported += len(batch)
+        report.imported += sum(r["example_id"] not in replaced for r in batch)
+        report.refreshed += sum(r["example_id"] in replaced for r in batch)
         bar.update(len(batch))
         if state is not None:  # the map stays current even if the push is interrupted
             state.record(client.url, project, run, task_ids, [r["example_id"] for r in new[start + batch_size:]])
         if on_batch is not None:
-            on_batch(report.imported)
+            on_batch(report.imported + report.refreshed)
     bar.close()
+    stale = [*replaced.values(), *duplicates]
+    for start in range(0, len(stale), 1000):
+        client.delete_tasks(project.id, stale[start:start + 1000])
+    report.duplicates_removed = len(duplicates)
 
     if (project.model_version or "") != run.run_id:
         client.set_model_version(project.id, run.run_id)
@@ -526,6 +584,30 @@ def push(client: Client, review: pd.DataFrame, selected: pd.Series, run: ReviewR
     if state is not None:
         state.record(client.url, project, run, task_ids, [])
     return report
+
+
+SERVER_COLUMNS = ("id", "inner_id", "completed_at", "total_annotations", "cancelled_annotations", "total_predictions",
+                  "annotators", "annotations_results", "annotations_ids", "predictions_score",
+                  "predictions_model_versions", "predictions_results", "file_upload", "storage_filename", "created_at",
+                  "updated_at", "updated_by", "avg_lead_time", "draft_exists")  # Label Studio 1.23's task columns
+SHOWN_COLUMNS = ("tasks:id", "tasks:data.freeshap_rank", "tasks:data.example_id", f"tasks:data.{TEXT}",
+                 f"tasks:data.{PAIR}", "tasks:data.given_label", "tasks:data.suggested_label",
+                 "tasks:data.freeshap_value", "tasks:data.freeshap_flagged", "tasks:data.freeshap_hurts",
+                 "tasks:data.cleanlab_label_issue", "tasks:data.cleanlab_label_quality", "tasks:total_annotations",
+                 "tasks:annotators")
+COLUMN_TYPES = {"tasks:data.freeshap_rank": "Number", "tasks:data.freeshap_value": "Number",
+                "tasks:data.freeshap_stderr": "Number", "tasks:data.freeshap_score": "Number",
+                "tasks:data.freeshap_hurts": "Number", "tasks:data.cleanlab_label_quality": "Number",
+                "tasks:data.freeshap_flagged": "Boolean", "tasks:data.cleanlab_label_issue": "Boolean"}
+
+
+def view_layout() -> dict[str, Any]:
+    """What every view shows: the columns a reviewer decides with (the others hidden, in the table and beside the
+    labeling screen), numbers typed as numbers so the table sorts and filters them numerically (the server orders a
+    data field numerically only when the view types it Number; it types every task-data column String itself)."""
+    every = {f"tasks:{c}" for c in SERVER_COLUMNS} | {f"tasks:data.{f}" for f in DATA_FIELDS}
+    hidden = sorted(every - set(SHOWN_COLUMNS))
+    return {"hiddenColumns": {"explore": hidden, "labeling": hidden}, "columnsDisplayType": dict(COLUMN_TYPES)}
 
 
 def save_views(client: Client, project_id: int, audit: bool) -> dict[str, int]:
