@@ -112,6 +112,11 @@ def test_push_creates_project_tasks_predictions_metadata_and_views(label_studio,
 
     views = {v.data["title"]: v.id for v in client.views.list(project=project.id)}
     assert set(views) == {"Most harmful first", "Harmful and label issue", "By prediction score"}
+    for view in client.views.list(project=project.id):  # all 30 columns were shown, text ~3,000 px to the right
+        hidden = set(view.data["hiddenColumns"]["explore"])
+        assert {"tasks:data.text", "tasks:data.given_label", "tasks:data.freeshap_rank"}.isdisjoint(hidden)
+        assert {"tasks:data.freeshap_header", "tasks:inner_id", "tasks:predictions_results"} <= hidden
+        assert view.data["columnsDisplayType"]["tasks:data.freeshap_rank"] == "Number"
     ranked = [t.data["freeshap_rank"] for t in client.tasks.list(project=project.id, view=views["Most harmful first"])]
     assert ranked == list(range(1, 13))
     scored = [t.predictions_score for t in client.tasks.list(project=project.id, view=views["By prediction score"])]
