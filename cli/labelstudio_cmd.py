@@ -7,10 +7,12 @@ import hashlib
 from pathlib import Path
 
 import click
+import numpy as np
 import pandas as pd
 
 from freeshap_dq import __version__
 from freeshap_dq.cli.common import (
+    ARTIFACT_PATH,
     DATA_PATH,
     column_options,
     friendly_errors,
@@ -24,9 +26,11 @@ from freeshap_dq.cli.curate import join_values
 from freeshap_dq.cli.main import cli
 from freeshap_dq.curation.policies import RemovalPolicy
 from freeshap_dq.curation.relabel import AGREEMENT_POLICIES
-from freeshap_dq.data.tables import dataset_from_frame, read_table
+from freeshap_dq.data.tables import dataset_from_frame, load_dataset, read_table
 from freeshap_dq.errors import InputError
 from freeshap_dq.io import check_outputs, table_format, write_json, write_table
+from freeshap_dq.result import ValuationResult
+from freeshap_dq.scores import metric_columns
 
 PATH = click.Path(dir_okay=False, path_type=Path)
 
@@ -78,6 +82,10 @@ def labelstudio_group() -> None:
 @column_options
 @click.option("--audit", "audit_path", type=PATH, default=None,
               help="Table from freeshap-dq cleanlab audit: adds label quality, label issues, suggested labels.")
+@click.option("--result", "result_path", type=ARTIFACT_PATH, default=None,
+              help="Result with per-point values (freeshap-dq value --per-point --save-result) of the same run: each "
+                   "task then shows which validation examples it hurts most (needs --test).")
+@click.option("--test", "test_path", type=DATA_PATH, default=None, help="The validation data of --result.")
 @connection_options
 @click.option("--count", type=int, default=None, help="Push the COUNT most harmful examples.")
 @click.option("--fraction", type=float, default=None,
@@ -97,24 +105,32 @@ def labelstudio_group() -> None:
               "project, state and batch options are then not used).")
 @click.option("--progress/--no-progress", default=None, help="Progress bars on stderr [default: when a terminal].")
 @friendly_errors
-def push_command(values_path, data_path, audit_path, url, api_key, timeout, title, project_id, count, fraction,
-                 threshold, confident, z, both, metric, run_id, batch_size, state_path, dry_run, progress, **columns):
+def push_command(values_path, data_path, audit_path, result_path, test_path, url, api_key, timeout, title, project_id,
+                 count, fraction, threshold, confident, z, both, metric, run_id, batch_size, state_path, dry_run,
+                 progress, **columns):
     """Push review tasks (most harmful first) with scores, a pre-filled prediction and sorted views."""
     state_path = state_path or values_path.with_name(values_path.name + ".labelstudio.json")
     if not dry_run:
-        check_outputs({"--state": state_path}, {"--values": values_path, "--data": data_path, "--audit": audit_path})
+        check_outputs({"--state": state_path}, {"--values": values_path, "--data": data_path, "--audit": audit_path,
+                                                "--result": result_path, "--test": test_path})
         _project_choice(title, project_id, default_title="the default title")
+    if (result_path is None) != (test_path is None):
+        raise click.UsageError("--result and --test go together: the validation examples are named from --test.")
     adapter = _adapter()
     raw = read_table(data_path)
-    data = dataset_from_frame(raw, str(data_path), **pop_data_options(columns))
+    options = pop_data_options(columns)
+    data = dataset_from_frame(raw, str(data_path), **options)
     joined = join_values(values_path, data)
+    evidence = None
+    if result_path is not None:
+        evidence = _evidence(result_path, data, load_dataset(test_path, **options), joined, metric, values_path)
     joined["text"] = data.texts
     if data.pairs is not None:
         joined["pair"] = data.pairs
     if both and audit_path is None:
         raise click.UsageError("--both needs --audit (the table of freeshap-dq cleanlab audit).")
     audit = read_table(audit_path) if audit_path is not None else None
-    review = adapter.review_table(joined, metric=metric, z=z, audit=audit)
+    review = adapter.review_table(joined, metric=metric, z=z, audit=audit, evidence=evidence)
     selected = _selection(joined, review, count, fraction, threshold, confident, z, both, metric)
     run = adapter.ReviewRun(run_id or _run_id(values_path, metric), metric, {
         "values": values_path.name, "data": Path(data_path).name,
@@ -122,6 +138,7 @@ def push_command(values_path, data_path, audit_path, url, api_key, timeout, titl
     log(f"{int(selected.sum())} of {len(review)} examples selected for review (run {run.run_id})")
     if dry_run:
         audit_columns = ["cleanlab_label_quality", "cleanlab_label_issue"] if audit is not None else []
+        audit_columns += ["freeshap_hurts"] if evidence is not None else []
         shown = review[selected.to_numpy()][["freeshap_rank", "example_id", "given_label", "suggested_label",
                                              "freeshap_value", "freeshap_score", *audit_columns]]
         click.echo(shown.to_string(index=False) if len(shown) else "(nothing)")
@@ -151,6 +168,22 @@ def push_command(values_path, data_path, audit_path, url, api_key, timeout, titl
             f"they were left as they are")
     log(f"views: {', '.join(report.views)}; task map in {state_path}")
     click.echo(f"{client.url}/projects/{report.project_id}/data")
+
+
+def _evidence(result_path, data, test, joined, metric, values_path) -> pd.DataFrame:
+    """Per example: how many validation examples it hurts and which most, checked to be the run of the values."""
+    from freeshap_dq.curation.evidence import evidence_table
+
+    table = evidence_table(ValuationResult.load(result_path), data, test, metric, owner=str(result_path))
+    column, _ = metric_columns(metric)
+    mine = joined.set_index("example_id")[column].reindex(table["example_id"]).to_numpy(dtype=float)
+    differs = ~np.isclose(table["value"].to_numpy(), mine, rtol=1e-6, atol=1e-12)
+    if differs.any():
+        i = int(np.flatnonzero(differs)[0])
+        raise InputError(f"{result_path} and {values_path} are not the same run: example {table['example_id'][i]!r} "
+                         f"has value {table['value'][i]:.6g} in one and {mine[i]:.6g} in the other. Give the result "
+                         f"saved with these values (freeshap-dq value --per-point --save-result).")
+    return table.drop(columns=["value"])
 
 
 def _selection(joined, review, count, fraction, threshold, confident, z, both, metric) -> pd.Series:

@@ -29,6 +29,7 @@ from xml.sax.saxutils import quoteattr
 
 import pandas as pd
 
+from freeshap_dq.curation.evidence import clip_text
 from freeshap_dq.curation.relabel import DECISIONS, agreed_label
 from freeshap_dq.data.tables import content_fingerprint
 from freeshap_dq.errors import FreeShapError, InputError
@@ -148,7 +149,8 @@ class Client:
 
     def create_project(self, title: str, config: str, model_version: str):
         return self.call(f"create project {title!r}", self.sdk.projects.create, title=title, label_config=config,
-                         model_version=model_version, sampling=SAMPLING)
+                         model_version=model_version, sampling=SAMPLING, expert_instruction=INSTRUCTIONS,
+                         show_instruction=True)
 
     def set_model_version(self, project_id: int, model_version: str) -> None:
         self.call("switch the project's model version", self.sdk.projects.update, id=project_id,
@@ -213,7 +215,8 @@ def label_config(labels: Iterable[str], pair: bool = False) -> str:
     pair_tag = f'\n  <Text name="{PAIR}" value="${PAIR}"/>' if pair else ""
     return (f'<View>\n  <Header value="$freeshap_header" size="5"/>\n  <Text name="{TEXT}" value="${TEXT}"/>{pair_tag}\n'
             f'  <Choices name="{CONTROL}" toName="{TEXT}" choice="single-radio" showInline="true" required="true">\n'
-            f'{choices}\n  </Choices>\n</View>')
+            f'{choices}\n  </Choices>\n  <Header value="Why" size="6"/>\n  <Text name="why" value="$freeshap_why"/>\n'
+            f'</View>')
 
 
 def choice_control(project) -> ChoiceControl:
@@ -258,9 +261,12 @@ class ReviewRun:
     provenance: dict[str, Any] = field(default_factory=dict)
 
 
-def review_table(table: pd.DataFrame, metric: str = "ce", z: float = DEFAULT_Z, audit: pd.DataFrame | None = None
-                 ) -> pd.DataFrame:
+def review_table(table: pd.DataFrame, metric: str = "ce", z: float = DEFAULT_Z, audit: pd.DataFrame | None = None,
+                 evidence: pd.DataFrame | None = None) -> pd.DataFrame:
     """Per-example review fields, most harmful first.
+
+    ``evidence`` (optional): example_id, freeshap_hurts (validation examples it hurts), freeshap_why (a paragraph,
+    :class:`~freeshap_dq.curation.evidence.HarmEvidence`).
 
     ``table``: example_id, text (+ pair), label, value/value_ce, stderr/stderr_ce (the values table joined
     with the data). ``audit``: the table of ``freeshap-dq cleanlab audit`` (example_id, label_score,
@@ -281,6 +287,13 @@ def review_table(table: pd.DataFrame, metric: str = "ce", z: float = DEFAULT_Z, 
     out["suggestion_source"] = out["suggested_label"].map(lambda s: "the other class" if s else "")
     if audit is not None:
         out = _join_audit(out, audit)
+    out["freeshap_hurts"] = None
+    out["freeshap_why"] = NO_EVIDENCE
+    if evidence is not None:
+        why = evidence.set_index("example_id")
+        known = out["example_id"].isin(why.index).to_numpy()
+        out.loc[known, "freeshap_hurts"] = why.loc[out.loc[known, "example_id"], "freeshap_hurts"].to_numpy()
+        out.loc[known, "freeshap_why"] = why.loc[out.loc[known, "example_id"], "freeshap_why"].to_numpy()
     training_index = table["train_index"].to_numpy() if "train_index" in table.columns else None
     out = out.iloc[harm_order(values, training_index)].reset_index(drop=True)
     out.insert(1, "freeshap_rank", range(1, len(out) + 1))
@@ -323,19 +336,35 @@ def _as_bool(value) -> bool:
 
 
 def _header(row, n: int) -> str:
-    parts = [f"FreeShap harm rank {row.freeshap_rank} of {n}", f"value {row.freeshap_value:+.3g}",
-             f"score {row.freeshap_score:.2f}", f"given label: {row.given_label}"]
+    """The line above the text: rank and percentile, the value in words, the given and the suggested label."""
+    share = 100.0 * row.freeshap_rank / n
+    effect = "hurts" if row.freeshap_value < 0 else "helps" if row.freeshap_value > 0 else "neither helps nor hurts"
+    parts = [f"FreeShap harm rank {row.freeshap_rank:,} of {n:,} (most harmful {share:.2g}%)",
+             f"value {row.freeshap_value:+.2g}: {effect} the validation predictions"
+             + (" (confidently)" if row.freeshap_flagged else ""), f"given label: {row.given_label}"]
     if row.suggested_label:
-        parts.append(f"suggested: {row.suggested_label}")
+        source = "cleanlab" if row.suggestion_source.startswith("cleanlab") else "the other class"
+        parts.append(f"suggested: {row.suggested_label} ({source})")
     quality = getattr(row, "cleanlab_label_quality", None)
     if quality is not None and not math.isnan(quality):
         parts.append(f"cleanlab label quality {quality:.2f}")
     return " · ".join(parts)
 
 
+NO_EVIDENCE = ("Which validation examples it hurts is not shown: push with --result R.npz --test TEST from "
+               "freeshap-dq value --per-point --save-result R.npz.")
+INSTRUCTIONS = (
+    "<p><b>FreeShap review.</b> Each task is a training example ranked by how much it hurts the model's predictions on "
+    "the validation set (its FreeShap value: a Shapley value of kernel regression on the model's neural tangent "
+    "kernel; below 0 = hurts). Rank 1 hurts most; harmful examples are often mislabelled.</p>"
+    "<p>Read the text and choose its <b>correct</b> label. The given label is pre-selected: submitting it confirms "
+    "the label; choosing another one corrects it. The header says the rank, the value and a suggested label; "
+    "<i>Why</i> lists the validation examples this example hurts most. Skip when you cannot tell.</p>")
+
+
 DATA_FIELDS = ("example_id", TEXT, PAIR, "given_label", "suggested_label", "freeshap_value", "freeshap_stderr",
                "freeshap_rank", "freeshap_score", "freeshap_flagged", "cleanlab_label_quality", "cleanlab_label_issue",
-               "freeshap_header")
+               "freeshap_hurts", "freeshap_why", "freeshap_header")
 
 
 def task_data(row: dict) -> dict:
@@ -416,12 +445,8 @@ def refuse_moved_reviews(rows: list[dict], existing: dict, project, row_number_i
            if row_number_ids else "Give the data the ids it was pushed with, or push it into a new project.")
     raise LabelStudioError(
         f"{len(moved)} reviewed task(s) of project {project.id} ({project.title!r}) would show another text under "
-        f"the same example id, e.g. {row['example_id']!r} (task {task.id}): the reviewer saw {_clip(before)!r}, the "
-        f"data now has {_clip(after)!r}. Nothing was pushed: the review would land on the wrong example. {why}")
-
-
-def _clip(text: str, width: int = 60) -> str:
-    return text if len(text) <= width else text[:width - 1] + "…"
+        f"the same example id, e.g. {row['example_id']!r} (task {task.id}): the reviewer saw {clip_text(before, 60)!r}, the "
+        f"data now has {clip_text(after, 60)!r}. Nothing was pushed: the review would land on the wrong example. {why}")
 
 
 @dataclass

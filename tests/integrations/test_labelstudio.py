@@ -330,7 +330,7 @@ def test_label_config_escapes_labels_and_parses():
     config = ls_adapter.label_config(['say "yes"', "a<b&c"], pair=True)
     root = ET.fromstring(config)
     assert [c.get("value") for c in root.iter("Choice")] == ['say "yes"', "a<b&c"]
-    assert [t.get("value") for t in root.iter("Text")] == ["$text", "$pair"]
+    assert [t.get("value") for t in root.iter("Text")] == ["$text", "$pair", "$freeshap_why"]
 
 
 def test_connection_reads_the_environment_at_call_time(monkeypatch):
@@ -352,7 +352,9 @@ SELECTION_CASES = {"count": ["--count", 3], "fraction": ["--fraction", 0.3], "th
 PUSH_NOT_SWEPT = {"values_path": "an input of every case", "data_path": "as --values", "dry_run": "the base of the "
                   "selection cases", "progress": "stderr only: a progress bar",
                   "batch_size": "how tasks are chunked into import requests: "
-                                "test_partial_failure_is_reported_and_resumed_without_duplicates imports in batches"}
+                                "test_partial_failure_is_reported_and_resumed_without_duplicates imports in batches",
+                  "result_path": "test_the_reviewer_sees_why_instructions_and_a_readable_header",
+                  "test_path": "as --result"}
 
 
 def test_push_and_pull_options_reach_the_server_or_are_refused(label_studio, run_dir, tmp_path):
@@ -578,3 +580,42 @@ def test_a_new_run_refreshes_unreviewed_tasks_in_bulk_and_keeps_reviews(label_st
     assert state["tasks"] == {e: t.id for e, t in after.items()}
     res = push(label_studio, d, "bulk refresh", "--count", 10, values="values2.csv")
     assert "0 refreshed" in res.output and f"{len(after)} unchanged" in res.output, res.output
+
+
+def test_the_reviewer_sees_why_instructions_and_a_readable_header(label_studio, run_dir, tmp_path):
+    """No instructions, a 'score 0.00' header for a quarter of the top 100, and no reason why an example is there."""
+    from freeshap_dq.kernels.problem import KernelProblem
+    from freeshap_dq.result import ValuationResult
+
+    d = run_dir
+    problem = KernelProblem.load(d / "K.npz")
+    pd.DataFrame({"id": problem.test_ids, "text": [f"validation review {j}" for j in range(problem.n_test)],
+                  "label": [problem.label_names[y] for y in problem.y_test]}).to_csv(tmp_path / "test.csv", index=False)
+    res = run(["value", "--kernel", d / "K.npz", "--permutations", 20, "--per-point", "--save-result",
+               tmp_path / "r.npz", "-o", tmp_path / "v.csv"])
+    assert res.exit_code == 0, res.output
+    common = ["labelstudio", "push", "--values", tmp_path / "v.csv", "--data", d / "train.csv", "--count", 5,
+              "--project", "why it is here", "--state", tmp_path / "s.json"]
+    res = run([*common, "--result", tmp_path / "r.npz", "--test", tmp_path / "test.csv"], env=env_for(label_studio))
+    assert res.exit_code == 0, res.output
+    client = sdk(label_studio)
+    project = project_by_title(client, "why it is here")
+    assert "FreeShap" in project.expert_instruction and project.show_instruction
+    assert "$freeshap_why" in project.label_config
+    points = ValuationResult.load(tmp_path / "r.npz").point_values("ce")
+    row_of = {e: i for i, e in enumerate(problem.train_ids)}
+    for task in all_tasks(client, project.id):
+        data = task.data
+        i = row_of[data["example_id"]]
+        assert data["freeshap_hurts"] == int((points[i] < 0).sum())
+        assert data["freeshap_why"].startswith(f"Hurts {data['freeshap_hurts']} of {problem.n_test} validation")
+        worst = int(np.argmin(points[i]))
+        assert f"“validation review {worst}”" in data["freeshap_why"]
+        assert f"harm rank {data['freeshap_rank']} of {N_TRAIN}" in data["freeshap_header"]
+        assert "score" not in data["freeshap_header"] and "the validation predictions" in data["freeshap_header"]
+
+    res = run(["labelstudio", "push", "--values", d / "values2.csv", "--data", d / "train.csv", "--count", 5,
+               "--result", tmp_path / "r.npz", "--test", tmp_path / "test.csv", "--dry-run"])
+    assert res.exit_code == 2 and "are not the same run" in res.output  # values of another run than the result
+    res = run([*common, "--result", tmp_path / "r.npz"], env=env_for(label_studio))
+    assert res.exit_code == 2 and "--test" in res.output
