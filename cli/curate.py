@@ -21,6 +21,7 @@ from freeshap_dq.cli.common import (
     z_option,
 )
 from freeshap_dq.cli.main import cli
+from freeshap_dq.curation.explain import explain, explanation_table, explanation_text, flagged_harmful
 from freeshap_dq.curation.policies import ROUNDING_RULE, RemovalPolicy, SelectionPolicy, policy_dict
 from freeshap_dq.data.tables import (
     TextDataset,
@@ -33,7 +34,6 @@ from freeshap_dq.data.tables import (
 from freeshap_dq.errors import InputError
 from freeshap_dq.io import check_outputs, table_format, write_json, write_table
 from freeshap_dq.result import ValuationResult
-from freeshap_dq.scores import harm_order, worth_order
 
 PATH = click.Path(dir_okay=False, path_type=Path)
 
@@ -199,12 +199,21 @@ def _curate(kind, policy, values_path, data_path, output, manifest_path, dry_run
 @click.option("--row", "rows", type=int, multiple=True, help="Test example row number, from 1 (repeatable).")
 @click.option("--top-k", type=int, default=5, show_default=True, help="Helpful and harmful examples to show.")
 @metric_option("Per-test-point value to rank by.")
-@click.option("-o", "--output", default="-", show_default=True, help="Table (.csv/.parquet/.json/.jsonl; - = stdout).")
+@z_option("z of 'flagged harmful' (value + z*stderr < 0 over the whole validation set).")
+@click.option("-o", "--output", default="-", show_default=True,
+              help="Table (.csv/.parquet/.json/.jsonl), or - for the terminal.")
+@click.option("--format", "fmt", type=click.Choice(["text", "csv", "json"]), default=None,
+              help="On the terminal: text (default, readable) or csv / json (one row per test example, kind and "
+                   "rank); a file's format follows its extension.")
 @friendly_errors
-def explain_command(result_path, train_path, test_path, examples, rows, top_k, metric, output, **columns):
+def explain_command(result_path, train_path, test_path, examples, rows, top_k, metric, z, output, fmt, **columns):
     """Which training examples made these test predictions right or wrong: top-k helpful and harmful."""
+    if fmt is not None and output != "-":
+        raise click.UsageError("--format is for the terminal (-o -); a file's format follows its extension.")
     check_outputs({"-o/--output": output}, {"--result": result_path, "--train": train_path, "--test": test_path})
     table_format(output)
+    if top_k < 1:
+        raise InputError("--top-k must be at least 1.")
     opts = pop_data_options(columns)
     train, test = load_dataset(train_path, **opts), load_dataset(test_path, **opts)
     result = ValuationResult.load(result_path)
@@ -215,18 +224,16 @@ def explain_command(result_path, train_path, test_path, examples, rows, top_k, m
     if shape != (len(train), len(test)):
         raise InputError(f"{result_path} values {shape[0]} training x {shape[1]} test examples, but the "
                          f"data files have {len(train)} and {len(test)}; give the files the run used.")
-    if top_k < 1:
-        raise InputError("--top-k must be at least 1.")
-    targets = _test_rows(test, examples, rows)
-    records = []
-    for t in targets:
-        column = result.point_column(t, metric)
-        for kind, picks in (("helpful", worth_order(column)[:top_k]), ("harmful", harm_order(column)[:top_k])):
-            for rank, i in enumerate(picks, 1):
-                records.append({"test_id": test.ids[t], "test_text": test.texts[t], "test_label": test.labels[t],
-                                "kind": kind, "rank": rank, "train_id": train.ids[i], "train_text": train.texts[i],
-                                "train_label": train.labels[i], "value": float(column[i])})
-    write_table(pd.DataFrame.from_records(records), output)
+    explanations = explain(result, _test_rows(test, examples, rows), top_k, metric)
+    flagged = flagged_harmful(result, metric, z)
+    if output == "-" and fmt in (None, "text"):
+        click.echo(explanation_text(explanations, train, test, flagged, metric))
+        return
+    table = explanation_table(explanations, train, test, flagged)
+    if output == "-" and fmt == "json":
+        click.echo(table.to_json(orient="records", indent=1, force_ascii=False))
+    else:
+        write_table(table, output)
 
 
 def _test_rows(test: TextDataset, examples, rows) -> list[int]:

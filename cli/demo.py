@@ -58,7 +58,7 @@ def report_command(result_path, data_path, html_path, top, **columns):
     df = summary_table(result, data, owner=str(result_path))
     click.echo(text_report(result, df, top))
     if html_path is not None:
-        html_report(result, df, html_path, top=max(top, 20))
+        html_report(result, df, html_path, top=top)
         log(f"wrote {html_path}")
 
 
@@ -105,7 +105,7 @@ def demo_command(output_dir, train_path, test_path, n_train, n_test, noise, mode
     ntk = NTKConfig(model=model, trainable=trainable, **sizes)
     train, test, flipped = _demo_data(train_path, test_path, n_train, n_test, noise, seed, columns)
     log(f"data: {len(train)} train / {len(test)} test ({train.source}), {int(flipped.sum())} training labels flipped")
-    config = ValuationConfig(permutations=permutations, seed=seed)
+    config = ValuationConfig(permutations=permutations, seed=seed, per_point=True)  # explain works on the result
     output_dir.mkdir(exist_ok=True)
     problem, kernel_manifest = build_kernel(train, test, ntk, cache_dir=output_dir / "kernels", progress=progress,
                                             log=log, return_manifest=True)
@@ -139,7 +139,9 @@ def demo_command(output_dir, train_path, test_path, n_train, n_test, noise, mode
                f" Total {summary['seconds']:.0f} s.")
     click.echo(f"\nOutputs in {output_dir}/: values.csv, report.html, report.txt, result.npz, manifest.json, "
                f"train.csv / test.csv.\nNext: freeshap-dq prune --values {output_dir}/values.csv --data "
-               f"{output_dir}/train.csv --fraction 0.1 --max-class-fraction 0.2 -o cleaned.csv")
+               f"{output_dir}/train.csv --fraction 0.1 --max-class-fraction 0.2 -o cleaned.csv\n"
+               f"Why a test prediction is right or wrong: freeshap-dq explain --result {output_dir}/result.npz "
+               f"--train {output_dir}/train.csv --test {output_dir}/test.csv --example {test.ids[0]}")
 
 
 def _demo_summary(result: ValuationResult, df: pd.DataFrame, flipped: np.ndarray, train: TextDataset,

@@ -124,6 +124,20 @@ class Client:
         return LabelStudioError(f"Label Studio at {self.url} answered {status} while trying to {what}: "
                                 f"{json.dumps(body)[:500]}")
 
+    def pages(self, what: str, fn: Callable, page_size: int = 500, **kwargs) -> list:
+        """Every item of a paginated listing, page by page, stopping at the last page: the SDK's pager asks for
+        the page after the last one, which the server answers with an error and a traceback in its log."""
+        items: list = []
+        page = 1
+        while True:
+            pager = self.call(what, fn, page=page, page_size=page_size, **kwargs)
+            chunk = list(pager.items or [])
+            items += chunk
+            total = getattr(pager.response, "total", None) or getattr(pager.response, "count", None)
+            if len(chunk) < page_size or (total is not None and len(items) >= total):
+                return items
+            page += 1
+
     def check(self) -> str:
         """Who the key belongs to (also proves the server is there and the key works)."""
         user = self.call("check the API key", self.sdk.users.whoami)
@@ -139,7 +153,7 @@ class Client:
             raise
 
     def find_project(self, title: str):
-        found = [p for p in self.call(f"list projects titled {title!r}", self.sdk.projects.list, title=title)
+        found = [p for p in self.pages(f"list projects titled {title!r}", self.sdk.projects.list, title=title)
                  if p.title == title]
         if len(found) > 1:
             ids = ", ".join(str(p.id) for p in found)
@@ -159,8 +173,7 @@ class Client:
     # tasks ----------------------------------------------------------------------------------------------
     def tasks(self, project_id: int, with_annotations: bool = False) -> list:
         fields = "all" if with_annotations else "task_only"
-        return list(self.call("list the project's tasks", self.sdk.tasks.list, project=project_id, fields=fields,
-                              page_size=500))
+        return self.pages("list the project's tasks", self.sdk.tasks.list, project=project_id, fields=fields)
 
     def import_tasks(self, project_id: int, tasks: list[dict]) -> list[int]:
         response = self.call(f"import {len(tasks)} tasks", self.sdk.projects.import_tasks, id=project_id,

@@ -50,6 +50,23 @@ def diagnostics(result: ValuationResult, metric: str = "ce") -> dict[str, float]
     return out
 
 
+DIAGNOSTIC_NAMES = {
+    "permutations": "Permutations",
+    "median_stderr_over_spread": "Median standard error / spread of the values (lower = better converged)",
+    "confidently_harmful": f"Confidently harmful (value + {DEFAULT_Z} × stderr < 0)",
+    "confidently_helpful": f"Confidently helpful (value − {DEFAULT_Z} × stderr > 0)",
+    "mean_fraction_evaluated": "Mean fraction of each permutation evaluated (truncation)",
+    "min_fraction_evaluated": "Smallest fraction of a permutation evaluated",
+    "truncated_permutations": "Permutations cut short by truncation",
+}
+
+
+def diagnostics_table(result: ValuationResult) -> pd.DataFrame:
+    """The diagnostics in words, one per row (the report's table)."""
+    return pd.DataFrame([{"diagnostic": DIAGNOSTIC_NAMES.get(key, key), "value": value}
+                         for key, value in diagnostics(result).items()])
+
+
 def text_report(result: ValuationResult, df: pd.DataFrame, top: int = 10) -> str:
     man = result.manifest
     lines = [f"FreeShap report — {result.method}, {result.count} permutation(s), n_train={result.n_train}, "
@@ -98,7 +115,7 @@ def html_report(result: ValuationResult, df: pd.DataFrame, path: str | Path, top
         ax.boxplot([df.loc[df["label"] == label, "value_ce"] for label in labels], tick_labels=labels)
         ax.axhline(0, color="black", lw=0.8)
         ax.set_title("Values by class (−CE utility)")
-        images.append(("Per class", _png(fig, plt)))
+        by_class = _png(fig, plt)
     fig, ax = plt.subplots(figsize=(6, 3.4))
     ax.scatter(df["value_ce"], df["stderr_ce"], s=6, alpha=0.6, c=df["flipped"] if "flipped" in df else "#4477aa")
     ax.plot(*_band(df), color="#cc6677", lw=1, label=f"|value| = {DEFAULT_Z} × stderr")
@@ -109,18 +126,18 @@ def html_report(result: ValuationResult, df: pd.DataFrame, path: str | Path, top
     ax.legend(loc="upper right", fontsize=8)
     images.append(("Convergence", _png(fig, plt)))
 
-    diag = diagnostics(result)
     cols = [c for c in ("example_id", "label", "value_ce", "stderr_ce", "value", "flipped", "text") if c in df]
     body = [f"<h1>FreeShap report</h1><p>{html.escape(result.method)} · {result.count} permutation(s) · "
             f"n_train = {result.n_train} · n_test = {result.manifest.get('n_test')} · ridge "
             f"{result.manifest.get('ridge', float('nan')):.4g} ({html.escape(str(result.manifest.get('ridge_mode')))})</p>",
-            "<h2>Diagnostics</h2>" + _table(pd.DataFrame([diag]))]
+            "<h2>Diagnostics</h2>" + _table(diagnostics_table(result))]
     for title, data in images:
         body.append(f"<h2>{title}</h2><img alt='{title}' src='data:image/png;base64,{data}'>")
     body.append("<h2>Most harmful</h2>" + _table(df.nsmallest(top, "value_ce")[cols]))
     body.append("<h2>Most helpful</h2>" + _table(df.nlargest(top, "value_ce")[cols]))
     if "label" in df:
-        body.append("<h2>Per class</h2>" + _table(_per_class(df).reset_index()))
+        body.append(f"<h2>Per class</h2><img alt='Values by class' src='data:image/png;base64,{by_class}'>"
+                    + _table(_per_class(df).reset_index()))
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>FreeShap report</title><style>"
             "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
             "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}"

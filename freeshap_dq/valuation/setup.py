@@ -109,6 +109,9 @@ def make_engine(problem: ValuationProblem, config: ValuationConfig, utility: Uti
                                block_size=config.block_size)
 
 
+FULL_POINTS_LIMIT = 100_000  # test examples whose full-data accuracy and -CE the manifest records (for explain)
+
+
 def run_manifest(problem: ValuationProblem, config: ValuationConfig, utility: Utility) -> dict[str, Any]:
     """What a result records about how it was made (configuration, kernel, ridge, utilities, versions)."""
     choice = utility.ridge_choice
@@ -121,6 +124,9 @@ def run_manifest(problem: ValuationProblem, config: ValuationConfig, utility: Ut
         "ridge": choice.value, "ridge_mode": choice.mode,
         "ridge_grid": [{"ridge": lam, "loo_squared_error": err} for lam, err in choice.grid],
         "utility_full": dict(zip(METRICS, utility.full, strict=True)),
+        "full_data_test_points": {metric: point.detach().cpu().double().tolist()
+                                  for metric, point in zip(METRICS, utility.full_point, strict=True)}
+        if problem.n_test <= FULL_POINTS_LIMIT else None,
         "utility_empty": dict(zip(METRICS, utility.empty, strict=True)),
         "device": str(utility.device),
         "versions": {"freeshap_dq": __version__, "torch": torch.__version__, "numpy": np.__version__,

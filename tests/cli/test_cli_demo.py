@@ -20,6 +20,7 @@ def test_demo_pipeline_end_to_end_on_a_tiny_model(tmp_path, tiny_bert_path):
                                    "--model", str(tiny_bert_path), "--noise", "0.25", "--permutations", "20",
                                    "--output-dir", str(out), "--no-progress"])
     assert res.exit_code == 0, res.output
+    res_demo = res
     assert "flipped labels" in res.output and "AUROC" in res.output
     for name in ("values.csv", "report.html", "report.txt", "result.npz", "manifest.json", "train.csv", "test.csv"):
         assert (out / name).exists(), name
@@ -34,6 +35,11 @@ def test_demo_pipeline_end_to_end_on_a_tiny_model(tmp_path, tiny_bert_path):
                                    "--count", "2", "-o", str(tmp_path / "clean.csv")])
     assert res.exit_code == 0, res.output
     assert len(pd.read_csv(tmp_path / "clean.csv")) == 10
+    command = next(line for line in res_demo.output.splitlines() if "freeshap-dq explain" in line)
+    args = command.split("freeshap-dq ", 1)[1].split()  # the printed command works (the result has per-point values)
+    explained = CliRunner().invoke(cli, args)
+    assert explained.exit_code == 0 and "Most harmful training examples" in explained.output, explained.output
+    assert "Kernel regression on all training data: " in explained.output and "not recorded" not in explained.output
     res = CliRunner().invoke(cli, ["report", "--result", str(out / "result.npz"), "--data", str(out / "train.csv"),
                                    "--html", str(tmp_path / "r.html")])
     assert res.exit_code == 0 and "Most harmful" in res.output and (tmp_path / "r.html").exists()

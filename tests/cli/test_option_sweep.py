@@ -257,7 +257,14 @@ def test_report_explain_and_relabel_options_change_the_output_or_are_refused(tmp
     assert len(table("--example", "t0", "--top-k", 2)) != len(base)
     assert not table("--example", "t0", "--metric", "accuracy")["value"].equals(base["value"])
     assert invoke(*explain, "--example", "t0", "--id-column", "nope").exit_code == 2
-    covered = {"result_path", "train_path", "test_path", "examples", "rows", "top_k", "metric", "output",
+    assert not table("--example", "t0", "--z", 0)["flagged_harmful"].equals(base["flagged_harmful"])
+    terminal = ["explain", "--result", tmp_path / "r.npz", "--train", tmp_path / "train.csv", "--test",
+                tmp_path / "test.csv", "--example", "t0"]
+    text, csv, as_json = (invoke(*terminal, *args).output for args in ((), ("--format", "csv"), ("--format", "json")))
+    assert "Most harmful training examples" in text and text.count("test 0") == 1
+    assert csv.startswith("test_id,") and json.loads(as_json)[0]["test_id"] == "t0"
+    assert invoke(*explain, "--example", "t0", "--format", "csv").exit_code == 2  # a file's format is its extension
+    covered = {"result_path", "train_path", "test_path", "examples", "rows", "top_k", "metric", "output", "z", "fmt",
                "text_column", "label_column", "id_column", "pair_column", "allow_label_variants"}
     assert {q.name for q in cli.commands["explain"].params} == covered
 

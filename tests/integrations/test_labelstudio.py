@@ -619,3 +619,14 @@ def test_the_reviewer_sees_why_instructions_and_a_readable_header(label_studio, 
     assert res.exit_code == 2 and "are not the same run" in res.output  # values of another run than the result
     res = run([*common, "--result", tmp_path / "r.npz"], env=env_for(label_studio))
     assert res.exit_code == 2 and "--test" in res.output
+
+
+def test_listing_tasks_puts_no_traceback_in_the_server_log(label_studio, run_dir, tmp_path):
+    """The SDK's pager asked for the page after the last one: every listing logged a traceback on the server."""
+    log = label_studio.log_path
+    before = log.read_text(errors="replace").count("Traceback")
+    assert push(label_studio, run_dir, "quiet server", "--count", 3).exit_code == 0
+    res = run(["labelstudio", "pull", "--project", "quiet server", "-o", tmp_path / "r.csv"],
+              env=env_for(label_studio))
+    assert res.exit_code == 0, res.output
+    assert log.read_text(errors="replace").count("Traceback") == before
