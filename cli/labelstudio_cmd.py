@@ -30,7 +30,7 @@ from freeshap_dq.data.tables import dataset_from_frame, load_dataset, read_table
 from freeshap_dq.errors import InputError
 from freeshap_dq.io import check_outputs, table_format, write_json, write_table
 from freeshap_dq.result import ValuationResult
-from freeshap_dq.scores import metric_columns
+from freeshap_dq.scores import DEFAULT_Z, metric_columns
 
 PATH = click.Path(dir_okay=False, path_type=Path)
 
@@ -247,3 +247,104 @@ def pull_command(url, api_key, timeout, title, project_id, output, manifest_path
         log("conflicts (not applied by relabel apply): " + "; ".join(
             f"{row.example_id} ({row.votes})" for row in shown.itertuples()))
 
+
+
+@labelstudio_group.command("sync")
+@click.option("--data", "data_path", type=DATA_PATH, required=True,
+              help="The training data as it is now (the previous round's OUTPUT_DIR/train.csv).")
+@column_options
+@click.option("--kernel", "kernel_path", type=ARTIFACT_PATH, required=True,
+              help="The kernel of the data (freeshap-dq kernel): it depends on the texts, not the labels, so it is "
+                   "reused with the corrected labels.")
+@connection_options
+@click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="This round's folder: train.csv (corrected), relabels.csv, values.csv, sync.json.")
+@click.option("--agreement", type=click.Choice(AGREEMENT_POLICIES), default="unanimous", show_default=True,
+              help="When reviewers disagree (as for pull).")
+@click.option("--count", type=int, default=None, help="Queue the COUNT most harmful examples.")
+@click.option("--fraction", type=float, default=None,
+              help="Queue the most harmful fraction (0-1) [default: 0.1 when --count is not given].")
+@metric_option()
+@click.option("--permutations", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Permutations of the new valuation.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the permutations.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Tasks per import request.")
+@click.option("--progress/--no-progress", default=None, help="Progress bars on stderr [default: when a terminal].")
+@friendly_errors
+def sync_command(data_path, kernel_path, url, api_key, timeout, title, project_id, output_dir, agreement, count,
+                 fraction, metric, permutations, seed, batch_size, progress, **columns):
+    """One review round: pull the reviews, apply them, value the corrected data on the same kernel and push the
+    new ranks. Rerunning it without new reviews changes nothing; the next round runs on OUTPUT_DIR/train.csv."""
+    from freeshap_dq.config import ValuationConfig
+    from freeshap_dq.curation.relabel import apply_relabels, relabelled_problem
+    from freeshap_dq.data.tables import write_data_table
+    from freeshap_dq.io import outputs_together
+    from freeshap_dq.kernels.problem import KernelProblem
+    from freeshap_dq.valuation.run import compute_values
+
+    check_outputs({"--output-dir": output_dir}, {"--data": data_path, "--kernel": kernel_path},
+                  folders=("--output-dir",))
+    title, project_id = _project_choice(title, project_id)
+    if count is not None and fraction is not None:
+        raise click.UsageError("give --count or --fraction, not both.")
+    fraction = 0.1 if count is None and fraction is None else fraction
+    RemovalPolicy(fraction, count, None, False, DEFAULT_Z, 1.0, metric, allow_empty_class=True)  # checks them now
+    config = ValuationConfig(permutations=permutations, seed=seed, rank_metric=metric)
+    adapter = _adapter()
+    options = pop_data_options(columns)
+    raw = read_table(data_path)
+    data = dataset_from_frame(raw, str(data_path), **options)
+    problem = KernelProblem.load(kernel_path)
+    relabelled_problem(problem, data, str(kernel_path))  # the kernel is the data's, before any server call
+    client = _client(adapter, url, api_key, timeout)
+    project = client.project(project_id) if project_id is not None else client.find_project(title)
+    if project is None:
+        raise InputError(f"{client.url} has no project titled {title!r}; push to it first, or check --project.")
+
+    reviews, pulled = adapter.pull(client, project, agreement=agreement)
+    new_labels = sorted(set(reviews["reviewed_label"].dropna()) - set(data.labels))
+    if new_labels:
+        raise InputError(f"reviewers of project {project.id} chose label(s) {', '.join(map(repr, new_labels))} that "
+                         f"{data_path} does not have: a new class needs a new kernel. Run freeshap-dq labelstudio "
+                         f"pull, relabel apply --allow-new-labels, kernel and value, then push.")
+    outcome = apply_relabels(raw, data, reviews, options["label_column"], f"the reviews of project {project.id}",
+                             on_conflict="error")
+    corrected = dataset_from_frame(outcome.corrected, str(data_path), **options)
+    problem, _ = relabelled_problem(problem, corrected, str(kernel_path))
+    result = compute_values(problem, config, progress=progress)
+    values = result.to_dataframe(metric)
+    output_dir.mkdir(exist_ok=True)
+    state_path = output_dir / "labelstudio-state.json"
+    with outputs_together(output_dir) as scratch:
+        write_data_table(outcome.corrected, scratch / "train.csv", like=data_path)
+        write_table(reviews, str(scratch / "relabels.csv"))
+        write_table(values, str(scratch / "values.csv"))
+        joined = join_values(scratch / "values.csv", corrected)
+        joined["text"] = corrected.texts
+        if corrected.pairs is not None:
+            joined["pair"] = corrected.pairs
+        review = adapter.review_table(joined, metric=metric)
+        selected = _selection(joined, review, count, fraction, None, False, DEFAULT_Z, False, metric)
+        run = adapter.ReviewRun(_run_id(scratch / "values.csv", metric), metric, {
+            "values": "values.csv", "data": "train.csv", "round": output_dir.name, "freeshap_dq": __version__})
+        report = adapter.push(client, review, selected, run, project_id=project.id, state_path=state_path,
+                              batch_size=batch_size, progress=progress, row_number_ids=corrected.row_number_ids)
+        top = review.head(5)["example_id"].tolist()
+        summary = {"command": "labelstudio sync", "freeshap_dq": __version__,
+                   "created": dt.datetime.now(dt.timezone.utc).isoformat(), "project": {"id": project.id,
+                                                                                          "title": project.title},
+                   "data": str(data_path), "kernel": str(kernel_path), "agreement": agreement,
+                   "reviews": pulled, "applied": outcome.counts, "not_applied": outcome.undecided,
+                   "changes": outcome.changes.to_dict(orient="records"), "valuation": config.to_dict(),
+                   "push": {"imported": report.imported, "refreshed": report.refreshed, "updated": report.updated,
+                            "unchanged": report.unchanged, "predictions_moved": report.predictions_moved},
+                   "new_top_harmful": top}
+        write_json(summary, scratch / "sync.json")
+    counts = outcome.counts
+    click.echo(f"Round {output_dir}: {counts['changed']} labels fixed, {counts['confirmed']} confirmed, "
+               f"{counts['already_applied']} applied before, {pulled['conflict']} conflicts and {pulled['skipped']} "
+               f"skips not applied; {report.imported} new tasks, {report.refreshed + report.updated} updated, "
+               f"{report.unchanged} unchanged.\nMost harmful now: {', '.join(top)}.\n"
+               f"Next round: freeshap-dq labelstudio sync --data {output_dir}/train.csv --kernel {kernel_path} "
+               f"--project-id {project.id} --output-dir NEXT_ROUND")

@@ -16,12 +16,12 @@ writes them:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
 
-from freeshap_dq.data.tables import TextDataset
+from freeshap_dq.data.tables import TextDataset, align_to_ids
 from freeshap_dq.errors import InputError
 
 CONFLICT_ACTIONS = ("error", "skip", "apply")
@@ -190,3 +190,20 @@ def _plain(value):
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return None
     return value.item() if hasattr(value, "item") else value
+
+
+def relabelled_problem(problem, data: TextDataset, owner: str = "the kernel"):
+    """``problem`` (a :class:`~freeshap_dq.kernels.problem.KernelProblem`) with the training labels of ``data``,
+    joined by example id. The kernel is reused as it is: an eNTK depends on the texts, not on the labels (the
+    encoder-head and prompt kernels of this package never read the labels). Labels the kernel's classes do not
+    include are refused: a new class needs a new kernel."""
+    if problem.train_ids is None and len(data) != problem.n_train:
+        raise InputError(f"{data.source} has {len(data)} rows but {owner} has {problem.n_train} training examples.")
+    aligned = align_to_ids(data, problem.train_ids, "training", owner)
+    names = [str(n) for n in problem.label_names] or [str(c) for c in range(problem.n_classes)]
+    unknown = sorted(set(aligned.labels) - set(names))
+    if unknown:
+        raise InputError(f"{data.source} has label(s) {', '.join(map(repr, unknown))} that {owner} does not know "
+                         f"(classes: {', '.join(names)}); compute the kernel again for the new classes.")
+    index = {name: c for c, name in enumerate(names)}
+    return replace(problem, y_train=np.array([index[label] for label in aligned.labels], dtype=np.int64)), aligned

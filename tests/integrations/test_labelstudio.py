@@ -630,3 +630,68 @@ def test_listing_tasks_puts_no_traceback_in_the_server_log(label_studio, run_dir
               env=env_for(label_studio))
     assert res.exit_code == 0, res.output
     assert log.read_text(errors="replace").count("Traceback") == before
+
+
+def test_sync_runs_a_review_round_and_a_rerun_changes_nothing(label_studio, run_dir, tmp_path):
+    """pull -> apply -> value on the same kernel with the corrected labels -> push, in one command."""
+    from freeshap_dq import ValuationConfig, compute_values
+    from freeshap_dq.curation.relabel import relabelled_problem
+    from freeshap_dq.data.tables import load_dataset
+    from freeshap_dq.kernels.problem import KernelProblem
+
+    d = run_dir
+    env = env_for(label_studio)
+    assert push(label_studio, d, "sync rounds", "--count", 6).exit_code == 0
+    client = sdk(label_studio)
+    project = project_by_title(client, "sync rounds")
+    tasks = sorted(all_tasks(client, project.id), key=lambda t: t.data["freeshap_rank"])
+    flip = {"negative": "positive", "positive": "negative"}
+    fixed, confirmed, disputed = tasks[:3]
+    choose(client, fixed.id, flip[fixed.data["given_label"]])
+    choose(client, confirmed.id, confirmed.data["given_label"])
+    choose(client, disputed.id, flip[disputed.data["given_label"]], reviewer(client, "erin"))
+    choose(client, disputed.id, disputed.data["given_label"], reviewer(client, "frank"))
+
+    sync = ["labelstudio", "sync", "--kernel", d / "K.npz", "--project", "sync rounds", "--count", 6,
+            "--permutations", 20]
+    res = run([*sync, "--data", d / "train.csv", "--output-dir", tmp_path / "round1"], env=env)
+    assert res.exit_code == 0, res.output
+    assert "1 labels fixed, 1 confirmed" in res.output and "1 conflicts" in res.output, res.output
+    round1 = tmp_path / "round1"
+    corrected = pd.read_csv(round1 / "train.csv").set_index("id")["label"]
+    original = pd.read_csv(d / "train.csv").set_index("id")["label"]
+    assert list(corrected.index[corrected != original]) == [fixed.data["example_id"]]
+    problem, _ = relabelled_problem(KernelProblem.load(d / "K.npz"), load_dataset(round1 / "train.csv"))
+    expected = compute_values(problem, ValuationConfig(permutations=20, seed=0)).to_dataframe("ce")
+    values = pd.read_csv(round1 / "values.csv")
+    assert np.allclose(values["value_ce"], expected["value_ce"]) and values["example_id"].tolist() == expected[
+        "example_id"].tolist()
+    summary = json.loads((round1 / "sync.json").read_text())
+    assert summary["applied"]["changed"] == 1 and summary["not_applied"]["conflict"] == [disputed.data["example_id"]]
+    task = client.tasks.get(id=fixed.id)
+    assert task.data["given_label"] == flip[fixed.data["given_label"]]  # the fix is what the reviewer sees now
+    (prediction,) = [p for p in client.predictions.list(task=fixed.id) if p.model_version == project_by_title(
+        client, "sync rounds").model_version]
+    assert prediction.result[0]["value"]["choices"] == [task.data["given_label"]]
+
+    res = run([*sync, "--data", round1 / "train.csv", "--output-dir", tmp_path / "round2"], env=env)
+    assert res.exit_code == 0, res.output
+    assert "0 labels fixed" in res.output and "0 new tasks, 0 updated" in res.output, res.output
+    assert (tmp_path / "round2" / "values.csv").read_bytes() == (round1 / "values.csv").read_bytes()
+    assert (tmp_path / "round2" / "train.csv").read_bytes() == (round1 / "train.csv").read_bytes()
+
+    res = run([*sync, "--data", round1 / "train.csv", "--output-dir", tmp_path / "round3", "--seed", 1,
+               "--agreement", "latest", "--metric", "accuracy", "--fraction", 0.2, "--batch-size", 2], env=env)
+    assert res.exit_code == 2 and "--count" in res.output  # --count and --fraction together are refused
+    res = run([*sync[:-4], "--permutations", 20, "--data", round1 / "train.csv", "--output-dir", tmp_path / "round3",
+               "--seed", 1, "--agreement", "latest", "--metric", "accuracy", "--fraction", 0.2, "--batch-size", 2],
+              env=env)
+    assert res.exit_code == 0 and "0 conflicts" in res.output, res.output
+    third = json.loads((tmp_path / "round3" / "sync.json").read_text())
+    assert third["valuation"]["seed"] == 1 and third["valuation"]["rank_metric"] == "accuracy"
+    assert not pd.read_csv(tmp_path / "round3" / "values.csv")["value_ce"].equals(values["value_ce"])
+    exercised = {"data_path", "kernel_path", "title", "output_dir", "count", "permutations", "seed", "agreement",
+                 "metric", "fraction", "batch_size"}
+    elsewhere = {"url", "api_key", "timeout", "project_id", "progress", "text_column", "pair_column", "label_column",
+                 "id_column", "allow_label_variants"}  # the connection and data options shared with push and pull
+    assert {p.name for p in cli.commands["labelstudio"].commands["sync"].params} == exercised | elsewhere
