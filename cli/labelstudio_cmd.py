@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
+import re
 from pathlib import Path
 
 import click
@@ -100,7 +102,8 @@ def labelstudio_group() -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=200, show_default=True,
               help="Tasks per import request.")
 @click.option("--state", "state_path", type=PATH, default=None,
-              help="Local map example_id <-> task id and resume record [default: VALUES.labelstudio.json].")
+              help="Local map example_id <-> task id and resume record, one per project [default: beside the values "
+                   "file, PROJECT-TITLE.labelstudio.json]; pull --state reads the project from it.")
 @click.option("--dry-run", is_flag=True, help="Show what would be pushed; contact no server (the connection, "
               "project, state and batch options are then not used).")
 @click.option("--progress/--no-progress", default=None, help="Progress bars on stderr [default: when a terminal].")
@@ -109,7 +112,7 @@ def push_command(values_path, data_path, audit_path, result_path, test_path, url
                  count, fraction, threshold, confident, z, both, metric, run_id, batch_size, state_path, dry_run,
                  progress, **columns):
     """Push review tasks (most harmful first) with scores, a pre-filled prediction and sorted views."""
-    state_path = state_path or values_path.with_name(values_path.name + ".labelstudio.json")
+    state_path = state_path or values_path.with_name(state_name(title, project_id, data_path))
     if not dry_run:
         check_outputs({"--state": state_path}, {"--values": values_path, "--data": data_path, "--audit": audit_path,
                                                 "--result": result_path, "--test": test_path})
@@ -186,6 +189,26 @@ def _evidence(result_path, data, test, joined, metric, values_path) -> pd.DataFr
     return table.drop(columns=["value"])
 
 
+def state_name(title: str | None, project_id: int | None, data_path: Path) -> str:
+    """The default state file of a project (every push into one project shares it)."""
+    if project_id is not None and title is None:
+        return f"project-{project_id}.labelstudio.json"
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", title or f"FreeShap review {Path(data_path).stem}").strip("-").lower()
+    return f"{slug or 'project'}.labelstudio.json"
+
+
+def _project_of_state(state_path: Path, url: str | None) -> tuple[int, str | None]:
+    try:
+        state = json.loads(state_path.read_text())
+        project_id = int(state["project_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise InputError(f"{state_path}: not the state file of a push (it names no project); give --project.") from None
+    if url is None and state.get("url"):
+        log(f"project {project_id} ({state.get('project_title', '?')!r}) on {state['url']}, from {state_path}")
+        return project_id, state["url"]
+    return project_id, url
+
+
 def _selection(joined, review, count, fraction, threshold, confident, z, both, metric) -> pd.Series:
     """Which rows of ``review`` to import: the removal rules pick candidates; --both narrows to double flags."""
     rules_given = any(v is not None for v in (count, fraction, threshold)) or confident
@@ -215,8 +238,10 @@ def _run_id(values_path: Path, metric: str) -> str:
 @click.option("--agreement", type=click.Choice(AGREEMENT_POLICIES), default="unanimous", show_default=True,
               help="When reviewers disagree: unanimous lists the task as a conflict (not applied), majority takes "
                    "the label most reviewers chose (a tie is a conflict), latest the latest annotation.")
+@click.option("--state", "state_path", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="A push's state file: the project (and the server address) to pull from, instead of --project.")
 @friendly_errors
-def pull_command(url, api_key, timeout, title, project_id, output, manifest_path, agreement):
+def pull_command(url, api_key, timeout, title, project_id, output, manifest_path, agreement, state_path):
     """Reviewed labels -> a relabel table: one row per task someone reviewed or skipped, with its decision
     (changed, confirmed, conflict, skipped), the votes and what the reviewers read (content_fingerprint)."""
     if manifest_path is None and output != "-":
@@ -224,6 +249,10 @@ def pull_command(url, api_key, timeout, title, project_id, output, manifest_path
     check_outputs({"-o/--output": output, "--manifest": manifest_path})
     table_format(output)
     adapter = _adapter()
+    if state_path is not None:
+        if title is not None or project_id is not None:
+            raise click.UsageError("give --state or --project / --project-id, not both.")
+        project_id, url = _project_of_state(state_path, url)
     title, project_id = _project_choice(title, project_id)
     client = _client(adapter, url, api_key, timeout)
     project = client.project(project_id) if project_id is not None else client.find_project(title)

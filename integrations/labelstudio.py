@@ -594,8 +594,9 @@ def push(client: Client, review: pd.DataFrame, selected: pd.Series, run: ReviewR
                 state.record(client.url, project, run, task_ids, pending)
             raise PartialPushError(
                 f"{exc}\nImported {start} of {len(new)} tasks ({fresh} new, {len(replaced)} refreshed; harm ranks "
-                f"{_rank_span(new[:start])}); {len(pending)} were not imported (ranks {_rank_span(new[start:])})."
-                f"{where} Rerun the same command to import the rest; tasks already imported are not duplicated."
+                f"{_rank_span(new[:start])}); {len(pending)} were not confirmed (ranks {_rank_span(new[start:])})"
+                f"{_landed_anyway(client, project.id, pending, task_ids)}.{where} Rerun the same command to import the "
+                f"rest; tasks already imported are not duplicated."
             ) from None
         if len(ids) != len(batch):
             raise LabelStudioError(f"the server reported {len(ids)} task ids for {len(batch)} imported tasks; "
@@ -660,6 +661,16 @@ def save_views(client: Client, project_id: int, audit: bool) -> dict[str, int]:
              "value": True}]}
         views[BOTH_VIEW] = client.save_view(project_id, BOTH_VIEW, [rank], both)
     return views
+
+
+def _landed_anyway(client: Client, project_id: int, pending: list[str], before: dict[str, int]) -> str:
+    """A request that timed out may have been carried out: say how many of the unconfirmed tasks the server has."""
+    try:
+        held = {str((t.data or {}).get("example_id")): t.id for t in client.tasks(project_id)}
+    except LabelStudioError:
+        return ""
+    landed = sum(1 for e in pending if e in held and held[e] != before.get(e))
+    return f"; the server holds {landed} of them all the same" if landed else ""
 
 
 def _rank_span(rows: list[dict]) -> str:

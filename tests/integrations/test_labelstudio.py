@@ -291,7 +291,10 @@ def test_sentence_pairs_show_both_texts(label_studio, tmp_path):
     tasks = all_tasks(client, project.id)
     assert len(tasks) == 4 and all(t.data["pair"].startswith("hypothesis") for t in tasks)
     assert all(t.data["suggested_label"] == "" for t in tasks)  # three classes, no audit: no guess
-    assert (tmp_path / "values.csv.labelstudio.json").exists()
+    assert (tmp_path / "pair-review.labelstudio.json").exists()  # one state file per project, beside the values
+    res = run(["labelstudio", "pull", "--state", tmp_path / "pair-review.labelstudio.json", "-o", tmp_path / "r.csv"],
+              env={"LABEL_STUDIO_URL": "", "LABEL_STUDIO_API_KEY": label_studio.token})
+    assert res.exit_code == 0 and f"project {project.id}" in res.output, res.output  # project and address from it
 
 
 def test_partial_failure_is_reported_and_resumed_without_duplicates(fresh_label_studio, run_dir, tmp_path):
@@ -314,7 +317,7 @@ def test_partial_failure_is_reported_and_resumed_without_duplicates(fresh_label_
                         on_batch=stop_after_first_batch)
     message = str(failure.value)
     assert "cannot reach Label Studio" in message and "Imported 4 of 12 tasks (12 new, 0 refreshed; harm ranks 1-4)" in message
-    assert "8 were not imported (ranks 5-12)" in message and "Rerun" in message
+    assert "8 were not confirmed (ranks 5-12)" in message and "Rerun" in message
     recorded = json.loads(state.read_text())
     assert not recorded["complete"] and len(recorded["pending"]) == 8 and len(recorded["tasks"]) == 4
 
@@ -366,9 +369,10 @@ def test_push_and_pull_options_reach_the_server_or_are_refused(label_studio, run
     swept = set(SELECTION_CASES) | set(PUSH_NOT_SWEPT) | columns | connection | {"run_id", "state_path"}
     push_params = {p.name for p in cli.commands["labelstudio"].commands["push"].params}
     assert push_params == swept, f"push options with no sweep case: {sorted(push_params - swept)}"
-    # --agreement: test_reviewers_who_disagree_are_listed_not_applied_unless_a_policy_says; --manifest below
+    # --agreement: test_reviewers_who_disagree_are_listed_not_applied_unless_a_policy_says; --state:
+    # test_sentence_pairs_show_both_texts; --manifest below
     assert {p.name for p in cli.commands["labelstudio"].commands["pull"].params} == connection | {
-        "output", "manifest_path", "agreement"}
+        "output", "manifest_path", "agreement", "state_path"}
 
     def dry(*args, data="train.csv"):
         args = [str(d / "audit.csv") if a == "AUDIT" else a for a in args]
@@ -695,3 +699,30 @@ def test_sync_runs_a_review_round_and_a_rerun_changes_nothing(label_studio, run_
     elsewhere = {"url", "api_key", "timeout", "project_id", "progress", "text_column", "pair_column", "label_column",
                  "id_column", "allow_label_variants"}  # the connection and data options shared with push and pull
     assert {p.name for p in cli.commands["labelstudio"].commands["sync"].params} == exercised | elsewhere
+
+
+def test_a_timed_out_import_that_the_server_carried_out_is_reported_and_not_duplicated(label_studio, run_dir,
+                                                                                      tmp_path):
+    """A client timeout said 'Imported 0 of 300' although the server had imported 100 of them."""
+    table = pd.read_csv(run_dir / "values.csv")
+    train = pd.read_csv(run_dir / "train.csv")
+    review = ls_adapter.review_table(table.merge(train.rename(columns={"id": "example_id"}), on="example_id"))
+    selected = review["freeshap_rank"] <= 8
+    client = ls_adapter.Client(ls_adapter.Connection(label_studio.url, label_studio.token))
+    real_import = client.import_tasks
+
+    def carried_out_then_timed_out(project_id, tasks):  # the server's answer is lost after it did the work
+        real_import(project_id, tasks)
+        raise ls_adapter.LabelStudioError("Label Studio did not answer within 60 s (--timeout)")
+
+    client.import_tasks = carried_out_then_timed_out
+    with pytest.raises(ls_adapter.PartialPushError) as failure:
+        ls_adapter.push(client, review, selected, ls_adapter.ReviewRun("run-t"), title="slow server",
+                        state_path=tmp_path / "s.json", batch_size=8)
+    assert "Imported 0 of 8 tasks" in str(failure.value) and "the server holds 8 of them all the same" in str(
+        failure.value)
+    client.import_tasks = real_import
+    report = ls_adapter.push(client, review, selected, ls_adapter.ReviewRun("run-t"), title="slow server",
+                             state_path=tmp_path / "s.json", batch_size=8)
+    assert report.imported == 0 and report.unchanged == 8
+    assert len(all_tasks(sdk(label_studio), report.project_id)) == 8
