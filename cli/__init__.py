@@ -5,6 +5,7 @@ transformers) are still being imported, or a second one while the process is exi
 exit code 130 and one line, never a traceback.
 """
 
+import os
 import signal
 import sys
 
@@ -19,4 +20,7 @@ def main() -> None:
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while exiting changes nothing
         sys.stderr.write("interrupted before the command started; nothing was written.\n")
-        sys.exit(EXIT_INTERRUPTED)
+        sys.stderr.flush()
+        # os._exit, not sys.exit: an interrupt inside an import can leave the interpreter set to re-raise SIGINT at
+        # shutdown (the process then dies of the signal, not with 130); nothing is written yet, so nothing is lost
+        os._exit(EXIT_INTERRUPTED)
