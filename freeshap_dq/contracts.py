@@ -124,6 +124,7 @@ class ModelAdapter(Protocol):
     first_trainable_layer: int  # -1 = embeddings trainable (nothing cached)
     lora_rank: int  # 0 = no LoRA
     position_limit: int | None  # the most tokens the model reads (None: no declared limit)
+    vmap_compatible: bool  # forward can run under torch.func.vmap (else per-example gradients loop over examples)
 
     @property
     def n_layers(self) -> int: ...

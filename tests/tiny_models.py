@@ -58,3 +58,38 @@ def tiny_llama(folder: Path, seed: int = 0) -> Path:
         vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=128, pad_token_id=tok.pad_token_id,
         bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id, tie_word_embeddings=False)))
+
+
+CLASSIFIER_ARCHITECTURES = ("bert", "roberta", "distilbert", "electra", "deberta-v2", "gpt2", "llama")
+
+
+def tiny_classifier(folder: Path, architecture: str, id2label: dict[int, str] | None = None, seed: int = 0) -> Path:
+    """A tiny random ``<Arch>ForSequenceClassification`` (hidden 32, 2 layers) saved with a WordPiece tokenizer."""
+    import transformers as tf
+
+    id2label = id2label or {0: "neg", 1: "pos"}
+
+    def build(tok):
+        common = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, num_labels=len(id2label),
+                      id2label=id2label, label2id={v: k for k, v in id2label.items()})
+        encoder = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                       max_position_embeddings=64, **common)
+        configs = {
+            "bert": lambda: tf.BertForSequenceClassification(tf.BertConfig(**encoder)),
+            "roberta": lambda: tf.RobertaForSequenceClassification(tf.RobertaConfig(**{**encoder,
+                                                                                       "max_position_embeddings": 80})),
+            "electra": lambda: tf.ElectraForSequenceClassification(tf.ElectraConfig(embedding_size=16, **encoder)),
+            "deberta-v2": lambda: tf.DebertaV2ForSequenceClassification(tf.DebertaV2Config(
+                relative_attention=True, position_biased_input=False, pos_att_type=["p2c", "c2p"], **encoder)),
+            "distilbert": lambda: tf.DistilBertForSequenceClassification(tf.DistilBertConfig(
+                dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64, **common)),
+            "gpt2": lambda: tf.GPT2ForSequenceClassification(tf.GPT2Config(
+                n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=tok.cls_token_id,
+                eos_token_id=tok.sep_token_id, **common)),
+            "llama": lambda: tf.LlamaForSequenceClassification(tf.LlamaConfig(
+                hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=64, bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id, **common)),
+        }
+        return configs[architecture]()
+
+    return _save_tiny(folder, seed, build)

@@ -75,6 +75,7 @@ class LayeredAdapter(nn.Module):
     word_table_name: str | None = None  # the embedding table summed sparsely when trainable
     lora_rank = 0
     position_limit: int | None = None  # the model's positions (max_position_embeddings), when it declares them
+    vmap_compatible = True  # the layers run with additive masks, which vmap traces
 
     def __init__(self, tokenizer, max_length: int):
         super().__init__()

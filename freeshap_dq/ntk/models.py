@@ -104,18 +104,37 @@ def folder_fingerprint(path: Path) -> str:
     return h.hexdigest()[:32]
 
 
+def read_model_config(spec: str):
+    """The checkpoint's configuration (config.json), without loading weights."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(spec)
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read the model configuration in {path}: {exc}") from None
+
+
 def load_model_and_tokenizer(spec: str, kind: str):
-    """(model in eval mode with eager attention, tokenizer, folder) for kind 'encoder' | 'mlm' | 'causal'."""
+    """(model in eval mode with eager attention, tokenizer, folder) for kind 'encoder' | 'mlm' | 'causal' |
+    'classifier'."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     path = resolve_model_path(spec)
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+    from transformers import (
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForMaskedLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 
-    loader = {"encoder": AutoModel, "mlm": AutoModelForMaskedLM, "causal": AutoModelForCausalLM}[kind]
+    loader = {"encoder": AutoModel, "mlm": AutoModelForMaskedLM, "causal": AutoModelForCausalLM,
+              "classifier": AutoModelForSequenceClassification}[kind]
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = loader.from_pretrained(path, attn_implementation="eager")

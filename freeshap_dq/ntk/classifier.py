@@ -1,0 +1,160 @@
+"""A team's own fine-tuned classifier: the eNTK of the model's own logits.
+
+``SequenceClassifier`` wraps any ``AutoModelForSequenceClassification`` checkpoint (BERT, RoBERTa, DistilBERT,
+DeBERTa, ELECTRA, GPT-2, Llama-style decoders, ...): the logits are what the model itself computes, with its
+own pooling (pooler, CLS, DistilBERT's pre-classifier, DeBERTa's context pooler, a decoder's last token) and
+its own trained classification head, reordered to the data's classes by the model's ``id2label``. No layer
+of the model is assumed: the model runs as it is, every example through every layer (nothing is cached), the
+per-example gradients of linear, layer-norm, embedding and GPT-2 ``Conv1D`` parameters come from factors
+(one batched backward), and any other parameter's from a per-example loop (the transformers models' own
+attention-mask code cannot run under ``torch.func.vmap``). ``--trainable`` keeps its meaning: ``head`` is
+everything outside the model's base (its classifier), ``top:K`` the last K blocks of its block list.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from freeshap_dq.errors import InputError
+
+GENERIC_LABEL = re.compile(r"LABEL_(\d+)")
+
+
+def is_sequence_classifier(config) -> bool:
+    """The checkpoint was saved with a sequence-classification head (its config says so)."""
+    return any(str(a).endswith("ForSequenceClassification") for a in (getattr(config, "architectures", None) or []))
+
+
+def class_order(config, label_names: tuple[str, ...], log: Callable[[str], None] = print) -> list[int]:
+    """For each of the data's classes (sorted label names), the index of the model's logit for it: by name from
+    ``config.id2label``; by index, with a warning, when the model's labels are the generic ``LABEL_i``."""
+    id2label = {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
+    n_model = getattr(config, "num_labels", len(id2label))
+    if n_model != len(label_names):
+        raise InputError(f"the model has {n_model} output classes ({', '.join(id2label.values())}) but the data has "
+                         f"{len(label_names)} ({', '.join(label_names)}); value data with the classes the model was "
+                         f"trained on.")
+    if all(GENERIC_LABEL.fullmatch(v) for v in id2label.values()):
+        log(f"warning: the model's labels are generic ({', '.join(id2label[i] for i in sorted(id2label))}); mapping "
+            f"them by index to the data's sorted labels {', '.join(label_names)}. Save the model with id2label to "
+            f"map by name.")
+        return list(range(len(label_names)))
+    by_name = {label: index for index, label in id2label.items()}
+    if set(by_name) != set(label_names):
+        raise InputError(f"the model's labels ({', '.join(sorted(by_name))}) are not the data's labels "
+                         f"({', '.join(label_names)}); relabel the data with the model's label names, or use the "
+                         f"model that was trained on them.")
+    return [by_name[label] for label in label_names]
+
+
+def block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's stack of transformer blocks: its largest ModuleList of modules of one kind."""
+    candidates = [(name, module) for name, module in model.named_modules()
+                  if isinstance(module, nn.ModuleList) and len(module) > 0
+                  and len({type(child) for child in module}) == 1]
+    if not candidates:
+        raise InputError(f"{type(model).__name__} has no list of layers; --trainable top:K / freeze:K need one "
+                         f"(head-only, all and regex:... still work).")
+    return max(candidates, key=lambda item: sum(p.numel() for p in item[1].parameters()))
+
+
+class SequenceClassifier(nn.Module):
+    adapter_name = "sequence-classifier"
+    lora_rank = 0
+    vmap_compatible = False
+    word_table_name = None  # the embedding table is differentiated densely (factors), like any other table
+    first_trainable_layer = -1  # nothing is cached: every example runs through the whole model
+
+    def __init__(self, model: nn.Module, tokenizer, label_names: tuple[str, ...], max_length: int = 128,
+                 log: Callable[[str], None] = print):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.class_order = class_order(model.config, label_names, log)
+        base = getattr(model, "base_model_prefix", "") or ""
+        if not base or not hasattr(model, base):
+            raise InputError(f"{type(model).__name__} has no base model ({base!r}); is it a transformers "
+                             f"sequence classifier?")
+        self.base_prefix = f"model.{base}."
+        layers_name, _ = block_list(getattr(model, base))
+        self._layers_name = f"{base}.{layers_name}"  # not an attribute: a second path to the blocks would alias
+        self.layers_prefix = f"model.{self._layers_name}."  # their parameters (functional_call restores only one)
+        heads = [(name, m) for name, m in model.named_modules()
+                 if isinstance(m, nn.Linear) and not name.startswith(f"{base}.") and m.out_features == len(label_names)]
+        if not heads:
+            raise InputError(f"{type(model).__name__} has no classification layer with {len(label_names)} outputs "
+                             f"outside its base model.")
+        self._head_name = heads[-1][0]
+        self._token_types = "token_type_ids" in inspect.signature(model.forward).parameters and getattr(
+            model.config, "type_vocab_size", 0) > 1
+        if self.tokenizer.pad_token_id is None:
+            pad = model.config.pad_token_id if model.config.pad_token_id is not None else self.tokenizer.eos_token_id
+            if pad is None:
+                raise InputError("the tokenizer has no padding token and the model names none; save the model with "
+                                 "config.pad_token_id set.")
+            self.tokenizer.pad_token_id = pad
+            log(f"the tokenizer has no padding token: padding with token {pad} (the model's last-token scoring "
+                f"skips it)")
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = self.tokenizer.pad_token_id
+        limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+        self.position_limit = limit if isinstance(limit, int) else None
+
+    @property
+    def head(self) -> nn.Linear:
+        """The model's final classification layer (C rows)."""
+        return self.model.get_submodule(self._head_name)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.get_submodule(self._layers_name)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    def tokenize(self, texts: list[str], pairs: list[str] | None = None) -> list[dict]:
+        enc = self.tokenizer(texts, pairs, truncation=True, max_length=self.max_length)
+        keys = ["input_ids"] + (["token_type_ids"] if self._token_types and "token_type_ids" in enc else [])
+        return [{**{k: enc[k][i] for k in keys}, "read_at": -1} for i in range(len(texts))]
+
+    def set_trainable(self, names: set[str]) -> None:
+        """Nothing to cache: the whole model runs for every example whichever parameters are trainable."""
+
+    @torch.no_grad()
+    def prefix(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        ids = batch["input_ids"]
+        return torch.stack([ids, batch.get("token_type_ids", torch.zeros_like(ids))], -1)
+
+    def forward(self, prefix: torch.Tensor, mask: torch.Tensor, word_vectors: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        ids, types = prefix[..., 0], prefix[..., 1]
+        extra = {"token_type_ids": types} if self._token_types else {}
+        logits = self.model(input_ids=ids, attention_mask=(mask > 0).long(), **extra).logits
+        return logits[:, self.class_order]
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(ids)
+
+    def parameter_groups(self) -> dict[str, list[str]]:
+        """'head' (outside the base model: the classifier), 'embeddings', 'layer.<i>', 'other' (pooler, norms)."""
+        groups: dict[str, list[str]] = {}
+        embedding_modules = {name for name, m in self.named_modules() if isinstance(m, nn.Embedding)}
+        for name, _ in self.named_parameters():
+            module = name.rpartition(".")[0]
+            if not name.startswith(self.base_prefix):
+                role = "head"
+            elif name.startswith(self.layers_prefix):
+                role = f"layer.{name[len(self.layers_prefix):].split('.', 1)[0]}"
+            elif module in embedding_modules or ".embeddings." in name:
+                role = "embeddings"
+            else:
+                role = "other"
+            groups.setdefault(role, []).append(name)
+        return groups

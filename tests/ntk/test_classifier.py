@@ -1,0 +1,98 @@
+"""The sequence-classifier adapter: the eNTK of a fine-tuned checkpoint's own logits, on every architecture."""
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import CLASSIFIER_ARCHITECTURES, tiny_classifier
+
+from freeshap_dq.errors import InputError
+from freeshap_dq.ntk.builder import NTKConfig, build_adapter, resolve_adapter
+from freeshap_dq.ntk.compute import compute_ntk
+from freeshap_dq.ntk.setup import select_trainable
+
+TEXTS = ["a great movie", "a dull plot and a mess", "it was great", "terrible", "i loved every minute of it",
+         "long and tedious", "brilliant"]
+LABELS = ("neg", "pos")
+
+
+@pytest.fixture(scope="module", params=CLASSIFIER_ARCHITECTURES)
+def classifier(request, tmp_path_factory):
+    path = tiny_classifier(tmp_path_factory.mktemp(request.param), request.param)
+    adapter, _ = build_adapter(NTKConfig(model=str(path), adapter="sequence-classifier"), LABELS, log=lambda m: None)
+    return request.param, path, adapter
+
+
+def autograd_kernel(adapter, examples, names, classes):
+    """K[i, j] = sum over classes of <d f_c(x_i) / d theta, d f_c(x_j) / d theta>, by a plain loop."""
+    params = dict(adapter.named_parameters())
+    rows = []
+    for example in examples:
+        ids = torch.tensor([example["input_ids"]])
+        types = torch.tensor([example.get("token_type_ids", [0] * ids.shape[1])])
+        for name in names:
+            params[name].requires_grad_(True)
+        logits = adapter(torch.stack([ids, types], -1), torch.ones_like(ids))
+        per_class = []
+        for c in classes:  # a parameter the logit does not use (DeBERTa's unused projections) has gradient 0
+            grads = torch.autograd.grad(logits[0, c], [params[n] for n in names], retain_graph=True, allow_unused=True)
+            per_class.append(torch.cat([torch.zeros(params[n].numel()) if g is None else g.reshape(-1)
+                                        for n, g in zip(names, grads, strict=True)]))
+        for name in names:
+            params[name].requires_grad_(False)
+        rows.append(torch.stack(per_class))
+    jac = torch.stack(rows).double()  # (N, C, P)
+    return torch.einsum("icp,jcp->ij", jac, jac).numpy()
+
+
+@pytest.mark.parametrize("trainable", ["head-only", "top:1", "all"])
+def test_kernel_equals_a_plain_autograd_loop_over_the_models_own_logits(classifier, trainable):
+    name, _, adapter = classifier
+    train = adapter.tokenize(TEXTS[:5])
+    test = adapter.tokenize(TEXTS[5:])
+    names = select_trainable(adapter, trainable)
+    for mode, classes in (("class0", [0]), ("sum", [0, 1])):
+        out = compute_ntk(adapter, train, test, trainable=trainable, kernel=mode, max_memory="256MiB")
+        expected = autograd_kernel(adapter, train + test, names, classes)
+        np.testing.assert_allclose(out.k_train, expected[:5, :5], rtol=2e-4, atol=1e-6, err_msg=f"{name} {mode}")
+        np.testing.assert_allclose(out.k_test, expected[5:, :5], rtol=2e-4, atol=1e-6, err_msg=f"{name} {mode}")
+        np.testing.assert_allclose(out.k_train, out.k_train.T, rtol=1e-10, atol=1e-12)
+    again = compute_ntk(adapter, train, test, trainable=trainable, kernel="class0", max_memory="256MiB")
+    per_class = compute_ntk(adapter, train, test, trainable=trainable, kernel="per-class", max_memory="256MiB")
+    np.testing.assert_allclose(per_class.k_train[0], again.k_train, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(per_class.k_train[1], autograd_kernel(adapter, train, names, [1]), rtol=2e-4,
+                               atol=1e-6)
+
+
+def test_trainable_keeps_its_meaning_on_every_architecture(classifier):
+    name, _, adapter = classifier
+    head = select_trainable(adapter, "head-only")
+    assert head and all(not n.startswith(adapter.base_prefix) for n in head), name  # the model's own classifier
+    top1 = set(select_trainable(adapter, "top:1"))
+    assert set(head) < top1 and all(n in head or n.startswith(f"{adapter.layers_prefix}1.") for n in top1), name
+    assert adapter.n_layers == 2
+
+
+def test_the_checkpoints_head_is_picked_automatically_and_the_reason_recorded(classifier):
+    _, path, _ = classifier
+    config, why = resolve_adapter(NTKConfig(model=str(path)))
+    assert config.adapter == "sequence-classifier" and "has a classification head" in why
+
+
+def test_labels_are_matched_by_name_generic_ones_by_index_and_a_mismatch_is_refused(tmp_path):
+    path = tiny_classifier(tmp_path / "swapped", "bert", id2label={0: "pos", 1: "neg"})
+    adapter, _ = build_adapter(NTKConfig(model=str(path), adapter="sequence-classifier"), LABELS, log=lambda m: None)
+    assert adapter.class_order == [1, 0]  # the data's 'neg' is the model's logit 1
+    example = adapter.tokenize(["a great movie"])[0]
+    ids = torch.tensor([example["input_ids"]])
+    prefix = torch.stack([ids, torch.tensor([example["token_type_ids"]])], -1)
+    raw = adapter.model(input_ids=ids, token_type_ids=prefix[..., 1]).logits
+    assert torch.allclose(adapter(prefix, torch.ones_like(ids)), raw[:, [1, 0]])
+    generic = tiny_classifier(tmp_path / "generic", "bert", id2label={0: "LABEL_0", 1: "LABEL_1"})
+    messages = []
+    adapter, _ = build_adapter(NTKConfig(model=str(generic), adapter="sequence-classifier"), LABELS,
+                               log=messages.append)
+    assert adapter.class_order == [0, 1] and "mapping them by index" in messages[0]
+    with pytest.raises(InputError, match=r"model's labels \(neg, pos\) are not the data's labels \(bad, good\)"):
+        build_adapter(NTKConfig(model=str(path), adapter="sequence-classifier"), ("bad", "good"))
+    with pytest.raises(InputError, match="2 output classes"):
+        build_adapter(NTKConfig(model=str(path), adapter="sequence-classifier"), ("a", "b", "c"))
