@@ -39,7 +39,8 @@ class EvaluationConfig:
     n_train: int = option(1000, "Training examples (Rotten Tomatoes, or a seeded sample of --train).")
     n_test: int = option(300, "Test examples (Rotten Tomatoes, or a seeded sample of --test).")
     model: str = option("minilm", "Model: 'minilm', 'smollm2' or a local folder.")
-    adapter: str = option("encoder-head", "encoder-head, prompt-mlm or causal-lm.")
+    adapter: str = option("auto", "auto (a checkpoint's own classification head when it has one, else "
+                                  "encoder-head), encoder-head, sequence-classifier, prompt-mlm or causal-lm.")
     trainable: str = option("top:2", "Parameters of the eNTK (head-only, top:K, all, ...).")
     label_words: str = option("", "prompt-mlm / causal-lm label words, e.g. 'neg=bad,pos=good'.")
     noise: float = option(0.1, "Fraction of training labels flipped.")

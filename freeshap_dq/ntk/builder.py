@@ -230,6 +230,10 @@ def build_kernel(train: TextDataset, test: TextDataset, config: NTKConfig | None
     log(f"eNTK: {len(train)} x {len(train)} + {len(test)} x {len(train)} kernel over {out.n_trainable:,} trainable "
         f"parameters in {elapsed:.1f} s ({out.info['chunks']} chunk(s), per-example gradients by "
         f"{out.info['gradients']})")
+    fallback = out.info.get("without_factors") or []
+    if fallback and out.info["factor_passes"]:
+        log(f"eNTK: {len(fallback)} parameter tensor(s) have no factor rule (e.g. {fallback[0]}): their per-example "
+            f"gradients come from the slower {out.info['fallback']}")
     manifest = {**manifest, "n_trainable": out.n_trainable, "trainable_names": out.trainable_names,
                 "gradients": out.info["gradients"], "seconds": round(elapsed, 2), "freeshap_dq": __version__,
                 "settings": {**run_settings(config), "adapter_choice": why}}

@@ -111,10 +111,12 @@ def compute_ntk(adapter: ModelAdapter, train_examples: list[dict], test_examples
     # pages are faulted in by a parallel fill, not one by one by the writes
     batches = [(slice(lo, hi), prefix, mask) for lo, hi, prefix, mask in prefixes]
     rows = [(torch.arange(lo, hi, device=device), prefix, mask) for lo, hi, prefix, mask in prefixes]
-    passes = []
+    passes, unfactored = [], set()
     for group in groups:
         store = collect_factors(adapter, group_names(group), batches, classes, bar) if estimate else None
         passes.append("vmap" if store is None else "factors")
+        unfactored |= {name for name in group_names(group) if name != word_table or not sparse_table} - set(
+            store.sites if store is not None else ())
         for unit in group:
             if unit[0][0] == word_table and sparse_table:
                 for ci, c in enumerate(classes):
@@ -144,7 +146,9 @@ def compute_ntk(adapter: ModelAdapter, train_examples: list[dict], test_examples
                         {"chunks": len(chunks), "batch_size": batch, "chunk_capacity": chunk_capacity, "world": world,
                          "kernel": kernel, "trainable": trainable, "max_memory_bytes": budget,
                          "gradients": "factors" if passes and set(passes) == {"factors"} else "vmap",
-                         "factor_passes": passes.count("factors"), "factor_bytes": room})
+                         "factor_passes": passes.count("factors"), "factor_bytes": room,
+                         "without_factors": sorted(unfactored),
+                         "fallback": "vmap" if adapter.vmap_compatible else "per-example loop"})
 
 
 def _factor_estimate(adapter, names: list[str], prefixes: list, classes: list[int], gradients: str
@@ -197,19 +201,25 @@ def _plan(budget: int, total: int, n: int, names: list[str], params: dict, batch
 @torch.no_grad()
 def representations(adapter: ModelAdapter, examples: list[dict], batch_size: int = 32, device: torch.device | None = None
                     ) -> np.ndarray:
-    """The vectors the adapter's head reads (pooled / mask / answer position) from the frozen model, (N, H)."""
+    """The vectors the adapter's head reads (pooled / mask / answer position) from the frozen model, (N, H): the
+    input of ``adapter.head``, captured by a forward hook (the whole network frozen, so its bottom is cached)."""
     device = device or torch.device("cpu")
-    head, first = adapter.head, adapter.first_trainable_layer
-    adapter.head, adapter.first_trainable_layer = torch.nn.Identity(), adapter.n_layers
+    first = adapter.first_trainable_layer
+    captured: list[torch.Tensor] = []
+    hook = adapter.head.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0]))
+    adapter.first_trainable_layer = adapter.n_layers
     try:
         order = length_order(examples)
         out: list[np.ndarray | None] = [None] * len(examples)
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             batch = pad_batch([examples[i] for i in rows], adapter, device)
-            vectors = adapter(adapter.prefix(batch), batch["attention_mask"]).double().cpu().numpy()
+            captured.clear()
+            adapter(adapter.prefix(batch), batch["attention_mask"])
+            vectors = captured[-1].reshape(len(rows), -1).double().cpu().numpy()
             for i, vector in zip(rows, vectors, strict=True):
                 out[i] = vector
         return np.stack(out)
     finally:
-        adapter.head, adapter.first_trainable_layer = head, first
+        hook.remove()
+        adapter.first_trainable_layer = first

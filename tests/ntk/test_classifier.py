@@ -96,3 +96,105 @@ def test_labels_are_matched_by_name_generic_ones_by_index_and_a_mismatch_is_refu
         build_adapter(NTKConfig(model=str(path), adapter="sequence-classifier"), ("bad", "good"))
     with pytest.raises(InputError, match="2 output classes"):
         build_adapter(NTKConfig(model=str(path), adapter="sequence-classifier"), ("a", "b", "c"))
+
+
+POSITIVE, NEGATIVE = ["great", "brilliant", "good", "loved"], ["terrible", "dull", "bad", "mess"]
+
+
+def planted(n, seed):
+    rng = np.random.default_rng(seed)
+    labels = ["pos", "neg"] * (n // 2)
+    texts = [" ".join([*rng.choice(POSITIVE if y == "pos" else NEGATIVE, 2), "movie", "plot"]) for y in labels]
+    return texts, labels
+
+
+def fine_tune(path, out, steps=40):
+    """A few AdamW steps on planted data: the head and the top layer learn which words mean what."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path)
+    texts, labels = planted(32, seed=1)
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    target = torch.tensor([model.config.label2id[y] for y in labels])
+    torch.manual_seed(0)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        optimiser.zero_grad()
+        model(**batch, labels=target).loss.backward()
+        optimiser.step()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_a_fine_tuned_checkpoints_own_head_makes_a_better_kernel_than_the_pretrained_one(tmp_path):
+    """Evidence that the model's own head is used: fine-tuning changes the eNTK and raises held-out accuracy."""
+    import json
+
+    import pandas as pd
+    from click.testing import CliRunner
+
+    from freeshap_dq.cli.main import cli
+
+    pretrained = tiny_classifier(tmp_path / "pretrained", "bert")
+    tuned = fine_tune(pretrained, tmp_path / "tuned")
+    for name, n, seed in (("train", 24, 2), ("test", 40, 3)):
+        texts, labels = planted(n, seed)
+        pd.DataFrame({"id": [f"{name}{i}" for i in range(n)], "text": texts, "label": labels}).to_csv(
+            tmp_path / f"{name}.csv", index=False)
+    accuracy, kernels = {}, {}
+    for name, model in (("pretrained", pretrained), ("tuned", tuned)):
+        out = tmp_path / f"{name}.values.csv"
+        res = CliRunner().invoke(cli, ["value", "--train", str(tmp_path / "train.csv"), "--test",
+                                       str(tmp_path / "test.csv"), "--model", str(model), "--trainable", "head-only",
+                                       "--permutations", "4", "-o", str(out), "--no-progress"])
+        assert res.exit_code == 0, res.output
+        assert "eNTK adapter sequence-classifier (auto:" in res.output
+        manifest = json.loads(out.with_name(out.name + ".manifest.json").read_text())
+        assert manifest["kernel"]["adapter"] == "sequence-classifier"
+        assert "has a classification head" in manifest["kernel"]["settings"]["adapter_choice"]
+        accuracy[name] = manifest["utility_full"]["accuracy"]
+        kernels[name] = manifest["kernel_fingerprint"]
+    assert kernels["tuned"] != kernels["pretrained"]  # the fine-tuned weights make another eNTK
+    assert accuracy["tuned"] > accuracy["pretrained"] and accuracy["tuned"] >= 0.9, accuracy
+
+
+def test_encoder_head_options_are_refused_for_a_checkpoint_with_its_own_head(tmp_path):
+    from freeshap_dq.ntk.builder import NTKConfig
+
+    path = tiny_classifier(tmp_path / "bert", "bert")
+    with pytest.raises(InputError, match="--pooling is for the encoder-head adapter"):
+        resolve_adapter(NTKConfig(model=str(path), pooling="cls"))
+    forced, why = resolve_adapter(NTKConfig(model=str(path), adapter="encoder-head", pooling="cls"))
+    assert forced.adapter == "encoder-head" and why == "--adapter encoder-head was given"
+    with pytest.raises(InputError, match="reads the fine-tuned model's own head"):
+        NTKConfig(model=str(path), adapter="sequence-classifier", head_seed=3)
+
+
+def test_a_module_outside_the_factor_rules_falls_back_and_says_so(tmp_path):
+    """DeBERTa applies its position projections to the relative embeddings (no batch axis): no factor rule
+    covers them, so their per-example gradients come from the per-example loop, and the output says so."""
+    path = tiny_classifier(tmp_path / "deberta", "deberta-v2")
+    adapter, _ = build_adapter(NTKConfig(model=str(path), adapter="sequence-classifier"), LABELS, log=lambda m: None)
+    out = compute_ntk(adapter, adapter.tokenize(TEXTS[:4]), adapter.tokenize(TEXTS[4:]), trainable="top:1",
+                      max_memory="256MiB")
+    assert out.info["gradients"] == "factors" and out.info["fallback"] == "per-example loop"
+    assert any("pos_key_proj" in name for name in out.info["without_factors"])
+
+
+def test_the_vectors_the_models_own_head_reads(tmp_path):
+    """evaluate's embedding baselines read the input of the head: for a fine-tuned BERT, its pooler's output."""
+    from freeshap_dq.data.tables import TextDataset
+    from freeshap_dq.ntk.builder import build_representations
+
+    path = tiny_classifier(tmp_path / "bert", "bert")
+    data = TextDataset(TEXTS[:4], ["neg", "pos"] * 2, [f"e{i}" for i in range(4)])
+    vectors, = build_representations([data], NTKConfig(model=str(path)), LABELS)
+    adapter, _ = build_adapter(NTKConfig(model=str(path), adapter="sequence-classifier"), LABELS, log=lambda m: None)
+    for row, example in enumerate(adapter.tokenize(data.texts)):
+        ids = torch.tensor([example["input_ids"]])
+        pooled = adapter.model.bert(input_ids=ids, token_type_ids=torch.tensor([example["token_type_ids"]])).pooler_output
+        np.testing.assert_allclose(vectors[row], pooled[0].double().numpy(), rtol=1e-5, atol=1e-6)
+    assert "head.weight" not in dict(adapter.named_parameters())  # no second path to the head's parameters
