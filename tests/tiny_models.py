@@ -60,7 +60,8 @@ def tiny_llama(folder: Path, seed: int = 0) -> Path:
         bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id, tie_word_embeddings=False)))
 
 
-CLASSIFIER_ARCHITECTURES = ("bert", "roberta", "distilbert", "electra", "deberta-v2", "gpt2", "llama")
+CLASSIFIER_ARCHITECTURES = ("bert", "roberta", "xlm-roberta", "distilbert", "electra", "deberta-v2", "modernbert", "gpt2",
+                            "llama", "qwen2", "mistral")
 
 
 def tiny_classifier(folder: Path, architecture: str, id2label: dict[int, str] | None = None, seed: int = 0) -> Path:
@@ -72,6 +73,9 @@ def tiny_classifier(folder: Path, architecture: str, id2label: dict[int, str] | 
     def build(tok):
         common = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, num_labels=len(id2label),
                       id2label=id2label, label2id={v: k for k, v in id2label.items()})
+        decoder = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=64, bos_token_id=tok.cls_token_id,
+                       eos_token_id=tok.sep_token_id, **common)
         encoder = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                        max_position_embeddings=64, **common)
         configs = {
@@ -86,9 +90,16 @@ def tiny_classifier(folder: Path, architecture: str, id2label: dict[int, str] | 
             "gpt2": lambda: tf.GPT2ForSequenceClassification(tf.GPT2Config(
                 n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=tok.cls_token_id,
                 eos_token_id=tok.sep_token_id, **common)),
-            "llama": lambda: tf.LlamaForSequenceClassification(tf.LlamaConfig(
-                hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                max_position_embeddings=64, bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id, **common)),
+            "llama": lambda: tf.LlamaForSequenceClassification(tf.LlamaConfig(**decoder)),
+            "qwen2": lambda: tf.Qwen2ForSequenceClassification(tf.Qwen2Config(**decoder)),
+            "mistral": lambda: tf.MistralForSequenceClassification(tf.MistralConfig(**decoder)),
+            "xlm-roberta": lambda: tf.XLMRobertaForSequenceClassification(tf.XLMRobertaConfig(
+                **{**encoder, "max_position_embeddings": 80})),
+            "modernbert": lambda: tf.ModernBertForSequenceClassification(tf.ModernBertConfig(
+                hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=64, global_attn_every_n_layers=1, bos_token_id=tok.cls_token_id,
+                eos_token_id=tok.sep_token_id, cls_token_id=tok.cls_token_id, sep_token_id=tok.sep_token_id,
+                **common)),
         }
         return configs[architecture]()
 

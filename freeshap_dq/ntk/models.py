@@ -62,6 +62,8 @@ def converted_gguf_folder(alias: str) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
+                   "sentencepiece.bpe.model", "tokenizer.model")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
@@ -133,6 +135,9 @@ def load_model_and_tokenizer(spec: str, kind: str):
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 
+    if not any((path / name).exists() for name in TOKENIZER_FILES):
+        raise InputError(f"model folder {path} has no tokenizer ({', '.join(TOKENIZER_FILES[:3])}, ...): save it beside "
+                         f"the weights with tokenizer.save_pretrained('{path}').")
     loader = {"encoder": AutoModel, "mlm": AutoModelForMaskedLM, "causal": AutoModelForCausalLM,
               "classifier": AutoModelForSequenceClassification}[kind]
     try:

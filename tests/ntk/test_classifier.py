@@ -198,3 +198,19 @@ def test_the_vectors_the_models_own_head_reads(tmp_path):
         pooled = adapter.model.bert(input_ids=ids, token_type_ids=torch.tensor([example["token_type_ids"]])).pooler_output
         np.testing.assert_allclose(vectors[row], pooled[0].double().numpy(), rtol=1e-5, atol=1e-6)
     assert "head.weight" not in dict(adapter.named_parameters())  # no second path to the head's parameters
+
+
+def test_a_checkpoint_without_a_tokenizer_is_refused_before_any_work(tmp_path):
+    import pandas as pd
+    from click.testing import CliRunner
+
+    from freeshap_dq.cli.main import cli
+
+    path = tiny_classifier(tmp_path / "bert", "bert")
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        (path / name).unlink(missing_ok=True)
+    pd.DataFrame({"text": TEXTS, "label": ["neg", "pos"] * 3 + ["neg"]}).to_csv(tmp_path / "d.csv", index=False)
+    res = CliRunner().invoke(cli, ["value", "--train", str(tmp_path / "d.csv"), "--test", str(tmp_path / "d.csv"),
+                                   "--model", str(path), "-o", str(tmp_path / "v.csv")])
+    assert res.exit_code == 2 and "has no tokenizer" in res.output and "save_pretrained" in res.output, res.output
+    assert "Traceback" not in res.output and not (tmp_path / "v.csv").exists()
