@@ -29,3 +29,14 @@ def test_adapters_meet_the_model_adapter_contract(tiny_bert_path):
     adapter, _ = build_adapter(NTKConfig(model=str(tiny_bert_path)), ("neg", "pos"))
     assert isinstance(adapter, ModelAdapter)
     assert adapter.word_table_name in dict(adapter.named_parameters()) and adapter.lora_rank == 0
+
+
+def test_the_sequence_classifier_meets_the_model_adapter_contract(tmp_path):
+    from tiny_models import tiny_classifier
+
+    from freeshap_dq.ntk.builder import NTKConfig, build_adapter
+
+    adapter, _ = build_adapter(NTKConfig(model=str(tiny_classifier(tmp_path / "gpt2", "gpt2"))), ("neg", "pos"),
+                               log=lambda message: None)
+    assert isinstance(adapter, ModelAdapter) and adapter.adapter_name == "sequence-classifier"
+    assert adapter.word_table_name is None and not adapter.vmap_compatible and adapter.head.out_features == 2

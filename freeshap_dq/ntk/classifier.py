@@ -9,13 +9,21 @@ per-example gradients of linear, layer-norm, embedding and GPT-2 ``Conv1D`` para
 (one batched backward), and any other parameter's from a per-example loop (the transformers models' own
 attention-mask code cannot run under ``torch.func.vmap``). ``--trainable`` keeps its meaning: ``head`` is
 everything outside the model's base (its classifier), ``top:K`` the last K blocks of its block list.
+
+**The frozen bottom is cached** when nothing trainable runs before the first trainable block (checked by
+tracing the order in which the modules run): ``prefix`` runs the model once without gradients and keeps the
+output of the last frozen block; ``forward`` runs the model again with the frozen blocks replaced by that
+output, so only the top is computed with gradients. The replay is checked against a plain forward on the
+first batch; where it differs (a model whose blocks pass more than the hidden states on), the cache is
+switched off and the log says so.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -73,6 +81,10 @@ class SequenceClassifier(nn.Module):
     def __init__(self, model: nn.Module, tokenizer, label_names: tuple[str, ...], max_length: int = 128,
                  log: Callable[[str], None] = print):
         super().__init__()
+        self.log = log
+        self.first_trainable_layer = -1
+        self._replay_checked = False
+        self._block_output_is_tuple = False
         self.model = model
         self.tokenizer = tokenizer
         self.max_length = max_length
@@ -91,8 +103,9 @@ class SequenceClassifier(nn.Module):
             raise InputError(f"{type(model).__name__} has no classification layer with {len(label_names)} outputs "
                              f"outside its base model.")
         self._head_name = heads[-1][0]
-        self._token_types = "token_type_ids" in inspect.signature(model.forward).parameters and getattr(
-            model.config, "type_vocab_size", 0) > 1
+        accepted = inspect.signature(model.forward).parameters
+        self._token_types = "token_type_ids" in accepted and getattr(model.config, "type_vocab_size", 0) > 1
+        self._use_cache_flag = "use_cache" in accepted
         if self.tokenizer.pad_token_id is None:
             pad = model.config.pad_token_id if model.config.pad_token_id is not None else self.tokenizer.eos_token_id
             if pad is None:
@@ -125,19 +138,96 @@ class SequenceClassifier(nn.Module):
         return [{**{k: enc[k][i] for k in keys}, "read_at": -1} for i in range(len(texts))]
 
     def set_trainable(self, names: set[str]) -> None:
-        """Nothing to cache: the whole model runs for every example whichever parameters are trainable."""
+        """Cache the blocks below the first trainable one, when no trainable parameter runs before it."""
+        blocks = [int(n[len(self.layers_prefix):].split(".", 1)[0]) for n in names if n.startswith(self.layers_prefix)]
+        first = min(blocks) if blocks else self.n_layers
+        self.first_trainable_layer = first if first > 0 and self._runs_after_block(first - 1, names) else -1
+        self._replay_checked = False
+
+    def _runs_after_block(self, block: int, names: set[str]) -> bool:
+        """Every module holding a trainable parameter first runs after block ``block`` (traced on one example)."""
+        order: dict[str, int] = {}
+        modules = dict(self.named_modules())
+        def first_call(name: str):
+            def hook(module, args) -> None:  # records, changes nothing (a pre-hook's return value would)
+                order.setdefault(name, len(order))
+            return hook
+
+        handles = [m.register_forward_pre_hook(first_call(name)) for name, m in modules.items()]
+        try:
+            example = self.tokenize(["a"])[0]
+            ids = torch.tensor([example["input_ids"]], device=self.head.weight.device)
+            with torch.no_grad():
+                self._run(torch.stack([ids, torch.zeros_like(ids)], -1), torch.ones_like(ids))
+        finally:
+            for h in handles:
+                h.remove()
+        boundary = order.get(f"model.{self._layers_name}.{block}")
+        owners = {n.rpartition(".")[0] for n in names}
+        return boundary is not None and all(order.get(owner, -1) > boundary for owner in owners)
 
     @torch.no_grad()
     def prefix(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The ids and token types, and (with a cached bottom) the last frozen block's output beside them."""
         ids = batch["input_ids"]
-        return torch.stack([ids, batch.get("token_type_ids", torch.zeros_like(ids))], -1)
+        plain = torch.stack([ids, batch.get("token_type_ids", torch.zeros_like(ids))], -1)
+        if self.first_trainable_layer <= 0:
+            return plain
+        mask = batch["attention_mask"]
+        captured = []
+        block = self.layers[self.first_trainable_layer - 1]
+        hook = block.register_forward_hook(lambda m, a, out: captured.append(out))
+        try:
+            logits = self._run(plain, mask)
+        finally:
+            hook.remove()
+        self._block_output_is_tuple = isinstance(captured[0], tuple)
+        hidden = captured[0][0] if self._block_output_is_tuple else captured[0]
+        packed = torch.cat([plain.to(hidden.dtype), hidden], -1)
+        if not self._replay_checked:
+            self._replay_checked = True
+            try:
+                same = torch.allclose(self.forward(packed, mask), logits[:, self.class_order], rtol=1e-4, atol=1e-5)
+            except Exception:  # noqa: BLE001 - a block whose callers expect more than it hands on
+                same = False
+            if not same:
+                self.log(f"the frozen bottom of {type(self.model).__name__} cannot be cached (its blocks pass more "
+                         f"than the hidden states on): every example runs through the whole model")
+                self.first_trainable_layer = -1
+                return plain
+        return packed
 
     def forward(self, prefix: torch.Tensor, mask: torch.Tensor, word_vectors: torch.Tensor | None = None
                 ) -> torch.Tensor:
-        ids, types = prefix[..., 0], prefix[..., 1]
+        if self.first_trainable_layer <= 0 or prefix.shape[-1] == 2:  # ids and token types only: the whole model
+            return self._run(prefix.long(), mask)[:, self.class_order]
+        ids = prefix[..., :2].round().long()
+        with self._frozen_bottom(prefix[..., 2:]):
+            return self._run(ids, mask)[:, self.class_order]
+
+    def _run(self, ids_and_types: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        ids, types = ids_and_types[..., 0], ids_and_types[..., 1]
         extra = {"token_type_ids": types} if self._token_types else {}
-        logits = self.model(input_ids=ids, attention_mask=(mask > 0).long(), **extra).logits
-        return logits[:, self.class_order]
+        if self._use_cache_flag:
+            extra["use_cache"] = False
+        return self.model(input_ids=ids, attention_mask=(mask > 0).long(), **extra).logits
+
+    @contextlib.contextmanager
+    def _frozen_bottom(self, hidden: torch.Tensor) -> Iterator[None]:
+        """The blocks below the first trainable one compute nothing: each hands on the last one's cached output."""
+        output = (hidden,) if self._block_output_is_tuple else hidden
+
+        def skipped(*args, **kwargs):
+            return output
+
+        blocks = list(self.layers)[:self.first_trainable_layer]
+        for block in blocks:
+            block.forward = skipped
+        try:
+            yield
+        finally:
+            for block in blocks:
+                del block.forward  # the class's forward again
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(ids)
@@ -158,3 +248,4 @@ class SequenceClassifier(nn.Module):
                 role = "other"
             groups.setdefault(role, []).append(name)
         return groups
+

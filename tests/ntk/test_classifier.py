@@ -214,3 +214,22 @@ def test_a_checkpoint_without_a_tokenizer_is_refused_before_any_work(tmp_path):
                                    "--model", str(path), "-o", str(tmp_path / "v.csv")])
     assert res.exit_code == 2 and "has no tokenizer" in res.output and "save_pretrained" in res.output, res.output
     assert "Traceback" not in res.output and not (tmp_path / "v.csv").exists()
+
+
+def test_the_frozen_bottom_is_cached_where_its_replay_matches_and_switched_off_where_not(classifier):
+    """top:1 of 2 blocks: block 0 runs once, without gradients; a model whose blocks hand on more than the
+    hidden states (DeBERTa's relative attention) is detected on the first batch and runs whole, saying so."""
+    from freeshap_dq.ntk.batching import pad_batch
+
+    name, path, _ = classifier
+    messages = []
+    adapter, _ = build_adapter(NTKConfig(model=str(path), adapter="sequence-classifier"), LABELS, log=messages.append)
+    adapter.set_trainable(set(select_trainable(adapter, "top:1")))
+    assert adapter.first_trainable_layer == 1
+    prefix = adapter.prefix(pad_batch(adapter.tokenize(TEXTS[:3]), adapter, "cpu"))
+    if name == "deberta-v2":
+        assert adapter.first_trainable_layer == -1 and prefix.shape[-1] == 2 and "cannot be cached" in messages[-1]
+    else:
+        assert adapter.first_trainable_layer == 1 and prefix.shape[-1] == 2 + 32, name  # ids, types, hidden 32
+    adapter.set_trainable(set(select_trainable(adapter, "all")))
+    assert adapter.first_trainable_layer == -1  # the embeddings are trainable: nothing to cache
