@@ -1,9 +1,10 @@
 """eNTK of fine-tuned sequence classifiers, per architecture: the fast path against two baselines, same run.
 
-For each architecture a small random ``<Arch>ForSequenceClassification`` (hidden 128, 4 layers, built from a
-config: no download) and N short texts; trainable top:1 (the last block and the classifier):
+For each architecture a small random ``<Arch>ForSequenceClassification`` (hidden 128, ``--layers`` blocks, built
+from a config: no download) and N short texts; trainable top:1 (the last block and the classifier):
 
-  (a) fast path: per-example gradients from factors (one batched forward and backward per class);
+  (a) fast path: the frozen bottom computed once (where its replay matches), per-example gradients from
+      factors (one batched forward and backward per class through the top);
   (b) fallback: ``gradients='vmap'``, which for these models is the per-example loop (their own mask code
       cannot run under vmap) - what any module outside the factor rules gets;
   (c) naive: a plain autograd loop, one backward per example, then J J^T.
@@ -39,13 +40,13 @@ ARCHITECTURES = ("bert", "roberta", "distilbert", "electra", "deberta-v2", "gpt2
 WORDS = ["a", "great", "movie", "dull", "plot", "it", "was", "bad", "very", "good", "i", "loved", "every", "minute"]
 
 
-def build(folder: Path, architecture: str) -> Path:
+def build(folder: Path, architecture: str, layers: int) -> Path:
     import transformers as tf
 
     tok = train_wordpiece(folder)
     common = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, num_labels=2, id2label={0: "neg", 1: "pos"},
                   label2id={"neg": 0, "pos": 1})
-    enc = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256,
+    enc = dict(hidden_size=128, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=256,
                max_position_embeddings=80, **common)
     model = {
         "bert": lambda: tf.BertForSequenceClassification(tf.BertConfig(**enc)),
@@ -54,11 +55,11 @@ def build(folder: Path, architecture: str) -> Path:
         "deberta-v2": lambda: tf.DebertaV2ForSequenceClassification(tf.DebertaV2Config(
             relative_attention=True, position_biased_input=False, pos_att_type=["p2c", "c2p"], **enc)),
         "distilbert": lambda: tf.DistilBertForSequenceClassification(tf.DistilBertConfig(
-            dim=128, n_layers=4, n_heads=4, hidden_dim=256, max_position_embeddings=80, **common)),
-        "gpt2": lambda: tf.GPT2ForSequenceClassification(tf.GPT2Config(n_embd=128, n_layer=4, n_head=4, n_positions=80,
+            dim=128, n_layers=layers, n_heads=4, hidden_dim=256, max_position_embeddings=80, **common)),
+        "gpt2": lambda: tf.GPT2ForSequenceClassification(tf.GPT2Config(n_embd=128, n_layer=layers, n_head=4, n_positions=80,
                                                                         **common)),
         "llama": lambda: tf.LlamaForSequenceClassification(tf.LlamaConfig(
-            hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+            hidden_size=128, intermediate_size=256, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=80, **common)),
     }[architecture]()
     model.save_pretrained(folder)
@@ -86,6 +87,7 @@ def naive(adapter, examples, names) -> np.ndarray:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=96, help="Examples (all rows of the kernel).")
+    parser.add_argument("--layers", type=int, default=8, help="Blocks of each model (top:1 is trainable).")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     texts = [" ".join(rng.choice(WORDS, int(rng.integers(6, 14)))) for _ in range(args.n)]
@@ -93,7 +95,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for arch in ARCHITECTURES:
-            path = build(Path(scratch) / arch, arch)
+            path = build(Path(scratch) / arch, arch, args.layers)
             adapter, _ = build_adapter(NTKConfig(model=str(path), adapter="sequence-classifier"), ("neg", "pos"),
                                        log=lambda message: None)
             examples = adapter.tokenize(texts)
@@ -113,7 +115,7 @@ def main() -> None:
             rows.append((arch, n_params, timed["fast"][0], timed["fallback"][0], naive_seconds, error,
                          unfactored))
     print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; "
-          f"n = {args.n} texts of 8-16 tokens, trainable top:1 of 4 blocks, class-0 kernel\n")
+          f"n = {args.n} texts of 6-14 words, trainable top:1 of {args.layers} blocks (hidden 128), class-0 kernel\n")
     print("| architecture | trainable params | fast path (s) | per-example loop (s) | naive autograd loop (s) | "
           "fast vs naive | max rel. difference | tensors without a factor rule |")
     print("|---|---|---|---|---|---|---|---|")
