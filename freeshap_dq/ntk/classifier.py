@@ -6,7 +6,8 @@ own pooling (pooler, CLS, DistilBERT's pre-classifier, DeBERTa's context pooler,
 its own trained classification head, reordered to the data's classes by the model's ``id2label``. No layer
 of the model is assumed: the model runs as it is, every example through every layer (nothing is cached), the
 per-example gradients of linear, layer-norm, embedding and GPT-2 ``Conv1D`` parameters come from factors
-(one batched backward), and any other parameter's from a per-example loop (the transformers models' own
+(one batched backward; a trainable input embedding table's share summed token by token, ``word_table.py``),
+and any other parameter's from a per-example loop (the transformers models' own
 attention-mask code cannot run under ``torch.func.vmap``). ``--trainable`` keeps its meaning: ``head`` is
 everything outside the model's base (its classifier), ``top:K`` the last K blocks of its block list.
 
@@ -75,7 +76,6 @@ class SequenceClassifier(nn.Module):
     adapter_name = "sequence-classifier"
     lora_rank = 0
     vmap_compatible = False
-    word_table_name = None  # the embedding table is differentiated densely (factors), like any other table
     first_trainable_layer = -1  # nothing is cached: every example runs through the whole model
 
     def __init__(self, model: nn.Module, tokenizer, label_names: tuple[str, ...], max_length: int = 128,
@@ -123,6 +123,12 @@ class SequenceClassifier(nn.Module):
     def head(self) -> nn.Linear:
         """The model's final classification layer (C rows)."""
         return self.model.get_submodule(self._head_name)
+
+    @property
+    def word_table_name(self) -> str:
+        """The input embedding table: its share of the kernel is summed token by token when it is trainable."""
+        table = self.model.get_input_embeddings()
+        return next(f"{name}.weight" for name, m in self.named_modules() if m is table)
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -199,6 +205,12 @@ class SequenceClassifier(nn.Module):
 
     def forward(self, prefix: torch.Tensor, mask: torch.Tensor, word_vectors: torch.Tensor | None = None
                 ) -> torch.Tensor:
+        if word_vectors is not None:  # the looked-up rows given (to differentiate with respect to them)
+            extra = {"token_type_ids": prefix[..., 1].long()} if self._token_types else {}
+            if self._use_cache_flag:
+                extra["use_cache"] = False
+            return self.model(inputs_embeds=word_vectors, attention_mask=(mask > 0).long(), **extra).logits[
+                :, self.class_order]
         if self.first_trainable_layer <= 0 or prefix.shape[-1] == 2:  # ids and token types only: the whole model
             return self._run(prefix.long(), mask)[:, self.class_order]
         ids = prefix[..., :2].round().long()
@@ -249,3 +261,58 @@ class SequenceClassifier(nn.Module):
             groups.setdefault(role, []).append(name)
         return groups
 
+
+
+class ModuleClassifier(SequenceClassifier):
+    """Any ``nn.Module`` text classifier, from Python: ``module(input_ids=..., attention_mask=...)`` gives the
+    logits (B, C), or an output with ``.logits``, in the order of the data's sorted labels. No layer is assumed:
+    the head is its last ``Linear`` with C outputs, ``top:K`` counts its largest list of blocks (if it has one),
+    factors cover what they can and a per-example loop the rest (named in the log). Nothing is cached."""
+
+    adapter_name = "module-classifier"
+    word_table_name = None  # an embedding table is differentiated densely, like any other parameter
+
+    def __init__(self, module: nn.Module, tokenizer, n_classes: int, max_length: int = 128,
+                 log: Callable[[str], None] = print):
+        nn.Module.__init__(self)
+        self.log, self.model, self.tokenizer, self.max_length = log, module, tokenizer, max_length
+        self.first_trainable_layer, self._replay_checked, self._block_output_is_tuple = -1, False, False
+        self.class_order = list(range(n_classes))
+        heads = [name for name, m in module.named_modules() if isinstance(m, nn.Linear) and m.out_features == n_classes]
+        if not heads:
+            raise InputError(f"{type(module).__name__} has no Linear layer with {n_classes} outputs to read the logits "
+                             f"from.")
+        self._head_name = heads[-1]
+        try:
+            self._layers_name = block_list(module)[0]
+        except InputError:
+            self._layers_name = None
+        self.layers_prefix = f"model.{self._layers_name}." if self._layers_name else "\0"
+        self.base_prefix = "model."
+        accepted = inspect.signature(module.forward).parameters
+        self._token_types = "token_type_ids" in accepted
+        self._use_cache_flag = False
+        self.position_limit = None
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.get_submodule(self._layers_name) if self._layers_name else nn.ModuleList()
+
+    def set_trainable(self, names: set[str]) -> None:
+        """Nothing is cached: the module runs whole for every example."""
+        self.first_trainable_layer = -1
+
+    def _run(self, ids_and_types: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        extra = {"token_type_ids": ids_and_types[..., 1]} if self._token_types else {}
+        out = self.model(input_ids=ids_and_types[..., 0], attention_mask=(mask > 0).long(), **extra)
+        return getattr(out, "logits", out)
+
+    def parameter_groups(self) -> dict[str, list[str]]:
+        head = f"model.{self._head_name}."
+        groups = super().parameter_groups()
+        regrouped: dict[str, list[str]] = {}
+        for role, names in groups.items():
+            for name in names:
+                regrouped.setdefault("head" if name.startswith(head) else ("other" if role == "head" else role),
+                                     []).append(name)
+        return regrouped

@@ -83,8 +83,9 @@ class FactorStore:
 
     def collect(self, adapter: nn.Module, prefix: torch.Tensor, mask: torch.Tensor, classes: list[int]) -> None:
         """Run one batch forward, then backward once per class, and keep its factors. On the first batch, a site
-        whose output is not one row per example (say, a module applied to the flattened batch) is dropped from
-        ``sites`` (its parameters are left to vmap); on a later one it raises ``NotFactorable``. An embedding
+        whose output is not one row per example (say, a module applied to the flattened batch), or whose module
+        never ran, is dropped from ``sites`` (its parameters are left to vmap); on a later one it raises
+        ``NotFactorable``. An embedding
         lookup broadcast over the batch (position ids of shape (1, L)) is given one copy per example."""
         sites = sorted({site for site, _ in self.sites.values()}, key=lambda s: s.module)
         captured: dict[Site, list[tuple[torch.Tensor, torch.Tensor]]] = {site: [] for site in sites}
@@ -102,6 +103,9 @@ class FactorStore:
                 h.remove()
             for p in own:
                 p.requires_grad_(False)
+        # a site that never ran: its module was not called, though its weights may be used directly (PyTorch's
+        # attention reads out_proj.weight without calling out_proj), so its gradient cannot come from factors
+        unfit |= {site for site in sites if not captured[site]}
         if unfit:
             if self.batches:
                 raise NotFactorable(f"{sorted(s.module for s in unfit)} changed shape between batches")
@@ -167,9 +171,6 @@ class FactorStore:
         site, attr = self.sites[name]
         param = getattr(self.modules[site.module], attr)
         calls = self.batches[batch][site]
-        if not calls:  # the module did not run for this batch (an unused parameter): its gradient is zero
-            out.zero_()
-            return
         if site.rule == "linear" and attr == "weight" and lo % param.shape[1] == 0 and hi % param.shape[1] == 0:
             rows = out.view(len(out), (hi - lo) // param.shape[1], param.shape[1])
             for i, (a, gs) in enumerate(calls):

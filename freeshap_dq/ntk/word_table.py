@@ -50,7 +50,7 @@ def word_table_vectors(adapter, batches, c: int, vocab: int, bar=None
         return functional_call(adapter, {}, (prefix.unsqueeze(0), mask.unsqueeze(0)),
                                {"word_vectors": vectors.unsqueeze(0)})[0, c]
 
-    per_example = vmap(grad(logit), in_dims=(0, 0, 0))
+    per_example = vmap(grad(logit), in_dims=(0, 0, 0)) if adapter.vmap_compatible else _unpadded_loop(grad(logit))
     pieces = []
     for row_ids, prefix, mask in batches:
         ids = prefix[..., 0]
@@ -61,6 +61,18 @@ def word_table_vectors(adapter, batches, c: int, vocab: int, bar=None
             bar.update(len(row_ids))
     table = adapter.get_submodule(adapter.word_table_name.rpartition(".")[0])
     return _by_token(pieces, vocab, getattr(table, "padding_idx", None))
+
+
+def _unpadded_loop(per_one):
+    """``vmap``'s contract by a loop over the examples, each without its padding (a decoder's last-token scoring
+    reads the last position when it is given vectors instead of ids); the padding's rows get zeros."""
+    def per_example(vectors, prefix, mask):
+        out = torch.zeros_like(vectors)
+        for i in range(len(mask)):
+            length = int((mask[i] > 0).sum())
+            out[i, :length] = per_one(vectors[i, :length], prefix[i, :length], mask[i, :length])
+        return out
+    return per_example
 
 
 def _by_token(pieces, vocab: int, padding_idx: int | None):

@@ -233,3 +233,63 @@ def test_the_frozen_bottom_is_cached_where_its_replay_matches_and_switched_off_w
         assert adapter.first_trainable_layer == 1 and prefix.shape[-1] == 2 + 32, name  # ids, types, hidden 32
     adapter.set_trainable(set(select_trainable(adapter, "all")))
     assert adapter.first_trainable_layer == -1  # the embeddings are trainable: nothing to cache
+
+
+@pytest.mark.parametrize("architecture", ["bert", "gpt2"])
+def test_the_fallback_paths_give_the_same_kernel(tmp_path, architecture):
+    """--gradients vmap on these models: the per-example loop for the dense parameters and for the word table's
+    token-by-token share (each example without its padding: a decoder scores its last real token)."""
+    path = tiny_classifier(tmp_path / architecture, architecture)
+    adapter, _ = build_adapter(NTKConfig(model=str(path), adapter="sequence-classifier"), LABELS, log=lambda m: None)
+    train, test = adapter.tokenize(TEXTS[:5]), adapter.tokenize(TEXTS[5:])  # different lengths: padded batches
+    loop = compute_ntk(adapter, train, test, trainable="all", gradients="vmap", max_memory="256MiB")
+    factors = compute_ntk(adapter, train, test, trainable="all", gradients="factors", max_memory="256MiB")
+    expected = autograd_kernel(adapter, train + test, select_trainable(adapter, "all"), [0])
+    for out in (loop, factors):
+        np.testing.assert_allclose(out.k_train, expected[:5, :5], rtol=2e-4, atol=1e-6)
+        np.testing.assert_allclose(out.k_test, expected[5:, :5], rtol=2e-4, atol=1e-6)
+    assert adapter.word_table_name in dict(adapter.named_parameters())
+
+
+class TinyTextClassifier(torch.nn.Module):
+    """Not a transformers model: an embedding, PyTorch's own encoder blocks, mean pooling, a linear head."""
+
+    def __init__(self, vocab: int, n_classes: int = 2):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(vocab, 16)
+        self.blocks = torch.nn.ModuleList([torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+                                           for _ in range(2)])
+        self.norm = torch.nn.LayerNorm(16)
+        self.out = torch.nn.Linear(16, n_classes)
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.embed(input_ids)
+        for block in self.blocks:
+            hidden = block(hidden, src_key_padding_mask=attention_mask == 0)
+        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return self.out(self.norm((hidden * weights).sum(1) / weights.sum(1)))
+
+
+@pytest.mark.parametrize("trainable", ["head-only", "top:1", "all"])
+def test_any_module_classifier_gets_its_kernel_from_the_generic_path(tmp_path_factory, trainable):
+    """PyTorch's attention reads ``out_proj.weight`` without calling ``out_proj``: a factor site that never runs
+    must fall back to the loop (taking its gradient as zero gave a kernel 5-15 % off)."""
+    from tiny_models import train_wordpiece
+
+    from freeshap_dq.ntk.classifier import ModuleClassifier
+
+    tokenizer = train_wordpiece(tmp_path_factory.mktemp("tok"))
+    module = TinyTextClassifier(len(tokenizer)).eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    adapter = ModuleClassifier(module, tokenizer, 2)
+    train, test = adapter.tokenize(TEXTS[:5]), adapter.tokenize(TEXTS[5:])
+    names = select_trainable(adapter, trainable)
+    assert set(select_trainable(adapter, "head-only")) == {"model.out.weight", "model.out.bias"}
+    out = compute_ntk(adapter, train, test, trainable=trainable, kernel="sum", max_memory="256MiB")
+    expected = autograd_kernel(adapter, train + test, names, [0, 1])
+    np.testing.assert_allclose(out.k_train, expected[:5, :5], rtol=2e-4, atol=1e-6)
+    np.testing.assert_allclose(out.k_test, expected[5:, :5], rtol=2e-4, atol=1e-6)
+    if trainable != "head-only":  # PyTorch's attention keeps its projections as bare parameters: the loop takes them
+        assert any("in_proj_weight" in name for name in out.info["without_factors"])
