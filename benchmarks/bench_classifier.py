@@ -107,21 +107,22 @@ def main() -> None:
                 timed[label] = (time.perf_counter() - started, out.k_train)
                 if label == "fast":
                     unfactored = len(out.info["without_factors"])
+                    factor_mib = out.info["factor_bytes"] / 2**20
             started = time.perf_counter()
             reference = naive(adapter, examples, names)
             naive_seconds = time.perf_counter() - started
             error = max(float(np.max(np.abs(k - reference)) / np.max(np.abs(reference))) for _, k in timed.values())
             n_params = sum(dict(adapter.named_parameters())[k].numel() for k in names)
             rows.append((arch, n_params, timed["fast"][0], timed["fallback"][0], naive_seconds, error,
-                         unfactored))
+                         unfactored, factor_mib))
     print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; "
           f"n = {args.n} texts of 6-14 words, trainable top:1 of {args.layers} blocks (hidden 128), class-0 kernel\n")
     print("| architecture | trainable params | fast path (s) | per-example loop (s) | naive autograd loop (s) | "
-          "fast vs naive | max rel. difference | tensors without a factor rule |")
-    print("|---|---|---|---|---|---|---|---|")
-    for arch, n_params, fast, fallback, naive_s, error, unfactored in rows:
+          "fast vs naive | max rel. difference | tensors without a factor rule | factor memory (MiB) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for arch, n_params, fast, fallback, naive_s, error, unfactored, factor_mib in rows:
         print(f"| {arch} | {n_params:,} | {fast:.2f} | {fallback:.2f} | {naive_s:.2f} | {naive_s / fast:.1f}x | "
-              f"{error:.1e} | {unfactored} |")
+              f"{error:.1e} | {unfactored} | {factor_mib:.1f} |")
 
 
 if __name__ == "__main__":

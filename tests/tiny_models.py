@@ -104,3 +104,15 @@ def tiny_classifier(folder: Path, architecture: str, id2label: dict[int, str] | 
         return configs[architecture]()
 
     return _save_tiny(folder, seed, build)
+
+
+def tiny_decoder(folder: Path, architecture: str, seed: int = 0) -> Path:
+    """A tiny random causal LM (``qwen2`` or ``mistral``; ``tiny_llama`` for Llama) with a WordPiece tokenizer."""
+    import transformers as tf
+
+    model, config = {"qwen2": (tf.Qwen2ForCausalLM, tf.Qwen2Config),
+                     "mistral": (tf.MistralForCausalLM, tf.MistralConfig)}[architecture]
+    return _save_tiny(folder, seed, lambda tok: model(config(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id, tie_word_embeddings=False)))

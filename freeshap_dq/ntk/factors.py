@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-RMS_NORMS = ("LlamaRMSNorm",)  # weight * x / rms(x), computed in float32
+RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm")  # weight * x / rms(x), computed in float32
 TRANSPOSED_LINEARS = ("Conv1D",)  # transformers' GPT-2 layer: y = x @ weight + bias, weight (in, out)
 
 

@@ -57,6 +57,8 @@ def test_kernel_equals_a_plain_autograd_loop_over_the_models_own_logits(classifi
         np.testing.assert_allclose(out.k_test, expected[5:, :5], rtol=2e-4, atol=1e-6, err_msg=f"{name} {mode}")
         np.testing.assert_allclose(out.k_train, out.k_train.T, rtol=1e-10, atol=1e-12)
     again = compute_ntk(adapter, train, test, trainable=trainable, kernel="class0", max_memory="256MiB")
+    first = compute_ntk(adapter, train, test, trainable=trainable, kernel="class0", max_memory="256MiB")
+    np.testing.assert_array_equal(first.k_train, again.k_train)  # deterministic
     per_class = compute_ntk(adapter, train, test, trainable=trainable, kernel="per-class", max_memory="256MiB")
     np.testing.assert_allclose(per_class.k_train[0], again.k_train, rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(per_class.k_train[1], autograd_kernel(adapter, train, names, [1]), rtol=2e-4,
@@ -182,6 +184,17 @@ def test_a_module_outside_the_factor_rules_falls_back_and_says_so(tmp_path):
                       max_memory="256MiB")
     assert out.info["gradients"] == "factors" and out.info["fallback"] == "per-example loop"
     assert any("pos_key_proj" in name for name in out.info["without_factors"])
+    import pandas as pd
+    from click.testing import CliRunner
+
+    from freeshap_dq.cli.main import cli
+
+    pd.DataFrame({"text": TEXTS, "label": ["neg", "pos"] * 3 + ["neg"]}).to_csv(tmp_path / "d.csv", index=False)
+    res = CliRunner().invoke(cli, ["value", "--train", str(tmp_path / "d.csv"), "--test", str(tmp_path / "d.csv"),
+                                   "--model", str(path), "--trainable", "top:1", "--permutations", "3", "-o",
+                                   str(tmp_path / "v.csv"), "--no-progress"])
+    assert res.exit_code == 0 and "have no factor rule" in res.output and "per-example loop" in res.output
+    assert "cannot be cached" in res.output, res.output
 
 
 def test_the_vectors_the_models_own_head_reads(tmp_path):

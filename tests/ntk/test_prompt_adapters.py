@@ -171,3 +171,20 @@ def test_packaged_smollm2_converts_once_and_gives_a_real_lm_kernel(tmp_path_fact
     assert out.k_train.shape == (3, 3) and np.linalg.eigvalsh(out.k_train).min() > 0
     again, _, folder2 = load_model_and_tokenizer("smollm2", "causal")  # second load: from the converted folder
     assert folder2 == folder
+
+
+@pytest.mark.parametrize("architecture", ["qwen2", "mistral"])
+@pytest.mark.parametrize("trainable", ["top:1", "all"])
+def test_the_causal_lm_prompt_adapter_on_qwen2_and_mistral(tmp_path_factory, architecture, trainable):
+    from tiny_models import tiny_decoder
+
+    folder = tiny_decoder(tmp_path_factory.mktemp(architecture), architecture)
+    model, tokenizer, _ = load_model_and_tokenizer(str(folder), "causal")
+    single = [w for w in ("bad", "great", "good", "it", "was", "a", "i") if len(tokenizer(
+        " " + w, add_special_tokens=False)["input_ids"]) == 1 or len(tokenizer(w, add_special_tokens=False)["input_ids"]) == 1]
+    adapter = CausalLM(model, tokenizer, 2, single[:2], template="review : {text} it was", max_length=16)
+
+    def logits_of(ids, at):
+        return adapter.head(adapter.decoder(ids).last_hidden_state[0, at])
+    out = check(adapter, trainable, logits_of)
+    assert not out.info["without_factors"]  # their RMS norms are in the factor rules
