@@ -62,6 +62,14 @@ def _client(adapter, url, api_key, timeout):
     return client
 
 
+def _open_project(client, title, project_id, advice: str):
+    """The project named by id or by title, which must exist."""
+    project = client.project(project_id) if project_id is not None else client.find_project(title)
+    if project is None:
+        raise InputError(f"{client.url} has no project titled {title!r}; {advice}.")
+    return project
+
+
 def _project_choice(title, project_id, default_title=None):
     if title is not None and project_id is not None:
         raise click.UsageError("give --project TITLE or --project-id N, not both.")
@@ -112,11 +120,11 @@ def push_command(values_path, data_path, audit_path, result_path, test_path, url
                  count, fraction, threshold, confident, z, both, metric, run_id, batch_size, state_path, dry_run,
                  progress, **columns):
     """Push review tasks (most harmful first) with scores, a pre-filled prediction and sorted views."""
-    state_path = state_path or values_path.with_name(state_name(title, project_id, data_path))
-    if not dry_run:
+    if not dry_run:  # a dry run contacts no server: no project, no state
+        title, project_id = _project_choice(title, project_id, default_title=f"FreeShap review: {Path(data_path).stem}")
+        state_path = state_path or values_path.with_name(state_name(title, project_id))
         check_outputs({"--state": state_path}, {"--values": values_path, "--data": data_path, "--audit": audit_path,
                                                 "--result": result_path, "--test": test_path})
-        _project_choice(title, project_id, default_title="the default title")
     if (result_path is None) != (test_path is None):
         raise click.UsageError("--result and --test go together: the validation examples are named from --test.")
     adapter = _adapter()
@@ -146,7 +154,6 @@ def push_command(values_path, data_path, audit_path, result_path, test_path, url
                                              "freeshap_value", "freeshap_score", *audit_columns]]
         click.echo(shown.to_string(index=False) if len(shown) else "(nothing)")
         return
-    title, project_id = _project_choice(title, project_id, default_title=f"FreeShap review: {Path(data_path).stem}")
     client = _client(adapter, url, api_key, timeout)
     report = adapter.push(client, review, selected, run, title=title, project_id=project_id, state_path=state_path,
                           batch_size=batch_size, progress=progress, row_number_ids=data.row_number_ids)
@@ -189,11 +196,11 @@ def _evidence(result_path, data, test, joined, metric, values_path) -> pd.DataFr
     return table.drop(columns=["value"])
 
 
-def state_name(title: str | None, project_id: int | None, data_path: Path) -> str:
+def state_name(title: str | None, project_id: int | None) -> str:
     """The default state file of a project (every push into one project shares it)."""
-    if project_id is not None and title is None:
+    if title is None:
         return f"project-{project_id}.labelstudio.json"
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", title or f"FreeShap review {Path(data_path).stem}").strip("-").lower()
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", title).strip("-").lower()
     return f"{slug or 'project'}.labelstudio.json"
 
 
@@ -255,9 +262,7 @@ def pull_command(url, api_key, timeout, title, project_id, output, manifest_path
         project_id, url = _project_of_state(state_path, url)
     title, project_id = _project_choice(title, project_id)
     client = _client(adapter, url, api_key, timeout)
-    project = client.project(project_id) if project_id is not None else client.find_project(title)
-    if project is None:
-        raise InputError(f"{client.url} has no project titled {title!r}; check --project or use --project-id.")
+    project = _open_project(client, title, project_id, "check --project or use --project-id")
     table, counts = adapter.pull(client, project, agreement=agreement)
     write_table(table, output)
     if manifest_path is not None:
@@ -327,9 +332,7 @@ def sync_command(data_path, kernel_path, url, api_key, timeout, title, project_i
     problem = KernelProblem.load(kernel_path)
     relabelled_problem(problem, data, str(kernel_path))  # the kernel is the data's, before any server call
     client = _client(adapter, url, api_key, timeout)
-    project = client.project(project_id) if project_id is not None else client.find_project(title)
-    if project is None:
-        raise InputError(f"{client.url} has no project titled {title!r}; push to it first, or check --project.")
+    project = _open_project(client, title, project_id, "push to it first, or check --project")
 
     reviews, pulled = adapter.pull(client, project, agreement=agreement)
     new_labels = sorted(set(reviews["reviewed_label"].dropna()) - set(data.labels))
