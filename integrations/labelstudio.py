@@ -443,22 +443,21 @@ def _tasks_by_example(tasks: list) -> tuple[dict, list[int]]:
     return chosen, extra
 
 
-def refuse_moved_reviews(rows: list[dict], existing: dict, project, row_number_ids: bool) -> None:
+def refuse_moved_reviews(new_data: dict[str, dict], existing: dict, project, row_number_ids: bool) -> None:
     """Refuse a push that would show another text under a task someone has already reviewed: the review would
-    then be pulled and applied to the wrong example."""
-    moved = [(row, existing[row["example_id"]]) for row in rows
-             if was_reviewed(existing[row["example_id"]])
-             and shown_content(existing[row["example_id"]].data or {}) != shown_content(task_data(row))]
+    then be pulled and applied to the wrong example. ``new_data``: example id -> the task data pushed now."""
+    moved = [(example_id, existing[example_id]) for example_id, data in new_data.items()
+             if was_reviewed(existing[example_id]) and shown_content(existing[example_id].data or {}) != shown_content(data)]
     if not moved:
         return
-    row, task = moved[0]
-    before, after = shown_content(task.data or {})[0], shown_content(task_data(row))[0]
+    example_id, task = moved[0]
+    before, after = shown_content(task.data or {})[0], shown_content(new_data[example_id])[0]
     why = ("The data has no id column, so its ids are row numbers, and removing, adding or reordering rows moves "
            "every id: give the data an id column (--id-column) and push it into a new project."
            if row_number_ids else "Give the data the ids it was pushed with, or push it into a new project.")
     raise LabelStudioError(
         f"{len(moved)} reviewed task(s) of project {project.id} ({project.title!r}) would show another text under "
-        f"the same example id, e.g. {row['example_id']!r} (task {task.id}): the reviewer saw {clip_text(before, 60)!r}, the "
+        f"the same example id, e.g. {example_id!r} (task {task.id}): the reviewer saw {clip_text(before, 60)!r}, the "
         f"data now has {clip_text(after, 60)!r}. Nothing was pushed: the review would land on the wrong example. {why}")
 
 
@@ -542,17 +541,19 @@ def push(client: Client, review: pd.DataFrame, selected: pd.Series, run: ReviewR
     report.not_in_values = len(set(existing) - set(review["example_id"]))
 
     refresh = [r for r in rows if r["example_id"] in existing]
-    refuse_moved_reviews(refresh, existing, project, row_number_ids)
+    new_data = {r["example_id"]: task_data(r) for r in refresh}
+    refuse_moved_reviews(new_data, existing, project, row_number_ids)
     replaced: dict[str, int] = {}  # example id -> the old task, for unreviewed tasks imported again below
     patch = []
     for row in refresh:
         task = existing[row["example_id"]]
+        data = new_data[row["example_id"]]
         prediction = predictions.get(task.id)
-        if (task.data == task_data(row) and _run_of(task) == run.run_id and prediction is not None
+        if (task.data == data and _run_of(task) == run.run_id and prediction is not None
                 and _chosen_label(prediction.result or [], control) == str(row["given_label"])):
             report.unchanged += 1
             continue
-        if shown_content(task.data or {}) != shown_content(task_data(row)):
+        if shown_content(task.data or {}) != shown_content(data):
             report.texts_replaced += 1
         if was_reviewed(task):
             patch.append(row)
@@ -561,7 +562,7 @@ def push(client: Client, review: pd.DataFrame, selected: pd.Series, run: ReviewR
     missing_predictions = []
     for row in tqdm(patch, desc="update reviewed tasks", unit="task", disable=not _show(progress, len(patch))):
         task = existing[row["example_id"]]
-        client.update_task(task.id, task_data(row), task_meta(row, run))
+        client.update_task(task.id, new_data[row["example_id"]], task_meta(row, run))
         report.updated += 1
         prediction = task_prediction(row, run, control)
         if task.id not in predictions:

@@ -68,7 +68,9 @@ def apply_relabels(raw: pd.DataFrame, data: TextDataset, relabels: pd.DataFrame,
         shown = ", ".join(f"{e!r} (row {i})" for i, e in unknown[:3])
         raise InputError(f"{where}: example id(s) {shown} are not in {data.source}; give the data the review was "
                          f"pushed from (and the same --id-column).")
-    _refuse_moved_content(reviews, data, row_of, where, on_conflict)
+    fingerprints = data.content_fingerprints() if "content_fingerprint" in reviews.columns else None
+    if fingerprints is not None and on_conflict != "skip":
+        _refuse_moved_content(reviews, data, row_of, fingerprints, where)
     known_labels = set(data.labels)
     new_labels = sorted(set(reviews["reviewed_label"]) - known_labels)
     if new_labels and not allow_new_labels:
@@ -77,7 +79,6 @@ def apply_relabels(raw: pd.DataFrame, data: TextDataset, relabels: pd.DataFrame,
                          f"they are meant to be new classes.")
 
     records, conflicts, skipped, moved, already = [], 0, 0, 0, []
-    fingerprints = data.content_fingerprints() if "content_fingerprint" in reviews.columns else None
     corrected = raw.copy()
     for review in reviews.to_dict(orient="records"):
         row = row_of[review["example_id"]]
@@ -118,11 +119,8 @@ def apply_relabels(raw: pd.DataFrame, data: TextDataset, relabels: pd.DataFrame,
 CARRIED = ("annotator", "lead_time", "task_id", "votes")
 
 
-def _refuse_moved_content(reviews: pd.DataFrame, data: TextDataset, row_of: dict, where: str,
-                          on_conflict: str) -> None:
-    if "content_fingerprint" not in reviews.columns or on_conflict == "skip":
-        return
-    fingerprints = data.content_fingerprints()
+def _refuse_moved_content(reviews: pd.DataFrame, data: TextDataset, row_of: dict, fingerprints: list[str],
+                          where: str) -> None:
     for review in reviews.to_dict(orient="records"):
         row = row_of[review["example_id"]]
         if review["content_fingerprint"] is not None and review["content_fingerprint"] != fingerprints[row]:
