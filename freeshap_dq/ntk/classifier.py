@@ -72,6 +72,17 @@ def block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return max(candidates, key=lambda item: sum(p.numel() for p in item[1].parameters()))
 
 
+def classification_layer(model: nn.Module, n_classes: int, outside: str | None = None) -> str:
+    """The name of the model's last ``Linear`` with ``n_classes`` outputs (not under ``outside``): its head."""
+    heads = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features == n_classes
+             and not (outside and name.startswith(outside))]
+    if not heads:
+        where = f" outside {outside.rstrip('.')}" if outside else ""
+        raise InputError(f"{type(model).__name__} has no classification layer (a Linear with {n_classes} outputs"
+                         f"{where}) to read the logits from.")
+    return heads[-1]
+
+
 class SequenceClassifier(nn.Module):
     adapter_name = "sequence-classifier"
     lora_rank = 0
@@ -97,12 +108,7 @@ class SequenceClassifier(nn.Module):
         layers_name, _ = block_list(getattr(model, base))
         self._layers_name = f"{base}.{layers_name}"  # not an attribute: a second path to the blocks would alias
         self.layers_prefix = f"model.{self._layers_name}."  # their parameters (functional_call restores only one)
-        heads = [(name, m) for name, m in model.named_modules()
-                 if isinstance(m, nn.Linear) and not name.startswith(f"{base}.") and m.out_features == len(label_names)]
-        if not heads:
-            raise InputError(f"{type(model).__name__} has no classification layer with {len(label_names)} outputs "
-                             f"outside its base model.")
-        self._head_name = heads[-1][0]
+        self._head_name = classification_layer(model, len(label_names), outside=f"{base}.")
         accepted = inspect.signature(model.forward).parameters
         self._token_types = "token_type_ids" in accepted and getattr(model.config, "type_vocab_size", 0) > 1
         self._use_cache_flag = "use_cache" in accepted
@@ -206,23 +212,21 @@ class SequenceClassifier(nn.Module):
     def forward(self, prefix: torch.Tensor, mask: torch.Tensor, word_vectors: torch.Tensor | None = None
                 ) -> torch.Tensor:
         if word_vectors is not None:  # the looked-up rows given (to differentiate with respect to them)
-            extra = {"token_type_ids": prefix[..., 1].long()} if self._token_types else {}
-            if self._use_cache_flag:
-                extra["use_cache"] = False
-            return self.model(inputs_embeds=word_vectors, attention_mask=(mask > 0).long(), **extra).logits[
-                :, self.class_order]
+            return self._run(prefix[..., :2].long(), mask, word_vectors)[:, self.class_order]
         if self.first_trainable_layer <= 0 or prefix.shape[-1] == 2:  # ids and token types only: the whole model
             return self._run(prefix.long(), mask)[:, self.class_order]
         ids = prefix[..., :2].round().long()
         with self._frozen_bottom(prefix[..., 2:]):
             return self._run(ids, mask)[:, self.class_order]
 
-    def _run(self, ids_and_types: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        ids, types = ids_and_types[..., 0], ids_and_types[..., 1]
-        extra = {"token_type_ids": types} if self._token_types else {}
+    def _run(self, ids_and_types: torch.Tensor, mask: torch.Tensor, word_vectors: torch.Tensor | None = None
+             ) -> torch.Tensor:
+        """The model's logits, in its own class order; ``word_vectors`` stand in for the looked-up ids."""
+        extra = {"token_type_ids": ids_and_types[..., 1]} if self._token_types else {}
         if self._use_cache_flag:
             extra["use_cache"] = False
-        return self.model(input_ids=ids, attention_mask=(mask > 0).long(), **extra).logits
+        inputs = {"input_ids": ids_and_types[..., 0]} if word_vectors is None else {"inputs_embeds": word_vectors}
+        return self.model(**inputs, attention_mask=(mask > 0).long(), **extra).logits
 
     @contextlib.contextmanager
     def _frozen_bottom(self, hidden: torch.Tensor) -> Iterator[None]:
@@ -278,11 +282,7 @@ class ModuleClassifier(SequenceClassifier):
         self.log, self.model, self.tokenizer, self.max_length = log, module, tokenizer, max_length
         self.first_trainable_layer, self._replay_checked, self._block_output_is_tuple = -1, False, False
         self.class_order = list(range(n_classes))
-        heads = [name for name, m in module.named_modules() if isinstance(m, nn.Linear) and m.out_features == n_classes]
-        if not heads:
-            raise InputError(f"{type(module).__name__} has no Linear layer with {n_classes} outputs to read the logits "
-                             f"from.")
-        self._head_name = heads[-1]
+        self._head_name = classification_layer(module, n_classes)
         try:
             self._layers_name = block_list(module)[0]
         except InputError:
@@ -302,7 +302,8 @@ class ModuleClassifier(SequenceClassifier):
         """Nothing is cached: the module runs whole for every example."""
         self.first_trainable_layer = -1
 
-    def _run(self, ids_and_types: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _run(self, ids_and_types: torch.Tensor, mask: torch.Tensor, word_vectors: torch.Tensor | None = None
+             ) -> torch.Tensor:
         extra = {"token_type_ids": ids_and_types[..., 1]} if self._token_types else {}
         out = self.model(input_ids=ids_and_types[..., 0], attention_mask=(mask > 0).long(), **extra)
         return getattr(out, "logits", out)
