@@ -23,6 +23,7 @@ from freeshap_dq.data.synthetic import noisy_problem  # noqa: E402
 from freeshap_dq.integrations import labelstudio as ls_adapter  # noqa: E402
 
 N_TRAIN = 40
+FLIP = {"negative": "positive", "positive": "negative"}  # the other label of run_dir's two classes
 
 
 @pytest.fixture(scope="module")
@@ -175,17 +176,16 @@ def test_annotate_pull_and_apply(label_studio, run_dir, tmp_path):
     client = sdk(label_studio)
     project = project_by_title(client, "review loop")
     tasks = sorted(all_tasks(client, project.id), key=lambda t: t.data["freeshap_rank"])
-    flip = {"negative": "positive", "positive": "negative"}
 
     def annotate(task, label, **kw):
         client.annotations.create(id=task.id, result=[{"from_name": "label", "to_name": "text", "type": "choices",
                                                        "value": {"choices": [label]}}], lead_time=2.5, **kw)
 
     changed, confirmed, cancelled, twice = tasks[:4]
-    annotate(changed, flip[changed.data["given_label"]])
+    annotate(changed, FLIP[changed.data["given_label"]])
     annotate(confirmed, confirmed.data["given_label"])
-    annotate(cancelled, flip[cancelled.data["given_label"]], was_cancelled=True)
-    annotate(twice, flip[twice.data["given_label"]])
+    annotate(cancelled, FLIP[cancelled.data["given_label"]], was_cancelled=True)
+    annotate(twice, FLIP[twice.data["given_label"]])
     annotate(twice, twice.data["given_label"])  # the latest annotation wins
 
     res = run(["labelstudio", "pull", "--project", "review loop", "-o", tmp_path / "relabels.csv"],
@@ -200,7 +200,7 @@ def test_annotate_pull_and_apply(label_studio, run_dir, tmp_path):
                                               cancelled.data["example_id"]: "skipped",
                                               twice.data["example_id"]: "confirmed"}  # one reviewer, latest counts
     row = relabels.loc[changed.data["example_id"]]
-    assert row["reviewed_label"] == flip[row["given_label"]] and row["changed"]
+    assert row["reviewed_label"] == FLIP[row["given_label"]] and row["changed"]
     assert row["annotator"] == "test@example.com" and row["lead_time"] == 2.5
     assert not relabels.loc[twice.data["example_id"], "changed"]
     assert pd.isna(relabels.loc[cancelled.data["example_id"], "reviewed_label"])
@@ -214,7 +214,7 @@ def test_annotate_pull_and_apply(label_studio, run_dir, tmp_path):
     corrected = pd.read_csv(tmp_path / "corrected.csv").set_index("id")
     differs = corrected["label"] != original["label"]
     assert list(corrected.index[differs]) == [changed.data["example_id"]]
-    assert corrected.loc[changed.data["example_id"], "label"] == flip[original.loc[changed.data["example_id"], "label"]]
+    assert corrected.loc[changed.data["example_id"], "label"] == FLIP[original.loc[changed.data["example_id"], "label"]]
     manifest = json.loads((tmp_path / "corrected.csv.manifest.json").read_text())
     assert manifest["counts"]["changed"] == 1 and manifest["counts"]["confirmed"] == 2
     assert manifest["counts"]["skipped_not_applied"] == 1 and manifest["not_applied"]["skipped"] == [
@@ -452,15 +452,14 @@ def test_reviewers_who_disagree_are_listed_not_applied_unless_a_policy_says(labe
     project = project_by_title(client, "two reviewers")
     tasks = sorted(all_tasks(client, project.id), key=lambda t: t.data["freeshap_rank"])
     bob, carol, dan = (reviewer(client, name) for name in ("bob", "carol", "dan"))
-    flip = {"negative": "positive", "positive": "negative"}
     split, majority, agreed = tasks[:3]
     choose(client, split.id, split.data["given_label"], bob)
-    choose(client, split.id, flip[split.data["given_label"]], carol)
-    for user, label in ((bob, flip[majority.data["given_label"]]), (carol, flip[majority.data["given_label"]]),
+    choose(client, split.id, FLIP[split.data["given_label"]], carol)
+    for user, label in ((bob, FLIP[majority.data["given_label"]]), (carol, FLIP[majority.data["given_label"]]),
                         (dan, majority.data["given_label"])):
         choose(client, majority.id, label, user)
-    choose(client, agreed.id, flip[agreed.data["given_label"]], bob)
-    choose(client, agreed.id, flip[agreed.data["given_label"]], carol)
+    choose(client, agreed.id, FLIP[agreed.data["given_label"]], bob)
+    choose(client, agreed.id, FLIP[agreed.data["given_label"]], carol)
 
     def pull(*extra):
         out = tmp_path / f"pull{len(list(tmp_path.iterdir()))}.csv"
@@ -473,14 +472,14 @@ def test_reviewers_who_disagree_are_listed_not_applied_unless_a_policy_says(labe
     ids = [t.data["example_id"] for t in (split, majority, agreed)]
     assert table.loc[ids, "decision"].tolist() == ["conflict", "conflict", "changed"]
     assert table.loc[ids[0], "votes"] == (f"bob@example.com: {split.data['given_label']}; "
-                                          f"carol@example.com: {flip[split.data['given_label']]}")
+                                          f"carol@example.com: {FLIP[split.data['given_label']]}")
     assert pd.isna(table.loc[ids[0], "reviewed_label"]) and "conflicts (not applied" in res.output
     assert manifest["counts"]["conflict"] == 2 and isinstance(manifest["counts"]["conflict"], int)
     assert sorted(manifest["conflict"]) == sorted(ids[:2]) and manifest["agreement"] == "unanimous"
     _, table, _ = pull("--agreement", "majority")
     assert table.loc[ids, "decision"].tolist() == ["conflict", "changed", "changed"]
     _, table, _ = pull("--agreement", "latest")
-    assert table.loc[ids[0], "reviewed_label"] == flip[split.data["given_label"]]
+    assert table.loc[ids[0], "reviewed_label"] == FLIP[split.data["given_label"]]
 
     res, table, _ = pull()
     relabels = sorted(tmp_path.glob("pull*.csv"))[-1]
@@ -537,8 +536,7 @@ def test_after_a_fix_the_preselected_choice_is_the_current_label(label_studio, r
     client = sdk(label_studio)
     project = project_by_title(client, "after the fix")
     task = min(all_tasks(client, project.id), key=lambda t: t.data["freeshap_rank"])
-    flip = {"negative": "positive", "positive": "negative"}
-    new_label = flip[task.data["given_label"]]
+    new_label = FLIP[task.data["given_label"]]
     choose(client, task.id, new_label)
     env = env_for(label_studio)
     assert run(["labelstudio", "pull", "--project", "after the fix", "-o", tmp_path / "r.csv"], env=env).exit_code == 0
@@ -649,11 +647,10 @@ def test_sync_runs_a_review_round_and_a_rerun_changes_nothing(label_studio, run_
     client = sdk(label_studio)
     project = project_by_title(client, "sync rounds")
     tasks = sorted(all_tasks(client, project.id), key=lambda t: t.data["freeshap_rank"])
-    flip = {"negative": "positive", "positive": "negative"}
     fixed, confirmed, disputed = tasks[:3]
-    choose(client, fixed.id, flip[fixed.data["given_label"]])
+    choose(client, fixed.id, FLIP[fixed.data["given_label"]])
     choose(client, confirmed.id, confirmed.data["given_label"])
-    choose(client, disputed.id, flip[disputed.data["given_label"]], reviewer(client, "erin"))
+    choose(client, disputed.id, FLIP[disputed.data["given_label"]], reviewer(client, "erin"))
     choose(client, disputed.id, disputed.data["given_label"], reviewer(client, "frank"))
 
     sync = ["labelstudio", "sync", "--kernel", d / "K.npz", "--project", "sync rounds", "--count", 6,
@@ -673,7 +670,7 @@ def test_sync_runs_a_review_round_and_a_rerun_changes_nothing(label_studio, run_
     summary = json.loads((round1 / "sync.json").read_text())
     assert summary["applied"]["changed"] == 1 and summary["not_applied"]["conflict"] == [disputed.data["example_id"]]
     task = client.tasks.get(id=fixed.id)
-    assert task.data["given_label"] == flip[fixed.data["given_label"]]  # the fix is what the reviewer sees now
+    assert task.data["given_label"] == FLIP[fixed.data["given_label"]]  # the fix is what the reviewer sees now
     (prediction,) = [p for p in client.predictions.list(task=fixed.id) if p.model_version == project_by_title(
         client, "sync rounds").model_version]
     assert prediction.result[0]["value"]["choices"] == [task.data["given_label"]]
