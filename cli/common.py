@@ -16,7 +16,7 @@ from freeshap_dq.config import METRICS, PRESETS, ValuationConfig, field_choices
 from freeshap_dq.errors import FreeShapError
 from freeshap_dq.kernels.problem import KernelProblem
 from freeshap_dq.ntk.builder import NTKConfig
-from freeshap_dq.scores import DEFAULT_Z
+from freeshap_dq.scores import DEFAULT_METRIC, DEFAULT_Z
 
 DATA_PATH = click.Path(path_type=Path)  # a file, or a folder saved by Hugging Face datasets
 ARTIFACT_PATH = click.Path(path_type=Path)  # a .npz, or a kernel / result folder
@@ -30,7 +30,8 @@ OPTION_NAMES = {"kernel": "--kernel-mode"}  # --kernel is the precomputed kernel
 
 
 def metric_option(help_text: str = "Value that ranks: ce (-cross-entropy utility) or accuracy."):
-    return click.option("--metric", type=click.Choice(list(METRICS)), default="ce", show_default=True, help=help_text)
+    return click.option("--metric", type=click.Choice(list(METRICS)), default=DEFAULT_METRIC, show_default=True,
+                        help=help_text)
 
 
 def z_option(help_text: str):

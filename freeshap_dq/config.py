@@ -27,6 +27,9 @@ from freeshap_dq.errors import InputError
 METHODS = ("tmc", "exact", "loo", "beta", "banzhaf")
 EMPTY_UTILITIES = ("random", "zero")
 METRICS = ("accuracy", "ce")
+# The shipped detector: every tool ranks by FreeShap with this utility (on the default eNTK, a fitted encoder
+# head); docs/evaluation.md measures it against the other detectors and tuned cleanlab.
+RANKING_METRIC = "ce"
 LOW_RANK_METHODS = ("nystrom", "eigen")
 
 
@@ -73,7 +76,7 @@ class ValuationConfig:
                          "not positive semidefinite (e.g. fp32 accumulation error).")
     empty_utility: str = option("random", "Utility of the empty set: 'random' = (-ln C, 1/C) as in the paper; "
                                           "'zero' = the all-zero predictor.", choices=EMPTY_UTILITIES)
-    rank_metric: str = option("ce", "Utility that ranks harm downstream: 'ce' (-cross-entropy, default: finds flipped "
+    rank_metric: str = option(RANKING_METRIC, "Utility that ranks harm downstream: 'ce' (-cross-entropy, default: finds flipped "
                                     "labels far better) or 'accuracy' (the paper's primary score).",
                               choices=("ce", "accuracy"), changes_values=False)
     per_point: bool = option(False, "Also keep one value per (training example, test example): n x m per metric.")

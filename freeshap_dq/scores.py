@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from freeshap_dq.config import METRICS
+from freeshap_dq.config import METRICS, RANKING_METRIC
 from freeshap_dq.errors import InputError
 
 DEFAULT_Z = 1.96
+DEFAULT_METRIC = RANKING_METRIC  # the shipped detector's utility (freeshap_dq.config)
 METRIC_COLUMNS: dict[str, tuple[str, str]] = {"accuracy": ("value", "stderr"), "ce": ("value_ce", "stderr_ce")}
 
 

@@ -26,7 +26,7 @@ from freeshap_dq.errors import InputError
 from freeshap_dq.io import available_memory
 from freeshap_dq.kernels.problem import KernelProblem
 from freeshap_dq.result import ValuationResult
-from freeshap_dq.scores import DEFAULT_Z, confidently_harmful, harm_rank, value_to_score
+from freeshap_dq.scores import DEFAULT_METRIC, DEFAULT_Z, confidently_harmful, harm_rank, value_to_score
 from freeshap_dq.valuation.utility import loo_probabilities as loo_pred_probs
 
 try:
@@ -58,7 +58,7 @@ class FreeShapIssueManager(IssueManager):
     verbosity_levels = {0: [], 1: ["z", "threshold", "metric"], 2: ["scale", "config"], 3: []}
 
     def find_issues(self, values=None, stderr=None, z: float = DEFAULT_Z, threshold: float | None = None,
-                    metric: str = "ce", config: dict | None = None, **_: Any) -> None:
+                    metric: str = DEFAULT_METRIC, config: dict | None = None, **_: Any) -> None:
         if values is None:
             raise ValueError("the freeshap issue type needs issue_types={'freeshap': {'values': ..., 'stderr': ...}}")
         values = np.asarray(values, dtype=float)
@@ -81,7 +81,7 @@ class FreeShapIssueManager(IssueManager):
 register(FreeShapIssueManager, task="classification")
 
 
-def add_freeshap_issues(lab: Datalab, result: ValuationResult, metric: str = "ce", z: float = DEFAULT_Z,
+def add_freeshap_issues(lab: Datalab, result: ValuationResult, metric: str = DEFAULT_METRIC, z: float = DEFAULT_Z,
                         threshold: float | None = None, ids: list | None = None, id_column: str | None = None) -> None:
     """Add FreeShap issues to ``lab`` without dropping the issues found before.
 
@@ -141,7 +141,7 @@ def check_knn_shapley_memory(n: int, force: bool = False) -> None:
 
 
 def combined_audit(problem: KernelProblem, result: ValuationResult, data: pd.DataFrame | None = None,
-                   label_names: tuple[str, ...] | None = None, metric: str = "ce", z: float = DEFAULT_Z,
+                   label_names: tuple[str, ...] | None = None, metric: str = DEFAULT_METRIC, z: float = DEFAULT_Z,
                    threshold: float | None = None, data_valuation: bool = False, force: bool = False,
                    knn: int = 10) -> tuple[Datalab, pd.DataFrame]:
     """cleanlab's label issues (+ optionally KNN-Shapley) and FreeShap in one Datalab and one table."""

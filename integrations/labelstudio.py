@@ -34,7 +34,7 @@ from freeshap_dq.curation.relabel import DECISIONS, agreed_label
 from freeshap_dq.data.tables import content_fingerprint
 from freeshap_dq.errors import FreeShapError, InputError
 from freeshap_dq.io import write_json
-from freeshap_dq.scores import DEFAULT_Z, confidently_harmful, harm_order, metric_columns, value_to_score
+from freeshap_dq.scores import DEFAULT_METRIC, DEFAULT_Z, confidently_harmful, harm_order, metric_columns, value_to_score
 
 try:
     import httpx
@@ -270,11 +270,11 @@ class ReviewRun:
     """What one push is: its id and provenance, stored in every task's meta and prediction."""
 
     run_id: str
-    metric: str = "ce"
+    metric: str = DEFAULT_METRIC
     provenance: dict[str, Any] = field(default_factory=dict)
 
 
-def review_table(table: pd.DataFrame, metric: str = "ce", z: float = DEFAULT_Z, audit: pd.DataFrame | None = None,
+def review_table(table: pd.DataFrame, metric: str = DEFAULT_METRIC, z: float = DEFAULT_Z, audit: pd.DataFrame | None = None,
                  evidence: pd.DataFrame | None = None) -> pd.DataFrame:
     """Per-example review fields, most harmful first.
 

@@ -17,7 +17,7 @@ import pandas as pd
 
 from freeshap_dq.data.tables import TextDataset
 from freeshap_dq.errors import InputError
-from freeshap_dq.scores import harm_order
+from freeshap_dq.scores import DEFAULT_METRIC, harm_order
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ def clip_text(text: str, width: int) -> str:
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
-def evidence_table(result, train: TextDataset, test: TextDataset, metric: str = "ce", k: int = 3,
+def evidence_table(result, train: TextDataset, test: TextDataset, metric: str = DEFAULT_METRIC, k: int = 3,
                    owner: str = "the result") -> pd.DataFrame:
     """example_id, value, freeshap_hurts and freeshap_why for every training example of ``result`` (a
     :class:`~freeshap_dq.result.ValuationResult` with per-point values), the data joined to it by id."""

@@ -19,7 +19,7 @@ import pandas as pd
 
 from freeshap_dq.curation.evidence import clip_text
 from freeshap_dq.data.tables import TextDataset
-from freeshap_dq.scores import DEFAULT_Z, confidently_harmful, harm_order, worth_order
+from freeshap_dq.scores import DEFAULT_METRIC, DEFAULT_Z, confidently_harmful, harm_order, worth_order
 
 KINDS = ("helpful", "harmful")
 
@@ -32,7 +32,7 @@ class Explanation:
     picks: dict[str, list[tuple[int, float]]]  # kind -> (training row, v_ij), best first
 
 
-def explain(result, rows: list[int], top_k: int = 5, metric: str = "ce") -> list[Explanation]:
+def explain(result, rows: list[int], top_k: int = 5, metric: str = DEFAULT_METRIC) -> list[Explanation]:
     """The top-k helpful and harmful training examples of each test row of ``result`` (per-point values)."""
     full = result.manifest.get("full_data_test_points") or {}
     out = []
@@ -46,7 +46,7 @@ def explain(result, rows: list[int], top_k: int = 5, metric: str = "ce") -> list
     return out
 
 
-def flagged_harmful(result, metric: str = "ce", z: float = DEFAULT_Z) -> np.ndarray:
+def flagged_harmful(result, metric: str = DEFAULT_METRIC, z: float = DEFAULT_Z) -> np.ndarray:
     return confidently_harmful(result.values(metric), result.stderr(metric), z)
 
 
@@ -67,7 +67,7 @@ def explanation_table(explanations: list[Explanation], train: TextDataset, test:
 
 
 def explanation_text(explanations: list[Explanation], train: TextDataset, test: TextDataset, flagged: np.ndarray,
-                     metric: str = "ce", width: int = 100) -> str:
+                     metric: str = DEFAULT_METRIC, width: int = 100) -> str:
     """For a terminal: each test example once (text, label, prediction), then its helpful and harmful examples."""
     utility = "-cross-entropy" if metric == "ce" else "accuracy"
     blocks = []

@@ -34,7 +34,7 @@ import pandas as pd
 
 from freeshap_dq.config import option
 from freeshap_dq.errors import InputError
-from freeshap_dq.scores import DEFAULT_Z, confidently_harmful, harm_order, metric_columns, worth_order
+from freeshap_dq.scores import DEFAULT_METRIC, DEFAULT_Z, confidently_harmful, harm_order, metric_columns, worth_order
 
 
 @dataclass
@@ -45,7 +45,7 @@ class RemovalPolicy:
     confident: bool = option(False, "Only remove examples with value + z * stderr < 0 (harmful with confidence).")
     z: float = option(DEFAULT_Z, f"z for --confident ({DEFAULT_Z} ~ 97.5% one-sided).")
     max_class_fraction: float = option(1.0, "Never remove more than this fraction of any class.")
-    metric: str = option("ce", "Value that ranks: ce (-cross-entropy utility) or accuracy.")
+    metric: str = option(DEFAULT_METRIC, "Value that ranks: ce (-cross-entropy utility) or accuracy.")
     allow_empty_class: bool = option(False, "Allow a removal that leaves a class without examples.")
 
     def __post_init__(self) -> None:
@@ -117,7 +117,7 @@ class SelectionPolicy:
     fraction: float | None = option(None, "Keep the highest-valued fraction (0-1).")
     per_class: int | None = option(None, "Keep at most this many per class (quota).")
     budget: float | None = option(None, "Keep the best examples while their summed cost fits this budget.")
-    metric: str = option("ce", "Value that ranks: ce (-cross-entropy utility) or accuracy.")
+    metric: str = option(DEFAULT_METRIC, "Value that ranks: ce (-cross-entropy utility) or accuracy.")
 
     def __post_init__(self) -> None:
         _check_metric(self.metric)

@@ -20,7 +20,7 @@ import pandas as pd
 from freeshap_dq.data.tables import TextDataset
 from freeshap_dq.io import atomic_write
 from freeshap_dq.result import ValuationResult
-from freeshap_dq.scores import DEFAULT_Z, confidently_harmful, confidently_helpful
+from freeshap_dq.scores import DEFAULT_METRIC, DEFAULT_Z, confidently_harmful, confidently_helpful
 
 
 def summary_table(result: ValuationResult, data: TextDataset | None = None,
@@ -38,7 +38,7 @@ def summary_table(result: ValuationResult, data: TextDataset | None = None,
     return df
 
 
-def diagnostics(result: ValuationResult, metric: str = "ce") -> dict[str, float]:
+def diagnostics(result: ValuationResult, metric: str = DEFAULT_METRIC) -> dict[str, float]:
     values, se = result.values(metric), result.stderr(metric)
     spread = float(np.std(values)) or 1.0
     finite = np.isfinite(se)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from freeshap_dq.config import ValuationConfig
+from freeshap_dq.config import RANKING_METRIC, ValuationConfig
 from freeshap_dq.evaluation.metrics import average_ranks
 from freeshap_dq.kernels.problem import KernelProblem
 from freeshap_dq.result import ValuationResult
@@ -62,6 +62,7 @@ def combine(*suspicions: np.ndarray) -> np.ndarray:
 
 
 SHIFT_P = 0.01
+SHIPPED = f"freeshap_{RANKING_METRIC}"  # the detector every tool ranks by (freeshap_dq.config.RANKING_METRIC)
 
 
 def label_shift_p_value(y_train: np.ndarray, y_test: np.ndarray, n_classes: int) -> float:

@@ -31,14 +31,15 @@ from freeshap_dq.data.datasets import DATASETS
 from freeshap_dq.data.tables import TextDataset, label_mapping, load_dataset
 from freeshap_dq.errors import InputError
 from freeshap_dq.evaluation import experiments as ex
-from freeshap_dq.evaluation.detectors import run_detectors
+from freeshap_dq.evaluation.detectors import SHIPPED, run_detectors
 from freeshap_dq.evaluation.noise import NOISE_MODES, flip_labels
 from freeshap_dq.io import check_outputs, outputs_together, write_json
 from freeshap_dq.kernels.problem import KernelProblem, LabelledExamples
 from freeshap_dq.ntk.fitted_head import DEFAULT_HEAD, HEADS
 
 EXPERIMENTS = ("detection", "removal", "selection", "robustness", "fidelity")
-REMOVAL_DETECTORS = ("combined", "freeshap_ce", "self_confidence_calibrated", "cl_logreg_tuned")
+REMOVAL_DETECTORS = tuple(dict.fromkeys((SHIPPED, "combined", "freeshap_ce", "self_confidence_calibrated",
+                                         "cl_logreg_tuned")))
 
 
 @dataclass

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from freeshap_dq.evaluation.detectors import SHIPPED
 from freeshap_dq.io import atomic_write
 
 DETECTION_COLUMNS = ("auroc", "auprc", "recall@5%", "recall@10%", "recall@20%", "f1_2means", "fnr@noise")
@@ -66,6 +67,7 @@ def markdown_summary(results: pd.DataFrame) -> str:
         seeds = detection["seed"].nunique()
         for mode, frame in detection.groupby("noise_mode", sort=False):
             table = _mean_std(frame, ["detector"], DETECTION_COLUMNS).sort_values("auroc", ascending=False)
+            table["detector"] = [f"**{d}** (shipped)" if d == SHIPPED else d for d in table["detector"]]
             parts += [f"## Wrong-label detection, {mode} noise ({seeds} seeds, mean ± std)", "",
                       _markdown(table, ".3f"), ""]
         head_to_head = _head_to_head(detection)
