@@ -263,6 +263,7 @@ def run_evaluation(config: EvaluationConfig, output_dir: str | Path, inputs: Inp
     frames: list[pd.DataFrame] = []
     suspicions: list[pd.DataFrame] = []
     setting_kernels: list[dict[str, Any]] = []
+    first_kernel: dict[str, Any] | None = None  # with a kernel per setting: the first one's manifest, for the record
     plots: dict[str, Any] = {}
     setting_seconds: list[float] = []
     loaded = time.monotonic() - started
@@ -272,6 +273,7 @@ def run_evaluation(config: EvaluationConfig, output_dir: str | Path, inputs: Inp
             noisy_y, flipped = flip_labels(clean.y_train, clean.n_classes, config.noise, seed, mode)
             problem, manifest = setting_problem(inputs, config, noisy_y, output_dir / "kernels", progress, log)
             if manifest is not None:
+                first_kernel = first_kernel or manifest
                 setting_kernels.append({"noise_mode": mode, "seed": seed, **{k: manifest.get(k) for k in (
                     "seconds", "head_fit", "kernel")}})
             cfg = dataclasses.replace(valuation, seed=seed)
@@ -307,6 +309,8 @@ def run_evaluation(config: EvaluationConfig, output_dir: str | Path, inputs: Inp
     scores = pd.concat(suspicions, ignore_index=True)
     timing = {"inputs_seconds": round(loaded, 1), "setting_seconds": setting_seconds,
               "per_setting_seconds": round(float(np.mean(setting_seconds)), 1)}
+    if first_kernel is not None and inputs.kernel_manifest is None:
+        inputs = dataclasses.replace(inputs, kernel_manifest=first_kernel)
     _write_outputs(results, scores, plots, config, inputs, output_dir, time.monotonic() - started,
                    {"setting_kernels": setting_kernels, "timing": timing})
     return results

@@ -302,7 +302,8 @@ def test_any_module_classifier_gets_its_kernel_from_the_generic_path(tmp_path_fa
     assert set(select_trainable(adapter, "head-only")) == {"model.out.weight", "model.out.bias"}
     out = compute_ntk(adapter, train, test, trainable=trainable, kernel="sum", max_memory="256MiB")
     expected = autograd_kernel(adapter, train + test, names, [0, 1])
-    np.testing.assert_allclose(out.k_train, expected[:5, :5], rtol=2e-4, atol=1e-6)
-    np.testing.assert_allclose(out.k_test, expected[5:, :5], rtol=2e-4, atol=1e-6)
+    scale = np.abs(expected).max()  # float32 gradients: entries near zero are exact to the kernel's scale, not their own
+    np.testing.assert_allclose(out.k_train, expected[:5, :5], rtol=2e-4, atol=1e-6 * scale)
+    np.testing.assert_allclose(out.k_test, expected[5:, :5], rtol=2e-4, atol=1e-6 * scale)
     if trainable != "head-only":  # PyTorch's attention keeps its projections as bare parameters: the loop takes them
         assert any("in_proj_weight" in name for name in out.info["without_factors"])
