@@ -64,13 +64,15 @@ def rotten_tomatoes(n_train: int = 1000, n_test: int = 300, noise: float = 0.0,
             _dataset(test, test["category"].to_numpy(), "rotten-tomatoes/test"), flipped)
 
 
-def _balanced(df: pd.DataFrame, size: int, rng: np.random.Generator) -> pd.DataFrame:
-    per_class = [size // 2, size - size // 2]
+def _balanced(df: pd.DataFrame, size: int, rng: np.random.Generator, column: str = "category",
+              labels: tuple[str, ...] = LABELS, what: str = "snippets available for a split") -> pd.DataFrame:
+    """``size`` rows of ``df``, as even as can be over ``labels`` (the remainder to the last ones), shuffled."""
+    per_class = [size // len(labels) + (i >= len(labels) - size % len(labels)) for i in range(len(labels))]
     parts = []
-    for label, count in zip(LABELS, per_class, strict=True):
-        pool = df[df["category"] == label]
+    for label, count in zip(labels, per_class, strict=True):
+        pool = df[df[column] == label]
         if len(pool) < count:
-            raise InputError(f"only {len(pool)} {label} snippets available for a split of {size}; ask for fewer.")
+            raise InputError(f"only {len(pool)} {label} {what} of {size}; ask for fewer.")
         parts.append(pool.iloc[rng.choice(len(pool), size=count, replace=False)])
     out = pd.concat(parts)
     return out.iloc[rng.permutation(len(out))]
@@ -102,16 +104,8 @@ def newsgroups(n_train: int = 1000, n_test: int = 300, seed: int = 0, categories
     for split, size in (("train", n_train), ("test", n_test)):
         df = pd.read_csv(newsgroups_tab(split), sep="\t", skiprows=[1, 2], quoting=3, dtype=str)
         df = df[df["Category"].isin(categories) & df["Text"].fillna("").str.strip().ne("")].reset_index(names="row")
-        rng = np.random.default_rng(seed)
-        per_class = [size // len(categories) + (i < size % len(categories)) for i in range(len(categories))]
-        parts = []
-        for label, count in zip(categories, per_class, strict=True):
-            pool = df[df["Category"] == label]
-            if len(pool) < count:
-                raise InputError(f"only {len(pool)} {label} posts in the {split} split for {size}; ask for fewer.")
-            parts.append(pool.iloc[rng.choice(len(pool), size=count, replace=False)])
-        out = pd.concat(parts)
-        out = out.iloc[rng.permutation(len(out))]
+        out = _balanced(df, size, np.random.default_rng(seed), "Category", categories,
+                        f"posts in the {split} split for a sample")
         splits.append(TextDataset([str(t) for t in out["Text"]], [str(v) for v in out["Category"]],
                                   [f"ng-{split}-{r}" for r in out["row"]], source=f"newsgroups/{split}"))
     return splits[0], splits[1]

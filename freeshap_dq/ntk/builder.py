@@ -29,7 +29,7 @@ from freeshap_dq.io import atomic_write
 from freeshap_dq.kernels.problem import KernelProblem
 from freeshap_dq.ntk.adapters import POOLINGS
 from freeshap_dq.ntk.compute import compute_ntk
-from freeshap_dq.ntk.fitted_head import DEFAULT_HEAD, HEADS, labels_shape_the_kernel, resolve_kernel_mode
+from freeshap_dq.ntk.fitted_head import DEFAULT_HEAD, HEADS, resolve_kernel_mode
 from freeshap_dq.ntk.setup import GRADIENT_PATHS, KERNEL_MODES, parse_memory, parse_trainable
 
 ADAPTERS = ("auto", "encoder-head", "sequence-classifier", "prompt-mlm", "causal-lm")
@@ -122,9 +122,9 @@ class NTKConfig:
 
     @property
     def labels_shape_the_kernel(self) -> bool:
-        """True when the kernel is fitted to the training labels (a fitted encoder head)."""
+        """True when the kernel is fitted to the training labels (a fitted encoder head): it belongs to one labelling."""
         adapter = resolve_adapter(self)[0].adapter if self.adapter == "auto" else self.adapter
-        return adapter == "encoder-head" and labels_shape_the_kernel(self.head)
+        return adapter == "encoder-head" and self.head == "fit"
 
 
 KERNEL_VALUE_FIELDS = value_fields(NTKConfig)  # the kernel manifest and cache key hold these, and only these
@@ -369,7 +369,7 @@ def _fit_head(adapter, config: NTKConfig, train_examples: list[dict], y_train: n
     from freeshap_dq.ntk.compute import representations
     from freeshap_dq.ntk.fitted_head import install_fitted_head
 
-    if not config.labels_shape_the_kernel or config.adapter != "encoder-head":
+    if not config.labels_shape_the_kernel:
         return None
     started = time.monotonic()
     adapter.to(device)

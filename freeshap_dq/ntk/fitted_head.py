@@ -42,11 +42,6 @@ FIT_CS = tuple(float(c) for c in np.logspace(-4, 2, 13))
 FIT_FOLDS = 5
 
 
-def labels_shape_the_kernel(head: str) -> bool:
-    """True when the kernel is fitted to the training labels (so a kernel belongs to one labelling)."""
-    return head == "fit"
-
-
 def fit_head_weights(features: np.ndarray, labels: np.ndarray, n_classes: int, seed: int = 0
                      ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """(weight (C, H), bias (C,), what was fitted) of the fitted head on raw pooled ``features``."""
