@@ -127,6 +127,9 @@ class TargetsConverged(StoppingCriterion):
         se = result.stderr("ce")[:len(self.thresholds)]
         return result.count >= 10 and bool(np.all(se <= self.thresholds))
 
+    def __repr__(self) -> str:
+        return f"TargetsConverged({len(self.thresholds)} targets)"
+
 
 def sign_robustness(problem: KernelProblem, config: ValuationConfig, sizes: tuple[int, ...] = (100, 200, 400),
                     resamples: int = 5, targets: int = 20, seed: int = 0, progress: bool | None = False,

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from freeshap_dq.config import ValuationConfig
 from freeshap_dq.contracts import Engine, Utility, ValuationProblem
-from freeshap_dq.errors import CheckpointError
+from freeshap_dq.errors import CheckpointError, InputError
 from freeshap_dq.result import ValuationResult
 from freeshap_dq.valuation.accumulator import Accumulator, point_sink
 from freeshap_dq.valuation.checkpoint import checkpoint_path, load_checkpoint
@@ -57,6 +57,9 @@ def compute_values(problem: ValuationProblem, config: ValuationConfig | None = N
     :mod:`freeshap_dq.valuation.point_store`) instead of in memory, and the result's per-point matrices are
     memory maps.
     """
+    if stopping is not None and not stopping.bounded:
+        raise InputError(f"the stopping rule {stopping!r} may never fire, and the run would never end: combine it "
+                         f"with a limit, e.g. stopping=rule | MaxPermutations(5000) or rule | MaxTime(3600).")
     config = plan(problem, config or ValuationConfig())
     started = time.monotonic()
     utility = make_utility(problem, config)

@@ -5,6 +5,10 @@ whether to stop. ``completion`` (0..1, or None) drives the progress bar.
 
     MaxPermutations(1000) | MaxTime(600)                 # whichever comes first
     MaxPermutations(50) & TopKStable(k=50, patience=20)  # at least 50, then until the top-50 settles
+
+A rule is ``bounded`` when it is sure to fire: ``MaxPermutations`` and ``MaxTime`` are, ``a | b`` is when
+either part is, ``a & b`` when both are. ``compute_values`` refuses an unbounded rule (a standard-error or
+stability target alone may never be reached, and the run would never end).
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from freeshap_dq.result import ValuationResult
 
 
 class StoppingCriterion:
+    bounded = False
+
     def __call__(self, result: ValuationResult) -> bool:
         raise NotImplementedError
 
@@ -38,6 +44,10 @@ class _Either(StoppingCriterion):
     def __init__(self, *parts: StoppingCriterion):
         self.parts = parts
 
+    @property
+    def bounded(self) -> bool:
+        return any(p.bounded for p in self.parts)
+
     def __call__(self, result: ValuationResult) -> bool:
         return any([p(result) for p in self.parts])  # evaluate all: stateful parts must see every check
 
@@ -54,6 +64,10 @@ class _Either(StoppingCriterion):
 
 
 class _Both(_Either):
+    @property
+    def bounded(self) -> bool:
+        return all(p.bounded for p in self.parts)
+
     def __call__(self, result: ValuationResult) -> bool:
         return all([p(result) for p in self.parts])
 
@@ -66,6 +80,8 @@ class _Both(_Either):
 
 
 class MaxPermutations(StoppingCriterion):
+    bounded = True
+
     def __init__(self, count: int):
         if count < 1:
             raise InputError(f"MaxPermutations needs a positive count, got {count}.")
@@ -83,6 +99,8 @@ class MaxPermutations(StoppingCriterion):
 
 class MaxTime(StoppingCriterion):
     """Stop once ``seconds`` have passed since the first check of this run."""
+
+    bounded = True
 
     def __init__(self, seconds: float):
         if seconds <= 0:

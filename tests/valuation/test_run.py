@@ -224,6 +224,16 @@ def test_stopping_criteria_compose():
     assert 0 < r.count < 10**6
 
 
+def test_a_stopping_rule_that_may_never_fire_is_refused_before_any_work():
+    p = random_problem(n=12, m=5)
+    cfg = ValuationConfig(**CFG)
+    for unbounded in (StandardErrorBelow(1e-12), TopKStable(k=3) & MaxPermutations(10),
+                      SignStable() | StandardErrorBelow(1e-9)):
+        with pytest.raises(InputError, match="may never fire.*MaxPermutations"):
+            compute_values(p, cfg, stopping=unbounded)
+    assert compute_values(p, cfg, stopping=StandardErrorBelow(1e-12) | (MaxTime(0.01) & MaxPermutations(6))).count >= 6
+
+
 def test_time_and_stderr_limits_from_config():
     p = random_problem(n=12, m=5)
     r = compute_values(p, ValuationConfig(permutations=10**6, max_seconds=0.2, **CFG))
