@@ -1,4 +1,4 @@
-"""Tiny random transformers models with a WordPiece tokenizer trained on the fly (seconds, offline)."""
+"""Tiny random transformers models with a fixed-vocabulary WordPiece tokenizer, built on the fly (seconds, offline)."""
 
 from __future__ import annotations
 
@@ -14,13 +14,21 @@ SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 def train_wordpiece(folder: Path):
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    """A WordPiece tokenizer with a fixed vocabulary: the specials, every letter and digit (alone and as a
+    ``##`` continuation) and every word of CORPUS. Built, not trained: ``WordPieceTrainer`` breaks ties between
+    equally frequent merges in hash order, so each process got a different vocabulary (and tiny models built
+    from it different kernels)."""
+    import string
+
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import BertTokenizerFast
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    characters = sorted(string.ascii_lowercase + string.digits)
+    words = sorted({word for line in CORPUS for word in line.split()} - set(characters))
+    vocab = [*SPECIALS, *characters, *(f"##{c}" for c in characters), *words]
+    tok = Tokenizer(models.WordPiece({token: i for i, token in enumerate(vocab)}, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(CORPUS * 3, trainers.WordPieceTrainer(vocab_size=150, special_tokens=SPECIALS))
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])

@@ -367,7 +367,7 @@ def _fit_head(adapter, config: NTKConfig, train_examples: list[dict], y_train: n
               ) -> dict[str, Any] | None:
     """With ``--head fit``: the encoder-head's head fitted to the training labels (docs/ntk.md); what was fitted."""
     from freeshap_dq.ntk.compute import representations
-    from freeshap_dq.ntk.fitted_head import install_fitted_head
+    from freeshap_dq.ntk.fitted_head import fit_warning, install_fitted_head
 
     if not config.labels_shape_the_kernel:
         return None
@@ -377,6 +377,8 @@ def _fit_head(adapter, config: NTKConfig, train_examples: list[dict], y_train: n
     info = install_fitted_head(adapter.head, features, y_train)
     log(f"eNTK: head fitted to the {len(y_train)} training labels given (logistic regression, C = {info['C']:g} by "
         f"{info['folds']}-fold cross-validation, accuracy {info['cv_accuracy']:.3f}) in {time.monotonic() - started:.1f} s")
+    if warning := fit_warning(info):
+        log(f"warning: {warning}")
     return info
 
 

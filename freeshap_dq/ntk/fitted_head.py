@@ -70,8 +70,27 @@ def fit_head_weights(features: np.ndarray, labels: np.ndarray, n_classes: int, s
     chosen = float(np.ravel(model.C_)[0])
     scores = np.mean(list(model.scores_.values())[0], axis=0)
     info = {"C": chosen, "folds": folds, "cv_accuracy": round(float(scores.max()), 4),
+            "majority_share": round(float(counts.max() / counts.sum()), 4),
             "weight_norm": round(float(np.linalg.norm(weight)), 4), "fitted_on": "the training labels given"}
     return weight, bias, info
+
+
+def fit_warning(info: dict[str, Any]) -> str | None:
+    """What a user should know about a fit that makes a poor kernel, or None.
+
+    The trainable blocks' part of the kernel scales with the head's squared weights, so a head regularised to
+    almost nothing leaves a kernel close to ``--trainable head-only``, and a head no better than the majority class
+    points the blocks' gradients in a direction the labels do not support."""
+    if info["cv_accuracy"] <= info["majority_share"] + 0.01:
+        return (f"the fitted head predicts the training labels no better than always answering the most frequent "
+                f"class (cross-validated accuracy {info['cv_accuracy']:.3f}, most frequent class "
+                f"{info['majority_share']:.3f}): the embeddings barely separate these labels, so the head's direction, "
+                f"and with it the kernel, is mostly noise. --head random gives a kernel that does not depend on them.")
+    if info["C"] <= FIT_CS[0]:
+        return (f"cross-validation chose the strongest regularisation of its grid (C = {info['C']:g}): the head's "
+                f"weights are near zero (norm {info['weight_norm']:g}), so the trainable blocks add almost nothing and "
+                f"the kernel is close to --trainable head-only. --head random keeps the blocks' part.")
+    return None
 
 
 def install_fitted_head(head: torch.nn.Linear, features: np.ndarray, labels: np.ndarray, seed: int = 0

@@ -12,7 +12,7 @@ from freeshap_dq import InputError
 from freeshap_dq.data.tables import TextDataset
 from freeshap_dq.ntk.builder import NTKConfig, build_adapter, build_kernel
 from freeshap_dq.ntk.compute import representations
-from freeshap_dq.ntk.fitted_head import FIT_CS, fit_head_weights, resolve_kernel_mode
+from freeshap_dq.ntk.fitted_head import FIT_CS, fit_head_weights, fit_warning, resolve_kernel_mode
 
 TEXTS = ["a great movie", "a dull plot", "it was great", "it was bad", "very good", "terrible", "loved it",
          "boring and long", "funny and clever", "a mess", "brilliant", "tedious"]
@@ -71,6 +71,27 @@ def test_too_few_examples_of_a_class_is_refused():
     y[0] = 1
     with pytest.raises(InputError, match="at least 2 training examples of every class"):
         fit_head_weights(x, y, 2)
+
+
+def test_a_fit_that_makes_a_poor_kernel_is_named():
+    x, y = blobs(2)
+    assert fit_warning(fit_head_weights(x, y, 2)[2]) is None
+    noise = np.random.default_rng(3).normal(size=x.shape)
+    _, _, info = fit_head_weights(noise, np.random.default_rng(4).permutation(y), 2)
+    assert "no better than always answering the most frequent class" in fit_warning(info)
+    weak = {**info, "cv_accuracy": 0.7, "majority_share": 0.5, "C": FIT_CS[0]}
+    assert "strongest regularisation" in fit_warning(weak) and "head-only" in fit_warning(weak)
+    assert fit_warning({**weak, "C": FIT_CS[3]}) is None
+
+
+def test_the_builder_warns_when_the_labels_cannot_be_fitted(tiny_bert_path):
+    """Ten copies of one text with alternating labels: no head can beat the majority class."""
+    train = TextDataset(["a great movie"] * 10, ["c0", "c1"] * 5, [f"tr{i}" for i in range(10)])
+    test = TextDataset(TEXTS[:2], ["c0", "c1"], ["te0", "te1"])
+    logs = []
+    build_kernel(train, test, NTKConfig(model=str(tiny_bert_path), trainable="top:1", head="fit",
+                                        max_memory="256MiB"), progress=False, log=logs.append)
+    assert any(line.startswith("warning: the fitted head predicts the training labels no better") for line in logs)
 
 
 def test_kernel_mode_auto():
