@@ -31,6 +31,7 @@ from freeshap_dq.data.tables import TextDataset, load_dataset, write_data_table
 from freeshap_dq.errors import InputError
 from freeshap_dq.evaluation.metrics import auroc
 from freeshap_dq.io import check_outputs, outputs_together, write_json, write_table
+from freeshap_dq.ntk.setup import DEFAULT_TRAINABLE
 from freeshap_dq.result import ValuationResult
 from freeshap_dq.scores import harm_order
 from freeshap_dq.valuation.run import compute_values
@@ -76,7 +77,7 @@ def report_command(result_path, data_path, html_path, top, **columns):
 @click.option("--noise", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.1, show_default=True,
               help="Fraction of training labels flipped, in [0, 1).")
 @click.option("--model", default="minilm", show_default=True, help="Model folder or packaged model.")
-@click.option("--trainable", default="top:2", show_default=True, help="Parameters of the eNTK (see docs/ntk.md).")
+@click.option("--trainable", default=DEFAULT_TRAINABLE, show_default=True, help="Parameters of the eNTK (see docs/ntk.md).")
 @dataclass_options({name: NTK_FIELDS[name] for name in ("max_length", "max_memory")})
 @click.option("--permutations", type=click.IntRange(min=1), default=200, show_default=True, help="Permutations.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,

@@ -11,21 +11,22 @@ CORPUS = [
     "brilliant", "moving and sincere", "long and tedious",
 ]
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+PROMPT_WORDS = ["review", "sentiment", "answer"]  # the adapters' default templates, one token each
 
 
 def train_wordpiece(folder: Path):
     """A WordPiece tokenizer with a fixed vocabulary: the specials, every letter and digit (alone and as a
-    ``##`` continuation) and every word of CORPUS. Built, not trained: ``WordPieceTrainer`` breaks ties between
-    equally frequent merges in hash order, so each process got a different vocabulary (and tiny models built
-    from it different kernels)."""
+    ``##`` continuation), common punctuation, and every word of CORPUS and PROMPT_WORDS. Built, not trained:
+    ``WordPieceTrainer`` breaks ties between equally frequent merges in hash order, so each process got a
+    different vocabulary (and tiny models built from it different kernels)."""
     import string
 
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import BertTokenizerFast
 
     characters = sorted(string.ascii_lowercase + string.digits)
-    words = sorted({word for line in CORPUS for word in line.split()} - set(characters))
-    vocab = [*SPECIALS, *characters, *(f"##{c}" for c in characters), *words]
+    words = sorted({word for line in CORPUS for word in line.split()} - set(characters) | set(PROMPT_WORDS))
+    vocab = [*SPECIALS, *characters, *(f"##{c}" for c in characters), *".,:;!?'-", *words]
     tok = Tokenizer(models.WordPiece({token: i for i, token in enumerate(vocab)}, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()

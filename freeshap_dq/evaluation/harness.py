@@ -36,6 +36,7 @@ from freeshap_dq.evaluation.noise import NOISE_MODES, flip_labels
 from freeshap_dq.io import check_outputs, outputs_together, write_json
 from freeshap_dq.kernels.problem import KernelProblem, LabelledExamples
 from freeshap_dq.ntk.fitted_head import DEFAULT_HEAD, HEADS
+from freeshap_dq.ntk.setup import DEFAULT_TRAINABLE
 
 EXPERIMENTS = ("detection", "removal", "selection", "robustness", "fidelity")
 REMOVAL_DETECTORS = tuple(dict.fromkeys((SHIPPED, "combined", "freeshap_ce", "self_confidence_calibrated",
@@ -53,7 +54,7 @@ class EvaluationConfig:
     model: str = option("minilm", "Model: 'minilm', 'smollm2' or a local folder.")
     adapter: str = option("auto", "auto (a checkpoint's own classification head when it has one, else "
                                   "encoder-head), encoder-head, sequence-classifier, prompt-mlm or causal-lm.")
-    trainable: str = option("top:2", "Parameters of the eNTK (head-only, top:K, all, ...).")
+    trainable: str = option(DEFAULT_TRAINABLE, "Parameters of the eNTK (head-only, top:K, all, ...).")
     label_words: str = option("", "prompt-mlm / causal-lm label words, e.g. 'neg=bad,pos=good'.")
     head: str = option(DEFAULT_HEAD, "encoder-head: fit (fitted to each setting's noisy training labels: one eNTK "
                                      "per setting) or random (seeded: one eNTK for all settings).", choices=HEADS)

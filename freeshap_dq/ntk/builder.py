@@ -30,7 +30,7 @@ from freeshap_dq.kernels.problem import KernelProblem
 from freeshap_dq.ntk.adapters import POOLINGS
 from freeshap_dq.ntk.compute import compute_ntk
 from freeshap_dq.ntk.fitted_head import DEFAULT_HEAD, HEADS, resolve_kernel_mode
-from freeshap_dq.ntk.setup import GRADIENT_PATHS, KERNEL_MODES, parse_memory, parse_trainable
+from freeshap_dq.ntk.setup import DEFAULT_TRAINABLE, GRADIENT_PATHS, KERNEL_MODES, parse_memory, parse_trainable
 
 ADAPTERS = ("auto", "encoder-head", "sequence-classifier", "prompt-mlm", "causal-lm")
 MODEL_KIND = {"encoder-head": "encoder", "sequence-classifier": "classifier", "prompt-mlm": "mlm", "causal-lm": "causal"}
@@ -46,7 +46,7 @@ class NTKConfig:
                                   "fine-tuned model's own head and pooling), encoder-head (encoder + seeded linear "
                                   "head on the pooled representation), prompt-mlm (label words at the template's "
                                   "mask), causal-lm (label words after a prompt).", choices=ADAPTERS)
-    trainable: str = option("top:2", "Parameters whose gradients make the kernel: head-only, all, top:K (last K "
+    trainable: str = option(DEFAULT_TRAINABLE, "Parameters whose gradients make the kernel: head-only, all, top:K (last K "
                                    "layers + head), freeze:K (first K layers frozen, embeddings trainable), "
                                    "regex:PATTERN.")
     pooling: str = option("mean", "encoder-head pooling: mean or cls.", choices=POOLINGS)

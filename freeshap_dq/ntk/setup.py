@@ -52,6 +52,9 @@ def parse_memory(spec: str | int, device: torch.device | None = None) -> int:
     return int(float(m.group(1)) * MEMORY_UNITS[m.group(2).lower()])
 
 
+DEFAULT_TRAINABLE = "top:2"  # the eNTK of every command and of evaluate (docs/evaluation.md: depth vs cost)
+
+
 def parse_trainable(spec: str) -> tuple[str, int | re.Pattern | None]:
     """The kind of a ``--trainable`` spec and its argument (a layer count or a compiled pattern), checked
     before any model is loaded; whether the count fits the model is checked by :func:`select_trainable`."""

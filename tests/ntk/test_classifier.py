@@ -132,7 +132,9 @@ def fine_tune(path, out, steps=40):
 
 
 def test_a_fine_tuned_checkpoints_own_head_makes_a_better_kernel_than_the_pretrained_one(tmp_path):
-    """Evidence that the model's own head is used: fine-tuning changes the eNTK and raises held-out accuracy."""
+    """Evidence that the model's own head is used: fine-tuning changes the eNTK and raises the held-out -CE (the
+    planted words are single tokens, so even the pretrained kernel classifies them, but barely above chance
+    confidence: -CE about -log 2), keeping accuracy at least 0.9."""
     import json
 
     import pandas as pd
@@ -146,7 +148,7 @@ def test_a_fine_tuned_checkpoints_own_head_makes_a_better_kernel_than_the_pretra
         texts, labels = planted(n, seed)
         pd.DataFrame({"id": [f"{name}{i}" for i in range(n)], "text": texts, "label": labels}).to_csv(
             tmp_path / f"{name}.csv", index=False)
-    accuracy, kernels = {}, {}
+    utility, kernels = {}, {}
     for name, model in (("pretrained", pretrained), ("tuned", tuned)):
         out = tmp_path / f"{name}.values.csv"
         res = CliRunner().invoke(cli, ["value", "--train", str(tmp_path / "train.csv"), "--test",
@@ -157,10 +159,11 @@ def test_a_fine_tuned_checkpoints_own_head_makes_a_better_kernel_than_the_pretra
         manifest = json.loads(out.with_name(out.name + ".manifest.json").read_text())
         assert manifest["kernel"]["adapter"] == "sequence-classifier"
         assert "has a classification head" in manifest["kernel"]["settings"]["adapter_choice"]
-        accuracy[name] = manifest["utility_full"]["accuracy"]
+        utility[name] = manifest["utility_full"]
         kernels[name] = manifest["kernel_fingerprint"]
     assert kernels["tuned"] != kernels["pretrained"]  # the fine-tuned weights make another eNTK
-    assert accuracy["tuned"] > accuracy["pretrained"] and accuracy["tuned"] >= 0.9, accuracy
+    assert utility["tuned"]["accuracy"] >= max(0.9, utility["pretrained"]["accuracy"]), utility
+    assert utility["tuned"]["ce"] > utility["pretrained"]["ce"], utility
 
 
 def test_encoder_head_options_are_refused_for_a_checkpoint_with_its_own_head(tmp_path):
