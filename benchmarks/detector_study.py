@@ -1,9 +1,13 @@
 """The detector study of docs/evaluation.md: random vs fitted head, 5 seeds x 2 noise modes, on Rotten Tomatoes
-(2 classes) and 20 Newsgroups (4 classes), against tuned cleanlab (the fitted head on 20 Newsgroups: 3
-seeds, its kernels take 4 backward passes each).
+(2 classes) and 20 Newsgroups (4 classes), against tuned cleanlab.
 
     python benchmarks/detector_study.py --out study            # runs freeshap-dq evaluate 4 times, then reports
     python benchmarks/detector_study.py --out study --report   # the tables again from the finished runs
+    python benchmarks/detector_study.py --out study --ablations  # + the levers tried beside the fitted head
+
+``--ablations`` adds the runs of ABLATIONS (detection only): the ridge rule and the eNTK's depth (``top:K``), each
+against the same tuned cleanlab. A ridge run reuses its main run's cached kernels (hard links), so it costs only the
+detectors; a depth run computes its own.
 
 Each run is a plain ``freeshap-dq evaluate`` (its command is printed and kept in the run's manifest); kernels are
 cached in each run's folder, so a rerun after a change to the detectors costs only the detectors. The report reads
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +33,15 @@ RUNS = {  # name: (dataset, head, n_train, n_test, seeds)
     "rotten-tomatoes-random": ("rotten-tomatoes", "random", 1000, 300, "0,1,2,3,4"),
     "rotten-tomatoes-fit": ("rotten-tomatoes", "fit", 1000, 300, "0,1,2,3,4"),
     "newsgroups-random": ("newsgroups", "random", 600, 300, "0,1,2,3,4"),
-    "newsgroups-fit": ("newsgroups", "fit", 600, 300, "0,1,2"),  # 4 classes: 4 backward passes per kernel, 10 kernels
+    "newsgroups-fit": ("newsgroups", "fit", 600, 300, "0,1,2,3,4"),
+}
+SYMMETRIC = ["--noise-modes", "symmetric"]
+ABLATIONS = {  # name: (main run it varies, extra evaluate arguments)
+    **{f"rotten-tomatoes-fit-ridge-{ridge.replace(':', '')}": ("rotten-tomatoes-fit", ["--ridge", ridge, *SYMMETRIC])
+       for ridge in ("rel:1", "rel:3", "rel:30", "auto")},
+    "rotten-tomatoes-fit-top1": ("rotten-tomatoes-fit", ["--trainable", "top:1"]),
+    "rotten-tomatoes-fit-top3": ("rotten-tomatoes-fit", ["--trainable", "top:3"]),
+    "newsgroups-fit-top3": ("newsgroups-fit", ["--trainable", "top:3", "--seeds", "0,1,2", *SYMMETRIC]),
 }
 COMMON = ["--experiments", "detection,removal", "--max-length", "64", "--no-progress"]
 SHOWN = ("combined", "freeshap_ce", "self_confidence_calibrated", "loo", "cl_logreg_tuned", "knn_shapley")
@@ -43,6 +56,46 @@ def run(out: Path, names: list[str]) -> None:
                    "--n-train", str(n_train), "--n-test", str(n_test), "--seeds", seeds, *COMMON, "-o", str(out / name)]
         print("$", " ".join(command[2:]), flush=True)
         subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
+
+
+def run_ablations(out: Path, names: list[str]) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    for name in names:
+        main_run, extra = ABLATIONS[name]
+        dataset, head, n_train, n_test, seeds = RUNS[main_run]
+        if "--trainable" not in extra and (out / main_run / "kernels").is_dir() and not (out / name).exists():
+            (out / name).mkdir(parents=True)
+            shutil.copytree(out / main_run / "kernels", out / name / "kernels", copy_function=os.link)
+        command = [sys.executable, "-m", "freeshap_dq.cli", "evaluate", "--dataset", dataset, "--head", head,
+                   "--n-train", str(n_train), "--n-test", str(n_test), "--seeds", seeds, "--experiments",
+                   "detection", "--max-length", "64", "--no-progress", *extra, "-o", str(out / name)]
+        print("$", " ".join(command[2:]), flush=True)
+        subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
+
+
+def ablation_report(out: Path) -> str:
+    rows = []
+    compared = {"rotten-tomatoes-fit": "rotten-tomatoes-fit", "newsgroups-fit": "newsgroups-fit",
+                **{name: main_run for name, (main_run, _) in ABLATIONS.items()}}
+    for name, main_run in compared.items():
+        path = out / name / "results.csv"
+        if not path.exists():
+            continue
+        frame = pd.read_csv(path)
+        detection = frame[frame["experiment"] == "detection"]
+        config = json.loads((out / name / "manifest.json").read_text())["config"]
+        for mode, by_mode in detection.groupby("noise_mode", sort=False):
+            table = by_mode.pivot_table(index="seed", columns="detector", values=["auroc", "fnr@noise"])
+            gain = table["auroc"]["freeshap_ce"] - table["auroc"]["cl_logreg_tuned"]
+            rows.append({"dataset": RUNS[main_run][0], "trainable": config["trainable"], "ridge": config["ridge"],
+                         "noise": mode, "seeds": len(table),
+                         "FreeShap −CE AUROC": f"{table['auroc']['freeshap_ce'].mean():.3f}",
+                         "− cleanlab (mean, worst seed)": f"{gain.mean():+.3f}, {gain.min():+.3f}",
+                         "FNR@noise (cleanlab)": f"{table['fnr@noise']['freeshap_ce'].mean():.3f} "
+                                                 f"({table['fnr@noise']['cl_logreg_tuned'].mean():.3f})",
+                         "combined AUROC": f"{table['auroc']['combined'].mean():.3f}"})
+    return "\n".join(["### Levers beside the fitted head (FreeShap −CE; the first rows are the main runs)", "",
+                      _markdown(pd.DataFrame(rows)), ""])
 
 
 def _cell(values: pd.Series) -> str:
@@ -163,10 +216,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("detector-study"))
     parser.add_argument("--report", action="store_true", help="only the tables, from finished runs")
     parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ", ".join(RUNS))
+    parser.add_argument("--ablations", action="store_true", help="also the runs of ABLATIONS: " + ", ".join(ABLATIONS))
     args = parser.parse_args()
     if not args.report:
         run(args.out, [name for name in args.runs.split(",") if name])
+        if args.ablations:
+            run_ablations(args.out, list(ABLATIONS))
     print(report(args.out))
+    if args.ablations:
+        print(ablation_report(args.out))
 
 
 if __name__ == "__main__":
