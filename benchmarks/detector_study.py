@@ -43,34 +43,33 @@ ABLATIONS = {  # name: (main run it varies, extra evaluate arguments)
     "rotten-tomatoes-fit-top3": ("rotten-tomatoes-fit", ["--trainable", "top:3"]),
     "newsgroups-fit-top3": ("newsgroups-fit", ["--trainable", "top:3", "--seeds", "0,1,2", *SYMMETRIC]),
 }
-COMMON = ["--experiments", "detection,removal", "--max-length", "64", "--no-progress"]
 SHOWN = ("combined", "freeshap_ce", "self_confidence_calibrated", "loo", "cl_logreg_tuned", "knn_shapley")
 METRICS = ("auroc", "fnr@noise", "recall@10%")
 
 
-def run(out: Path, names: list[str]) -> None:
+def evaluate(out: Path, name: str, main_run: str, *extra: str) -> None:
+    """``freeshap-dq evaluate`` on ``main_run``'s data, head and seeds (``extra`` appended), into ``out / name``."""
+    dataset, head, n_train, n_test, seeds = RUNS[main_run]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    command = [sys.executable, "-m", "freeshap_dq.cli", "evaluate", "--dataset", dataset, "--head", head,
+               "--n-train", str(n_train), "--n-test", str(n_test), "--seeds", seeds, "--max-length", "64",
+               "--no-progress", *extra, "-o", str(out / name)]
+    print("$", " ".join(command[2:]), flush=True)
+    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
+
+
+def run(out: Path, names: list[str]) -> None:
     for name in names:
-        dataset, head, n_train, n_test, seeds = RUNS[name]
-        command = [sys.executable, "-m", "freeshap_dq.cli", "evaluate", "--dataset", dataset, "--head", head,
-                   "--n-train", str(n_train), "--n-test", str(n_test), "--seeds", seeds, *COMMON, "-o", str(out / name)]
-        print("$", " ".join(command[2:]), flush=True)
-        subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
+        evaluate(out, name, name, "--experiments", "detection,removal")
 
 
 def run_ablations(out: Path, names: list[str]) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     for name in names:
         main_run, extra = ABLATIONS[name]
-        dataset, head, n_train, n_test, seeds = RUNS[main_run]
         if "--trainable" not in extra and (out / main_run / "kernels").is_dir() and not (out / name).exists():
             (out / name).mkdir(parents=True)
             shutil.copytree(out / main_run / "kernels", out / name / "kernels", copy_function=os.link)
-        command = [sys.executable, "-m", "freeshap_dq.cli", "evaluate", "--dataset", dataset, "--head", head,
-                   "--n-train", str(n_train), "--n-test", str(n_test), "--seeds", seeds, "--experiments",
-                   "detection", "--max-length", "64", "--no-progress", *extra, "-o", str(out / name)]
-        print("$", " ".join(command[2:]), flush=True)
-        subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
+        evaluate(out, name, main_run, "--experiments", "detection", *extra)
 
 
 def ablation_report(out: Path) -> str:
