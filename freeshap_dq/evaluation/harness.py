@@ -54,7 +54,7 @@ class EvaluationConfig:
     model: str = option("minilm", "Model: 'minilm', 'smollm2' or a local folder.")
     adapter: str = option("auto", "auto (a checkpoint's own classification head when it has one, else "
                                   "encoder-head), encoder-head, sequence-classifier, prompt-mlm or causal-lm.")
-    trainable: str = option(DEFAULT_TRAINABLE, "Parameters of the eNTK (head-only, top:K, all, ...).")
+    trainable: str = option(DEFAULT_TRAINABLE, "Parameters of the eNTK (auto, head-only, top:K, all, ...).")
     label_words: str = option("", "prompt-mlm / causal-lm label words, e.g. 'neg=bad,pos=good'.")
     head: str = option(DEFAULT_HEAD, "encoder-head: fit (fitted to each setting's noisy training labels: one eNTK "
                                      "per setting) or random (seeded: one eNTK for all settings).", choices=HEADS)

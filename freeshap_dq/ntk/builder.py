@@ -30,7 +30,15 @@ from freeshap_dq.kernels.problem import KernelProblem
 from freeshap_dq.ntk.adapters import POOLINGS
 from freeshap_dq.ntk.compute import compute_ntk
 from freeshap_dq.ntk.fitted_head import DEFAULT_HEAD, HEADS, resolve_kernel_mode
-from freeshap_dq.ntk.setup import DEFAULT_TRAINABLE, GRADIENT_PATHS, KERNEL_MODES, parse_memory, parse_trainable
+from freeshap_dq.ntk.setup import (
+    AUTO_DEPTH,
+    DEFAULT_TRAINABLE,
+    GRADIENT_PATHS,
+    KERNEL_MODES,
+    parse_memory,
+    parse_trainable,
+    resolve_trainable,
+)
 
 ADAPTERS = ("auto", "encoder-head", "sequence-classifier", "prompt-mlm", "causal-lm")
 MODEL_KIND = {"encoder-head": "encoder", "sequence-classifier": "classifier", "prompt-mlm": "mlm", "causal-lm": "causal"}
@@ -46,9 +54,10 @@ class NTKConfig:
                                   "fine-tuned model's own head and pooling), encoder-head (encoder + seeded linear "
                                   "head on the pooled representation), prompt-mlm (label words at the template's "
                                   "mask), causal-lm (label words after a prompt).", choices=ADAPTERS)
-    trainable: str = option(DEFAULT_TRAINABLE, "Parameters whose gradients make the kernel: head-only, all, top:K (last K "
-                                   "layers + head), freeze:K (first K layers frozen, embeddings trainable), "
-                                   "regex:PATTERN.")
+    trainable: str = option(DEFAULT_TRAINABLE, f"Parameters whose gradients make the kernel: auto (the last "
+                                                f"{AUTO_DEPTH} layers + head; every layer of a shallower model), "
+                                                "head-only, all, top:K (last K layers + head), freeze:K (first K "
+                                                "layers frozen, embeddings trainable), regex:PATTERN.")
     pooling: str = option("mean", "encoder-head pooling: mean or cls.", choices=POOLINGS)
     head: str = option(DEFAULT_HEAD, "encoder-head: random (a seeded linear head, the paper's setting) or fit (a "
                                  "logistic regression fitted on the frozen pooled embeddings with the training "
@@ -357,10 +366,25 @@ def _begin(train: TextDataset, test: TextDataset, config: NTKConfig | None, log)
     names = label_mapping(train, test)
     config = dataclasses.replace(config, kernel=resolve_kernel_mode(config.kernel, config.labels_shape_the_kernel,
                                                                      len(names)))
-    log(f"eNTK adapter {config.adapter} ({why}; kernel {config.kernel})")
+    config, depth = _resolve_trainable(config)
+    log(f"eNTK adapter {config.adapter} ({why}; kernel {config.kernel}; trainable {config.trainable}{depth})")
     y_train, y_test = encode_labels(train, names), encode_labels(test, names)
     manifest = kernel_manifest(config, folder_fingerprint(resolve_model_path(config.model)), train, test, names)
     return config, log, names, y_train, y_test, manifest, why
+
+
+def _resolve_trainable(config: NTKConfig) -> tuple[NTKConfig, str]:
+    """``config`` with ``--trainable auto`` replaced by the spec it stands for on this model (so the manifest and
+    the cache key name the layers used), and a note on why ('' when the spec was given)."""
+    from freeshap_dq.ntk.models import read_model_config
+
+    if config.trainable != "auto":
+        return config, ""
+    n_layers = getattr(read_model_config(config.model), "num_hidden_layers", None)
+    if not isinstance(n_layers, int) or n_layers < 1:
+        return config, " (the model's configuration gives no layer count: the adapter resolves it)"
+    return (dataclasses.replace(config, trainable=resolve_trainable("auto", n_layers)),
+            f" (auto: the last {min(AUTO_DEPTH, n_layers)} of {n_layers} layers and the head)")
 
 
 def _fit_head(adapter, config: NTKConfig, train_examples: list[dict], y_train: np.ndarray, device, log

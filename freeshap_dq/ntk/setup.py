@@ -52,14 +52,21 @@ def parse_memory(spec: str | int, device: torch.device | None = None) -> int:
     return int(float(m.group(1)) * MEMORY_UNITS[m.group(2).lower()])
 
 
-DEFAULT_TRAINABLE = "top:2"  # the eNTK of every command and of evaluate (docs/evaluation.md: depth vs cost)
+AUTO_DEPTH = 3  # ``auto``: the last 3 layers + head (docs/evaluation.md, "Levers beside the fitted head": depth)
+DEFAULT_TRAINABLE = "auto"  # the eNTK of every command and of evaluate
+
+
+def resolve_trainable(spec: str, n_layers: int) -> str:
+    """The concrete spec ``auto`` stands for on a model of ``n_layers`` layers: ``top:AUTO_DEPTH``, or every layer
+    (``top:n_layers``) of a shallower model; any other spec unchanged."""
+    return f"top:{min(AUTO_DEPTH, n_layers)}" if spec == "auto" else spec
 
 
 def parse_trainable(spec: str) -> tuple[str, int | re.Pattern | None]:
     """The kind of a ``--trainable`` spec and its argument (a layer count or a compiled pattern), checked
     before any model is loaded; whether the count fits the model is checked by :func:`select_trainable`."""
     kind, _, arg = spec.partition(":")
-    if kind in ("head-only", "all") and not arg:
+    if kind in ("head-only", "all", "auto") and not arg:
         return kind, None
     if kind in ("top", "freeze"):
         try:
@@ -74,13 +81,13 @@ def parse_trainable(spec: str) -> tuple[str, int | re.Pattern | None]:
             return kind, re.compile(arg)
         except re.error as exc:
             raise InputError(f"trainable {spec!r}: bad regular expression ({exc}).") from None
-    raise InputError(f"trainable {spec!r} is unknown; use head-only, all, top:K, freeze:K or regex:PATTERN.")
+    raise InputError(f"trainable {spec!r} is unknown; use auto, head-only, all, top:K, freeze:K or regex:PATTERN.")
 
 
 def select_trainable(adapter: ModelAdapter, spec: str) -> list[str]:
     """Trainable parameter names for a spec:
 
-    ``head-only`` | ``all`` | ``top:K`` (last K layers + head) |
+    ``auto`` (see :func:`resolve_trainable`) | ``head-only`` | ``all`` | ``top:K`` (last K layers + head) |
     ``freeze:K`` (first K layers frozen; embeddings, the other layers and the head trainable:
     the paper's BERT setting is freeze:8 of 12) | ``regex:PATTERN`` (matching names + head).
     With LoRA, only LoRA-B matrices (and the head) are trainable: the base weights are frozen by
@@ -90,6 +97,7 @@ def select_trainable(adapter: ModelAdapter, spec: str) -> list[str]:
     n_layers = adapter.n_layers
     head = groups.get("head", [])
     layer = lambda i: groups.get(f"layer.{i}", [])  # noqa: E731
+    spec = resolve_trainable(spec, n_layers)
     kind, arg = parse_trainable(spec)
     if kind == "head-only":
         names = head

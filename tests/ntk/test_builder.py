@@ -38,6 +38,26 @@ def test_build_cache_hit_and_refusal(tmp_path, tiny_bert_path):
         load_kernel(tmp_path / files[1], expected=expected)
 
 
+def test_auto_trainable_is_resolved_for_the_model_before_the_cache_key(tmp_path, tiny_bert_path, tiny_llama_path):
+    """--trainable auto is recorded as the layers it took: top:3 of tiny BERT's 3, top:2 (all) of tiny Llama's 2;
+    the auto kernel is the explicit top:3 one (one cache entry, the same values)."""
+    logs = []
+    auto = build_kernel(TRAIN, TEST, NTKConfig(model=str(tiny_bert_path), head="random", max_memory="256MiB"),
+                        cache_dir=tmp_path, progress=False, log=logs.append, return_manifest=True)
+    assert auto[1]["trainable"] == "top:3"
+    assert any("trainable top:3 (auto: the last 3 of 3 layers and the head)" in line for line in logs)
+    explicit = build_kernel(TRAIN, TEST, NTKConfig(model=str(tiny_bert_path), trainable="top:3", head="random",
+                                                   max_memory="256MiB"), cache_dir=tmp_path, progress=False,
+                            log=logs.append)
+    assert "cached" in logs[-1]
+    np.testing.assert_array_equal(explicit.k_train, auto[0].k_train)
+    shallow = NTKConfig(model=str(tiny_llama_path), adapter="causal-lm", label_words="neg=bad,pos=good",
+                      max_memory="256MiB")
+    _, manifest = build_kernel(TRAIN, TEST, shallow, progress=False, log=logs.append, return_manifest=True)
+    assert manifest["trainable"] == "top:2" and "last 2 of 2 layers" in " ".join(logs)
+    assert any(".layers.0." in name for name in manifest["trainable_names"])
+
+
 def test_unknown_test_label_and_single_class_are_refused(tiny_bert_path):
     config = NTKConfig(model=str(tiny_bert_path))
     bad_test = TextDataset(["x"], ["neutral"], ["t"], source="test.csv")

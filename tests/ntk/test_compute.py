@@ -7,7 +7,7 @@ from freeshap_dq import InputError
 from freeshap_dq.ntk.adapters import EncoderHead, additive_mask
 from freeshap_dq.ntk.compute import compute_ntk
 from freeshap_dq.ntk.models import load_model_and_tokenizer
-from freeshap_dq.ntk.setup import parse_memory, select_trainable
+from freeshap_dq.ntk.setup import parse_memory, resolve_trainable, select_trainable
 
 TEXTS = ["a great movie", "a boring film and a dull plot that goes on", "it was bad", "very good indeed",
          "the actors are funny", "terrible", "i loved every minute of it", "long and tedious"]
@@ -133,6 +133,13 @@ def test_parameter_selection_counts(adapter):
     assert count("freeze:2") == head + layer + embeddings
     assert count("all") == head + 3 * layer + embeddings  # the unused pooler is left out
     assert "pooler" not in " ".join(select_trainable(adapter, "all"))
+
+
+def test_auto_trainable_is_the_top_three_layers_or_every_layer_of_a_shallower_model(adapter):
+    assert adapter.n_layers == 3
+    assert select_trainable(adapter, "auto") == select_trainable(adapter, "top:3")
+    assert resolve_trainable("auto", 12) == "top:3" and resolve_trainable("auto", 2) == "top:2"
+    assert resolve_trainable("auto", 1) == "top:1" and resolve_trainable("freeze:4", 2) == "freeze:4"
 
 
 @pytest.mark.parametrize("spec, message", [("top:9", "has 3 layers"), ("top:x", "whole number"),
