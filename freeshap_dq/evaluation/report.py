@@ -101,6 +101,15 @@ def markdown_summary(results: pd.DataFrame) -> str:
     return "\n".join(parts)
 
 
+def curve_styles(count: int) -> list[tuple[str, str]]:
+    """(colour, line style) for ``count`` curves, no two alike: the ten tab10 colours, solid, then dashed, then
+    dotted (matplotlib's default cycle repeats its colours after ten, and a detection plot has twelve curves)."""
+    styles = ("-", "--", ":", "-.")
+    if count > 10 * len(styles):
+        raise ValueError(f"{count} curves are more than {10 * len(styles)} distinct styles")
+    return [(f"C{i % 10}", styles[i // 10]) for i in range(count)]
+
+
 def save_plots(results: pd.DataFrame, plots: dict, output_dir: Path) -> list[str]:
     import matplotlib
 
@@ -118,8 +127,8 @@ def save_plots(results: pd.DataFrame, plots: dict, output_dir: Path) -> list[str
     if "detection" in plots:
         mode, seed, curves = plots["detection"]
         fig, ax = plt.subplots(figsize=(6, 4.5))
-        for name, (x, y) in curves.items():
-            ax.plot(x, y, label=name, lw=2.2 if name in ("combined", "freeshap_ce") else 1.2)
+        for (name, (x, y)), (color, style) in zip(curves.items(), curve_styles(len(curves)), strict=True):
+            ax.plot(x, y, label=name, color=color, ls=style, lw=2.2 if name in ("combined", "freeshap_ce") else 1.2)
         ax.plot([0, 1], [0, 1], "k:", lw=0.8)
         ax.set(xlim=(0, 0.5), xlabel="fraction of the training set inspected (most suspicious first)",
                ylabel="share of wrong labels found", title=f"Wrong-label detection ({mode} noise, seed {seed})")
