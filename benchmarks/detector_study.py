@@ -209,6 +209,46 @@ def _seconds(dataset: str, out: Path) -> list[str]:
     return [f"### {dataset}: time (2 CPU cores)", "", _markdown(pd.DataFrame(rows)), ""]
 
 
+def plot(out: Path, folder: Path) -> list[Path]:
+    """One figure per dataset: AUROC and FNR@noise (mean ± std over the seeds) of the SHOWN detectors, random and
+    fitted head side by side, one panel per noise mode; written as ``folder / study-<dataset>.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frames = {name: replay_combined(out, name, pd.read_csv(out / name / "results.csv")) for name in RUNS
+              if (out / name / "results.csv").exists()}
+    written = []
+    for dataset in dict.fromkeys(spec[0] for spec in RUNS.values()):
+        runs = {RUNS[name][1]: frame for name, frame in frames.items() if RUNS[name][0] == dataset}
+        if not runs:
+            continue
+        fig, axes = plt.subplots(2, 2, figsize=(11, 7), squeeze=False)
+        for col, mode in enumerate(("symmetric", "class-conditional")):
+            for row, metric in enumerate(("auroc", "fnr@noise")):
+                ax = axes[row][col]
+                for offset, (head, frame) in zip((-0.2, 0.2), runs.items(), strict=False):
+                    detection = frame[(frame["experiment"] == "detection") & (frame["noise_mode"] == mode)]
+                    stats = detection.groupby("detector")[metric].agg(["mean", "std"]).reindex(SHOWN)
+                    ax.bar(np.arange(len(SHOWN)) + offset, stats["mean"], 0.4, yerr=stats["std"], capsize=2,
+                           label=f"{'fitted' if head == 'fit' else head} head")
+                ax.set_xticks(np.arange(len(SHOWN)), [d.replace("_", " ") for d in SHOWN], rotation=30, ha="right",
+                              fontsize=8)
+                ax.set(title=f"{dataset}, {mode} noise", ylabel=metric + (" (lower is better)" if "fnr" in metric
+                                                                           else ""))
+                if metric == "auroc":
+                    ax.set_ylim(0.5, 1.0)
+        fig.legend(*axes[0][0].get_legend_handles_labels(), loc="upper center", ncol=2)
+        fig.tight_layout(rect=(0, 0, 1, 0.95))
+        path = folder / f"study-{dataset}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
 def _markdown(frame: pd.DataFrame) -> str:
     if frame.empty:
         return "(no rows)"
@@ -223,6 +263,7 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="only the tables, from finished runs")
     parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ", ".join(RUNS))
     parser.add_argument("--ablations", action="store_true", help="also the runs of ABLATIONS: " + ", ".join(ABLATIONS))
+    parser.add_argument("--plots", type=Path, help="also write study-<dataset>.png figures into this folder")
     args = parser.parse_args()
     if not args.report:
         run(args.out, [name for name in args.runs.split(",") if name])
@@ -231,6 +272,8 @@ def main() -> None:
     print(report(args.out))
     if args.ablations:
         print(ablation_report(args.out))
+    for path in plot(args.out, args.plots) if args.plots else ():
+        print(f"wrote {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":
