@@ -105,7 +105,8 @@ def select_trainable(adapter: ModelAdapter, spec: str) -> list[str]:
         names = [n for key, ns in groups.items() if key != "other" for n in ns]
     elif kind in ("top", "freeze"):
         if arg > n_layers:
-            raise InputError(f"trainable {spec!r}: the model has {n_layers} layers.")
+            raise InputError(f"trainable {spec!r}: the model has {n_layers} layers (blocks the adapter can "
+                             f"select); give --trainable top:{n_layers} (all of them) or a smaller K.")
         if kind == "top":
             names = [n for i in range(n_layers - arg, n_layers) for n in layer(i)] + head
         else:
