@@ -103,8 +103,8 @@ def dataclass_options(fields: dict, skip: tuple[str, ...] = ()):
             help_text = f"{f.metadata['help']} [default: {f.default}]"
             if isinstance(f.default, bool):
                 func = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)(func)
-            elif name in CHOICES:
-                func = click.option(flag, name, type=click.Choice(CHOICES[name]), default=None, help=help_text)(func)
+            elif choices := f.metadata.get("choices") or CHOICES.get(name):  # the field's own choices first
+                func = click.option(flag, name, type=click.Choice(choices), default=None, help=help_text)(func)
             else:
                 func = click.option(flag, name, type=type(f.default), default=None, help=help_text)(func)
         return func

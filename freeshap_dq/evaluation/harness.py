@@ -38,6 +38,7 @@ from freeshap_dq.kernels.problem import KernelProblem, LabelledExamples
 from freeshap_dq.ntk.fitted_head import DEFAULT_HEAD, HEADS
 from freeshap_dq.ntk.setup import DEFAULT_TRAINABLE
 
+EVALUATION_KERNEL_MODES = ("auto", "class0", "sum")  # the detectors read one n x n kernel, not C of them
 EXPERIMENTS = ("detection", "removal", "selection", "robustness", "fidelity")
 REMOVAL_DETECTORS = tuple(dict.fromkeys((SHIPPED, "combined", "freeshap_ce", "self_confidence_calibrated",
                                          "cl_logreg_tuned")))
@@ -56,6 +57,9 @@ class EvaluationConfig:
                                   "encoder-head), encoder-head, sequence-classifier, prompt-mlm or causal-lm.")
     trainable: str = option(DEFAULT_TRAINABLE, "Parameters of the eNTK (auto, head-only, top:K, all, ...).")
     label_words: str = option("", "prompt-mlm / causal-lm label words, e.g. 'neg=bad,pos=good'.")
+    kernel: str = option("auto", "Which logits' eNTK: auto (sum for a fitted head over more than 2 classes, else "
+                                 "class0), class0 or sum (per-class is for value and kernel).",
+                         choices=EVALUATION_KERNEL_MODES)
     head: str = option(DEFAULT_HEAD, "encoder-head: fit (fitted to each setting's noisy training labels: one eNTK "
                                      "per setting) or random (seeded: one eNTK for all settings).", choices=HEADS)
     noise: float = option(0.1, "Fraction of training labels flipped.")
@@ -112,7 +116,7 @@ class EvaluationConfig:
         from freeshap_dq.ntk.builder import NTKConfig
 
         return NTKConfig(model=self.model, adapter=self.adapter, trainable=self.trainable, head=self.head,
-                         label_words=self.label_words, max_length=self.max_length, max_memory=self.max_memory)
+                         kernel=self.kernel, label_words=self.label_words, max_length=self.max_length, max_memory=self.max_memory)
 
     def check_sizes(self, n_train: int) -> None:
         """Refuse robustness sizes the training set cannot fill (they were skipped without a word)."""

@@ -376,7 +376,8 @@ EVALUATE_CASES = {"n_train": ["--n-train", 30], "n_test": ["--n-test", 10], "noi
                   "robustness_resamples": ["--experiments", "robustness", "--robustness-resamples", "3"],
                   "robustness_targets": ["--experiments", "robustness", "--robustness-targets", "3"],
                   "adapter": ["--adapter", "prompt-mlm", "--label-words", "neg=bad,pos=good"],
-                  "max_length": ["--max-length", 8], "head": ["--head", "random"], "label_words": None, "model": None,
+                  "max_length": ["--max-length", 8], "head": ["--head", "random"], "kernel": ["--kernel-mode", "sum"],
+                  "label_words": None, "model": None,
                   "train": None, "test": None}
 SWEEPS["evaluate"] = EVALUATE_CASES
 NOT_SWEPT["evaluate"] = {"dataset": "the packaged datasets: tests/data/test_datasets.py; with --train it is refused "
@@ -433,7 +434,8 @@ def test_evaluate_refuses_bad_numbers_before_any_work(tmp_path):
                           (["--seeds", "0,0"], "more than once"), (["--noise-modes", "symmetric,symmetric"], "once"),
                           (["--max-memory", "lots"], "lots"), (["--trainable", "nonsense"], "nonsense"),
                           (["--dataset", "newsgroups", "--train", "a.csv", "--test", "b.csv"], "--dataset"),
-                          (["--dataset", "imdb"], "imdb"), (["--head", "trained"], "trained")):
+                          (["--dataset", "imdb"], "imdb"), (["--head", "trained"], "trained"),
+                          (["--kernel-mode", "per-class"], "per-class")):
         res = CliRunner().invoke(cli, ["evaluate", "-o", str(tmp_path / "o"), *map(str, args)])
         assert res.exit_code == 2 and message in res.output, (args, res.output)
         assert "Traceback" not in res.output and not (tmp_path / "o").exists(), args

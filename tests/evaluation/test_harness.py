@@ -49,7 +49,31 @@ def test_every_experiment_end_to_end(data_dir, tiny_bert_path, tmp_path):
     assert "## Wrong-label detection, symmetric noise" in (out / "results.md").read_text()
 
 
+def test_kernel_mode_is_honoured_with_a_fitted_head_over_three_classes(tmp_path, tiny_bert_path):
+    """--kernel-mode auto is the sum over the classes' logits for a fitted head and C > 2; class0 is asked for."""
+    rng = np.random.default_rng(1)
+    words = {"pos": ["good", "great"], "neg": ["bad", "awful"], "mid": ["fine", "poor"]}
+    for name, n in (("train", 36), ("test", 12)):
+        labels = np.array(list(words) * (n // 3))
+        texts = [" ".join(list(rng.choice(words[label], 2)) + ["movie"]) for label in labels]
+        pd.DataFrame({"id": [f"{name}{i}" for i in range(n)], "text": texts, "label": labels}).to_csv(
+            tmp_path / f"{name}.csv", index=False)
+    kernels = {}
+    for mode in ("auto", "class0"):
+        out = tmp_path / mode
+        res = CliRunner().invoke(cli, ["evaluate", "--train", str(tmp_path / "train.csv"), "--test",
+                                       str(tmp_path / "test.csv"), "--model", str(tiny_bert_path), "--trainable",
+                                       "top:1", "--kernel-mode", mode, "--seeds", "0", "--noise-modes", "symmetric",
+                                       "--permutations", "10", "--experiments", "detection", "-o", str(out)])
+        assert res.exit_code == 0, res.output
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["config"]["kernel"] == mode
+        kernels[mode] = [setting["kernel"] for setting in manifest["setting_kernels"]]
+    assert kernels == {"auto": ["sum"], "class0": ["class0"]}
+
+
 @pytest.mark.parametrize("kwargs, message", [
+    ({"kernel": "per-class"}, "kernel 'per-class' is unknown; choose one of auto, class0, sum"),
     ({"experiments": "detection,speed"}, "speed"),
     ({"noise_modes": "pairwise"}, "pairwise"),
     ({"train": "a.csv"}, "both --train and --test"),
