@@ -31,8 +31,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from freeshap_dq.ntk.setup import resolve_trainable
-
 RUNS = {  # name: (dataset, head, n_train, n_test, seeds)
     "rotten-tomatoes-random": ("rotten-tomatoes", "random", 1000, 300, "0,1,2,3,4"),
     "rotten-tomatoes-fit": ("rotten-tomatoes", "fit", 1000, 300, "0,1,2,3,4"),
@@ -50,7 +48,6 @@ ABLATIONS = {  # name: (main run it varies, extra evaluate arguments, run whose 
     "newsgroups-fit-top2": ("newsgroups-fit", TOP2, None),
     "newsgroups-fit-class0": ("newsgroups-fit", ["--kernel-mode", "class0"], None),
 }
-MINILM_LAYERS = 6  # all-MiniLM-L6-v2: --trainable auto is top:3 on it
 SHOWN = ("combined", "freeshap_ce", "self_confidence_calibrated", "loo", "cl_logreg_tuned", "knn_shapley")
 METRICS = ("auroc", "fnr@noise", "recall@10%")
 
@@ -90,11 +87,11 @@ def ablation_report(out: Path) -> str:
             continue
         frame = pd.read_csv(path)
         detection = frame[frame["experiment"] == "detection"]
-        config = json.loads((out / name / "manifest.json").read_text())["config"]
+        manifest = json.loads((out / name / "manifest.json").read_text())
+        config, trainable = manifest["config"], manifest["kernel"]["trainable"]  # the layers auto resolved to
         for mode, by_mode in detection.groupby("noise_mode", sort=False):
             table = by_mode.pivot_table(index="seed", columns="detector", values=["auroc", "fnr@noise"])
             gain = table["auroc"]["freeshap_ce"] - table["auroc"]["cl_logreg_tuned"]
-            trainable = resolve_trainable(config["trainable"], MINILM_LAYERS)
             rows.append({"dataset": RUNS[main_run][0], "trainable": trainable, "kernel": config.get("kernel", "auto"),
                          "ridge": config["ridge"],
                          "noise": mode, "seeds": len(table),

@@ -36,9 +36,9 @@ from freeshap_dq.evaluation.noise import NOISE_MODES, flip_labels
 from freeshap_dq.io import check_outputs, outputs_together, write_json
 from freeshap_dq.kernels.problem import KernelProblem, LabelledExamples
 from freeshap_dq.ntk.fitted_head import DEFAULT_HEAD, HEADS
-from freeshap_dq.ntk.setup import DEFAULT_TRAINABLE
+from freeshap_dq.ntk.setup import DEFAULT_TRAINABLE, KERNEL_MODES
 
-EVALUATION_KERNEL_MODES = ("auto", "class0", "sum")  # the detectors read one n x n kernel, not C of them
+EVALUATION_KERNEL_MODES = ("auto", *(m for m in KERNEL_MODES if m != "per-class"))  # the detectors read one kernel
 EXPERIMENTS = ("detection", "removal", "selection", "robustness", "fidelity")
 REMOVAL_DETECTORS = tuple(dict.fromkeys((SHIPPED, "combined", "freeshap_ce", "self_confidence_calibrated",
                                          "cl_logreg_tuned")))
