@@ -33,13 +33,17 @@ RANKING_METRIC = "ce"
 LOW_RANK_METHODS = ("nystrom", "eigen")
 
 
-def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, changes_values: bool = True) -> Any:
+def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, changes_values: bool = True,
+           recorded_when_set: bool = False) -> Any:
     """A dataclass field with a default and help text (the CLI turns it into an option).
 
     ``choices``: the allowed values; ``changes_values``: False for how long, how fast, where and in how much
     memory a computation runs (permutation count, stopping, batching, device, memory budget) — what a resumed
-    run or a reused kernel may differ in. Every other field must match for a checkpoint or cache to be used."""
-    return field(default=default, metadata={"help": help, "choices": choices, "changes_values": changes_values})
+    run or a reused kernel may differ in. Every other field must match for a checkpoint or cache to be used.
+    ``recorded_when_set``: a value field added after artifacts were written: manifests (and the keys hashed from
+    them) hold it only when it differs from its default, so the artifacts written before it stay valid."""
+    return field(default=default, metadata={"help": help, "choices": choices, "changes_values": changes_values,
+                                            "recorded_when_set": recorded_when_set})
 
 
 def field_choices(config_class: type) -> dict[str, tuple[str, ...]]:
@@ -50,6 +54,14 @@ def field_choices(config_class: type) -> dict[str, tuple[str, ...]]:
 def value_fields(config_class: type) -> tuple[str, ...]:
     """The fields whose values can change the result (declared with ``changes_values``)."""
     return tuple(f.name for f in dataclasses.fields(config_class) if f.metadata.get("changes_values", True))
+
+
+def recorded_fields(config: Any) -> dict[str, Any]:
+    """The value fields of ``config`` a manifest records: every one, except a ``recorded_when_set`` field at its
+    default."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+            if f.metadata.get("changes_values", True)
+            and not (f.metadata.get("recorded_when_set") and getattr(config, f.name) == f.default)}
 
 
 def check_choices(config: Any) -> None:

@@ -78,13 +78,7 @@ def compute_ntk(adapter: ModelAdapter, train_examples: list[dict], test_examples
     kernels = adapter.head.out_features if kernel == "per-class" else 1
     chunk_capacity, batch = _plan(budget, total, n, dense_names, params, batch_size, kernels)
     rank, world = shard
-    # rows of J: training examples by length, then test examples by length (batches never mix them,
-    # so the training rows are J[:n]); ``order`` maps those rows back to the caller's order
-    order = length_order(train_examples) + [n + i for i in length_order(test_examples)]
-    examples = [(list(train_examples) + list(test_examples))[i] for i in order]
-    spans = [(lo, min(lo + batch, end)) for start, end in ((0, n), (n, total)) for lo in range(start, end, batch)]
-    prefixes = [(lo, hi, adapter.prefix(pad_batch(examples[lo:hi], adapter, device)), readout_mask(examples[lo:hi], device))
-                for lo, hi in spans]
+    order, prefixes = length_batches(adapter, train_examples, test_examples, batch, device)
     progress_off = rank > 0 or ((not sys.stderr.isatty()) if progress is None else not progress)
     estimate, room, (chunk_capacity, batch) = plan_with_factors(
         _factor_estimate(adapter, names, prefixes, classes, gradients), gradients, budget,
@@ -135,20 +129,40 @@ def compute_ntk(adapter: ModelAdapter, train_examples: list[dict], test_examples
         dist.all_reduce(k_rows)
         if diag is not None:
             dist.all_reduce(diag)
-    inverse = torch.empty(total, dtype=torch.long)
-    inverse[torch.as_tensor(order)] = torch.arange(total)
-    k_rows = _mirror_lower(k_rows, n).cpu()[..., inverse, :][..., inverse[:n]]
-    if diag is not None:
-        diag = diag.cpu()[..., inverse[n:] - n]
-    k_rows = k_rows.cpu().numpy()
-    return KernelOutput(k_rows[..., :n, :], k_rows[..., n:, :], None if diag is None else diag.cpu().numpy(), names,
-                        n_trainable,
+    k_train, k_test, diag = caller_order(k_rows, diag, order, n)
+    return KernelOutput(k_train, k_test, diag, names, n_trainable,
                         {"chunks": len(chunks), "batch_size": batch, "chunk_capacity": chunk_capacity, "world": world,
                          "kernel": kernel, "trainable": trainable, "max_memory_bytes": budget,
                          "gradients": "factors" if passes and set(passes) == {"factors"} else "vmap",
                          "factor_passes": passes.count("factors"), "factor_bytes": room,
                          "without_factors": sorted(unfactored),
                          "fallback": "vmap" if adapter.vmap_compatible else "per-example loop"})
+
+
+def length_batches(adapter: ModelAdapter, train_examples: list[dict], test_examples: list[dict], batch: int,
+                   device) -> tuple[list[int], list[tuple]]:
+    """(order, batches): the rows of J are the training examples by length, then the test examples by length
+    (batches never mix them, so the training rows are J[:n]); ``order[row]`` is the row's index in the caller's
+    train + test list. A batch is (lo, hi, the frozen bottom's output, read-out mask) for rows lo..hi."""
+    n, total = len(train_examples), len(train_examples) + len(test_examples)
+    order = length_order(train_examples) + [n + i for i in length_order(test_examples)]
+    examples = [(list(train_examples) + list(test_examples))[i] for i in order]
+    spans = [(lo, min(lo + batch, end)) for start, end in ((0, n), (n, total)) for lo in range(start, end, batch)]
+    return order, [(lo, hi, adapter.prefix(pad_batch(examples[lo:hi], adapter, device)),
+                    readout_mask(examples[lo:hi], device)) for lo, hi in spans]
+
+
+def caller_order(k_rows: torch.Tensor, diag: torch.Tensor | None, order: list[int], n: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(k_train, k_test, test diagonal) in the caller's order, from rows (and columns) in ``order`` whose train
+    block holds its lower block triangle only."""
+    total = len(order)
+    inverse = torch.empty(total, dtype=torch.long)
+    inverse[torch.as_tensor(order)] = torch.arange(total)
+    k_rows = _mirror_lower(k_rows, n).cpu()[..., inverse, :][..., inverse[:n]].numpy()
+    if diag is not None:
+        diag = diag.cpu()[..., inverse[n:] - n].numpy()
+    return k_rows[..., :n, :], k_rows[..., n:, :], diag
 
 
 def _factor_estimate(adapter, names: list[str], prefixes: list, classes: list[int], gradients: str

@@ -26,7 +26,8 @@ CASES = {"trainable": ["--trainable", "all"], "pooling": ["--pooling", "cls"],
                       "{text} so {mask} ."],
          "label_words": ["--adapter", "prompt-mlm", "--label-words", "neg=terrible,pos=great"],
          "max_memory": ["--max-memory", "300MiB"], "grad_batch_size": ["--grad-batch-size", "2"],
-         "gradients": ["--gradients", "vmap"], "device": ["--device", "cpu"]}
+         "gradients": ["--gradients", "vmap"], "device": ["--device", "cpu"], "sketch": ["--sketch", "4"],
+         "sketch_seed": ["--sketch", "4", "--sketch-seed", "1"]}
 REFUSED = {"lora_rank": ["--lora-rank", "2"]}  # LoRA is for the causal-lm adapter: refused with the encoder head
 
 
@@ -60,8 +61,8 @@ def test_kernel_options_reach_the_manifest(data, tmp_path, tiny_bert_path, tmp_p
         res, manifest = kernel(data, tiny_bert_path, tmp_path / f"{name}.npz", *args)
         assert res.exit_code == 0, (name, res.output)
         where = manifest if name in KERNEL_VALUE_FIELDS else manifest["settings"]
-        reference = base if name in KERNEL_VALUE_FIELDS else base["settings"]
-        assert where[name] != reference[name], f"--{name} did not reach the kernel manifest"
+        reference = base if name in KERNEL_VALUE_FIELDS else base["settings"]  # --sketch*: recorded when set
+        assert where[name] != reference.get(name), f"--{name} did not reach the kernel manifest"
     other = tiny_bert(tmp_path_factory.mktemp("other-model"), seed=1)
     res, manifest = kernel(data, other, tmp_path / "model.npz")
     assert res.exit_code == 0 and manifest["model_fingerprint"] != base["model_fingerprint"]

@@ -142,7 +142,7 @@ NTK_VALUES = {"model": "smollm2", "adapter": "prompt-mlm", "trainable": "all", "
               "head": "random",
               "kernel": "sum", "max_length": 64, "template": "{text} {mask}", "label_words": "a,b", "lora_rank": 4,
               "max_memory": "1GiB", "grad_batch_size": 2, "gradients": "vmap", "example_block": 4, "landmarks": 4,
-              "landmark_seed": 1}
+              "landmark_seed": 1, "sketch": 8, "sketch_seed": 1}
 
 
 def test_value_options_change_what_is_written_or_are_refused(kernel, tmp_path):
@@ -377,7 +377,7 @@ EVALUATE_CASES = {"n_train": ["--n-train", 30], "n_test": ["--n-test", 10], "noi
                   "robustness_targets": ["--experiments", "robustness", "--robustness-targets", "3"],
                   "adapter": ["--adapter", "prompt-mlm", "--label-words", "neg=bad,pos=good"],
                   "max_length": ["--max-length", 8], "head": ["--head", "random"], "kernel": ["--kernel-mode", "sum"],
-                  "label_words": None, "model": None,
+                  "sketch": ["--sketch", 4], "label_words": None, "model": None,
                   "train": None, "test": None}
 SWEEPS["evaluate"] = EVALUATE_CASES
 NOT_SWEPT["evaluate"] = {"dataset": "the packaged datasets: tests/data/test_datasets.py; with --train it is refused "
