@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from freeshap_dq.cli.main import cli
 from freeshap_dq.errors import InputError
 from freeshap_dq.evaluation import EvaluationConfig
+from freeshap_dq.evaluation.harness import EVALUATION_SKETCH
 
 WORDS = {"pos": ["good", "great", "fine"], "neg": ["bad", "awful", "poor"]}
 
@@ -68,6 +69,7 @@ def test_kernel_mode_is_honoured_with_a_fitted_head_over_three_classes(tmp_path,
         assert res.exit_code == 0, res.output
         manifest = json.loads((out / "manifest.json").read_text())
         assert manifest["config"]["kernel"] == mode
+        assert manifest["kernel"]["sketch"] == EVALUATION_SKETCH  # evaluate's own default (value's is exact)
         kernels[mode] = [setting["kernel"] for setting in manifest["setting_kernels"]]
     assert kernels == {"auto": ["sum"], "class0": ["class0"]}
 
