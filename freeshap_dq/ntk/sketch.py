@@ -85,7 +85,7 @@ def compute_sketched_ntk(adapter: ModelAdapter, train_examples: list[dict], test
     """The sketched eNTK rows (train + test) x columns (train), as :func:`freeshap_dq.ntk.compute.compute_ntk`."""
     check_sketch(sketch)
     if sketch == 0:
-        raise InputError("compute_sketched_ntk needs sketch >= 1; use compute_ntk for the exact eNTK.")
+        raise InputError(f"compute_sketched_ntk needs a sketch of at least {MIN_SKETCH}; compute_ntk is the exact eNTK.")
     s = prepare(adapter, train_examples, trainable, kernel, max_memory, device)
     if s.sparse_table:
         raise InputError(f"--sketch does not cover a trainable word-embedding table ({adapter.word_table_name}, "
@@ -114,6 +114,10 @@ def compute_sketched_ntk(adapter: ModelAdapter, train_examples: list[dict], test
         except NotFactorable as exc:
             raise InputError(f"the sketch needs the factors of every sketched weight, and the model changed between "
                              f"batches ({exc}); drop --sketch for the exact eNTK.") from None
+        if set(store.sites) != set(sites):
+            lost = sorted(set(sites) - set(store.sites))
+            raise InputError(f"the sketch needs the factors of every sketched weight, and {lost[0]} gave none on "
+                             f"the batch of rows {lo}..{hi}; drop --sketch for the exact eNTK.")
         for index, (name, projection) in enumerate(projections.items()):
             col = index * sketch * sketch
             for ci, sketched in enumerate(_sketched_gradients(store, name, projection, len(s.classes))):
