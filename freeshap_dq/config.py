@@ -59,9 +59,9 @@ def value_fields(config_class: type) -> tuple[str, ...]:
 def recorded_fields(config: Any) -> dict[str, Any]:
     """The value fields of ``config`` a manifest records: every one, except a ``recorded_when_set`` field at its
     default."""
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
-            if f.metadata.get("changes_values", True)
-            and not (f.metadata.get("recorded_when_set") and getattr(config, f.name) == f.default)}
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    return {name: getattr(config, name) for name in value_fields(type(config))
+            if not (fields[name].metadata.get("recorded_when_set") and getattr(config, name) == fields[name].default)}
 
 
 def check_choices(config: Any) -> None:

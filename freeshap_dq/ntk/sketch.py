@@ -11,8 +11,9 @@ with :math:`S_{out}` (:math:`d_{out} \times k`) and :math:`S_{in}` (:math:`d_{in
 are independent, :math:`E\langle \hat G, \hat G'\rangle = \langle G, G'\rangle`: the kernel is **unbiased**, each
 weight's share formed from :math:`k^2` numbers per example instead of :math:`d_{out} d_{in}`, straight from the
 factors (:math:`T k (d_{in} + d_{out})` work, the gradient never formed). GPT-2's ``Conv1D`` (stored transposed)
-is sketched the same way with the roles of a and g swapped. Every other trainable tensor (biases, norms, the head,
-a weight of at most :math:`k^2` entries, a tensor no factor rule covers) keeps its exact gradient columns.
+is sketched the same way with the roles of a and g swapped. Every other trainable tensor (biases, norms, a weight
+of at most :math:`k^2` entries, such as MiniLM's head at k = 64, a tensor no factor rule covers) keeps its exact
+gradient columns.
 
 The error is a sum over the sketched weights of independent zero-mean terms. Measured on MiniLM at ``top:3``
 (18 sketched weights, n = 1,000 Rotten Tomatoes snippets), k = 64 gives a 4.5 % relative (Frobenius) kernel error
@@ -93,12 +94,14 @@ def compute_sketched_ntk(adapter: ModelAdapter, train_examples: list[dict], test
     n, total = len(train_examples), len(train_examples) + len(test_examples)
     batch = batch_size or SKETCH_BATCH
     order, prefixes = length_batches(adapter, train_examples, test_examples, batch, s.device)
-    sites = _factored_sites(adapter, s.names, prefixes[0], s.classes)
+    probe = _probe(adapter, s.names, prefixes[0], s.classes)
+    sites = probe.sites if probe is not None else {}
     projections = {name: Projection(p.rows.to(s.device), p.columns.to(s.device))
                    for name, p in sketch_projections(adapter, [k for k in s.names if k in sites], sketch,
                                                      sketch_seed).items()}
     exact = [(name, 0, s.params[name].numel()) for name in s.names if name not in projections]
-    width = sketch * sketch * len(projections) + sum(hi for _, _, hi in exact)
+    sketched_width = sketch * sketch * len(projections)
+    width = sketched_width + sum(hi for _, _, hi in exact)
     per_class = kernel == "per-class"
     _check_budget(s.budget, total, n, width, len(s.classes), per_class, sketch)
 
@@ -108,12 +111,7 @@ def compute_sketched_ntk(adapter: ModelAdapter, train_examples: list[dict], test
                desc=f"eNTK {adapter.adapter_name} sketched to {width:,} numbers per example ({len(projections)} "
                     f"weight(s) at k = {sketch})")
     for lo, hi, prefix, mask in prefixes:
-        store = FactorStore(adapter, sites)
-        try:
-            store.collect(adapter, prefix, mask, s.classes)
-        except NotFactorable as exc:
-            raise InputError(f"the sketch needs the factors of every sketched weight, and the model changed between "
-                             f"batches ({exc}); drop --sketch for the exact eNTK.") from None
+        store = probe if lo == 0 and probe is not None else _collect(adapter, sites, prefix, mask, s.classes)
         if set(store.sites) != set(sites):
             lost = sorted(set(sites) - set(store.sites))
             raise InputError(f"the sketch needs the factors of every sketched weight, and {lost[0]} gave none on "
@@ -124,8 +122,8 @@ def compute_sketched_ntk(adapter: ModelAdapter, train_examples: list[dict], test
                 features[ci][lo:hi, col:col + sketch * sketch] = sketched.reshape(hi - lo, -1)
         if exact:
             for ci, c in enumerate(s.classes):
-                fill_jacobian(features[ci][lo:hi, sketch * sketch * len(projections):], adapter, s.params, exact, c,
-                              ci, [(slice(0, hi - lo), prefix, mask)], store)
+                fill_jacobian(features[ci][lo:hi, sketched_width:], adapter, s.params, exact, c, ci,
+                              [(slice(0, hi - lo), prefix, mask)], store)
         bar.update(hi - lo)
     bar.close()
 
@@ -163,15 +161,27 @@ def _sketched_gradients(store: FactorStore, name: str, projection: Projection, c
     return totals
 
 
-def _factored_sites(adapter: ModelAdapter, names: list[str], first_batch: tuple, classes: list[int]) -> dict:
-    """The factor sites of ``names`` that the model really calls (a probe forward + backward on the first batch)."""
+def _probe(adapter: ModelAdapter, names: list[str], first_batch: tuple, classes: list[int]) -> FactorStore | None:
+    """The first batch's factors, whose sites are those of ``names`` the model really calls (a site that never ran,
+    or is not one row per example, is dropped); None when no factor can be kept. The loop reuses it for batch 0."""
     probe = FactorStore(adapter, factor_sites(adapter, names))
     _, _, prefix, mask = first_batch
     try:
         probe.collect(adapter, prefix, mask, classes)
     except NotFactorable:
-        return {}
-    return probe.sites
+        return None
+    return probe
+
+
+def _collect(adapter: ModelAdapter, sites: dict, prefix: torch.Tensor, mask: torch.Tensor, classes: list[int]
+             ) -> FactorStore:
+    store = FactorStore(adapter, sites)
+    try:
+        store.collect(adapter, prefix, mask, classes)
+    except NotFactorable as exc:
+        raise InputError(f"the sketch needs the factors of every sketched weight, and the model changed between "
+                         f"batches ({exc}); drop --sketch for the exact eNTK.") from None
+    return store
 
 
 def _check_budget(budget: int, total: int, n: int, width: int, classes: int, per_class: bool, sketch: int) -> None:
