@@ -15,6 +15,7 @@ import hashlib
 import json
 import sys
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from freeshap_dq.ntk.setup import (
     resolve_trainable,
 )
 from freeshap_dq.ntk.sketch import check_sketch, compute_sketched_ntk
+from freeshap_dq.ntk.summed_logits import summed_kernel
 
 ADAPTERS = ("auto", "encoder-head", "sequence-classifier", "prompt-mlm", "causal-lm")
 MODEL_KIND = {"encoder-head": "encoder", "sequence-classifier": "classifier", "prompt-mlm": "mlm", "causal-lm": "causal"}
@@ -240,6 +242,31 @@ def tokenize_checked(adapter, data: TextDataset, config: NTKConfig) -> list[dict
     return examples
 
 
+REPRESENTATIONS_KEPT = 256 * 2**20  # bytes of frozen-model vectors remembered in one process (evaluate's settings)
+_representations_memo: OrderedDict[str, np.ndarray] = OrderedDict()
+
+
+def frozen_representations(adapter, examples: list[dict], config: NTKConfig, model_fingerprint: str, device
+                           ) -> np.ndarray:
+    """:func:`~freeshap_dq.ntk.compute.representations` of ``examples``, remembered in this process for the same
+    model files, adapter, pooling and tokens. The vectors the head reads come from the frozen model alone, so
+    evaluate's settings, which differ only in their labels, compute them once (the same array, bit for bit)."""
+    from freeshap_dq.ntk.compute import representations
+
+    tokens = [[e["input_ids"], e.get("token_type_ids"), e.get("read_at", -1)] for e in examples]
+    key = hashlib.sha256(json.dumps([model_fingerprint, config.adapter, config.pooling, config.lora_rank,
+                                     str(device), tokens]).encode()).hexdigest()
+    if key in _representations_memo:
+        _representations_memo.move_to_end(key)
+        return _representations_memo[key].copy()
+    vectors = representations(adapter, examples, device=device)
+    if vectors.nbytes <= REPRESENTATIONS_KEPT:
+        _representations_memo[key] = vectors.copy()
+        while sum(kept.nbytes for kept in _representations_memo.values()) > REPRESENTATIONS_KEPT:
+            _representations_memo.popitem(last=False)
+    return vectors
+
+
 def kernel_manifest(config: NTKConfig, model_fingerprint: str, train: TextDataset, test: TextDataset,
                     label_names: tuple[str, ...]) -> dict[str, Any]:
     """Everything that determines the kernel's values (and nothing that does not)."""
@@ -274,17 +301,27 @@ def build_kernel(train: TextDataset, test: TextDataset, config: NTKConfig | None
     adapter, _ = build_adapter(config, names, log)
     device = resolve_device(config.device)
     train_ex = tokenize_checked(adapter, train, config)
-    head_fit = _fit_head(adapter, config, train_ex, y_train, device, log)
+    features = lambda examples: frozen_representations(adapter, examples, config,  # noqa: E731
+                                                       manifest["model_fingerprint"], device)
+    head_fit = _fit_head(adapter, config, train_ex, y_train, device, log, features)
     started = time.monotonic()
     test_ex = tokenize_checked(adapter, test, config)
-    if config.sketch:
-        out = compute_sketched_ntk(adapter, train_ex, test_ex, sketch=config.sketch, sketch_seed=config.sketch_seed,
-                                   trainable=config.trainable, kernel=config.kernel, max_memory=config.max_memory,
-                                   batch_size=config.grad_batch_size, device=device, progress=progress)
-    else:
-        out = compute_ntk(adapter, train_ex, test_ex, trainable=config.trainable, kernel=config.kernel,
-                          max_memory=config.max_memory, batch_size=config.grad_batch_size, device=device,
-                          progress=progress, shard=shard, gradients=config.gradients)
+
+    def compute():
+        if config.sketch:
+            return compute_sketched_ntk(adapter, train_ex, test_ex, sketch=config.sketch,
+                                        sketch_seed=config.sketch_seed, trainable=config.trainable,
+                                        kernel=config.kernel, max_memory=config.max_memory,
+                                        batch_size=config.grad_batch_size, device=device, progress=progress)
+        return compute_ntk(adapter, train_ex, test_ex, trainable=config.trainable, kernel=config.kernel,
+                           max_memory=config.max_memory, batch_size=config.grad_batch_size, device=device,
+                           progress=progress, shard=shard, gradients=config.gradients)
+
+    out = summed_kernel(adapter, train_ex, test_ex, compute, features) if config.kernel == "sum" else compute()
+    if "combined_logits" in out.info:
+        log(f"eNTK: the summed kernel from {out.info['combined_logits']} combined logit(s) instead of "
+            f"{out.info['logits']} (the head's rank is {out.info['combined_logits']}: one backward pass each; "
+            f"the head's own share in closed form)")
     elapsed = time.monotonic() - started
     sketched = (f", sketched to {out.info['sketch_width']:,} numbers per example: {out.info['sketched_weights']} "
                 f"weight(s) at K = {config.sketch}" if config.sketch else "")
@@ -342,7 +379,9 @@ def build_kernel_folder(train: TextDataset, test: TextDataset, path: str | Path,
     else:
         block = config.example_block or min(total, 2048)
     train_ex, test_ex = tokenize_checked(adapter, train, config), tokenize_checked(adapter, test, config)
-    head_fit = _fit_head(adapter, config, train_ex, y_train, device, log)
+    head_fit = _fit_head(adapter, config, train_ex, y_train, device, log,
+                         lambda examples: frozen_representations(adapter, examples, config,
+                                                                 manifest["model_fingerprint"], device))
     common = dict(trainable=config.trainable, kernel=config.kernel, max_memory=budget, example_block=block,
                   batch_size=config.grad_batch_size, device=device, progress=progress, shard=shard,
                   gradients=config.gradients)
@@ -417,17 +456,17 @@ def _resolve_trainable(config: NTKConfig) -> tuple[NTKConfig, str]:
             f" (auto: the last {min(AUTO_DEPTH, n_layers)} of {n_layers} layers and the head)")
 
 
-def _fit_head(adapter, config: NTKConfig, train_examples: list[dict], y_train: np.ndarray, device, log
+def _fit_head(adapter, config: NTKConfig, train_examples: list[dict], y_train: np.ndarray, device, log, representations
               ) -> dict[str, Any] | None:
-    """With ``--head fit``: the encoder-head's head fitted to the training labels (docs/ntk.md); what was fitted."""
-    from freeshap_dq.ntk.compute import representations
+    """With ``--head fit``: the encoder-head's head fitted to the training labels (docs/ntk.md), on
+    ``representations(train_examples)``; what was fitted."""
     from freeshap_dq.ntk.fitted_head import fit_warning, install_fitted_head
 
     if not config.labels_shape_the_kernel:
         return None
     started = time.monotonic()
     adapter.to(device)
-    features = representations(adapter, train_examples, device=device)
+    features = representations(train_examples)
     info = install_fitted_head(adapter.head, features, y_train)
     log(f"eNTK: head fitted to the {len(y_train)} training labels given (logistic regression, C = {info['C']:g} by "
         f"{info['folds']}-fold cross-validation, accuracy {info['cv_accuracy']:.3f}) in {time.monotonic() - started:.1f} s")
@@ -472,15 +511,17 @@ def _fill_shared_folder(compute) -> None:
 def build_representations(datasets: list[TextDataset], config: NTKConfig | None = None,
                           label_names: tuple[str, ...] | None = None) -> list[np.ndarray]:
     """The frozen model's vectors under the adapter's head for each dataset (embeddings for baselines)."""
-    from freeshap_dq.ntk.compute import representations
+    from freeshap_dq.ntk.models import folder_fingerprint, resolve_model_path
     from freeshap_dq.valuation.utility import resolve_device
 
-    config = config or NTKConfig()
+    config, _ = resolve_adapter(config or NTKConfig())
     names = label_names or tuple(sorted({label for data in datasets for label in data.labels}))
     adapter, _ = build_adapter(config, names)
     device = resolve_device(config.device)
     adapter.to(device)
-    return [representations(adapter, adapter.tokenize(d.texts, d.pairs), device=device) for d in datasets]
+    fingerprint = folder_fingerprint(resolve_model_path(config.model))
+    return [frozen_representations(adapter, tokenize_checked(adapter, d, config), config, fingerprint, device)
+            for d in datasets]
 
 
 def save_kernel(problem: KernelProblem, manifest: dict[str, Any], path: str | Path) -> None:

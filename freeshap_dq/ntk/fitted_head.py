@@ -23,7 +23,8 @@ Which logit makes the kernel:
   its eNTK.
 - C > 2: the rows are the multinomial coefficients :math:`w_c` (centred: they sum to zero), no
   class is privileged, and ``--kernel auto`` resolves to ``sum``,
-  :math:`K = \sum_c \langle\nabla f_c(x), \nabla f_c(x')\rangle` (one backward per class).
+  :math:`K = \sum_c \langle\nabla f_c(x), \nabla f_c(x')\rangle`. As the rows sum to zero, W has rank C - 1 and the
+  sum needs C - 1 backward passes (:mod:`freeshap_dq.ntk.summed_logits`).
 """
 
 from __future__ import annotations
@@ -65,8 +66,8 @@ def fit_head_weights(features: np.ndarray, labels: np.ndarray, n_classes: int, s
     intercept = model.intercept_ - coef @ mean
     if n_classes == 2:
         weight, bias = np.stack([-coef[0], coef[0]]), np.array([-intercept[0], intercept[0]])
-    else:
-        weight, bias = coef, intercept
+    else:  # the same softmax with rows that sum to zero exactly (the solver's are only near it)
+        weight, bias = coef - coef.mean(0), intercept - intercept.mean()
     chosen = float(np.ravel(model.C_)[0])
     scores = np.mean(list(model.scores_.values())[0], axis=0)
     info = {"C": chosen, "folds": folds, "cv_accuracy": round(float(scores.max()), 4),

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -5,7 +6,11 @@ import pytest
 
 from freeshap_dq import CheckpointError, InputError, KernelProblem
 from freeshap_dq.data.tables import TextDataset
+from freeshap_dq.ntk import builder
+from freeshap_dq.ntk.adapters import EncoderHead
 from freeshap_dq.ntk.builder import NTKConfig, build_kernel, load_kernel
+from freeshap_dq.ntk.compute import representations
+from freeshap_dq.ntk.models import load_model_and_tokenizer
 
 TRAIN = TextDataset(["a great movie", "a dull plot", "it was great", "it was bad", "very good", "terrible"],
                     ["pos", "neg", "pos", "neg", "pos", "neg"], [f"tr{i}" for i in range(6)])
@@ -85,3 +90,27 @@ def test_real_minilm_kernel_small(tmp_path):
     pos = problem.y_train == problem.label_names.index("pos")
     assert problem.k_test[0, pos].mean() > problem.k_test[0, ~pos].mean() or \
         problem.k_test[1, ~pos].mean() > problem.k_test[1, pos].mean()
+
+
+TEXTS_TO_REMEMBER = ["a great movie", "a boring film", "it was bad", "very good indeed"]
+
+def test_frozen_representations_are_remembered_by_model_settings_and_tokens(tiny_bert_path):
+    config = NTKConfig(model=str(tiny_bert_path), adapter="encoder-head")
+    model, tokenizer, _ = load_model_and_tokenizer(str(tiny_bert_path), "encoder")
+    adapter = EncoderHead(model, tokenizer, n_classes=2)
+    ex = adapter.tokenize(TEXTS_TO_REMEMBER)
+    builder._representations_memo.clear()
+    first = builder.frozen_representations(adapter, ex, config, "model-a", "cpu")
+    np.testing.assert_array_equal(first, representations(adapter, ex))
+    first[:] = 0  # the caller's copy: the remembered vectors are not changed through it
+    again = builder.frozen_representations(adapter, ex, config, "model-a", "cpu")
+    np.testing.assert_array_equal(again, representations(adapter, ex))
+    assert len(builder._representations_memo) == 1
+    edited = adapter.tokenize(["a great film", *TEXTS_TO_REMEMBER[1:]])  # an edited text, another model, another pooling
+    builder.frozen_representations(adapter, edited, config, "model-a", "cpu")
+    builder.frozen_representations(adapter, ex, config, "model-b", "cpu")
+    cls = EncoderHead(model, tokenizer, n_classes=2, pooling="cls")
+    pooled = builder.frozen_representations(cls, ex, dataclasses.replace(config, pooling="cls"), "model-a", "cpu")
+    assert len(builder._representations_memo) == 4
+    np.testing.assert_array_equal(pooled, representations(cls, ex))
+    assert np.abs(pooled - again).max() > 1e-3
