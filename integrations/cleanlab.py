@@ -190,10 +190,12 @@ def tuned_logreg_pred_probs(features: np.ndarray, labels: np.ndarray, seed: int 
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    from freeshap_dq.io import one_blas_thread
+
     model = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=np.logspace(-4, 2, 13).tolist(), cv=folds,
                                                                  max_iter=2000))
     outer = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    with warnings.catch_warnings():  # scikit-learn 1.9 announces LogisticRegressionCV default changes
+    with warnings.catch_warnings(), one_blas_thread():  # scikit-learn 1.9 announces LogisticRegressionCV changes
         warnings.simplefilter("ignore", FutureWarning)
         return cross_val_predict(model, features, labels, cv=outer, method="predict_proba")
 

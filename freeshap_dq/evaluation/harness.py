@@ -33,7 +33,7 @@ from freeshap_dq.errors import InputError
 from freeshap_dq.evaluation import experiments as ex
 from freeshap_dq.evaluation.detectors import SHIPPED, run_detectors
 from freeshap_dq.evaluation.noise import NOISE_MODES, flip_labels
-from freeshap_dq.io import check_outputs, outputs_together, write_json
+from freeshap_dq.io import check_outputs, one_blas_thread, outputs_together, write_json
 from freeshap_dq.kernels.problem import KernelProblem, LabelledExamples
 from freeshap_dq.ntk.fitted_head import DEFAULT_HEAD, HEADS
 from freeshap_dq.ntk.setup import DEFAULT_TRAINABLE, KERNEL_MODES
@@ -259,6 +259,14 @@ def _sample(data: TextDataset, size: int, rng: np.random.Generator) -> TextDatas
 def run_evaluation(config: EvaluationConfig, output_dir: str | Path, inputs: Inputs | None = None,
                    progress: bool | None = None, log: Callable[[str], None] = print) -> pd.DataFrame:
     """Every requested experiment for every noise mode and seed; returns (and writes) the results table."""
+    from freeshap_dq.ntk.builder import remembering_frozen_outputs
+
+    with remembering_frozen_outputs():
+        return _run_evaluation(config, Path(output_dir), inputs, progress, log)
+
+
+def _run_evaluation(config: EvaluationConfig, output_dir: Path, inputs: Inputs | None, progress: bool | None,
+                    log: Callable[[str], None]) -> pd.DataFrame:
     output_dir = Path(output_dir)
     check_outputs({"--output-dir": output_dir}, {"--train": config.train or None, "--test": config.test or None},
                   folders=("--output-dir",))
@@ -381,8 +389,9 @@ def _logreg_learner(inputs: Inputs, y: np.ndarray):
         if len(np.unique(y[subset])) < 2:
             return float(np.mean(inputs.problem.y_test == y[subset][0]))
         model = make_pipeline(StandardScaler(), LogisticRegression(C=0.01, max_iter=2000))
-        model.fit(inputs.features_train[subset], y[subset])
-        return float(model.score(inputs.features_test, inputs.problem.y_test))
+        with one_blas_thread():
+            model.fit(inputs.features_train[subset], y[subset])
+            return float(model.score(inputs.features_test, inputs.problem.y_test))
 
     return fit
 

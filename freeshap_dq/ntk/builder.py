@@ -10,6 +10,7 @@ are atomic.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -242,29 +243,87 @@ def tokenize_checked(adapter, data: TextDataset, config: NTKConfig) -> list[dict
     return examples
 
 
-REPRESENTATIONS_KEPT = 256 * 2**20  # bytes of frozen-model vectors remembered in one process (evaluate's settings)
-_representations_memo: OrderedDict[str, np.ndarray] = OrderedDict()
+class FrozenMemo:
+    """What the frozen model computes, remembered in this process, least recently used first out, at most ``limit``
+    bytes. The frozen model's outputs depend on its files, the adapter's settings and the tokens alone, not on the
+    labels, so evaluate's settings (the same texts, other labels) compute them once: the same values, bit for bit."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.kept: OrderedDict[str, Any] = OrderedDict()
+        self.users = 0  # open remembering_frozen_outputs() blocks; none: nothing is kept
+
+    def get(self, key: str, compute):
+        if not self.users:
+            return compute()
+        if key in self.kept:
+            self.kept.move_to_end(key)
+            return self.kept[key]
+        value = compute()
+        if _nbytes(value) <= self.limit:
+            self.kept[key] = value
+            while sum(_nbytes(kept) for kept in self.kept.values()) > self.limit:
+                self.kept.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        self.kept.clear()
+
+
+def _nbytes(value) -> int:
+    return value.nbytes if isinstance(value, np.ndarray) else value.numel() * value.element_size()
+
+
+REPRESENTATIONS = FrozenMemo(256 * 2**20)  # the vectors the head reads (the fitted head's fit, its closed-form share)
+PREFIXES = FrozenMemo(512 * 2**20)  # the frozen bottom layers' outputs of the eNTK's batches
+
+
+@contextlib.contextmanager
+def remembering_frozen_outputs():
+    """Within it, the frozen model's outputs are remembered between kernels (evaluate: one eNTK per setting, the same
+    texts); forgotten when the last such block ends, so a single kernel's run holds no memory for them."""
+    memos = (REPRESENTATIONS, PREFIXES)
+    for memo in memos:
+        memo.users += 1
+    try:
+        yield
+    finally:
+        for memo in memos:
+            memo.users -= 1
+            if not memo.users:
+                memo.clear()
+
+
+def _frozen_key(model_fingerprint: str, config: NTKConfig, device, *parts) -> str:
+    return hashlib.sha256(json.dumps([model_fingerprint, config.adapter, config.pooling, config.lora_rank, str(device),
+                                      *parts]).encode()).hexdigest()
 
 
 def frozen_representations(adapter, examples: list[dict], config: NTKConfig, model_fingerprint: str, device
                            ) -> np.ndarray:
-    """:func:`~freeshap_dq.ntk.compute.representations` of ``examples``, remembered in this process for the same
-    model files, adapter, pooling and tokens. The vectors the head reads come from the frozen model alone, so
-    evaluate's settings, which differ only in their labels, compute them once (the same array, bit for bit)."""
+    """:func:`~freeshap_dq.ntk.compute.representations` of ``examples``, remembered (:class:`FrozenMemo`) for the
+    same model files, adapter, pooling and tokens; the caller's copy."""
     from freeshap_dq.ntk.compute import representations
 
     tokens = [[e["input_ids"], e.get("token_type_ids"), e.get("read_at", -1)] for e in examples]
-    key = hashlib.sha256(json.dumps([model_fingerprint, config.adapter, config.pooling, config.lora_rank,
-                                     str(device), tokens]).encode()).hexdigest()
-    if key in _representations_memo:
-        _representations_memo.move_to_end(key)
-        return _representations_memo[key].copy()
-    vectors = representations(adapter, examples, device=device)
-    if vectors.nbytes <= REPRESENTATIONS_KEPT:
-        _representations_memo[key] = vectors.copy()
-        while sum(kept.nbytes for kept in _representations_memo.values()) > REPRESENTATIONS_KEPT:
-            _representations_memo.popitem(last=False)
-    return vectors
+    key = _frozen_key(model_fingerprint, config, device, tokens)
+    return REPRESENTATIONS.get(key, lambda: representations(adapter, examples, device=device)).copy()
+
+
+def frozen_prefix(adapter, config: NTKConfig, model_fingerprint: str, device):
+    """``adapter.prefix`` remembered (:class:`FrozenMemo`) for the same model files, adapter settings, frozen depth
+    and padded batch. The eNTK reads the prefix and never writes it."""
+    import torch
+
+    def prefix(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        digest = hashlib.sha256()
+        for name in sorted(batch):
+            digest.update(f"{name}{tuple(batch[name].shape)}".encode())
+            digest.update(batch[name].cpu().numpy().tobytes())
+        key = _frozen_key(model_fingerprint, config, device, adapter.first_trainable_layer, digest.hexdigest())
+        return PREFIXES.get(key, lambda: adapter.prefix(batch))
+
+    return prefix
 
 
 def kernel_manifest(config: NTKConfig, model_fingerprint: str, train: TextDataset, test: TextDataset,
@@ -307,15 +366,18 @@ def build_kernel(train: TextDataset, test: TextDataset, config: NTKConfig | None
     started = time.monotonic()
     test_ex = tokenize_checked(adapter, test, config)
 
+    prefix = frozen_prefix(adapter, config, manifest["model_fingerprint"], device)
+
     def compute():
         if config.sketch:
             return compute_sketched_ntk(adapter, train_ex, test_ex, sketch=config.sketch,
                                         sketch_seed=config.sketch_seed, trainable=config.trainable,
                                         kernel=config.kernel, max_memory=config.max_memory,
-                                        batch_size=config.grad_batch_size, device=device, progress=progress)
+                                        batch_size=config.grad_batch_size, device=device, progress=progress,
+                                        prefix=prefix)
         return compute_ntk(adapter, train_ex, test_ex, trainable=config.trainable, kernel=config.kernel,
                            max_memory=config.max_memory, batch_size=config.grad_batch_size, device=device,
-                           progress=progress, shard=shard, gradients=config.gradients)
+                           progress=progress, shard=shard, gradients=config.gradients, prefix=prefix)
 
     out = summed_kernel(adapter, train_ex, test_ex, compute, features) if config.kernel == "sum" else compute()
     if "combined_logits" in out.info:

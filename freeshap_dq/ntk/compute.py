@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -56,7 +57,8 @@ class KernelOutput:
 def compute_ntk(adapter: ModelAdapter, train_examples: list[dict], test_examples: list[dict], *, trainable: str = "head-only",
                 kernel: str = "class0", max_memory: str | int = "2GiB", batch_size: int = 0,
                 test_diagonal: bool = False, device: str | torch.device = "cpu",
-                progress: bool | None = None, shard: tuple[int, int] = (0, 1), gradients: str = "auto") -> KernelOutput:
+                progress: bool | None = None, shard: tuple[int, int] = (0, 1), gradients: str = "auto",
+                prefix: Callable[[dict], torch.Tensor] | None = None) -> KernelOutput:
     """The eNTK rows (train + test) x columns (train).
 
     ``gradients``: where per-example gradients come from. ``factors`` (see ``factors.py``): one forward and
@@ -69,6 +71,9 @@ def compute_ntk(adapter: ModelAdapter, train_examples: list[dict], test_examples
     ``shard=(rank, world)``: this process computes every world-th unit of work (a parameter chunk, or the
     word table's sparse share) and the partial Grams are summed with ``torch.distributed.all_reduce``
     (an n x (n + m) message per rank, whatever the model size); the process group must be initialised.
+
+    ``prefix(batch)``: the frozen bottom's output of a padded batch (default ``adapter.prefix``; the builder passes
+    one that remembers it between kernels of the same texts).
     """
     s = prepare(adapter, train_examples, trainable, kernel, max_memory, device)
     device, budget, names, params, classes = s.device, s.budget, s.names, s.params, s.classes
@@ -78,7 +83,7 @@ def compute_ntk(adapter: ModelAdapter, train_examples: list[dict], test_examples
     kernels = adapter.head.out_features if kernel == "per-class" else 1
     chunk_capacity, batch = _plan(budget, total, n, dense_names, params, batch_size, kernels)
     rank, world = shard
-    order, prefixes = length_batches(adapter, train_examples, test_examples, batch, device)
+    order, prefixes = length_batches(adapter, train_examples, test_examples, batch, device, prefix)
     progress_off = rank > 0 or ((not sys.stderr.isatty()) if progress is None else not progress)
     estimate, room, (chunk_capacity, batch) = plan_with_factors(
         _factor_estimate(adapter, names, prefixes, classes, gradients), gradients, budget,
@@ -140,7 +145,7 @@ def compute_ntk(adapter: ModelAdapter, train_examples: list[dict], test_examples
 
 
 def length_batches(adapter: ModelAdapter, train_examples: list[dict], test_examples: list[dict], batch: int,
-                   device) -> tuple[list[int], list[tuple]]:
+                   device, prefix: Callable[[dict], torch.Tensor] | None = None) -> tuple[list[int], list[tuple]]:
     """(order, batches): the rows of J are the training examples by length, then the test examples by length
     (batches never mix them, so the training rows are J[:n]); ``order[row]`` is the row's index in the caller's
     train + test list. A batch is (lo, hi, the frozen bottom's output, read-out mask) for rows lo..hi."""
@@ -148,7 +153,8 @@ def length_batches(adapter: ModelAdapter, train_examples: list[dict], test_examp
     order = length_order(train_examples) + [n + i for i in length_order(test_examples)]
     examples = [(list(train_examples) + list(test_examples))[i] for i in order]
     spans = [(lo, min(lo + batch, end)) for start, end in ((0, n), (n, total)) for lo in range(start, end, batch)]
-    return order, [(lo, hi, adapter.prefix(pad_batch(examples[lo:hi], adapter, device)),
+    prefix = prefix or adapter.prefix
+    return order, [(lo, hi, prefix(pad_batch(examples[lo:hi], adapter, device)),
                     readout_mask(examples[lo:hi], device)) for lo, hi in spans]
 
 

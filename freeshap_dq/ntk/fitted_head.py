@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from freeshap_dq.errors import InputError
+from freeshap_dq.io import one_blas_thread
 
 HEADS = ("random", "fit")
 DEFAULT_HEAD = "fit"  # docs/evaluation.md: the fitted head's kernel finds more wrong labels
@@ -59,7 +60,7 @@ def fit_head_weights(features: np.ndarray, labels: np.ndarray, n_classes: int, s
     scale = np.where(scale > 1e-6 * scale.max(), scale, 1.0)  # a constant coordinate (up to rounding) stays as is
     model = LogisticRegressionCV(Cs=list(FIT_CS), cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
                                  max_iter=3000)
-    with warnings.catch_warnings():  # scikit-learn 1.9 announces LogisticRegressionCV default changes
+    with warnings.catch_warnings(), one_blas_thread():  # scikit-learn 1.9 announces LogisticRegressionCV changes
         warnings.simplefilter("ignore", FutureWarning)
         model.fit((features - mean) / scale, labels)
     coef = model.coef_ / scale

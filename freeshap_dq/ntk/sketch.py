@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -82,7 +83,8 @@ def sketch_projections(adapter: ModelAdapter, names: list[str], sketch: int, see
 def compute_sketched_ntk(adapter: ModelAdapter, train_examples: list[dict], test_examples: list[dict], *, sketch: int,
                          sketch_seed: int = 0, trainable: str = "head-only", kernel: str = "class0",
                          max_memory: str | int = "2GiB", batch_size: int = 0, test_diagonal: bool = False,
-                         device: str | torch.device = "cpu", progress: bool | None = None) -> KernelOutput:
+                         device: str | torch.device = "cpu", progress: bool | None = None,
+                         prefix: Callable[[dict], torch.Tensor] | None = None) -> KernelOutput:
     """The sketched eNTK rows (train + test) x columns (train), as :func:`freeshap_dq.ntk.compute.compute_ntk`."""
     check_sketch(sketch)
     if sketch == 0:
@@ -93,7 +95,7 @@ def compute_sketched_ntk(adapter: ModelAdapter, train_examples: list[dict], test
                          f"from --trainable {trainable}); give --trainable auto or top:K, or drop --sketch.")
     n, total = len(train_examples), len(train_examples) + len(test_examples)
     batch = batch_size or SKETCH_BATCH
-    order, prefixes = length_batches(adapter, train_examples, test_examples, batch, s.device)
+    order, prefixes = length_batches(adapter, train_examples, test_examples, batch, s.device, prefix)
     probe = _probe(adapter, s.names, prefixes[0], s.classes)
     sites = probe.sites if probe is not None else {}
     projections = {name: Projection(p.rows.to(s.device), p.columns.to(s.device))

@@ -94,23 +94,49 @@ def test_real_minilm_kernel_small(tmp_path):
 
 TEXTS_TO_REMEMBER = ["a great movie", "a boring film", "it was bad", "very good indeed"]
 
+
 def test_frozen_representations_are_remembered_by_model_settings_and_tokens(tiny_bert_path):
     config = NTKConfig(model=str(tiny_bert_path), adapter="encoder-head")
     model, tokenizer, _ = load_model_and_tokenizer(str(tiny_bert_path), "encoder")
     adapter = EncoderHead(model, tokenizer, n_classes=2)
     ex = adapter.tokenize(TEXTS_TO_REMEMBER)
-    builder._representations_memo.clear()
-    first = builder.frozen_representations(adapter, ex, config, "model-a", "cpu")
-    np.testing.assert_array_equal(first, representations(adapter, ex))
-    first[:] = 0  # the caller's copy: the remembered vectors are not changed through it
-    again = builder.frozen_representations(adapter, ex, config, "model-a", "cpu")
-    np.testing.assert_array_equal(again, representations(adapter, ex))
-    assert len(builder._representations_memo) == 1
-    edited = adapter.tokenize(["a great film", *TEXTS_TO_REMEMBER[1:]])  # an edited text, another model, another pooling
-    builder.frozen_representations(adapter, edited, config, "model-a", "cpu")
-    builder.frozen_representations(adapter, ex, config, "model-b", "cpu")
-    cls = EncoderHead(model, tokenizer, n_classes=2, pooling="cls")
-    pooled = builder.frozen_representations(cls, ex, dataclasses.replace(config, pooling="cls"), "model-a", "cpu")
-    assert len(builder._representations_memo) == 4
-    np.testing.assert_array_equal(pooled, representations(cls, ex))
-    assert np.abs(pooled - again).max() > 1e-3
+    with builder.remembering_frozen_outputs():
+        first = builder.frozen_representations(adapter, ex, config, "model-a", "cpu")
+        np.testing.assert_array_equal(first, representations(adapter, ex))
+        first[:] = 0  # the caller's copy: the remembered vectors are not changed through it
+        again = builder.frozen_representations(adapter, ex, config, "model-a", "cpu")
+        np.testing.assert_array_equal(again, representations(adapter, ex))
+        assert len(builder.REPRESENTATIONS.kept) == 1
+        edited = adapter.tokenize(["a great film", *TEXTS_TO_REMEMBER[1:]])  # an edited text, another model
+        builder.frozen_representations(adapter, edited, config, "model-a", "cpu")
+        builder.frozen_representations(adapter, ex, config, "model-b", "cpu")
+        cls = EncoderHead(model, tokenizer, n_classes=2, pooling="cls")  # another pooling
+        pooled = builder.frozen_representations(cls, ex, dataclasses.replace(config, pooling="cls"), "model-a", "cpu")
+        assert len(builder.REPRESENTATIONS.kept) == 4
+        np.testing.assert_array_equal(pooled, representations(cls, ex))
+        assert np.abs(pooled - again).max() > 1e-3
+    assert not builder.REPRESENTATIONS.kept  # forgotten when the block ends
+    builder.frozen_representations(adapter, ex, config, "model-a", "cpu")
+    assert not builder.REPRESENTATIONS.kept  # outside such a block nothing is kept
+
+
+def test_kernels_of_the_same_texts_share_the_frozen_bottom_and_equal_fresh_ones(tiny_bert_path):
+    """Two labellings of the same texts (evaluate's settings) under the fitted head: the second kernel reuses the
+    first one's frozen prefixes and vectors, and both are bit for bit the kernels computed without remembering."""
+    texts = [*TEXTS_TO_REMEMBER, "terrible", "brilliant", "long and tedious", "i loved every minute"]
+    labels = [["c0", "c1", "c2"][i % 3] for i in range(len(texts))]
+    relabelled = ["c1", "c1", *labels[2:]]  # one label changed (a permutation of the classes would not change the sum)
+    test = TextDataset(["it was great", "a dull plot", "funny"], ["c0", "c1", "c2"], ["te0", "te1", "te2"])
+    config = NTKConfig(model=str(tiny_bert_path), trainable="top:1", head="fit", max_memory="256MiB",
+                       grad_batch_size=3)
+    datasets = [TextDataset(texts, y, [f"tr{i}" for i in range(len(texts))]) for y in (labels, relabelled)]
+    quiet = {"progress": False, "log": lambda m: None}
+    fresh = [build_kernel(train, test, config, **quiet) for train in datasets]
+    with builder.remembering_frozen_outputs():
+        remembered = [build_kernel(train, test, config, **quiet) for train in datasets]
+        assert len(builder.PREFIXES.kept) == 4 and len(builder.REPRESENTATIONS.kept) == 2  # 3 + 1 batches; train, test
+    assert not builder.PREFIXES.kept
+    for a, b in zip(fresh, remembered, strict=True):
+        np.testing.assert_array_equal(a.k_train, b.k_train)
+        np.testing.assert_array_equal(a.k_test, b.k_test)
+    assert not np.array_equal(fresh[0].k_train, fresh[1].k_train)  # the labels reach the kernel through the head
