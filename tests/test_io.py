@@ -49,3 +49,15 @@ def test_wrong_files_are_named_for_what_they_are_and_never_suggest_unpickling(tm
             load(tmp_path / path)
         messages.append(str(caught.value))
     assert not any("allow_pickle" in m or "unsafe" in m for m in messages), messages
+
+
+def test_one_blas_thread_limits_blas_inside_and_restores_it():
+    from threadpoolctl import threadpool_info
+
+    from freeshap_dq.io import one_blas_thread
+
+    blas = lambda: [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]  # noqa: E731
+    before = blas()
+    with one_blas_thread():
+        assert blas() and set(blas()) == {1}
+    assert blas() == before
