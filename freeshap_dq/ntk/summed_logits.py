@@ -61,7 +61,6 @@ def summed_kernel(adapter: ModelAdapter, train_examples: list[dict], test_exampl
     """``compute()`` (a summed eNTK of ``adapter``) run on the combined logits when the head's rank is below C,
     completed by the head's missing share; ``compute()`` as it is otherwise. ``features(examples)``: the vectors the
     head reads (default: :func:`~freeshap_dq.ntk.compute.representations`)."""
-    features = features or (lambda examples: representations(adapter, examples))
     original = adapter.head
     combined = combined_head(original)
     if combined is None:
@@ -72,6 +71,9 @@ def summed_kernel(adapter: ModelAdapter, train_examples: list[dict], test_exampl
         out = compute()
     finally:
         adapter.head = original
+    device = combined.weight.device  # where compute() put the model
+    original.to(device)
+    features = features or (lambda examples: representations(adapter, examples, device=device))
     missing = original.out_features - combined.out_features
     trainable = set(out.trainable_names)
     k_train, k_test, diag = out.k_train.copy(), out.k_test.copy(), None if out.test_diag is None else out.test_diag.copy()
