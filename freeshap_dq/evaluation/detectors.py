@@ -36,7 +36,7 @@ from freeshap_dq.config import RANKING_METRIC, ValuationConfig
 from freeshap_dq.evaluation.metrics import average_ranks
 from freeshap_dq.kernels.problem import KernelProblem
 from freeshap_dq.result import ValuationResult
-from freeshap_dq.valuation.run import compute_values
+from freeshap_dq.valuation.run import compute_semivalues, compute_values
 from freeshap_dq.valuation.utility import DTYPE, as_stack, loo_probabilities, one_hot, solve_scores
 
 
@@ -111,13 +111,14 @@ def run_detectors(problem: KernelProblem, config: ValuationConfig, seed: int = 0
                   progress: bool | None = None) -> DetectorRun:
     """Every core detector on ``problem`` (its labels are the possibly noisy ones)."""
     out = DetectorRun()
-    tmc = compute_values(problem, config, progress=progress)
+    runs = compute_semivalues(problem, config, (config.method, "beta") if beta else (config.method,), progress)
+    tmc = runs[config.method]
     out.results["freeshap"] = tmc
     out.ridge = float(tmc.manifest["ridge"])
     out.suspicion["freeshap_ce"] = -tmc.values("ce")
     out.suspicion["freeshap_accuracy"] = -tmc.values("accuracy")
-    if beta:
-        beta_result = compute_values(problem, replace(config, method="beta"), progress=progress)
+    if beta:  # the same permutations' marginals, weighted as Beta Shapley (one engine run for both)
+        beta_result = runs["beta"]
         out.results["beta_shapley"] = beta_result
         out.suspicion["beta_shapley"] = -beta_result.values("ce")
     loo = compute_values(problem, replace(config, method="loo"), progress=False)

@@ -33,7 +33,7 @@ from freeshap_dq.result import ValuationResult
 from freeshap_dq.valuation.accumulator import Accumulator, point_sink
 from freeshap_dq.valuation.checkpoint import checkpoint_path, load_checkpoint
 from freeshap_dq.valuation.interrupts import deferred_interrupts
-from freeshap_dq.valuation.methods import coalition_size_probabilities, method_name
+from freeshap_dq.valuation.methods import coalition_size_probabilities, method_name, samples_permutations
 from freeshap_dq.valuation.point_store import PointStore
 from freeshap_dq.valuation.semivalues import exact_semivalues, position_weights, shapley_probabilities
 from freeshap_dq.valuation.setup import auto_batch_size, make_engine, make_utility, plan, run_manifest
@@ -82,6 +82,54 @@ def compute_values(problem: ValuationProblem, config: ValuationConfig | None = N
                                      point_dir=point_dir if config.per_point else None)
     result.manifest["elapsed_seconds"] = round(time.monotonic() - started, 3)
     return result
+
+
+def compute_semivalues(problem: ValuationProblem, config: ValuationConfig, methods: tuple[str, ...],
+                       progress: bool | None = None) -> dict[str, ValuationResult]:
+    """Several permutation semivalues (``tmc``, ``beta``, ``banzhaf``) of one run: the same permutations give the
+    same marginals, and each method weights them by its own n p(s). Each result is, bit for bit, what
+    ``compute_values(problem, replace(config, method=m))`` gives, at the cost of one engine run instead of one per
+    method. Plain runs only: ``config.permutations`` permutations, no checkpoint, per-point sums or stopping rule."""
+    from dataclasses import replace
+
+    configs = {m: plan(problem, replace(config, method=m)) for m in methods}
+    if not configs or not all(samples_permutations(c) for c in configs.values()):
+        raise InputError(f"compute_semivalues values permutation methods only, not {', '.join(methods) or 'none'}.")
+    first = next(iter(configs.values()))
+    if first.per_point or first.max_seconds > 0 or first.stderr_target > 0:
+        raise InputError("compute_semivalues makes plain runs: no per-point sums, --max-seconds or --stderr-target.")
+    started = time.monotonic()
+    utility = make_utility(problem, first)
+    engine = make_engine(problem, first, utility)
+    n = problem.n_train
+    runs = {}
+    for method, method_config in configs.items():
+        manifest = {**run_manifest(problem, method_config, utility), **engine.manifest_entries()}
+        result = ValuationResult.empty(method_name(method_config), n, problem.n_test, False,
+                                       sources=[{"seed": first.seed, "start": first.start, "count": 0}],
+                                       manifest=manifest, train_ids=problem.train_ids, test_ids=problem.test_ids)
+        probs = coalition_size_probabilities(method_config, n)
+        weights = None if probs is None else torch.as_tensor(position_weights(probs), dtype=DTYPE,
+                                                             device=utility.device)
+        runs[method] = (Accumulator(result, utility.device, first.start, first.reduce_every), weights)
+    batch = first.batch_size or (16 if first.low_rank else auto_batch_size(
+        n, problem.n_test, utility.device, problem.n_classes if problem.per_class else 1))
+    done = 0
+    with tqdm(total=first.permutations, unit="perm", file=sys.stderr, dynamic_ncols=True,
+              disable=(not sys.stderr.isatty()) if progress is None else not progress,
+              desc=f"{' + '.join(method_name(c) for c in configs.values())} n={n} m={problem.n_test}") as bar:
+        while done < first.permutations:
+            size = min(batch, first.permutations - done)
+            perms = torch.as_tensor(np.stack([permutation(first.seed, first.start + done + b, n) for b in range(size)]))
+            marginals = engine.run(perms)
+            for acc, weights in runs.values():
+                acc.add(perms.to(utility.device), marginals, weights)
+            done += size
+            bar.update(size)
+    out = {method: acc.snapshot() for method, (acc, _) in runs.items()}
+    for result in out.values():
+        result.manifest["elapsed_seconds"] = round(time.monotonic() - started, 3)
+    return out
 
 
 def default_stopping(config: ValuationConfig) -> StoppingCriterion:

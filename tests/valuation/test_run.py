@@ -249,3 +249,31 @@ def test_time_and_stderr_limits_from_config():
 def test_config_validation(kwargs, message):
     with pytest.raises(InputError, match=message):
         ValuationConfig(**kwargs)
+
+
+@pytest.mark.parametrize("tolerance", [0.0, 0.05])
+def test_semivalues_of_one_run_equal_their_own_runs_bit_for_bit(problem, tolerance):
+    from dataclasses import replace
+
+    from freeshap_dq.valuation.run import compute_semivalues
+
+    config = ValuationConfig(permutations=23, batch_size=5, seed=3, tolerance=tolerance)
+    shared = compute_semivalues(problem, config, ("tmc", "beta", "banzhaf"), progress=False)
+    for method, result in shared.items():
+        alone = compute_values(problem, replace(config, method=method), progress=False)
+        assert result.method == alone.method and result.count == alone.count == 23
+        for metric in ("accuracy", "ce"):
+            np.testing.assert_array_equal(result.values(metric), alone.values(metric))
+            np.testing.assert_array_equal(result.stderr(metric), alone.stderr(metric))
+        assert {k: v for k, v in result.manifest.items() if k != "elapsed_seconds"} == \
+            {k: v for k, v in alone.manifest.items() if k != "elapsed_seconds"}
+    assert not np.array_equal(shared["tmc"].values("ce"), shared["beta"].values("ce"))
+
+
+def test_semivalues_refuse_what_a_shared_run_cannot_do(problem):
+    from freeshap_dq.valuation.run import compute_semivalues
+
+    with pytest.raises(InputError, match="permutation methods only"):
+        compute_semivalues(problem, ValuationConfig(), ("tmc", "loo"))
+    with pytest.raises(InputError, match="plain runs"):
+        compute_semivalues(problem, ValuationConfig(per_point=True), ("tmc", "beta"))
