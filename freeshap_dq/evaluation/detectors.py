@@ -36,6 +36,7 @@ from freeshap_dq.config import RANKING_METRIC, ValuationConfig
 from freeshap_dq.evaluation.metrics import average_ranks
 from freeshap_dq.kernels.problem import KernelProblem
 from freeshap_dq.result import ValuationResult
+from freeshap_dq.valuation.methods import samples_permutations
 from freeshap_dq.valuation.run import compute_semivalues, compute_values
 from freeshap_dq.valuation.utility import DTYPE, as_stack, loo_probabilities, one_hot, solve_scores
 
@@ -111,7 +112,11 @@ def run_detectors(problem: KernelProblem, config: ValuationConfig, seed: int = 0
                   progress: bool | None = None) -> DetectorRun:
     """Every core detector on ``problem`` (its labels are the possibly noisy ones)."""
     out = DetectorRun()
-    runs = compute_semivalues(problem, config, (config.method, "beta") if beta else (config.method,), progress)
+    if samples_permutations(config):
+        runs = compute_semivalues(problem, config, (config.method, "beta") if beta else (config.method,), progress)
+    else:  # exact enumeration: its own run, Beta Shapley by permutations
+        runs = {config.method: compute_values(problem, config, progress=progress),
+                **(compute_semivalues(problem, config, ("beta",), progress) if beta else {})}
     tmc = runs[config.method]
     out.results["freeshap"] = tmc
     out.ridge = float(tmc.manifest["ridge"])
