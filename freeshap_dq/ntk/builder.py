@@ -253,9 +253,11 @@ class FrozenMemo:
         self.kept: OrderedDict[str, Any] = OrderedDict()
         self.users = 0  # open remembering_frozen_outputs() blocks; none: nothing is kept
 
-    def get(self, key: str, compute):
+    def get(self, key_of, compute):
+        """``compute()``, or what it gave before for ``key_of()`` (the key is only made while remembering)."""
         if not self.users:
             return compute()
+        key = key_of()
         if key in self.kept:
             self.kept.move_to_end(key)
             return self.kept[key]
@@ -305,8 +307,10 @@ def frozen_representations(adapter, examples: list[dict], config: NTKConfig, mod
     same model files, adapter, pooling and tokens; the caller's copy."""
     from freeshap_dq.ntk.compute import representations
 
-    tokens = [[e["input_ids"], e.get("token_type_ids"), e.get("read_at", -1)] for e in examples]
-    key = _frozen_key(model_fingerprint, config, device, tokens)
+    def key() -> str:
+        tokens = [[e["input_ids"], e.get("token_type_ids"), e.get("read_at", -1)] for e in examples]
+        return _frozen_key(model_fingerprint, config, device, tokens)
+
     return REPRESENTATIONS.get(key, lambda: representations(adapter, examples, device=device)).copy()
 
 
@@ -316,11 +320,13 @@ def frozen_prefix(adapter, config: NTKConfig, model_fingerprint: str, device):
     import torch
 
     def prefix(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        digest = hashlib.sha256()
-        for name in sorted(batch):
-            digest.update(f"{name}{tuple(batch[name].shape)}".encode())
-            digest.update(batch[name].cpu().numpy().tobytes())
-        key = _frozen_key(model_fingerprint, config, device, adapter.first_trainable_layer, digest.hexdigest())
+        def key() -> str:
+            digest = hashlib.sha256()
+            for name in sorted(batch):
+                digest.update(f"{name}{tuple(batch[name].shape)}".encode())
+                digest.update(batch[name].cpu().numpy().tobytes())
+            return _frozen_key(model_fingerprint, config, device, adapter.first_trainable_layer, digest.hexdigest())
+
         return PREFIXES.get(key, lambda: adapter.prefix(batch))
 
     return prefix

@@ -76,19 +76,15 @@ def summed_kernel(adapter: ModelAdapter, train_examples: list[dict], test_exampl
     features = features or (lambda examples: representations(adapter, examples, device=device))
     missing = original.out_features - combined.out_features
     trainable = set(out.trainable_names)
-    k_train, k_test, diag = out.k_train.copy(), out.k_test.copy(), None if out.test_diag is None else out.test_diag.copy()
+    head_train, head_test, head_diag = 0.0, 0.0, 0.0  # h.h' of the examples, when the head's weight is trainable
     if weight_name in trainable:
         h_train = features(list(train_examples))
         h_test = features(list(test_examples)) if test_examples else np.zeros((0, h_train.shape[1]))
-        k_train += missing * (h_train @ h_train.T)
-        k_test += missing * (h_test @ h_train.T)
-        if diag is not None:
-            diag += missing * np.einsum("ij,ij->i", h_test, h_test)
-    if bias_name in trainable:
-        k_train += missing
-        k_test += missing
-        if diag is not None:
-            diag += missing
+        head_train, head_test, head_diag = h_train @ h_train.T, h_test @ h_train.T, np.einsum("ij,ij->i", h_test, h_test)
+    bias = float(bias_name in trainable)
+    k_train = out.k_train + missing * (head_train + bias)
+    k_test = out.k_test + missing * (head_test + bias)
+    diag = None if out.test_diag is None else out.test_diag + missing * (head_diag + bias)
     shares = [(weight_name, original.weight, combined.weight), (bias_name, original.bias, combined.bias)]
     n_trainable = out.n_trainable + sum(full.numel() - part.numel() for name, full, part in shares if name in trainable)
     return replace(out, k_train=k_train, k_test=k_test, test_diag=diag, n_trainable=n_trainable,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,17 @@ logger = logging.getLogger("freeshap_dq")
 
 def permutation(seed: int, index: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, index]).permutation(n)
+
+
+def permutations(seed: int, first: int, count: int, n: int) -> torch.Tensor:
+    """Permutations first, ..., first + count - 1 of the run seeded ``seed``, (count, n)."""
+    return torch.as_tensor(np.stack([permutation(seed, first + b, n) for b in range(count)]))
+
+
+def _permutation_batch(problem: ValuationProblem, config: ValuationConfig, utility: Utility) -> int:
+    """Permutations per engine call: ``--batch-size``, else 16 for the low-rank engine, else what fits the device."""
+    return config.batch_size or (16 if config.low_rank else auto_batch_size(
+        problem.n_train, problem.n_test, utility.device, problem.n_classes if problem.per_class else 1))
 
 
 def compute_values(problem: ValuationProblem, config: ValuationConfig | None = None, *,
@@ -90,8 +102,6 @@ def compute_semivalues(problem: ValuationProblem, config: ValuationConfig, metho
     same marginals, and each method weights them by its own n p(s). Each result is, bit for bit, what
     ``compute_values(problem, replace(config, method=m))`` gives, at the cost of one engine run instead of one per
     method. Plain runs only: ``config.permutations`` permutations, no checkpoint, per-point sums or stopping rule."""
-    from dataclasses import replace
-
     configs = {m: plan(problem, replace(config, method=m)) for m in methods}
     if not configs or not all(samples_permutations(c) for c in configs.values()):
         raise InputError(f"compute_semivalues values permutation methods only, not {', '.join(methods) or 'none'}.")
@@ -112,15 +122,14 @@ def compute_semivalues(problem: ValuationProblem, config: ValuationConfig, metho
         weights = None if probs is None else torch.as_tensor(position_weights(probs), dtype=DTYPE,
                                                              device=utility.device)
         runs[method] = (Accumulator(result, utility.device, first.start, first.reduce_every), weights)
-    batch = first.batch_size or (16 if first.low_rank else auto_batch_size(
-        n, problem.n_test, utility.device, problem.n_classes if problem.per_class else 1))
+    batch = _permutation_batch(problem, first, utility)
     done = 0
     with tqdm(total=first.permutations, unit="perm", file=sys.stderr, dynamic_ncols=True,
               disable=(not sys.stderr.isatty()) if progress is None else not progress,
               desc=f"{' + '.join(method_name(c) for c in configs.values())} n={n} m={problem.n_test}") as bar:
         while done < first.permutations:
             size = min(batch, first.permutations - done)
-            perms = torch.as_tensor(np.stack([permutation(first.seed, first.start + done + b, n) for b in range(size)]))
+            perms = permutations(first.seed, first.start + done, size, n)
             marginals = engine.run(perms)
             for acc, weights in runs.values():
                 acc.add(perms.to(utility.device), marginals, weights)
@@ -175,8 +184,7 @@ def sample_permutations(problem: ValuationProblem, config: ValuationConfig, util
     criterion = stopping or default_stopping(config)
     criterion.reset()
     cap = config.permutations if stopping is None else None
-    batch = config.batch_size or (16 if config.low_rank else auto_batch_size(
-        n, problem.n_test, utility.device, problem.n_classes if problem.per_class else 1))
+    batch = _permutation_batch(problem, config, utility)
     bar = tqdm(total=cap, initial=result.count, unit="perm", file=sys.stderr, dynamic_ncols=True,
                disable=(not sys.stderr.isatty()) if progress is None else not progress,
                desc=f"{method_name(config)} n={n} m={problem.n_test}")
@@ -193,7 +201,7 @@ def sample_permutations(problem: ValuationProblem, config: ValuationConfig, util
             first = config.start + acc.count
             if points is not None:  # a batch never spans two groups: its per-point sums go to the open group
                 size = min(size, config.reduce_every - first % config.reduce_every)
-            perms = torch.as_tensor(np.stack([permutation(config.seed, first + b, n) for b in range(size)]))
+            perms = permutations(config.seed, first, size, n)
             sink = None if points is None else point_sink(points, perms.numpy(), weights)
             marginals = engine.run(perms, point_sink=sink)
             with deferred_interrupts():  # a Ctrl-C / SIGTERM lands between permutations, never inside one
