@@ -89,7 +89,7 @@ def ablation_report(out: Path) -> str:
         path = out / name / "results.csv"
         if not path.exists():
             continue
-        frame = pd.read_csv(path)
+        frame = replay_combined(out, name, pd.read_csv(path), main_run)
         detection = frame[frame["experiment"] == "detection"]
         manifest = json.loads((out / name / "manifest.json").read_text())
         config, trainable = manifest["config"], manifest["kernel"]["trainable"]  # the layers auto resolved to
@@ -113,28 +113,42 @@ def _cell(values: pd.Series) -> str:
     return f"{values.mean():.3f} ± {values.std():.3f}"
 
 
-def replay_combined(out: Path, name: str, results: pd.DataFrame) -> pd.DataFrame:
-    """The detection rows of ``combined`` recomputed by the shipped rule from the run's suspicions.parquet (so runs
-    made before a change to the rule report the rule as it is now)."""
+def replay_combined(out: Path, name: str, results: pd.DataFrame, main_run: str | None = None) -> pd.DataFrame:
+    """The rows of ``combined`` recomputed by the shipped rule from the run's suspicions.parquet (so runs made before
+    a change to the rule report the rule as it is now): its detection rows, and its removal rows wherever the rule
+    falls back to FreeShap (the removal of the same ranking: FreeShap's rows; elsewhere the rank mean is what it
+    was). ``main_run`` names the main run whose data an ablation shares."""
     from freeshap_dq.data.datasets import newsgroups, rotten_tomatoes
     from freeshap_dq.data.tables import encode_labels, label_mapping
-    from freeshap_dq.evaluation.detectors import combined_suspicion
+    from freeshap_dq.evaluation.detectors import combined_suspicion, one_directional
     from freeshap_dq.evaluation.metrics import detection_metrics
 
-    dataset, _, n_train, n_test, _ = RUNS[name]
+    dataset, _, n_train, n_test, _ = RUNS[main_run or name]
     train, test = newsgroups(n_train, n_test, seed=0) if dataset == "newsgroups" else rotten_tomatoes(
         n_train, n_test, noise=0.0, seed=0)[:2]
     names = label_mapping(train, test)
     y_test = encode_labels(test, names)
     scores = pd.read_parquet(out / name / "suspicions.parquet")
-    rows = []
+    if "loo_prediction" not in scores:  # a run made before the asymmetry test: its combined rows as they were
+        return results
+    rows, fallbacks = [], []
     for (mode, seed), frame in scores.groupby(["noise_mode", "seed"], sort=False):
+        given, predicted = frame["given_label"].to_numpy(), frame["loo_prediction"].to_numpy()
         combined = combined_suspicion(frame["freeshap_ce"].to_numpy(), frame["self_confidence_calibrated"].to_numpy(),
-                                      frame["given_label"].to_numpy(), y_test, len(names))
+                                      given, y_test, predicted, len(names))
         rows.append({"experiment": "detection", "noise_mode": mode, "seed": seed, "detector": "combined",
                      **detection_metrics(combined, frame["flipped"].to_numpy())})
-    kept = results[~((results["experiment"] == "detection") & (results["detector"] == "combined"))]
-    return pd.concat([kept, pd.DataFrame(rows)], ignore_index=True)
+        if one_directional(given, y_test, predicted, len(names)):
+            fallbacks.append((mode, seed))
+    replaced = (results["experiment"] == "detection") & (results["detector"] == "combined")
+    removal = results["experiment"] == "removal"
+    fell_back = pd.Series([(m, s) in fallbacks for m, s in zip(results["noise_mode"], results["seed"], strict=True)],
+                          index=results.index)
+    removed_from = results["removed_from"] if "removed_from" in results else pd.Series("", index=results.index)
+    replaced |= removal & fell_back & (removed_from == "suspects of combined")
+    freeshap_removal = results[removal & fell_back & (removed_from == "suspects of freeshap_ce")].assign(
+        removed_from="suspects of combined")
+    return pd.concat([results[~replaced], pd.DataFrame(rows), freeshap_removal], ignore_index=True)
 
 
 def report(out: Path) -> str:

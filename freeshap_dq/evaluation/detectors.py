@@ -11,14 +11,22 @@ r"""Wrong-label detectors on one kernel problem, as *suspicion* scores (higher =
   class-conditional noise (AUROC 0.58 -> 0.79 on Rotten Tomatoes, docs/evaluation.md).
 - ``cv_kernel``: the same from k-fold kernel regression (out-of-fold probabilities).
 - ``combined``: the mean of the normalised ranks of ``freeshap_ce`` and
-  ``self_confidence_calibrated`` -- unless the training labels' class shares look shifted from the
-  validation set's (two-sample chi-square test, p < ``SHIFT_P``), then ``freeshap_ce`` alone.
-  FreeShap says how much an example hurts held-out predictions, self-confidence how much the rest
-  of the training set disagrees with its label: two views of a wrong label whose errors are only
-  partly shared, so averaging ranks beats each under symmetric noise. When wrong labels pile up in
-  some classes, the per-class thresholds of calibrated self-confidence are set by the very labels
-  being audited and it falls well behind, while FreeShap is scored against the validation labels;
-  the shift test needs no clean training labels, only the validation set FreeShap already uses
+  ``self_confidence_calibrated`` -- unless the wrong labels look one-directional, then ``freeshap_ce``
+  alone. FreeShap says how much an example hurts held-out predictions, self-confidence how much the
+  rest of the training set disagrees with its label: two views of a wrong label whose errors are
+  only partly shared, so averaging ranks helps under symmetric noise. When wrong labels flow from
+  some classes into others, the per-class thresholds of calibrated self-confidence are set by the
+  very labels being audited and it falls well behind, while FreeShap is scored against the
+  validation labels. Two tests, neither needing clean training labels, say so:
+
+  - *shift*: the training labels' class shares differ from the validation set's (two-sample
+    chi-square test, p < ``SHIFT_P``);
+  - *asymmetry*: the table of (given label, the kernel's leave-one-out prediction) is not
+    symmetric (Bowker's test, p < ``ASYMMETRY_P``). Symmetric noise sends as many class-i labels
+    to j as j labels to i, so the disagreements are balanced pair by pair; one-directional flips
+    pile up on one side. For two classes this is McNemar's test. It detects what the shift test
+    cannot: flips that leave the class shares level (c to c + 1 over a cycle of classes).
+
   (docs/evaluation.md).
 - ``random``: a seeded uniform ranking.
 
@@ -63,7 +71,13 @@ def combine(*suspicions: np.ndarray) -> np.ndarray:
 
 
 SHIFT_P = 0.01
+ASYMMETRY_P = 0.001
 SHIPPED = f"freeshap_{RANKING_METRIC}"  # the detector every tool ranks by (freeshap_dq.config.RANKING_METRIC)
+
+
+def _chi_square_survival(statistic: float, dof: int) -> float:
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64),
+                                         torch.tensor(statistic / 2, dtype=torch.float64)))
 
 
 def label_shift_p_value(y_train: np.ndarray, y_test: np.ndarray, n_classes: int) -> float:
@@ -74,17 +88,36 @@ def label_shift_p_value(y_train: np.ndarray, y_test: np.ndarray, n_classes: int)
         return 1.0
     expected = counts.sum(1, keepdims=True) * counts.sum(0, keepdims=True) / counts.sum()
     statistic = float(((counts - expected) ** 2 / expected).sum())
-    dof = counts.shape[1] - 1
-    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64),
-                                         torch.tensor(statistic / 2, dtype=torch.float64)))
+    return _chi_square_survival(statistic, counts.shape[1] - 1)
+
+
+def label_asymmetry_p_value(y_given: np.ndarray, y_predicted: np.ndarray, n_classes: int) -> float:
+    r"""p-value of Bowker's test that the table :math:`n_{ij}` = #(given i, predicted j) is symmetric:
+    :math:`\sum_{i<j} (n_{ij} - n_{ji})^2 / (n_{ij} + n_{ji})`, chi-square with one degree of freedom per pair
+    of classes that disagree at all (McNemar's test for two classes). 1.0 when no pair disagrees."""
+    table = np.zeros((n_classes, n_classes))
+    np.add.at(table, (np.asarray(y_given), np.asarray(y_predicted)), 1)
+    upper, lower = table[np.triu_indices(n_classes, 1)], table.T[np.triu_indices(n_classes, 1)]
+    pairs = upper + lower > 0
+    if not pairs.any():
+        return 1.0
+    statistic = float(((upper - lower)[pairs] ** 2 / (upper + lower)[pairs]).sum())
+    return _chi_square_survival(statistic, int(pairs.sum()))
 
 
 def combined_suspicion(freeshap_ce: np.ndarray, calibrated: np.ndarray, y_train: np.ndarray, y_test: np.ndarray,
-                       n_classes: int) -> np.ndarray:
-    """``combined`` (module docstring): rank mean of the two signals, FreeShap alone when the labels look shifted."""
-    if label_shift_p_value(y_train, y_test, n_classes) < SHIFT_P:
+                       y_predicted: np.ndarray, n_classes: int) -> np.ndarray:
+    """``combined`` (module docstring): rank mean of the two signals; FreeShap alone when the labels look shifted
+    or the disagreements with ``y_predicted`` (the kernel's leave-one-out predictions) one-directional."""
+    if one_directional(y_train, y_test, y_predicted, n_classes):
         return normalised_rank(freeshap_ce)
     return combine(freeshap_ce, calibrated)
+
+
+def one_directional(y_train: np.ndarray, y_test: np.ndarray, y_predicted: np.ndarray, n_classes: int) -> bool:
+    """Whether the training labels' errors look one-directional: the shift or the asymmetry test fires."""
+    return (label_shift_p_value(y_train, y_test, n_classes) < SHIFT_P
+            or label_asymmetry_p_value(y_train, y_predicted, n_classes) < ASYMMETRY_P)
 
 
 def calibrated_self_confidence(probs: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -137,7 +170,7 @@ def run_detectors(problem: KernelProblem, config: ValuationConfig, seed: int = 0
     out.cv_probs = cv_kernel_probabilities(problem, out.ridge, config.kernel_scale, seed=seed)
     out.suspicion["cv_kernel"] = -out.cv_probs[given]
     out.suspicion["combined"] = combined_suspicion(out.suspicion["freeshap_ce"], out.suspicion[
-        "self_confidence_calibrated"], problem.y_train, problem.y_test, problem.n_classes)
+        "self_confidence_calibrated"], problem.y_train, problem.y_test, probs.argmax(1), problem.n_classes)
     out.suspicion["random"] = np.random.default_rng(seed).random(problem.n_train)
     return out
 

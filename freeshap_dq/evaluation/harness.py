@@ -8,7 +8,8 @@ each setting gets its own kernel, exactly as a user auditing those labels would.
 Outputs in the output folder: ``results.csv`` (one row per experiment x setting x detector/
 method with its numbers), ``results.md`` (summary tables: mean +- std over seeds), PNG plots per
 experiment, ``suspicions.parquet`` (every detector's score per training example and setting,
-with the flipped rows: any other combination rule can be scored from it) and ``manifest.json``
+with the flipped rows and the kernel's leave-one-out prediction that ``combined``'s asymmetry test reads: any
+other combination rule can be scored from it) and ``manifest.json``
 (configuration, data, kernel, timings, versions).
 """
 
@@ -299,7 +300,8 @@ def _run_evaluation(config: EvaluationConfig, output_dir: Path, inputs: Inputs |
             run = run_detectors(problem, cfg, seed=seed, progress=progress)
             extra = baselines(inputs, problem, run, seed) if baselines else {}
             setting = {"noise_mode": mode, "seed": seed, "noise": config.noise, "ridge": run.ridge}
-            suspicions.append(_suspicion_frame(problem, flipped, {**run.suspicion, **extra}, setting))
+            suspicions.append(_suspicion_frame(problem, flipped, run.loo_probs.argmax(1), {**run.suspicion, **extra},
+                                               setting))
             if config.wants("detection"):
                 table, curves = ex.detection(run, flipped, extra)
                 frames.append(_tag(table, "detection", setting))
@@ -335,9 +337,10 @@ def _run_evaluation(config: EvaluationConfig, output_dir: Path, inputs: Inputs |
     return results
 
 
-def _suspicion_frame(problem: KernelProblem, flipped: np.ndarray, suspicion: dict[str, np.ndarray],
-                     setting: dict) -> pd.DataFrame:
+def _suspicion_frame(problem: KernelProblem, flipped: np.ndarray, loo_prediction: np.ndarray,
+                     suspicion: dict[str, np.ndarray], setting: dict) -> pd.DataFrame:
     frame = pd.DataFrame({"id": problem.train_ids.astype(str), "given_label": problem.y_train, "flipped": flipped,
+                          "loo_prediction": loo_prediction,
                           **{name: np.asarray(s, dtype=float) for name, s in suspicion.items()}})
     return _tag(frame, "suspicion", setting).drop(columns="experiment")
 

@@ -9,6 +9,7 @@ from freeshap_dq.evaluation.detectors import (
     calibrated_self_confidence,
     combine,
     cv_kernel_probabilities,
+    normalised_rank,
     run_detectors,
 )
 from freeshap_dq.evaluation.metrics import auroc
@@ -93,6 +94,25 @@ def test_label_shift_p_value_matches_the_chi_square_test():
     assert label_shift_p_value(np.zeros(10, int), np.zeros(5, int), 2) == 1.0
 
 
+def test_label_asymmetry_p_value_is_bowkers_test():
+    from scipy.stats import chi2
+
+    from freeshap_dq.evaluation.detectors import label_asymmetry_p_value
+
+    # two classes: McNemar's test on the 12 (given 0, predicted 1) against the 4 (given 1, predicted 0)
+    given = np.repeat([0, 0, 1, 1], [50, 12, 4, 50])
+    predicted = np.repeat([0, 1, 0, 1], [50, 12, 4, 50])
+    assert np.isclose(label_asymmetry_p_value(given, predicted, 2), chi2.sf((12 - 4) ** 2 / 16, 1), rtol=1e-10)
+    # three classes: the pairs (0, 1) and (1, 2) disagree, (0, 2) never does and adds no degree of freedom
+    table = np.array([[40, 9, 0], [1, 40, 7], [0, 7, 40]])
+    given = np.repeat(np.repeat(np.arange(3), 3), table.ravel())
+    predicted = np.repeat(np.tile(np.arange(3), 3), table.ravel())
+    expected = chi2.sf((9 - 1) ** 2 / 10 + 0.0, 2)
+    assert np.isclose(label_asymmetry_p_value(given, predicted, 3), expected, rtol=1e-10)
+    assert label_asymmetry_p_value(given, given, 3) == 1.0
+    assert label_asymmetry_p_value(np.array([0, 1, 1, 0]), np.array([1, 0, 1, 0]), 2) == pytest.approx(1.0)
+
+
 def test_combined_falls_back_to_freeshap_when_the_labels_look_shifted():
     from freeshap_dq.evaluation.detectors import combined_suspicion, normalised_rank
 
@@ -100,6 +120,54 @@ def test_combined_falls_back_to_freeshap_when_the_labels_look_shifted():
     freeshap, calibrated = rng.random(400), rng.random(400)
     balanced, shifted = np.repeat([0, 1], 200), np.repeat([0, 1], [140, 260])
     test = np.repeat([0, 1], 100)
-    np.testing.assert_allclose(combined_suspicion(freeshap, calibrated, balanced, test, 2),
+    np.testing.assert_allclose(combined_suspicion(freeshap, calibrated, balanced, test, balanced, 2),
                                combine(freeshap, calibrated))
-    np.testing.assert_allclose(combined_suspicion(freeshap, calibrated, shifted, test, 2), normalised_rank(freeshap))
+    np.testing.assert_allclose(combined_suspicion(freeshap, calibrated, shifted, test, shifted, 2),
+                               normalised_rank(freeshap))
+
+
+def test_combined_falls_back_to_freeshap_when_the_disagreements_are_one_directional():
+    """Flips c -> c + 1 around a cycle of 3 classes leave the class shares level (the shift test cannot see them);
+    the disagreements with the predictions run one way only."""
+    from freeshap_dq.evaluation.detectors import (
+        combined_suspicion,
+        label_asymmetry_p_value,
+        label_shift_p_value,
+        normalised_rank,
+    )
+
+    rng = np.random.default_rng(1)
+    freeshap, calibrated = rng.random(600), rng.random(600)
+    truth = np.repeat([0, 1, 2], 200)
+    cycled = truth.copy()
+    flip = rng.choice(600, 60, replace=False)
+    cycled[flip] = (truth[flip] + 1) % 3
+    both_ways = truth.copy()
+    both_ways[flip] = (truth[flip] + rng.integers(1, 3, 60)) % 3
+    test = np.repeat([0, 1, 2], 100)
+    assert label_shift_p_value(cycled, test, 3) > 0.5
+    assert label_asymmetry_p_value(cycled, truth, 3) < 1e-6 < label_asymmetry_p_value(both_ways, truth, 3)
+    np.testing.assert_allclose(combined_suspicion(freeshap, calibrated, cycled, test, truth, 3),
+                               normalised_rank(freeshap))
+    np.testing.assert_allclose(combined_suspicion(freeshap, calibrated, both_ways, test, truth, 3),
+                               combine(freeshap, calibrated))
+
+
+@pytest.mark.parametrize("mode", ["symmetric", "class-conditional"])
+def test_run_detectors_tests_the_kernels_own_predictions(mode):
+    """``combined`` reads the closed-form leave-one-out predictions: FreeShap alone exactly when the disagreements
+    between the given labels and those predictions are one-directional."""
+    from freeshap_dq.evaluation.detectors import ASYMMETRY_P, label_asymmetry_p_value, one_directional
+    from freeshap_dq.evaluation.noise import flip_labels
+
+    clean = noisy_problem(n_train=400, n_test=100, noise=0.0, seed=0).problem
+    y, _ = flip_labels(clean.y_train, 2, 0.2, seed=0, mode=mode)
+    problem = dataclasses.replace(clean, y_train=y)
+    run = run_detectors(problem, ValuationConfig(permutations=10, ridge="rel:10"), beta=False)
+    predicted = run.loo_probs.argmax(1)
+    assert (label_asymmetry_p_value(y, predicted, 2) < ASYMMETRY_P) == (mode == "class-conditional")
+    fallback = one_directional(y, problem.y_test, predicted, 2)
+    assert fallback == (mode == "class-conditional")
+    expected = (normalised_rank(run.suspicion["freeshap_ce"]) if fallback else
+                combine(run.suspicion["freeshap_ce"], run.suspicion["self_confidence_calibrated"]))
+    np.testing.assert_allclose(run.suspicion["combined"], expected)
