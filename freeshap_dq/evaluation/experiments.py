@@ -96,7 +96,7 @@ def selection(rankings: dict[str, np.ndarray], learners: dict[str, Learner], y: 
     rankings = {**rankings, "random": np.random.default_rng(seed).random(n)}
     rows = []
     for fraction in fractions:
-        k = max(int(round(fraction * n)), 2)
+        k = max(int(round(fraction * n)), len(np.unique(y)), 2)  # room for every class, however small the fraction
         for name, worth in rankings.items():
             subset = _top_with_every_class(worth_order(worth), y, k)
             for learner, fit in learners.items():

@@ -34,6 +34,17 @@ def test_selection_keeps_the_best_and_every_class():
     assert sorted(chosen) == [0, 1, 8] and {"v", "random"} == set(table["ranking"])
 
 
+def test_selection_of_a_fraction_smaller_than_the_classes_keeps_one_of_each():
+    # 2 % of 100 is 2 picks, and there are 4 classes: each subset is the best of every class, 4 in all
+    y = np.arange(100) % 4
+    worth = -np.arange(100.0)
+    calls = []
+    table = ex.selection({"v": worth}, {"n": recording_learner(calls)}, y, fractions=(0.02,))
+    chosen = calls[list(table["ranking"]).index("v")]
+    assert sorted(chosen) == [0, 1, 2, 3]
+    assert all(set(y[c]) == {0, 1, 2, 3} for c in calls)
+
+
 def test_exact_fidelity_and_sign_robustness_run_and_agree():
     problem = noisy_problem(n_train=60, n_test=30, noise=0.1, seed=0).problem
     fidelity = ex.exact_fidelity(problem, ValuationConfig(permutations=3000), n=7)
