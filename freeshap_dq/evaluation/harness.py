@@ -40,7 +40,7 @@ from freeshap_dq.ntk.fitted_head import DEFAULT_HEAD, HEADS
 from freeshap_dq.ntk.setup import DEFAULT_TRAINABLE, KERNEL_MODES
 
 EVALUATION_SKETCH = 64  # the fitted head makes one eNTK per setting: sketched, the same detection (docs/evaluation.md)
-EVALUATION_KERNEL_MODES = ("auto", *(m for m in KERNEL_MODES if m != "per-class"))  # the detectors read one kernel
+EVALUATION_KERNEL_MODES = ("auto", *KERNEL_MODES)
 EXPERIMENTS = ("detection", "removal", "selection", "robustness", "fidelity")
 REMOVAL_DETECTORS = tuple(dict.fromkeys((SHIPPED, "combined", "freeshap_ce", "self_confidence_calibrated",
                                          "cl_logreg_tuned")))
@@ -60,7 +60,8 @@ class EvaluationConfig:
     trainable: str = option(DEFAULT_TRAINABLE, "Parameters of the eNTK (auto, head-only, top:K, all, ...).")
     label_words: str = option("", "prompt-mlm / causal-lm label words, e.g. 'neg=bad,pos=good'.")
     kernel: str = option("auto", "Which logits' eNTK: auto (sum for a fitted head over more than 2 classes, else "
-                                 "class0), class0 or sum (per-class is for value and kernel).",
+                                 "class0), class0, sum or per-class (one kernel per class; C times the engine's "
+                                 "work).",
                          choices=EVALUATION_KERNEL_MODES)
     head: str = option(DEFAULT_HEAD, "encoder-head: fit (fitted to each setting's noisy training labels: one eNTK "
                                      "per setting) or random (seeded: one eNTK for all settings).", choices=HEADS)

@@ -41,6 +41,27 @@ def test_self_confidence_and_cv_match_direct_solves(noisy):
     assert np.allclose(probs[held], direct / direct.sum(1, keepdims=True), rtol=1e-8)
 
 
+def test_per_class_kernels_are_read_class_by_class(noisy):
+    """With one kernel per class (--kernel-mode per-class) class c's leave-one-out and cross-validated scores come from
+    kernel c: the same direct solves as above, one kernel per column."""
+    problem = noisy.problem
+    k = problem.k_train
+    stack = np.stack([k, k + 0.5 * np.outer(np.diag(k), np.diag(k)) / np.diag(k).mean()])
+    k_test = np.stack([problem.k_test, problem.k_test * 1.5])
+    per_class = dataclasses.replace(problem, k_train=stack, k_test=k_test)
+    run = run_detectors(per_class, ValuationConfig(permutations=20, ridge="1.0"), beta=False)
+    y, targets = problem.y_train, one_hot(problem.y_train, 2)
+    for i in (3, 50):
+        rest = np.delete(np.arange(problem.n_train), i)
+        scores = np.array([stack[c][i, rest] @ np.linalg.solve(stack[c][np.ix_(rest, rest)] + np.eye(len(rest)),
+                                                              targets[rest, c]) for c in range(2)])
+        scores = np.clip(scores, 1e-6, None)
+        assert -run.suspicion["self_confidence"][i] == pytest.approx(scores[y[i]] / scores.sum(), rel=1e-8)
+    one_kernel = run_detectors(dataclasses.replace(problem, k_train=stack[0], k_test=k_test[0]),
+                               ValuationConfig(permutations=20, ridge="1.0"), beta=False)
+    assert not np.allclose(run.suspicion["freeshap_ce"], one_kernel.suspicion["freeshap_ce"])
+
+
 def test_detectors_find_the_flips_and_random_does_not(noisy):
     run = run_detectors(noisy.problem, ValuationConfig(permutations=60), seed=1)
     scores = {name: auroc(s, noisy.flipped) for name, s in run.suspicion.items()}

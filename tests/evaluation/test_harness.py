@@ -51,7 +51,8 @@ def test_every_experiment_end_to_end(data_dir, tiny_bert_path, tmp_path):
 
 
 def test_kernel_mode_is_honoured_with_a_fitted_head_over_three_classes(tmp_path, tiny_bert_path):
-    """--kernel-mode auto is the sum over the classes' logits for a fitted head and C > 2; class0 is asked for."""
+    """--kernel-mode auto is the sum over the classes' logits for a fitted head and C > 2; class0 and per-class (one
+    kernel per class, which every detector reads) are asked for."""
     rng = np.random.default_rng(1)
     words = {"pos": ["good", "great"], "neg": ["bad", "awful"], "mid": ["fine", "poor"]}
     for name, n in (("train", 36), ("test", 12)):
@@ -60,7 +61,7 @@ def test_kernel_mode_is_honoured_with_a_fitted_head_over_three_classes(tmp_path,
         pd.DataFrame({"id": [f"{name}{i}" for i in range(n)], "text": texts, "label": labels}).to_csv(
             tmp_path / f"{name}.csv", index=False)
     kernels = {}
-    for mode in ("auto", "class0"):
+    for mode in ("auto", "class0", "per-class"):
         out = tmp_path / mode
         res = CliRunner().invoke(cli, ["evaluate", "--train", str(tmp_path / "train.csv"), "--test",
                                        str(tmp_path / "test.csv"), "--model", str(tiny_bert_path), "--trainable",
@@ -71,11 +72,13 @@ def test_kernel_mode_is_honoured_with_a_fitted_head_over_three_classes(tmp_path,
         assert manifest["config"]["kernel"] == mode
         assert manifest["kernel"]["sketch"] == EVALUATION_SKETCH  # evaluate's own default (value's is exact)
         kernels[mode] = [setting["kernel"] for setting in manifest["setting_kernels"]]
-    assert kernels == {"auto": ["sum"], "class0": ["class0"]}
+    assert kernels == {"auto": ["sum"], "class0": ["class0"], "per-class": ["per-class"]}
+    detection = pd.read_csv(tmp_path / "per-class" / "results.csv").query("experiment == 'detection'")
+    assert {"freeshap_ce", "loo", "self_confidence", "cv_kernel", "combined"} <= set(detection["detector"])
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"kernel": "per-class"}, "kernel 'per-class' is unknown; choose one of auto, class0, sum"),
+    ({"kernel": "per_class"}, "kernel 'per_class' is unknown; choose one of auto, class0, sum, per-class"),
     ({"experiments": "detection,speed"}, "speed"),
     ({"noise_modes": "pairwise"}, "pairwise"),
     ({"train": "a.csv"}, "both --train and --test"),
