@@ -435,7 +435,7 @@ def test_evaluate_refuses_bad_numbers_before_any_work(tmp_path):
                           (["--max-memory", "lots"], "lots"), (["--trainable", "nonsense"], "nonsense"),
                           (["--dataset", "newsgroups", "--train", "a.csv", "--test", "b.csv"], "--dataset"),
                           (["--dataset", "imdb"], "imdb"), (["--head", "trained"], "trained"),
-                          (["--kernel-mode", "per-class"], "per-class")):
+                          (["--kernel-mode", "per_class"], "per_class")):
         res = CliRunner().invoke(cli, ["evaluate", "-o", str(tmp_path / "o"), *map(str, args)])
         assert res.exit_code == 2 and message in res.output, (args, res.output)
         assert "Traceback" not in res.output and not (tmp_path / "o").exists(), args
