@@ -59,6 +59,11 @@ class DetectorRun:
     loo_probs: np.ndarray | None = None
     cv_probs: np.ndarray | None = None
 
+    @property
+    def loo_prediction(self) -> np.ndarray:
+        """The kernel's closed-form leave-one-out predicted class per training example (``combined`` tests it)."""
+        return self.loo_probs.argmax(1)
+
 
 def normalised_rank(x: np.ndarray) -> np.ndarray:
     """Ranks scaled to [0, 1] (average ranks for ties)."""
@@ -170,7 +175,7 @@ def run_detectors(problem: KernelProblem, config: ValuationConfig, seed: int = 0
     out.cv_probs = cv_kernel_probabilities(problem, out.ridge, config.kernel_scale, seed=seed)
     out.suspicion["cv_kernel"] = -out.cv_probs[given]
     out.suspicion["combined"] = combined_suspicion(out.suspicion["freeshap_ce"], out.suspicion[
-        "self_confidence_calibrated"], problem.y_train, problem.y_test, probs.argmax(1), problem.n_classes)
+        "self_confidence_calibrated"], problem.y_train, problem.y_test, out.loo_prediction, problem.n_classes)
     out.suspicion["random"] = np.random.default_rng(seed).random(problem.n_train)
     return out
 

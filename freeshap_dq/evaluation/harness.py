@@ -301,7 +301,7 @@ def _run_evaluation(config: EvaluationConfig, output_dir: Path, inputs: Inputs |
             run = run_detectors(problem, cfg, seed=seed, progress=progress)
             extra = baselines(inputs, problem, run, seed) if baselines else {}
             setting = {"noise_mode": mode, "seed": seed, "noise": config.noise, "ridge": run.ridge}
-            suspicions.append(_suspicion_frame(problem, flipped, run.loo_probs.argmax(1), {**run.suspicion, **extra},
+            suspicions.append(_suspicion_frame(problem, flipped, run.loo_prediction, {**run.suspicion, **extra},
                                                setting))
             if config.wants("detection"):
                 table, curves = ex.detection(run, flipped, extra)

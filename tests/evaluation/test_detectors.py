@@ -185,7 +185,8 @@ def test_run_detectors_tests_the_kernels_own_predictions(mode):
     y, _ = flip_labels(clean.y_train, 2, 0.2, seed=0, mode=mode)
     problem = dataclasses.replace(clean, y_train=y)
     run = run_detectors(problem, ValuationConfig(permutations=10, ridge="rel:10"), beta=False)
-    predicted = run.loo_probs.argmax(1)
+    predicted = run.loo_prediction
+    np.testing.assert_array_equal(predicted, run.loo_probs.argmax(1))
     assert (label_asymmetry_p_value(y, predicted, 2) < ASYMMETRY_P) == (mode == "class-conditional")
     fallback = one_directional(y, problem.y_test, predicted, 2)
     assert fallback == (mode == "class-conditional")
