@@ -87,7 +87,10 @@ def friendly_errors(func):
         except Exception as exc:  # a runtime failure: say what, keep the traceback for -v
             if VERBOSITY["level"] > 1:
                 traceback.print_exc()
-            click.echo(f"error: {type(exc).__name__}: {exc} (run with -v for the traceback)", err=True)
+            said = f"{type(exc).__name__}: {exc}" if str(exc) else (
+                f"{type(exc).__name__}, an internal error of freeshap-dq with no message; please report it with "
+                f"the traceback")
+            click.echo(f"error: {said} (run with -v for the traceback)", err=True)
             sys.exit(EXIT_RUNTIME)
 
     return wrapper

@@ -156,6 +156,20 @@ def test_unexpected_failure_exits_1_with_a_message(run_dir, monkeypatch):
     assert res.exit_code == 1 and "Traceback" in res.output
 
 
+def test_an_unexpected_failure_without_a_message_says_what_it_is(run_dir, monkeypatch):
+    """evaluate's selection once died of a bare StopIteration: 'error: StopIteration: ' told the user nothing."""
+    d, _ = run_dir
+    import freeshap_dq.cli.main as main
+
+    def broken(*args, **kwargs):
+        raise StopIteration
+
+    monkeypatch.setattr(main, "compute_values", broken)
+    res = run(["value", "--kernel", d / "K.npz", "-o", d / "v3.csv"])
+    assert res.exit_code == 1 and "StopIteration, an internal error of freeshap-dq with no message" in res.output
+    assert "run with -v for the traceback" in res.output and not (d / "v3.csv").exists()
+
+
 def test_prune_refuses_counts_above_n_and_emptying_a_class(run_dir):
     """prune --count 5000 on 60 rows removed everything, wrote a 0-row file and exited 0."""
     d, _ = run_dir
