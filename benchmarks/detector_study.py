@@ -144,8 +144,7 @@ def replay_combined(out: Path, name: str, results: pd.DataFrame, main_run: str |
             fallbacks.append((mode, seed))
     replaced = (results["experiment"] == "detection") & (results["detector"] == "combined")
     removal = results["experiment"] == "removal"
-    fell_back = pd.Series([(m, s) in fallbacks for m, s in zip(results["noise_mode"], results["seed"], strict=True)],
-                          index=results.index)
+    fell_back = pd.MultiIndex.from_frame(results[["noise_mode", "seed"]]).isin(fallbacks)
     removed_from = results["removed_from"] if "removed_from" in results else pd.Series("", index=results.index)
     replaced |= removal & fell_back & (removed_from == "suspects of combined")
     freeshap_removal = results[removal & fell_back & (removed_from == "suspects of freeshap_ce")].assign(
