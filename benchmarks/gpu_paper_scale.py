@@ -9,6 +9,9 @@
    per-point values. Target (issue #8): under 60 s, against the reference's 5 h 47 min.
    Baseline in the same run: the same engine with one permutation at a time.
 
+``--precisions fp32,bf16`` computes the eNTK of part 1 with fp32 and with bf16 passes (``--precision``,
+docs/ntk.md) and reports both times and the kernels' relative difference.
+
 Needs only torch, transformers, tokenizers, numpy and pandas (all on the device image) and this
 repository on the path. ``--smoke`` runs a tiny version on the CPU to check the script itself.
 
@@ -63,7 +66,7 @@ def bert_base(folder: Path, layers: int, hidden: int, heads: int, intermediate: 
     return model, tokenizer
 
 
-def ntk_run(args, device: torch.device) -> dict:
+def ntk_run(args, device: torch.device, precision: str = "fp32") -> dict:
     from freeshap_dq.ntk.adapters import EncoderHead
     from freeshap_dq.ntk.compute import compute_ntk
 
@@ -75,12 +78,13 @@ def ntk_run(args, device: torch.device) -> dict:
         torch.cuda.synchronize()
     started = time.perf_counter()
     out = compute_ntk(adapter, train, test, trainable=args.trainable, max_memory=args.max_memory, device=device,
-                      progress=True)
+                      progress=True, precision=precision)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     finite = bool(np.isfinite(out.k_train).all() and np.isfinite(out.k_test).all())
-    return {"seconds": seconds, "examples_per_second": (args.n + args.m) / seconds, "n_trainable": out.n_trainable,
+    return {"precision": precision, "seconds": seconds, "examples_per_second": (args.n + args.m) / seconds,
+            "n_trainable": out.n_trainable, "kernel": np.vstack([out.k_train, out.k_test]),
             "chunks": out.info["chunks"], "batch_size": out.info["batch_size"], "gradients": out.info["gradients"],
             "factor_gib": out.info["factor_bytes"] / 2**30, "finite": finite,
             "peak_gpu_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
@@ -119,6 +123,7 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="A tiny CPU run that checks the script.")
     p.add_argument("--json", default=None, help="Also write the results here.")
     p.add_argument("--parts", default="ntk,engine")
+    p.add_argument("--precisions", default="fp32", help="Comma-separated eNTK passes for part 1: fp32, bf16.")
     args = p.parse_args()
     big = dict(n=5000, m=872, layers=12, hidden=768, heads=12, intermediate=3072, vocab=30522, trainable="freeze:8",
                max_memory="100GiB", perms=200)
@@ -131,12 +136,19 @@ def main() -> None:
               "torch": torch.__version__, "sizes": {"n": args.n, "m": args.m}}
     print(f"# paper scale on {report['device']} (torch {torch.__version__}), n = {args.n}, m = {args.m}", flush=True)
     if "ntk" in args.parts:
-        report["ntk"] = ntk_run(args, device)
-        r = report["ntk"]
-        print(f"eNTK: {r['seconds']:.1f} s ({r['examples_per_second']:.0f} examples/s), {r['n_trainable']:,} "
-              f"trainable parameters, {r['chunks']} chunk(s), gradients by {r['gradients']}, peak GPU memory "
-              f"{r['peak_gpu_gib']} GiB; "
-              f"target < 180 s (reference ≈ 2100 s)", flush=True)
+        kernels = {}
+        for precision in args.precisions.split(","):
+            r = ntk_run(args, device, precision)
+            kernels[precision] = r.pop("kernel")
+            report["ntk" if precision == "fp32" else f"ntk_{precision}"] = r
+            print(f"eNTK ({precision} passes): {r['seconds']:.1f} s ({r['examples_per_second']:.0f} examples/s), "
+                  f"{r['n_trainable']:,} trainable parameters, {r['chunks']} chunk(s), gradients by "
+                  f"{r['gradients']}, peak GPU memory {r['peak_gpu_gib']} GiB; target < 180 s (reference ≈ 2100 s)",
+                  flush=True)
+        if {"fp32", "bf16"} <= set(kernels):
+            report["bf16_kernel_difference"] = float(np.linalg.norm(kernels["bf16"] - kernels["fp32"])
+                                                     / np.linalg.norm(kernels["fp32"]))
+            print(f"bf16 against fp32: {report['bf16_kernel_difference']:.1e} relative kernel difference", flush=True)
     if "engine" in args.parts:
         report["engine"] = engine_run(args, device)
         r = report["engine"]

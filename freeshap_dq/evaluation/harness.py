@@ -37,9 +37,11 @@ from freeshap_dq.evaluation.noise import NOISE_MODES, flip_labels
 from freeshap_dq.io import check_outputs, one_blas_thread, outputs_together, write_json
 from freeshap_dq.kernels.problem import KernelProblem, LabelledExamples
 from freeshap_dq.ntk.fitted_head import DEFAULT_HEAD, HEADS
+from freeshap_dq.ntk.precision import PRECISION_CHOICES
 from freeshap_dq.ntk.setup import DEFAULT_TRAINABLE, KERNEL_MODES
 
 EVALUATION_SKETCH = 64  # the fitted head makes one eNTK per setting: sketched, the same detection (docs/evaluation.md)
+EVALUATION_PRECISION = "auto"  # bf16 passes where the device has them natively: the same detection (docs/evaluation.md)
 EVALUATION_KERNEL_MODES = ("auto", *KERNEL_MODES)
 EXPERIMENTS = ("detection", "removal", "selection", "robustness", "fidelity")
 REMOVAL_DETECTORS = tuple(dict.fromkeys((SHIPPED, "combined", "freeshap_ce", "self_confidence_calibrated",
@@ -69,6 +71,10 @@ class EvaluationConfig:
                                             "estimate, docs/ntk.md): a fitted-head setting in a third of the time, "
                                             "the same detection (docs/evaluation.md). 0 = the exact eNTK, value's "
                                             "default.")
+    precision: str = option(EVALUATION_PRECISION, "The eNTK's passes: auto (bf16 where the device multiplies it "
+                                                   "natively, else fp32), fp32 (value's default) or bf16; a 0.1 % "
+                                                   "kernel error, the same detection (docs/evaluation.md).",
+                            choices=PRECISION_CHOICES)
     noise: float = option(0.1, "Fraction of training labels flipped.")
     noise_modes: str = option("symmetric,class-conditional", "Comma-separated: symmetric, class-conditional.")
     seeds: str = option("0,1,2", "Comma-separated noise seeds (the kernel is computed once).")
@@ -124,7 +130,7 @@ class EvaluationConfig:
 
         return NTKConfig(model=self.model, adapter=self.adapter, trainable=self.trainable, head=self.head,
                          kernel=self.kernel, label_words=self.label_words, max_length=self.max_length,
-                         max_memory=self.max_memory, sketch=self.sketch)
+                         max_memory=self.max_memory, sketch=self.sketch, precision=self.precision)
 
     def check_sizes(self, n_train: int) -> None:
         """Refuse robustness sizes the training set cannot fill (they were skipped without a word)."""

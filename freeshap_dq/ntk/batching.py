@@ -14,13 +14,14 @@ from torch.func import functional_call, grad, vmap
 
 from freeshap_dq.contracts import ModelAdapter
 from freeshap_dq.ntk.factors import FactorStore, NotFactorable, factor_sites
+from freeshap_dq.ntk.precision import passes
 
 
 def fill_jacobian(jac: torch.Tensor, adapter: ModelAdapter, params: dict, chunk, c: int, ci: int, batches: list,
-                  store: FactorStore | None, bar=None) -> None:
+                  store: FactorStore | None, bar=None, precision: str = "fp32") -> None:
     """``jac[rows]`` = the per-example gradient columns of ``chunk`` (logit c, the store's class ci) for
     (rows, prefix, mask) batches: from the factors in ``store`` (its batch b is batch b here) for the tensors
-    they cover, from ``vmap(grad)`` for the rest."""
+    they cover, from ``vmap(grad)`` for the rest (its passes in ``precision``)."""
     factored = store.sites if store is not None else {}
     theta = {k: params[k] for k in sorted({name for name, _, _ in chunk}) if k not in factored}
 
@@ -29,7 +30,8 @@ def fill_jacobian(jac: torch.Tensor, adapter: ModelAdapter, params: dict, chunk,
 
     per_example = vmap(grad(logit), in_dims=(None, 0, 0)) if adapter.vmap_compatible else _loop(grad(logit))
     for b, (rows, prefix, mask) in enumerate(batches):
-        grads = per_example(theta, prefix, mask) if theta else {}
+        with passes(precision, prefix.device):
+            grads = per_example(theta, prefix, mask) if theta else {}
         col = 0
         for name, lo, hi in chunk:
             if name not in factored:
@@ -55,12 +57,14 @@ def _loop(per_one):
     return per_example
 
 
-def collect_factors(adapter: ModelAdapter, names: list[str], batches: list, classes: list[int], bar=None) -> FactorStore | None:
-    """The factors of ``names`` for (rows, prefix, mask) batches; None when no factor rule covers any."""
+def collect_factors(adapter: ModelAdapter, names: list[str], batches: list, classes: list[int], bar=None,
+                    precision: str = "fp32") -> FactorStore | None:
+    """The factors of ``names`` for (rows, prefix, mask) batches, from passes in ``precision``; None when no factor
+    rule covers any."""
     sites = factor_sites(adapter, names)
     if not sites:
         return None
-    store = FactorStore(adapter, sites)
+    store = FactorStore(adapter, sites, precision)
     try:
         for _, prefix, mask in batches:
             store.collect(adapter, prefix, mask, classes)

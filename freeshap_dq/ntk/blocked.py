@@ -53,7 +53,8 @@ def compute_ntk_blocks(adapter: ModelAdapter, train_examples: list[dict], test_e
                        trainable: str = "head-only", kernel: str = "class0", max_memory: str | int = "2GiB",
                        example_block: int = 0, batch_size: int = 0, device: str | torch.device = "cpu",
                        progress: bool | None = None, shard: tuple[int, int] = (0, 1),
-                       done: frozenset | set = frozenset(), on_block_done=None, gradients: str = "auto") -> dict:
+                       done: frozenset | set = frozenset(), on_block_done=None, gradients: str = "auto",
+                       precision: str = "fp32") -> dict:
     """Fill ``k_train_out`` (n x n) and ``k_test_out`` (m x n), array-likes such as memory maps, block by block.
     Returns the run's facts (trainable names and count, chunks, block size).
 
@@ -64,7 +65,7 @@ def compute_ntk_blocks(adapter: ModelAdapter, train_examples: list[dict], test_e
     ``compute_ntk``: with factors, a block's are collected once per visit and group of parameter chunks (one
     group when two blocks' factors fit FACTOR_SHARE of the budget), not once per chunk, and the column blocks
     are taken one at a time."""
-    s = prepare(adapter, train_examples, trainable, _one_kernel(kernel), max_memory, device)
+    s = prepare(adapter, train_examples, trainable, _one_kernel(kernel), max_memory, device, precision)
     device, budget, names, params, sparse_table, classes = (
         s.device, s.budget, s.names, s.params, s.sparse_table, s.classes)
     examples = list(train_examples) + list(test_examples)
@@ -139,12 +140,12 @@ def compute_ntk_landmarks(adapter: ModelAdapter, train_examples: list[dict], tes
                           max_memory: str | int = "2GiB", example_block: int = 0, batch_size: int = 0,
                           device: str | torch.device = "cpu", progress: bool | None = None,
                           shard: tuple[int, int] = (0, 1), done: frozenset | set = frozenset(),
-                          on_block_done=None, gradients: str = "auto") -> dict:
+                          on_block_done=None, gradients: str = "auto", precision: str = "fp32") -> dict:
     """The landmark columns of the eNTK: ``k_train_out`` (n x r) = K[:, L], ``k_test_out`` (m x r) = K[T, L] and
     ``diag_out`` (n) = diag(K), by row blocks: N (r + block) / block gradient work and N r P Gram work instead of
     N n P. ``landmarks``: sorted training indices. Shards, resume, progress and ``gradients`` as
     ``compute_ntk_blocks``; with factors, the landmarks' are collected once for the whole run."""
-    s = prepare(adapter, train_examples, trainable, _one_kernel(kernel), max_memory, device)
+    s = prepare(adapter, train_examples, trainable, _one_kernel(kernel), max_memory, device, precision)
     examples = list(train_examples) + list(test_examples)
     n, total = len(train_examples), len(examples)
     landmarks = [int(i) for i in landmarks]
@@ -227,7 +228,8 @@ class _Block:
         self.adapter, self.s, self.lo, self.hi, self.bar = adapter, s, lo, hi, bar
         self.form = lambda: _batches(adapter, examples, lo, hi, batch, s.device)  # noqa: E731
         self.kept = self.form() if kept or names is not None else None
-        self.store = collect_factors(adapter, names, self.kept, s.classes) if names is not None else None
+        self.store = collect_factors(adapter, names, self.kept, s.classes, precision=s.precision) \
+            if names is not None else None
         if names is not None:
             bar.update((hi - lo) * len(s.classes))
 
@@ -241,12 +243,12 @@ class _Block:
                           device=self.s.device)
         fill_jacobian(jac, self.adapter, self.s.params, chunk, c, ci,
                       [(idx - self.lo, prefix, mask) for idx, prefix, mask in self.batches], self.store,
-                      None if self.store is not None else self.bar)
+                      None if self.store is not None else self.bar, self.s.precision)
         return jac
 
     def word_table(self, c: int, ci: int):
         return word_table_share(self.adapter, self.batches, c, ci, self.store,
-                                None if self.store is not None else self.bar)
+                                None if self.store is not None else self.bar, self.s.precision)
 
 
 def _factor_estimate(adapter, s: Setup, groups: list, batch_size: int, gradients: str) -> dict | None:
@@ -262,7 +264,7 @@ def _factor_estimate(adapter, s: Setup, groups: list, batch_size: int, gradients
     probe = [examples[i] for i in length_order(examples)[:batch]]
     mask = readout_mask(probe, s.device)
     store = collect_factors(adapter, s.names, [(None, adapter.prefix(pad_batch(probe, adapter, s.device)), mask)],
-                            s.classes)
+                            s.classes, precision=s.precision)
     if store is None:
         return None
     positions = sum(count * max(_padded_tokens(group, lo, hi, batch) for lo, hi in blocks)

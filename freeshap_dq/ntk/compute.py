@@ -58,7 +58,7 @@ def compute_ntk(adapter: ModelAdapter, train_examples: list[dict], test_examples
                 kernel: str = "class0", max_memory: str | int = "2GiB", batch_size: int = 0,
                 test_diagonal: bool = False, device: str | torch.device = "cpu",
                 progress: bool | None = None, shard: tuple[int, int] = (0, 1), gradients: str = "auto",
-                prefix: Callable[[dict], torch.Tensor] | None = None) -> KernelOutput:
+                prefix: Callable[[dict], torch.Tensor] | None = None, precision: str = "fp32") -> KernelOutput:
     """The eNTK rows (train + test) x columns (train).
 
     ``gradients``: where per-example gradients come from. ``factors`` (see ``factors.py``): one forward and
@@ -73,9 +73,10 @@ def compute_ntk(adapter: ModelAdapter, train_examples: list[dict], test_examples
     (an n x (n + m) message per rank, whatever the model size); the process group must be initialised.
 
     ``prefix(batch)``: the frozen bottom's output of a padded batch (default ``adapter.prefix``; the builder passes
-    one that remembers it between kernels of the same texts).
+    one that remembers it between kernels of the same texts). ``precision``: of the forward and backward passes
+    (:mod:`freeshap_dq.ntk.precision`).
     """
-    s = prepare(adapter, train_examples, trainable, kernel, max_memory, device)
+    s = prepare(adapter, train_examples, trainable, kernel, max_memory, device, precision)
     device, budget, names, params, classes = s.device, s.budget, s.names, s.params, s.classes
     dense_names, sparse_table, word_table = s.dense_names, s.sparse_table, adapter.word_table_name
     n, total = len(train_examples), len(train_examples) + len(test_examples)
@@ -86,7 +87,7 @@ def compute_ntk(adapter: ModelAdapter, train_examples: list[dict], test_examples
     order, prefixes = length_batches(adapter, train_examples, test_examples, batch, device, prefix)
     progress_off = rank > 0 or ((not sys.stderr.isatty()) if progress is None else not progress)
     estimate, room, (chunk_capacity, batch) = plan_with_factors(
-        _factor_estimate(adapter, names, prefixes, classes, gradients), gradients, budget,
+        _factor_estimate(adapter, names, prefixes, classes, gradients, s.precision), gradients, budget,
         lambda rest: _plan(rest, total, n, dense_names, params, batch, kernels))
     if world > 1:  # at least one chunk per rank
         chunk_capacity = min(chunk_capacity, max(1, math.ceil(sum(params[k].numel() for k in dense_names) / world)))
@@ -112,18 +113,19 @@ def compute_ntk(adapter: ModelAdapter, train_examples: list[dict], test_examples
     rows = [(torch.arange(lo, hi, device=device), prefix, mask) for lo, hi, prefix, mask in prefixes]
     passes, unfactored = [], set()
     for group in groups:
-        store = collect_factors(adapter, group_names(group), batches, classes, bar) if estimate else None
+        store = collect_factors(adapter, group_names(group), batches, classes, bar, s.precision) if estimate else None
         passes.append("vmap" if store is None else "factors")
         unfactored |= {name for name in group_names(group) if name != word_table or not sparse_table} - set(
             store.sites if store is not None else ())
         for unit in group:
             if unit[0][0] == word_table and sparse_table:
                 for ci, c in enumerate(classes):
-                    accumulate_word_table_gram(word_table_share(adapter, rows, c, ci, store, bar), n, *target(c))
+                    accumulate_word_table_gram(word_table_share(adapter, rows, c, ci, store, bar, s.precision), n,
+                                               *target(c))
                 continue
             jac = buffer[:, :sum(hi - lo for _, lo, hi in unit)]
             for ci, c in enumerate(classes):
-                fill_jacobian(jac, adapter, params, unit, c, ci, batches, store, bar)
+                fill_jacobian(jac, adapter, params, unit, c, ci, batches, store, bar, s.precision)
                 accumulate_gram(jac, n, *target(c))
         del store
     del buffer
@@ -137,7 +139,7 @@ def compute_ntk(adapter: ModelAdapter, train_examples: list[dict], test_examples
     k_train, k_test, diag = caller_order(k_rows, diag, order, n)
     return KernelOutput(k_train, k_test, diag, names, n_trainable,
                         {"chunks": len(chunks), "batch_size": batch, "chunk_capacity": chunk_capacity, "world": world,
-                         "kernel": kernel, "trainable": trainable, "max_memory_bytes": budget,
+                         "kernel": kernel, "trainable": trainable, "max_memory_bytes": budget, "precision": s.precision,
                          "gradients": "factors" if passes and set(passes) == {"factors"} else "vmap",
                          "factor_passes": passes.count("factors"), "factor_bytes": room,
                          "without_factors": sorted(unfactored),
@@ -171,8 +173,8 @@ def caller_order(k_rows: torch.Tensor, diag: torch.Tensor | None, order: list[in
     return k_rows[..., :n, :], k_rows[..., n:, :], diag
 
 
-def _factor_estimate(adapter, names: list[str], prefixes: list, classes: list[int], gradients: str
-                     ) -> dict | None:
+def _factor_estimate(adapter, names: list[str], prefixes: list, classes: list[int], gradients: str,
+                     precision: str = "fp32") -> dict | None:
     """Bytes of each factored module's factors for the whole set (Site -> bytes), extrapolated by positions from
     the first batch (the shortest examples: per-example factors such as the head's are over-counted); None for
     vmap: ``gradients='vmap'`` or no factor rule covers any parameter."""
@@ -181,7 +183,7 @@ def _factor_estimate(adapter, names: list[str], prefixes: list, classes: list[in
     if gradients == "vmap":
         return None
     lo, hi, prefix, mask = prefixes[0]
-    probe = collect_factors(adapter, names, [(None, prefix, mask)], classes)
+    probe = collect_factors(adapter, names, [(None, prefix, mask)], classes, precision=precision)
     if probe is None:
         return None
     scale = sum(m.numel() for _, _, _, m in prefixes) / mask.numel()

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from freeshap_dq.ntk.precision import passes
+
 RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm")  # weight * x / rms(x), computed in float32
 TRANSPOSED_LINEARS = ("Conv1D",)  # transformers' GPT-2 layer: y = x @ weight + bias, weight (in, out)
 
@@ -70,9 +72,10 @@ def _rule(module: nn.Module | None, attr: str) -> str | None:
 class FactorStore:
     """The factors of every site for a list of batches: per batch and site, the calls' (a, g per class)."""
 
-    def __init__(self, adapter: nn.Module, sites: dict[str, tuple[Site, str]]):
+    def __init__(self, adapter: nn.Module, sites: dict[str, tuple[Site, str]], precision: str = "fp32"):
         self.modules = dict(adapter.named_modules())
         self.sites = sites
+        self.precision = precision  # of the passes (freeshap_dq.ntk.precision); the factors keep their dtype
         self.site_bytes: dict[Site, int] = {}  # per site; an input shared by sites (q, k, v) counted for each
         self.batches: list[dict[Site, list[tuple[torch.Tensor, list[torch.Tensor]]]]] = []
 
@@ -97,7 +100,8 @@ class FactorStore:
         for p in own:
             p.requires_grad_(True)
         try:
-            logits = adapter(prefix, mask)
+            with passes(self.precision, prefix.device):
+                logits = adapter(prefix, mask)
         finally:
             for h in handles:
                 h.remove()
@@ -114,17 +118,20 @@ class FactorStore:
         calls = [(site, a, out) for site in sites for a, out in captured[site]]
         if any(not out.requires_grad for _, _, out in calls):
             raise NotFactorable("a factored module's output is not on the gradient path")
-        keep = (mask > 0).to(logits.dtype)
-        grads = [torch.autograd.grad(logits[:, c].sum(), [out for _, _, out in calls], retain_graph=True,
-                                     allow_unused=True) for c in classes] if calls else []
+        keep = mask > 0
+        with passes(self.precision, prefix.device):
+            grads = [torch.autograd.grad(logits[:, c].sum(), [out for _, _, out in calls], retain_graph=True,
+                                         allow_unused=True) for c in classes] if calls else []
         batch: dict[Site, list[tuple[torch.Tensor, list[torch.Tensor]]]] = {site: [] for site in sites}
         for i, (site, a, out) in enumerate(calls):
             gs = []
             for per_class in grads:
                 g = _tokens(torch.zeros_like(out) if per_class[i] is None else per_class[i].detach(), len(mask))
                 if g.shape[1] == keep.shape[1]:
-                    g = g * keep[:, :, None]
+                    g = g * keep[:, :, None].to(g.dtype)
                 gs.append(g)
+            if gs and a.is_floating_point():
+                a = a.to(gs[0].dtype)  # a pair's products are formed in one dtype: bf16 under bf16 passes
             batch[site].append((a, gs))
             self.site_bytes[site] = (self.site_bytes.get(site, 0) + a.numel() * a.element_size()
                                      + sum(g.numel() * g.element_size() for g in gs))
@@ -167,11 +174,12 @@ class FactorStore:
     def piece(self, batch: int, name: str, class_index: int, lo: int, hi: int, out: torch.Tensor) -> None:
         """Write columns lo..hi of the flattened per-example gradient of ``name`` for one batch into ``out``
         (B x (hi - lo), a view whose last axis is contiguous). Whole rows of a linear weight are multiplied
-        straight into it (no temporary of the gradient's size)."""
+        straight into it when the factors have its dtype (no temporary of the gradient's size)."""
         site, attr = self.sites[name]
         param = getattr(self.modules[site.module], attr)
         calls = self.batches[batch][site]
-        if site.rule == "linear" and attr == "weight" and lo % param.shape[1] == 0 and hi % param.shape[1] == 0:
+        if site.rule == "linear" and attr == "weight" and lo % param.shape[1] == 0 and hi % param.shape[1] == 0 \
+                and calls[0][0].dtype == out.dtype:
             rows = out.view(len(out), (hi - lo) // param.shape[1], param.shape[1])
             for i, (a, gs) in enumerate(calls):
                 g = gs[class_index][:, :, lo // param.shape[1]:hi // param.shape[1]].transpose(1, 2)

@@ -18,6 +18,7 @@ from freeshap_dq.contracts import ModelAdapter
 from freeshap_dq.errors import InputError
 from freeshap_dq.io import available_memory
 from freeshap_dq.ntk.factors import factor_sites
+from freeshap_dq.ntk.precision import PRECISIONS
 
 KERNEL_MODES = ("class0", "sum", "per-class")
 
@@ -208,14 +209,18 @@ class Setup:
     sparse_table: bool
     vocab: int
     classes: list[int]
+    precision: str = "fp32"  # of the forward and backward passes (freeshap_dq.ntk.precision)
 
 
 def prepare(adapter: ModelAdapter, train_examples: list[dict], trainable: str, kernel: str, max_memory: str | int,
-            device: str | torch.device) -> Setup:
-    """Check the kernel mode, select and expose the trainable parameters, move the adapter to the device.
-    The in-memory, blocked and landmark eNTKs all start here."""
+            device: str | torch.device, precision: str = "fp32") -> Setup:
+    """Check the kernel mode and precision, select and expose the trainable parameters, move the adapter to the
+    device. The in-memory, blocked and landmark eNTKs all start here."""
     if kernel not in KERNEL_MODES:
         raise InputError(f"kernel {kernel!r} is unknown; choose one of {', '.join(KERNEL_MODES)}.")
+    if precision not in PRECISIONS:
+        raise InputError(f"precision {precision!r} is unknown here; choose one of {', '.join(PRECISIONS)} (auto is "
+                         f"resolved by the kernel builder).")
     if not train_examples:
         raise InputError("the training set is empty.")
     device = torch.device(device)
@@ -230,4 +235,4 @@ def prepare(adapter: ModelAdapter, train_examples: list[dict], trainable: str, k
     return Setup(device, parse_memory(max_memory, device), names, params,
                   [k for k in names if not (sparse_table and k == word_table)], sparse_table,
                   params[word_table].shape[0] if sparse_table else 0,
-                  [0] if kernel == "class0" else list(range(adapter.head.out_features)))
+                  [0] if kernel == "class0" else list(range(adapter.head.out_features)), precision)

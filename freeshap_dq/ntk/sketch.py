@@ -84,19 +84,19 @@ def compute_sketched_ntk(adapter: ModelAdapter, train_examples: list[dict], test
                          sketch_seed: int = 0, trainable: str = "head-only", kernel: str = "class0",
                          max_memory: str | int = "2GiB", batch_size: int = 0, test_diagonal: bool = False,
                          device: str | torch.device = "cpu", progress: bool | None = None,
-                         prefix: Callable[[dict], torch.Tensor] | None = None) -> KernelOutput:
+                         prefix: Callable[[dict], torch.Tensor] | None = None, precision: str = "fp32") -> KernelOutput:
     """The sketched eNTK rows (train + test) x columns (train), as :func:`freeshap_dq.ntk.compute.compute_ntk`."""
     check_sketch(sketch)
     if sketch == 0:
         raise InputError(f"compute_sketched_ntk needs a sketch of at least {MIN_SKETCH}; compute_ntk is the exact eNTK.")
-    s = prepare(adapter, train_examples, trainable, kernel, max_memory, device)
+    s = prepare(adapter, train_examples, trainable, kernel, max_memory, device, precision)
     if s.sparse_table:
         raise InputError(f"--sketch does not cover a trainable word-embedding table ({adapter.word_table_name}, "
                          f"from --trainable {trainable}); give --trainable auto or top:K, or drop --sketch.")
     n, total = len(train_examples), len(train_examples) + len(test_examples)
     batch = batch_size or SKETCH_BATCH
     order, prefixes = length_batches(adapter, train_examples, test_examples, batch, s.device, prefix)
-    probe = _probe(adapter, s.names, prefixes[0], s.classes)
+    probe = _probe(adapter, s.names, prefixes[0], s.classes, s.precision)
     sites = probe.sites if probe is not None else {}
     projections = {name: Projection(p.rows.to(s.device), p.columns.to(s.device))
                    for name, p in sketch_projections(adapter, [k for k in s.names if k in sites], sketch,
@@ -113,7 +113,8 @@ def compute_sketched_ntk(adapter: ModelAdapter, train_examples: list[dict], test
                desc=f"eNTK {adapter.adapter_name} sketched to {width:,} numbers per example ({len(projections)} "
                     f"weight(s) at k = {sketch})")
     for lo, hi, prefix, mask in prefixes:
-        store = probe if lo == 0 and probe is not None else _collect(adapter, sites, prefix, mask, s.classes)
+        store = probe if lo == 0 and probe is not None else _collect(adapter, sites, prefix, mask, s.classes,
+                                                                     s.precision)
         if set(store.sites) != set(sites):
             lost = sorted(set(sites) - set(store.sites))
             raise InputError(f"the sketch needs the factors of every sketched weight, and {lost[0]} gave none on "
@@ -125,7 +126,7 @@ def compute_sketched_ntk(adapter: ModelAdapter, train_examples: list[dict], test
         if exact:
             for ci, c in enumerate(s.classes):
                 fill_jacobian(features[ci][lo:hi, sketched_width:], adapter, s.params, exact, c, ci,
-                              [(slice(0, hi - lo), prefix, mask)], store)
+                              [(slice(0, hi - lo), prefix, mask)], store, precision=s.precision)
         bar.update(hi - lo)
     bar.close()
 
@@ -142,6 +143,7 @@ def compute_sketched_ntk(adapter: ModelAdapter, train_examples: list[dict], test
     return KernelOutput(k_train, k_test, diag, s.names, n_trainable,
                         {"chunks": 1, "batch_size": batch, "world": 1, "kernel": kernel, "trainable": trainable,
                          "max_memory_bytes": s.budget, "gradients": "factors", "factor_passes": 1,
+                         "precision": s.precision,
                          "without_factors": unfactored,
                          "fallback": "vmap" if adapter.vmap_compatible else "per-example loop",
                          "sketch": sketch, "sketch_width": width, "sketched_weights": len(projections)})
@@ -153,6 +155,8 @@ def _sketched_gradients(store: FactorStore, name: str, projection: Projection, c
     site, _ = store.sites[name]
     totals: list[torch.Tensor | None] = [None] * classes
     for a, gs in store.calls(0, name):
+        if projection.rows.dtype != a.dtype:  # bf16 factors: projected in bf16 (fp32 accumulation), written in fp32
+            projection = Projection(projection.rows.to(a.dtype), projection.columns.to(a.dtype))
         if site.rule == "linear":  # sum_t (S_rows^T g_t)(S_columns^T a_t)^T
             shared = a @ projection.columns
             parts = [torch.bmm((g @ projection.rows).transpose(1, 2), shared) for g in gs]
@@ -163,10 +167,11 @@ def _sketched_gradients(store: FactorStore, name: str, projection: Projection, c
     return totals
 
 
-def _probe(adapter: ModelAdapter, names: list[str], first_batch: tuple, classes: list[int]) -> FactorStore | None:
+def _probe(adapter: ModelAdapter, names: list[str], first_batch: tuple, classes: list[int], precision: str
+           ) -> FactorStore | None:
     """The first batch's factors, whose sites are those of ``names`` the model really calls (a site that never ran,
     or is not one row per example, is dropped); None when no factor can be kept. The loop reuses it for batch 0."""
-    probe = FactorStore(adapter, factor_sites(adapter, names))
+    probe = FactorStore(adapter, factor_sites(adapter, names), precision)
     _, _, prefix, mask = first_batch
     try:
         probe.collect(adapter, prefix, mask, classes)
@@ -175,9 +180,9 @@ def _probe(adapter: ModelAdapter, names: list[str], first_batch: tuple, classes:
     return probe
 
 
-def _collect(adapter: ModelAdapter, sites: dict, prefix: torch.Tensor, mask: torch.Tensor, classes: list[int]
-             ) -> FactorStore:
-    store = FactorStore(adapter, sites)
+def _collect(adapter: ModelAdapter, sites: dict, prefix: torch.Tensor, mask: torch.Tensor, classes: list[int],
+             precision: str) -> FactorStore:
+    store = FactorStore(adapter, sites, precision)
     try:
         store.collect(adapter, prefix, mask, classes)
     except NotFactorable as exc:

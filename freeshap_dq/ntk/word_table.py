@@ -14,14 +14,16 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from freeshap_dq.ntk.factors import FactorStore
+from freeshap_dq.ntk.precision import passes
 
 
-def word_table_share(adapter, batches: list, c: int, ci: int, store: FactorStore | None, bar=None):
+def word_table_share(adapter, batches: list, c: int, ci: int, store: FactorStore | None, bar=None,
+                     precision: str = "fp32"):
     """``word_table_vectors`` for (row ids, prefix, mask) batches: from the store's factors when it holds the
-    word table (the bar then moves by the examples at once), else by vmap."""
+    word table (the bar then moves by the examples at once), else by vmap (its passes in ``precision``)."""
     name = adapter.word_table_name
     if store is None or name not in store.sites:
-        return word_table_vectors(adapter, batches, c, _vocab(adapter), bar)
+        return word_table_vectors(adapter, batches, c, _vocab(adapter), bar, precision)
     pieces = [(row_ids, ids, gs[ci], mask) for b, (row_ids, _, mask) in enumerate(batches)
               for ids, gs in store.calls(b, name)]
     if bar is not None:
@@ -42,7 +44,7 @@ def accumulate_word_table_gram(vectors, n: int, k_rows: torch.Tensor, diag: torc
         diag.index_add_(0, rows[~train] - n, (summed[~train] ** 2).sum(1))
 
 
-def word_table_vectors(adapter, batches, c: int, vocab: int, bar=None
+def word_table_vectors(adapter, batches, c: int, vocab: int, bar=None, precision: str = "fp32"
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(row, token, G_row[token]) for every distinct (row, token) pair of the examples in ``batches``
     ((row numbers, prefix, mask) each), the g_a(t) by ``vmap(grad)`` with respect to the looked-up rows."""
@@ -56,7 +58,8 @@ def word_table_vectors(adapter, batches, c: int, vocab: int, bar=None
         ids = prefix[..., 0]
         with torch.no_grad():
             looked_up = adapter.lookup(ids)
-        pieces.append((row_ids, ids, per_example(looked_up, prefix, mask), mask))
+        with passes(precision, prefix.device):
+            pieces.append((row_ids, ids, per_example(looked_up, prefix, mask), mask))
         if bar is not None:
             bar.update(len(row_ids))
     table = adapter.get_submodule(adapter.word_table_name.rpartition(".")[0])

@@ -27,7 +27,7 @@ CASES = {"trainable": ["--trainable", "all"], "pooling": ["--pooling", "cls"],
          "label_words": ["--adapter", "prompt-mlm", "--label-words", "neg=terrible,pos=great"],
          "max_memory": ["--max-memory", "300MiB"], "grad_batch_size": ["--grad-batch-size", "2"],
          "gradients": ["--gradients", "vmap"], "device": ["--device", "cpu"], "sketch": ["--sketch", "4"],
-         "sketch_seed": ["--sketch", "4", "--sketch-seed", "1"]}
+         "sketch_seed": ["--sketch", "4", "--sketch-seed", "1"], "precision": ["--precision", "bf16"]}
 REFUSED = {"lora_rank": ["--lora-rank", "2"]}  # LoRA is for the causal-lm adapter: refused with the encoder head
 
 

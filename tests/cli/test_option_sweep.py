@@ -13,12 +13,14 @@ import click
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from click.testing import CliRunner
 from problems import random_problem
 from tiny_models import tiny_bert
 
 from freeshap_dq.cli.main import cli
 from freeshap_dq.config import ValuationConfig
+from freeshap_dq.ntk.precision import native_bf16
 
 IGNORED_MANIFEST_KEYS = {"elapsed_seconds", "versions", "output", "saved_result"}
 
@@ -142,7 +144,7 @@ NTK_VALUES = {"model": "smollm2", "adapter": "prompt-mlm", "trainable": "all", "
               "head": "random",
               "kernel": "sum", "max_length": 64, "template": "{text} {mask}", "label_words": "a,b", "lora_rank": 4,
               "max_memory": "1GiB", "grad_batch_size": 2, "gradients": "vmap", "example_block": 4, "landmarks": 4,
-              "landmark_seed": 1, "sketch": 8, "sketch_seed": 1}
+              "landmark_seed": 1, "sketch": 8, "sketch_seed": 1, "precision": "bf16"}
 
 
 def test_value_options_change_what_is_written_or_are_refused(kernel, tmp_path):
@@ -378,6 +380,7 @@ EVALUATE_CASES = {"n_train": ["--n-train", 30], "n_test": ["--n-test", 10], "noi
                   "adapter": ["--adapter", "prompt-mlm", "--label-words", "neg=bad,pos=good"],
                   "max_length": ["--max-length", 8], "head": ["--head", "random"], "kernel": ["--kernel-mode", "sum"],
                   "sketch": ["--sketch", 4], "label_words": None, "model": None,
+                  "precision": ["--precision", "fp32" if native_bf16(torch.device("cpu")) else "bf16"],  # not auto's
                   "train": None, "test": None}
 SWEEPS["evaluate"] = EVALUATE_CASES
 NOT_SWEPT["evaluate"] = {"dataset": "the packaged datasets: tests/data/test_datasets.py; with --train it is refused "

@@ -5,12 +5,14 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from click.testing import CliRunner
 
 from freeshap_dq.cli.main import cli
 from freeshap_dq.errors import InputError
 from freeshap_dq.evaluation import EvaluationConfig
-from freeshap_dq.evaluation.harness import EVALUATION_SKETCH
+from freeshap_dq.evaluation.harness import EVALUATION_PRECISION, EVALUATION_SKETCH
+from freeshap_dq.ntk.precision import resolve_precision
 
 WORDS = {"pos": ["good", "great", "fine"], "neg": ["bad", "awful", "poor"]}
 
@@ -71,6 +73,9 @@ def test_kernel_mode_is_honoured_with_a_fitted_head_over_three_classes(tmp_path,
         manifest = json.loads((out / "manifest.json").read_text())
         assert manifest["config"]["kernel"] == mode
         assert manifest["kernel"]["sketch"] == EVALUATION_SKETCH  # evaluate's own default (value's is exact)
+        passes = resolve_precision(EVALUATION_PRECISION, torch.device("cpu"))  # auto: bf16 where it is native
+        assert manifest["kernel"].get("precision", "fp32") == passes
+        assert manifest["kernel"]["gradient_dtype"] == {"fp32": "float32", "bf16": "bfloat16"}[passes]
         kernels[mode] = [setting["kernel"] for setting in manifest["setting_kernels"]]
     assert kernels == {"auto": ["sum"], "class0": ["class0"], "per-class": ["per-class"]}
     detection = pd.read_csv(tmp_path / "per-class" / "results.csv").query("experiment == 'detection'")
