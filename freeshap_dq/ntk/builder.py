@@ -32,7 +32,13 @@ from freeshap_dq.kernels.problem import KernelProblem
 from freeshap_dq.ntk.adapters import POOLINGS
 from freeshap_dq.ntk.compute import compute_ntk
 from freeshap_dq.ntk.fitted_head import DEFAULT_HEAD, HEADS, resolve_kernel_mode
-from freeshap_dq.ntk.precision import DEFAULT_PRECISION, GRADIENT_DTYPES, PRECISION_CHOICES, resolve_precision
+from freeshap_dq.ntk.precision import (
+    DEFAULT_PRECISION,
+    GRADIENT_DTYPES,
+    PRECISION_CHOICES,
+    native_bf16,
+    resolve_precision,
+)
 from freeshap_dq.ntk.setup import (
     AUTO_DEPTH,
     DEFAULT_TRAINABLE,
@@ -540,12 +546,16 @@ def _resolve_precision(config: NTKConfig) -> tuple[NTKConfig, str]:
     key name the arithmetic used), and a note for the log ('' for fp32 as given)."""
     from freeshap_dq.valuation.utility import resolve_device
 
-    resolved = resolve_precision(config.precision, resolve_device(config.device))
+    device = resolve_device(config.device)
+    resolved = resolve_precision(config.precision, device)
     if resolved == config.precision == DEFAULT_PRECISION:
         return config, ""
-    why = "" if config.precision != "auto" else (
-        " (auto: this device multiplies bf16 natively)" if resolved == "bf16" else
-        " (auto: this device has no native bf16 products)")
+    if config.precision == "auto":
+        why = (" (auto: this device multiplies bf16 natively)" if resolved == "bf16" else
+               " (auto: this device has no native bf16 products)")
+    else:
+        why = "" if native_bf16(device) else (" (this device has no native bf16 products: emulated, they are slower "
+                                              "than fp32)")
     return dataclasses.replace(config, precision=resolved), f"; {resolved} passes{why}"
 
 

@@ -9,7 +9,6 @@ import torch
 
 from freeshap_dq import InputError
 from freeshap_dq.data.tables import TextDataset
-from freeshap_dq.ntk import precision as precision_module
 from freeshap_dq.ntk.adapters import CausalLM, EncoderHead, PromptMLM
 from freeshap_dq.ntk.blocked import compute_ntk_blocks
 from freeshap_dq.ntk.builder import NTKConfig, build_kernel, cache_key, kernel_manifest
@@ -132,7 +131,8 @@ TEST = TextDataset(TEXTS[6:], ["pos", "neg"], ["te0", "te1"])
 def test_precision_is_in_the_manifest_and_the_cache_key(tmp_path, tiny_bert_path, monkeypatch):
     """fp32 keeps the keys of the kernels cached before the option; bf16 gets its own; auto is cached under what it
     stands for on the device."""
-    config = NTKConfig(model=str(tiny_bert_path), trainable="top:1", head="random", max_memory="256MiB")
+    config = NTKConfig(model=str(tiny_bert_path), trainable="top:1", head="random", max_memory="256MiB",
+                       device="cpu")
     before = kernel_manifest(config, "fingerprint", TRAIN, TEST, ("neg", "pos"))
     assert "precision" not in before and before["gradient_dtype"] == "float32"
     low = kernel_manifest(dataclasses.replace(config, precision="bf16"), "fingerprint", TRAIN, TEST, ("neg", "pos"))
@@ -146,15 +146,19 @@ def test_precision_is_in_the_manifest_and_the_cache_key(tmp_path, tiny_bert_path
     assert "cached" not in logs[-1] and "bf16 passes" in " ".join(logs)
     assert bf16_manifest["precision"] == "bf16" and "precision" not in fp32_manifest
     assert 1e-5 < relative(bf16.k_train, fp32.k_train) < 1e-2
-    monkeypatch.setattr(precision_module, "native_bf16", lambda device: True)
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": True})  # a CPU with AMX
     logs.clear()
     auto = build_kernel(TRAIN, TEST, dataclasses.replace(config, precision="auto"), cache_dir=tmp_path,
                         progress=False, log=logs.append)
     assert "cached" in logs[-1] and "auto: this device multiplies bf16 natively" in logs[0]
     np.testing.assert_array_equal(auto.k_train, bf16.k_train)
-    monkeypatch.setattr(precision_module, "native_bf16", lambda device: False)
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": False})  # and one without
     logs.clear()
     auto = build_kernel(TRAIN, TEST, dataclasses.replace(config, precision="auto"), cache_dir=tmp_path,
                         progress=False, log=logs.append)
     assert "cached" in logs[-1] and "no native bf16" in logs[0]
     np.testing.assert_array_equal(auto.k_train, fp32.k_train)
+    logs.clear()
+    build_kernel(TRAIN, TEST, dataclasses.replace(config, precision="bf16"), cache_dir=tmp_path, progress=False,
+                 log=logs.append)
+    assert "emulated, they are slower than fp32" in logs[0]  # asked for on a device without them: said, and done
