@@ -10,8 +10,8 @@ gradients: symmetric and positive semidefinite. Only the gradients differ, each 
 (8 significant bits per product input, :math:`2^{-9}` relative).
 
 Measured on MiniLM at ``top:3`` (20 Newsgroups, n = 600 + 300, the fitted head's summed kernel, sketch 64):
-a 0.1 % relative (Frobenius) kernel error, against the sketch's own 4.5 %, and the eNTK in 12.4 s instead of
-21 s on two cores with AMX (``benchmarks/precision.py``, docs/benchmarks.md). On a device without native bf16
+a 0.1 % relative (Frobenius) kernel error, against the sketch's own 4.5 %, and the eNTK in 10.5 s instead of
+18.4 s on two cores with AMX (``benchmarks/precision.py``, docs/benchmarks.md). On a device without native bf16
 products (a CPU without AMX, a GPU before compute capability 8.0) bf16 is emulated and slower, so ``auto``
 takes fp32 there.
 
