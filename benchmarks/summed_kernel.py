@@ -25,27 +25,17 @@ for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"
 
 def main() -> None:
     import numpy as np
+    from evaluate_setting import add_setting_arguments, noisy_setting
 
-    from freeshap_dq.data.tables import encode_labels, label_mapping
-    from freeshap_dq.evaluation.harness import EvaluationConfig, _datasets
-    from freeshap_dq.evaluation.noise import flip_labels
     from freeshap_dq.ntk import builder
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="newsgroups", choices=("rotten-tomatoes", "newsgroups"))
-    parser.add_argument("--n-train", type=int, default=0, help="0: 1,000 (Rotten Tomatoes) or 600 (20 Newsgroups)")
-    parser.add_argument("--n-test", type=int, default=300)
-    parser.add_argument("--sketch", type=int, default=64, help="0: the exact eNTK")
+    add_setting_arguments(parser)
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs of each way (the least time kept)")
     args = parser.parse_args()
 
-    n_train = args.n_train or (1000 if args.dataset == "rotten-tomatoes" else 600)
-    config = EvaluationConfig(dataset=args.dataset, n_train=n_train, n_test=args.n_test, max_length=64,
-                              sketch=args.sketch)
-    train, test, _ = _datasets(config)
-    names = label_mapping(train, test)
-    noisy_y, _ = flip_labels(encode_labels(train, names), len(names), config.noise, 0, "symmetric")
-    noisy = dataclasses.replace(train, labels=[names[c] for c in noisy_y])
+    config, noisy, test, names = noisy_setting(args)
+    n_train = config.n_train
     ntk = dataclasses.replace(config.ntk_config(), kernel="sum")
     quiet = lambda message: None  # noqa: E731
 
