@@ -42,7 +42,7 @@ def main() -> None:
     def build(combined: bool):
         if combined:
             return builder.build_kernel(noisy, test, ntk, log=quiet, return_manifest=True, progress=False)
-        with mock.patch.object(builder, "summed_kernel", lambda adapter, train, test, compute, **kw: compute()):
+        with mock.patch.object(builder, "summed_kernel", lambda adapter, train, test, compute, *rest, **kw: compute()):
             return builder.build_kernel(noisy, test, ntk, log=quiet, return_manifest=True, progress=False)
 
     seconds = {False: [], True: []}
