@@ -54,7 +54,7 @@ def main() -> None:
     quiet = lambda message: None  # noqa: E731
 
     def measure(sketch: int, seed: int):
-        ntk = dataclasses.replace(config.ntk_config(), sketch=sketch, sketch_seed=seed)
+        ntk = dataclasses.replace(config.ntk_config(), sketch=sketch, sketch_seed=seed, precision="fp32")  # as recorded
         problem, manifest = build_kernel(noisy, test, ntk, log=quiet, return_manifest=True, progress=False)
         run = run_detectors(problem, valuation, seed=args.noise_seed, progress=False)
         suspicion = run.suspicion["freeshap_ce"]
