@@ -16,7 +16,6 @@ probabilities; they are clipped at 1e-6 and renormalised per row.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import numpy as np
@@ -181,24 +180,6 @@ def combined_audit(problem: KernelProblem, result: ValuationResult, data: pd.Dat
 
 
 # -- baselines for the evaluation harness (freeshap_dq.evaluation) -----------------------------------------
-
-def tuned_logreg_pred_probs(features: np.ndarray, labels: np.ndarray, seed: int = 0, folds: int = 5) -> np.ndarray:
-    """Out-of-fold probabilities of a logistic regression on frozen embeddings whose strength C is tuned by
-    inner cross-validation on each training fold (the default C = 1 overfits and makes a straw man)."""
-    from sklearn.linear_model import LogisticRegressionCV
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    from freeshap_dq.io import one_blas_thread
-
-    model = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=np.logspace(-4, 2, 13).tolist(), cv=folds,
-                                                                 max_iter=2000))
-    outer = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    with warnings.catch_warnings(), one_blas_thread():  # scikit-learn 1.9 announces LogisticRegressionCV changes
-        warnings.simplefilter("ignore", FutureWarning)
-        return cross_val_predict(model, features, labels, cv=outer, method="predict_proba")
-
 
 def confident_learning_suspicion(labels: np.ndarray, pred_probs: np.ndarray) -> np.ndarray:
     """Confident learning as a ranking: the label issues ``find_label_issues`` flags (per-class thresholds,

@@ -7,10 +7,12 @@ each setting gets its own kernel, exactly as a user auditing those labels would.
 
 Outputs in the output folder: ``results.csv`` (one row per experiment x setting x detector/
 method with its numbers), ``results.md`` (summary tables: mean +- std over seeds), PNG plots per
-experiment, ``suspicions.parquet`` (every detector's score per training example and setting,
+experiment, ``suspicions.parquet`` (every detector's and oracle's score per training example and setting,
 with the flipped rows and the kernel's leave-one-out prediction that ``combined``'s asymmetry test reads: any
 other combination rule can be scored from it) and ``manifest.json``
-(configuration, data, kernel, timings, versions).
+(configuration, data, kernel, timings, versions). Beside the detectors, the detection tables have the
+oracles (:mod:`freeshap_dq.evaluation.oracles`): the kernel's and the embeddings' self-confidence fitted to
+the clean labels, the ceiling of what the model can tell apart.
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ from freeshap_dq.data.tables import TextDataset, label_mapping, load_dataset
 from freeshap_dq.errors import InputError
 from freeshap_dq.evaluation import experiments as ex
 from freeshap_dq.evaluation.detectors import SHIPPED, run_detectors
+from freeshap_dq.evaluation.logreg import tuned_logreg_pred_probs
 from freeshap_dq.evaluation.noise import NOISE_MODES, flip_labels
+from freeshap_dq.evaluation.oracles import oracle_suspicions
 from freeshap_dq.io import check_outputs, one_blas_thread, outputs_together, write_json
 from freeshap_dq.kernels.problem import KernelProblem, LabelledExamples
 from freeshap_dq.ntk.fitted_head import DEFAULT_HEAD, HEADS
@@ -306,6 +310,9 @@ def _run_evaluation(config: EvaluationConfig, output_dir: Path, inputs: Inputs |
             cfg = dataclasses.replace(valuation, seed=seed)
             run = run_detectors(problem, cfg, seed=seed, progress=progress)
             extra = baselines(inputs, problem, run, seed) if baselines else {}
+            if config.wants("detection"):
+                extra.update(oracle_suspicions(problem, clean.y_train, run.ridge, cfg.kernel_scale,
+                                               inputs.features_train, seed))
             setting = {"noise_mode": mode, "seed": seed, "noise": config.noise, "ridge": run.ridge}
             suspicions.append(_suspicion_frame(problem, flipped, run.loo_prediction, {**run.suspicion, **extra},
                                                setting))
@@ -372,7 +379,7 @@ def _cleanlab_baselines(log) -> Callable | None:
         y = problem.y_train
         out = {"cl_kernel_cv": adapter.confident_learning_suspicion(y, run.cv_probs)}
         if inputs.features_train is not None:
-            probs = adapter.tuned_logreg_pred_probs(inputs.features_train, y, seed)
+            probs = tuned_logreg_pred_probs(inputs.features_train, y, seed)
             out["cl_logreg_tuned"] = adapter.confident_learning_suspicion(y, probs)
             out["knn_shapley"] = adapter.knn_shapley_suspicion(inputs.features_train, y)
         return out

@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from freeshap_dq.evaluation.detectors import SHIPPED
+from freeshap_dq.evaluation.oracles import ORACLES
 from freeshap_dq.io import atomic_write
 
 DETECTION_COLUMNS = ("auroc", "auprc", "recall@5%", "recall@10%", "recall@20%", "f1_2means", "fnr@noise")
@@ -38,6 +39,15 @@ HEAD_TO_HEAD = ("freeshap_ce", "self_confidence_calibrated", "self_confidence", 
                 "beta_shapley", "knn_shapley")
 
 
+def detector_label(name: str, bold: bool = False) -> str:
+    """How a table or a plot names a detector: the shipped one marked, an oracle said to read the clean labels."""
+    if name == SHIPPED:
+        return f"**{name}** (shipped)" if bold else f"{name} (shipped)"
+    if name in ORACLES:
+        return f"{name} (oracle: reads the clean labels)"
+    return name
+
+
 def _head_to_head(detection: pd.DataFrame) -> pd.DataFrame:
     """For every noise mode and rival: on how many seeds ``combined`` has the higher AUROC / AUPRC / recall@10%."""
     rows = []
@@ -67,9 +77,14 @@ def markdown_summary(results: pd.DataFrame) -> str:
         seeds = detection["seed"].nunique()
         for mode, frame in detection.groupby("noise_mode", sort=False):
             table = _mean_std(frame, ["detector"], DETECTION_COLUMNS).sort_values("auroc", ascending=False)
-            table["detector"] = [f"**{d}** (shipped)" if d == SHIPPED else d for d in table["detector"]]
+            table["detector"] = [detector_label(d, bold=True) for d in table["detector"]]
             parts += [f"## Wrong-label detection, {mode} noise ({seeds} seeds, mean ± std)", "",
                       _markdown(table, ".3f"), ""]
+        if detection["detector"].isin(ORACLES).any():
+            parts += ["The oracles are not detectors: fitted to the clean labels, they are what the model itself can "
+                      "tell apart if every other label were clean (freeshap_dq.evaluation.oracles). A detector well "
+                      "below them leaves wrong labels this model could find; one level with them has found about "
+                      "what it can, and finding more takes a better model.", ""]
         head_to_head = _head_to_head(detection)
         if len(head_to_head):
             parts += ["## Combined vs each signal, paired by seed (seeds where combined is higher / all)", "",
@@ -128,7 +143,9 @@ def save_plots(results: pd.DataFrame, plots: dict, output_dir: Path) -> list[str
         mode, seed, curves = plots["detection"]
         fig, ax = plt.subplots(figsize=(6, 4.5))
         for (name, (x, y)), (color, style) in zip(curves.items(), curve_styles(len(curves)), strict=True):
-            ax.plot(x, y, label=name, color=color, ls=style, lw=2.2 if name in ("combined", "freeshap_ce") else 1.2)
+            oracle = name in ORACLES
+            ax.plot(x, y, label=detector_label(name), color=color, ls=":" if oracle else style,
+                    lw=2.2 if name in ("combined", "freeshap_ce") else 1.2)
         ax.plot([0, 1], [0, 1], "k:", lw=0.8)
         ax.set(xlim=(0, 0.5), xlabel="fraction of the training set inspected (most suspicious first)",
                ylabel="share of wrong labels found", title=f"Wrong-label detection ({mode} noise, seed {seed})")

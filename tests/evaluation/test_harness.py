@@ -42,6 +42,8 @@ def test_every_experiment_end_to_end(data_dir, tiny_bert_path, tmp_path):
     detectors = set(results.loc[results["experiment"] == "detection", "detector"])
     assert {"freeshap_ce", "loo", "beta_shapley", "self_confidence", "combined", "random"} <= detectors
     assert {"cl_logreg_tuned", "cl_kernel_cv", "knn_shapley"} <= detectors  # cleanlab is in the dev extra
+    assert {"oracle_kernel", "oracle_logreg"} <= detectors
+    assert {"oracle_kernel", "oracle_logreg"} <= set(pd.read_parquet(out / "suspicions.parquet").columns)
     assert results.loc[results["experiment"] == "detection", "auroc"].between(0, 1).all()
     assert set(results.loc[results["experiment"] == "removal", "learner"]) == {"kernel_regression",
                                                                                "logreg_embeddings"}
@@ -49,7 +51,9 @@ def test_every_experiment_end_to_end(data_dir, tiny_bert_path, tmp_path):
         assert (out / name).stat().st_size > 0, name
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["config"]["seeds"] == "0" and manifest["n_train"] == 40
-    assert "## Wrong-label detection, symmetric noise" in (out / "results.md").read_text()
+    summary = (out / "results.md").read_text()
+    assert "## Wrong-label detection, symmetric noise" in summary
+    assert "| oracle_kernel (oracle: reads the clean labels) |" in summary
 
 
 def test_kernel_mode_is_honoured_with_a_fitted_head_over_three_classes(tmp_path, tiny_bert_path):
