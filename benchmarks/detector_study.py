@@ -54,7 +54,7 @@ ABLATIONS = {  # name: (main run it varies, extra evaluate arguments, run whose 
     "newsgroups-fit-per-class-sketch64": ("newsgroups-fit", ["--sketch", "64", "--kernel-mode", "per-class",
                                                              "--experiments", "detection,removal"], None),
 }
-SHOWN = ("combined", "freeshap_ce", "self_confidence_calibrated", "loo", "cl_logreg_tuned", "knn_shapley")
+SHOWN = ("combined", "freeshap_ce", "self_confidence_calibrated", "loo", "cl_logreg_tuned", "knn_shapley", "oracle_kernel")
 METRICS = ("auroc", "fnr@noise", "recall@10%")
 
 
