@@ -149,7 +149,7 @@ def save_plots(results: pd.DataFrame, plots: dict, output_dir: Path) -> list[str
         ax.plot([0, 1], [0, 1], "k:", lw=0.8)
         ax.set(xlim=(0, 0.5), xlabel="fraction of the training set inspected (most suspicious first)",
                ylabel="share of wrong labels found", title=f"Wrong-label detection ({mode} noise, seed {seed})")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))  # 14 entries would cover the curves
         save(fig, "detection.png")
     for experiment, x, group in (("removal", "fraction_removed", "removed_from"),
                                  ("selection", "fraction_kept", "ranking")):
