@@ -8,8 +8,8 @@ each setting gets its own kernel, exactly as a user auditing those labels would.
 Outputs in the output folder: ``results.csv`` (one row per experiment x setting x detector/
 method with its numbers), ``results.md`` (summary tables: mean +- std over seeds), PNG plots per
 experiment, ``suspicions.parquet`` (every detector's and oracle's score per training example and setting,
-with the flipped rows and the kernel's leave-one-out prediction that ``combined``'s asymmetry test reads: any
-other combination rule can be scored from it) and ``manifest.json``
+with the clean label, the flipped rows and the kernel's leave-one-out prediction that ``combined``'s
+asymmetry test reads: any other combination rule can be scored from it) and ``manifest.json``
 (configuration, data, kernel, timings, versions). Beside the detectors, the detection tables have the
 oracles (:mod:`freeshap_dq.evaluation.oracles`): the kernel's and the embeddings' self-confidence fitted to
 the clean labels, the ceiling of what the model can tell apart.
@@ -314,8 +314,8 @@ def _run_evaluation(config: EvaluationConfig, output_dir: Path, inputs: Inputs |
                 extra.update(oracle_suspicions(problem, clean.y_train, run.ridge, cfg.kernel_scale,
                                                inputs.features_train, seed))
             setting = {"noise_mode": mode, "seed": seed, "noise": config.noise, "ridge": run.ridge}
-            suspicions.append(_suspicion_frame(problem, flipped, run.loo_prediction, {**run.suspicion, **extra},
-                                               setting))
+            suspicions.append(_suspicion_frame(problem, clean.y_train, flipped, run.loo_prediction,
+                                               {**run.suspicion, **extra}, setting))
             if config.wants("detection"):
                 table, curves = ex.detection(run, flipped, extra)
                 frames.append(_tag(table, "detection", setting))
@@ -351,10 +351,10 @@ def _run_evaluation(config: EvaluationConfig, output_dir: Path, inputs: Inputs |
     return results
 
 
-def _suspicion_frame(problem: KernelProblem, flipped: np.ndarray, loo_prediction: np.ndarray,
-                     suspicion: dict[str, np.ndarray], setting: dict) -> pd.DataFrame:
-    frame = pd.DataFrame({"id": problem.train_ids.astype(str), "given_label": problem.y_train, "flipped": flipped,
-                          "loo_prediction": loo_prediction,
+def _suspicion_frame(problem: KernelProblem, clean_labels: np.ndarray, flipped: np.ndarray,
+                     loo_prediction: np.ndarray, suspicion: dict[str, np.ndarray], setting: dict) -> pd.DataFrame:
+    frame = pd.DataFrame({"id": problem.train_ids.astype(str), "given_label": problem.y_train,
+                          "clean_label": clean_labels, "flipped": flipped, "loo_prediction": loo_prediction,
                           **{name: np.asarray(s, dtype=float) for name, s in suspicion.items()}})
     return _tag(frame, "suspicion", setting).drop(columns="experiment")
 

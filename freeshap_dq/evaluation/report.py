@@ -22,7 +22,7 @@ def _mean_std(frame: pd.DataFrame, by: list[str], columns) -> pd.DataFrame:
     return out.reset_index()
 
 
-def _markdown(frame: pd.DataFrame, floatfmt: str = ".3f") -> str:
+def markdown_table(frame: pd.DataFrame, floatfmt: str = ".3f") -> str:
     """A GitHub-flavoured Markdown table (no tabulate dependency)."""
     def cell(value) -> str:
         if isinstance(value, float):
@@ -79,7 +79,7 @@ def markdown_summary(results: pd.DataFrame) -> str:
             table = _mean_std(frame, ["detector"], DETECTION_COLUMNS).sort_values("auroc", ascending=False)
             table["detector"] = [detector_label(d, bold=True) for d in table["detector"]]
             parts += [f"## Wrong-label detection, {mode} noise ({seeds} seeds, mean ± std)", "",
-                      _markdown(table, ".3f"), ""]
+                      markdown_table(table, ".3f"), ""]
         if detection["detector"].isin(ORACLES).any():
             parts += ["The oracles are not detectors: fitted to the clean labels, they are what the model itself can "
                       "tell apart if every other label were clean (freeshap_dq.evaluation.oracles). A detector well "
@@ -88,31 +88,31 @@ def markdown_summary(results: pd.DataFrame) -> str:
         head_to_head = _head_to_head(detection)
         if len(head_to_head):
             parts += ["## Combined vs each signal, paired by seed (seeds where combined is higher / all)", "",
-                      _markdown(head_to_head, ".3f"), ""]
+                      markdown_table(head_to_head, ".3f"), ""]
     removal = results[results["experiment"] == "removal"]
     if len(removal):
         pivot = removal.groupby(["learner", "removed_from", "fraction_removed"])["accuracy"].mean().unstack()
         parts += ["## Data removal: test accuracy after removing a fraction (mean over settings)", "",
-                  _markdown(pivot.reset_index(), ".3f"), ""]
+                  markdown_table(pivot.reset_index(), ".3f"), ""]
     selection = results[results["experiment"] == "selection"]
     if len(selection):
         pivot = selection.groupby(["learner", "ranking", "fraction_kept"])["accuracy"].mean().unstack()
         parts += ["## Data selection: test accuracy training on the top fraction (mean over settings)", "",
-                  _markdown(pivot.reset_index(), ".3f"), ""]
+                  markdown_table(pivot.reset_index(), ".3f"), ""]
     robustness = results[results["experiment"] == "robustness"]
     if len(robustness):
         pivot = robustness.astype({"size": int}).pivot_table(index="size", columns="method",
                                                              values="pct_not_unanimous")
         parts += ["## Sign robustness: % of targets whose sign is not unanimous across resampled training sets",
-                  "", _markdown(pivot.reset_index(), ".1f"), ""]
+                  "", markdown_table(pivot.reset_index(), ".1f"), ""]
     fidelity = results[results["experiment"] == "fidelity"]
     if "metric" in fidelity:
         exact = fidelity[fidelity["metric"].notna()].dropna(axis=1, how="all").drop(columns=["experiment"])
-        parts += ["## Fidelity: FreeShap (TMC) vs exact Shapley on a small subset", "", _markdown(exact, ".4g"), ""]
+        parts += ["## Fidelity: FreeShap (TMC) vs exact Shapley on a small subset", "", markdown_table(exact, ".4g"), ""]
     if "learner" in fidelity:
         learners = fidelity[fidelity["learner"].notna()][["learner", "accuracy"]]
         parts += ["## Fidelity: clean-label test accuracy of the eNTK kernel regression vs a trained head", "",
-                  _markdown(learners, ".3f"), ""]
+                  markdown_table(learners, ".3f"), ""]
     return "\n".join(parts)
 
 

@@ -43,7 +43,9 @@ def test_every_experiment_end_to_end(data_dir, tiny_bert_path, tmp_path):
     assert {"freeshap_ce", "loo", "beta_shapley", "self_confidence", "combined", "random"} <= detectors
     assert {"cl_logreg_tuned", "cl_kernel_cv", "knn_shapley"} <= detectors  # cleanlab is in the dev extra
     assert {"oracle_kernel", "oracle_logreg"} <= detectors
-    assert {"oracle_kernel", "oracle_logreg"} <= set(pd.read_parquet(out / "suspicions.parquet").columns)
+    scores = pd.read_parquet(out / "suspicions.parquet")
+    assert {"oracle_kernel", "oracle_logreg"} <= set(scores.columns)
+    assert scores["flipped"].any() and (scores["given_label"] != scores["clean_label"]).equals(scores["flipped"])
     assert results.loc[results["experiment"] == "detection", "auroc"].between(0, 1).all()
     assert set(results.loc[results["experiment"] == "removal", "learner"]) == {"kernel_regression",
                                                                                "logreg_embeddings"}
