@@ -76,7 +76,7 @@ def invisible_flips(run: Path) -> pd.DataFrame:
     kernels = _kernels(run)
     rows = []
     for (mode, seed), frame in scores.groupby(["noise_mode", "seed"], sort=False):
-        given, clean, flipped = (frame[c].to_numpy() for c in ("given_label", "clean_label", "flipped"))
+        given, clean, flipped = (frame[c].to_numpy().copy() for c in ("given_label", "clean_label", "flipped"))
         classes = int(max(given.max(), clean.max())) + 1
         k = torch.as_tensor(np.array(_setting_kernel(kernels, given, clean)), dtype=DTYPE) * kernel_scale
         predicted = loo_train_scores(k, one_hot(torch.as_tensor(clean), classes), float(frame["ridge"].iloc[0])
