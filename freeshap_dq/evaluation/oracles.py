@@ -14,9 +14,9 @@ label to anything built on that model.
 
 Each is what its learner's self-confidence would score if the rest of the training set had no noise
 at all. It is a reference, not a bound: a detector can pass it by reading what it does not, as FreeShap
-does under class-conditional noise, where the validation labels show which way the flips went. Under
-symmetric noise the shipped detector is level with it (docs/evaluation.md), so a goal far beyond it is
-a goal for a better model, not for a better detector.
+does under class-conditional noise, where the validation labels show which way the flips went. Where a
+detector is level with it (the shipped one under symmetric noise on Rotten Tomatoes, docs/evaluation.md),
+a goal far beyond it is a goal for a better model; where a detector trails it, the model could find more.
 """
 
 from __future__ import annotations
