@@ -297,6 +297,7 @@ def _run_evaluation(config: EvaluationConfig, output_dir: Path, inputs: Inputs |
     first_kernel: dict[str, Any] | None = None  # with a kernel per setting: the first one's manifest, for the record
     plots: dict[str, Any] = {}
     setting_seconds: list[float] = []
+    clean_logreg: dict[int, np.ndarray] = {}  # oracle_logreg's probabilities per seed: the same in every noise mode
     loaded = time.monotonic() - started
     for mode in _items(config.noise_modes):
         for seed in config.seed_list:
@@ -311,8 +312,10 @@ def _run_evaluation(config: EvaluationConfig, output_dir: Path, inputs: Inputs |
             run = run_detectors(problem, cfg, seed=seed, progress=progress)
             extra = baselines(inputs, problem, run, seed) if baselines else {}
             if config.wants("detection"):
+                if inputs.features_train is not None and seed not in clean_logreg:
+                    clean_logreg[seed] = tuned_logreg_pred_probs(inputs.features_train, clean.y_train, seed)
                 extra.update(oracle_suspicions(problem, clean.y_train, run.ridge, cfg.kernel_scale,
-                                               inputs.features_train, seed))
+                                               clean_logreg.get(seed)))
             setting = {"noise_mode": mode, "seed": seed, "noise": config.noise, "ridge": run.ridge}
             suspicions.append(_suspicion_frame(problem, clean.y_train, flipped, run.loo_prediction,
                                                {**run.suspicion, **extra}, setting))

@@ -1,8 +1,9 @@
 """A tuned logistic regression on frozen embeddings: out-of-fold class probabilities.
 
-The strength C is chosen by inner cross-validation on each training fold (``CS``, 13 values from
-1e-4 to 1e2); the default C = 1 overfits and would make a straw man of the baselines built on it
-(tuned cleanlab, ``cl_logreg_tuned``) and of the embeddings' oracle (:mod:`.oracles`).
+The strength C is chosen by inner cross-validation on each training fold (the fitted head's grid,
+``freeshap_dq.ntk.fitted_head.FIT_CS``: 13 values from 1e-4 to 1e2); the default C = 1 overfits and would
+make a straw man of the baselines built on it (tuned cleanlab, ``cl_logreg_tuned``) and of the embeddings'
+oracle (:mod:`.oracles`).
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ import warnings
 import numpy as np
 
 from freeshap_dq.io import one_blas_thread
-
-CS = tuple(float(c) for c in np.logspace(-4, 2, 13))
+from freeshap_dq.ntk.fitted_head import FIT_CS
 
 
 def tuned_logreg_pred_probs(features: np.ndarray, labels: np.ndarray, seed: int = 0, folds: int = 5) -> np.ndarray:
@@ -23,7 +23,7 @@ def tuned_logreg_pred_probs(features: np.ndarray, labels: np.ndarray, seed: int 
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    model = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=list(CS), cv=folds, max_iter=2000))
+    model = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=list(FIT_CS), cv=folds, max_iter=2000))
     outer = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     with warnings.catch_warnings(), one_blas_thread():  # scikit-learn 1.9 announces LogisticRegressionCV changes
         warnings.simplefilter("ignore", FutureWarning)

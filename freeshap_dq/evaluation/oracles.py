@@ -25,7 +25,6 @@ from dataclasses import replace
 
 import numpy as np
 
-from freeshap_dq.evaluation.logreg import tuned_logreg_pred_probs
 from freeshap_dq.kernels.problem import KernelProblem
 from freeshap_dq.valuation.utility import loo_probabilities
 
@@ -33,14 +32,16 @@ ORACLES = ("oracle_kernel", "oracle_logreg")
 
 
 def oracle_suspicions(problem: KernelProblem, clean_labels: np.ndarray, ridge: float, kernel_scale: float = 1.0,
-                      features: np.ndarray | None = None, seed: int = 0) -> dict[str, np.ndarray]:
-    """The oracles' suspicions for ``problem``'s given labels (``oracle_logreg`` only with ``features``)."""
+                      clean_logreg_probs: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The oracles' suspicions for ``problem``'s given labels; ``oracle_logreg`` only with ``clean_logreg_probs``, the
+    out-of-fold probabilities of :func:`~freeshap_dq.evaluation.logreg.tuned_logreg_pred_probs` on the clean labels
+    (they depend on those and the seed only: one computation serves every noise mode of a seed)."""
     given, clean = np.asarray(problem.y_train), np.asarray(clean_labels)
     if clean.shape != given.shape:
         raise ValueError(f"{len(clean)} clean labels for {len(given)} training examples")
     rows = np.arange(len(given))
     probs = loo_probabilities(replace(problem, y_train=clean), ridge, kernel_scale)
     out = {"oracle_kernel": -probs[rows, given]}
-    if features is not None:
-        out["oracle_logreg"] = -tuned_logreg_pred_probs(features, clean, seed)[rows, given]
+    if clean_logreg_probs is not None:
+        out["oracle_logreg"] = -np.asarray(clean_logreg_probs)[rows, given]
     return out

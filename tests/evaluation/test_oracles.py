@@ -31,11 +31,12 @@ def test_the_oracles_read_the_clean_labels_not_the_given_ones(noisy):
     problem, clean = noisy.problem, noisy.clean_labels
     rng = np.random.default_rng(0)
     features = np.eye(3)[clean] * 2.0 + rng.normal(scale=0.3, size=(problem.n_train, 3))
-    before = oracle_suspicions(problem, clean, ridge=0.5, features=features)
+    probs = tuned_logreg_pred_probs(features, clean, seed=0)
+    before = oracle_suspicions(problem, clean, ridge=0.5, clean_logreg_probs=probs)
     assert set(before) == set(ORACLES)
     relabelled = problem.y_train.copy()
     relabelled[5:40] = (relabelled[5:40] + 1) % 3
-    after = oracle_suspicions(replace(problem, y_train=relabelled), clean, ridge=0.5, features=features)
+    after = oracle_suspicions(replace(problem, y_train=relabelled), clean, ridge=0.5, clean_logreg_probs=probs)
     untouched = np.r_[0:5, 40:problem.n_train]
     for name in ORACLES:
         np.testing.assert_allclose(after[name][untouched], before[name][untouched], rtol=1e-12)
